@@ -1,0 +1,129 @@
+"""
+Tenancy records: L{App}, L{Plan} and L{Key}.
+
+These are plain immutable values shared by the key store, the authenticator,
+the REST layer and metering. They carry no behaviour that touches I/O, so
+every layer may import them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from attrs import field, frozen
+
+#: The four actions a key or token can grant (protocol §1).
+ACTIONS: frozenset[str] = frozenset({"publish", "subscribe", "presence", "send"})
+
+#: At most this many signalling keys per app (protocol §3.3).
+MAX_KEYS_PER_APP = 50
+
+#: Defaults for a freshly created publishable key (protocol §3.3: ``send`` off).
+PUBLISHABLE_DEFAULT_ACTIONS: frozenset[str] = frozenset({"subscribe", "publish", "presence"})
+
+
+class KeyType(str, Enum):
+    """
+    The two credential kinds of protocol §3.
+    """
+
+    SECRET = "secret"
+    PUBLISHABLE = "publishable"
+
+
+#: Key id prefixes per type; the server relies on nothing else in an id.
+KEY_ID_PREFIX = {KeyType.SECRET: "sk_id_", KeyType.PUBLISHABLE: "pk_live_"}
+SECRET_PREFIX = "sk_secret_"
+
+
+@frozen
+class Plan:
+    """
+    An app's quota plan (protocol §15.1).
+
+    ``None`` for a cap means that axis is unlimited. Money amounts are in
+    the operator's billing unit; meteredrt only records them.
+    """
+
+    name: str | None = None
+    max_concurrent_connections: int | None = None
+    max_messages_per_period: int | None = None
+    overages_allowed: bool = False
+    overages_enabled: bool = True
+    overage_rate_per_1000_messages: float = 0.0
+    overage_rate_per_connection: float = 0.0
+    balance: float = 0.0
+    auto_recharge_amount: float = 0.0
+    auto_recharge_threshold: float = 0.0
+    #: ``"month"`` (calendar month, UTC) is the only period kind so far (OP-33).
+    period: str = "month"
+
+
+@frozen
+class TurnConfig:
+    """
+    How to mint Metered TURN credentials for one app (protocol §20.2).
+
+    ``api_base`` defaults to the hosted TURN API of ``app_name``
+    (``https://<app_name>.metered.live``); tests and air-gapped operators
+    point it elsewhere. ``ttl`` of ``None`` means the OP-25 default.
+    """
+
+    app_name: str
+    secret_key: str
+    region: str | None = None
+    ttl: int | None = None
+    api_base: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        """
+        The TURN API origin to call.
+        """
+        return self.api_base or f"https://{self.app_name}.metered.live"
+
+
+@frozen
+class App:
+    """
+    A tenant. ``plan`` is ``None`` for an unmetered app (the self-hosted
+    default).
+    """
+
+    app_id: str
+    plan: Plan | None = None
+    suspended: bool = False
+    #: Per-app TURN configuration, or ``None`` when the app does not mint
+    #: TURN credentials.
+    turn: TurnConfig | None = None
+
+
+@frozen
+class Key:
+    """
+    A signalling key (protocol §3.3).
+
+    ``secret`` is only set for secret keys; it is the HMAC key for JWTs and
+    half of the REST credential.
+    """
+
+    key_id: str
+    app_id: str
+    type: KeyType
+    channel_patterns: tuple[str, ...]
+    actions: frozenset[str]
+    secret: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    auto_inject_turn: bool = True
+    revoked: bool = False
+    created_at: float = 0.0
+    #: ``"config"`` for keys declared in the TOML file, ``"store"`` for keys
+    #: created with the CLI; config keys override stored ones of the same id.
+    source: str = field(default="store")
+
+    @property
+    def active(self) -> bool:
+        """
+        Whether this key may authenticate anything.
+        """
+        return not self.revoked

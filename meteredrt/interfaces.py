@@ -1,0 +1,257 @@
+"""
+The seams of meteredrt, as zope interfaces.
+
+Everything the hub and the adapters need from state that may one day live
+outside this process goes through one of these:
+
+  - L{IKeyStore}: apps, plans and keys (SQLite + TOML today).
+  - L{IBroker}: moving envelopes between nodes (in memory today, Redis in
+    the cluster).
+  - L{IPresence}: channel membership and the peer directory, with connection
+    refcounts (in memory today, Redis in the cluster so it survives a node).
+  - L{IMeter}: concurrent-connection admission and message counting.
+  - L{ITurnProvider}: TURN credentials for the welcome frame.
+  - L{IConnectionSink}: what the hub sees of one client connection.
+
+Methods that may have to cross the network in some implementation return
+Deferreds even when today's implementation answers at once; the hub awaits
+them, and an already-fired Deferred keeps the synchronous ordering the
+single-node case relies on.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IKeyStore(Interface):
+    """
+    Apps, plans and signalling keys.
+
+    Look-ups on the connect and REST paths are synchronous and served from
+    memory; changes go to durable storage and return Deferreds.
+    """
+
+    def key(key_id: str) -> object:
+        """
+        The active or revoked L{meteredrt.apps.Key} with this id, or ``None``.
+        """
+
+    def app(app_id: str) -> object:
+        """
+        The L{meteredrt.apps.App} with this id, or ``None``.
+        """
+
+    def apps() -> list:
+        """
+        Every known app, ordered by id.
+        """
+
+    def keys_of(app_id: str) -> list:
+        """
+        Every key of one app (revoked ones included), ordered by id.
+        """
+
+    def create_app(app_id: str, plan: object = None) -> object:
+        """
+        Create an app. Fires with the L{App}; fails with L{ValueError} if it
+        exists.
+        """
+
+    def create_key(
+        app_id: str,
+        type: object,
+        channel_patterns: tuple,
+        actions: frozenset,
+        allowed_origins: tuple = (),
+        auto_inject_turn: bool = True,
+    ) -> object:
+        """
+        Create a key with fresh random id (and secret). Fires with the L{Key}.
+        """
+
+    def revoke_key(key_id: str) -> object:
+        """
+        Revoke a key. Fires with ``True`` if it existed.
+        """
+
+    def set_plan(app_id: str, plan: object) -> object:
+        """
+        Replace an app's plan. Fires with the new L{App}.
+        """
+
+
+class IConnectionSink(Interface):
+    """
+    One live client connection, as the hub sees it: somewhere to put frames.
+    """
+
+    conn_id = Attribute("A cluster-wide unique id of this connection (str).")
+
+    def send_frame(frame: object) -> None:
+        """
+        Queue one L{meteredrt.protocol.OutboundFrame} for this connection, in
+        order. Never blocks; a connection whose outbound buffer is over its
+        limit closes itself.
+        """
+
+    def close(code: int, reason: str) -> None:
+        """
+        Close the WebSocket with this code.
+        """
+
+
+class IDeliveryTarget(Interface):
+    """
+    The node-local receiver of what an L{IBroker} routes: the hub.
+    """
+
+    def deliver(app_id: str, envelope: object) -> None:
+        """
+        Hand one routed envelope (L{meteredrt.envelopes}) to local
+        connections. Called in the order the broker received envelopes from
+        any one sender.
+        """
+
+
+class IBroker(Interface):
+    """
+    Routes envelopes to the nodes that hold the receiving connections.
+
+    Implementations must preserve per-sender FIFO: two envelopes published
+    by one connection reach every node in the order they were published.
+    """
+
+    def attach(target: IDeliveryTarget) -> None:
+        """
+        Set this node's receiver. Called once, before any routing.
+        """
+
+    def watch_channel(app_id: str, channel: str) -> object:
+        """
+        This node now has local subscribers to a concrete channel. Fires once
+        the broker will route that channel's envelopes here.
+        """
+
+    def unwatch_channel(app_id: str, channel: str) -> object:
+        """
+        This node's last local subscriber of a concrete channel has left.
+        """
+
+    def watch_pattern(app_id: str, pattern: str) -> object:
+        """
+        Like L{watch_channel} for a wildcard subscription pattern.
+        """
+
+    def unwatch_pattern(app_id: str, pattern: str) -> object:
+        """
+        Like L{unwatch_channel} for a wildcard subscription pattern.
+        """
+
+    def watch_peer(app_id: str, peer_id: str) -> object:
+        """
+        This node holds a connection of this peer: route its directs here.
+        """
+
+    def unwatch_peer(app_id: str, peer_id: str) -> object:
+        """
+        This node's last connection of this peer has closed.
+        """
+
+    def publish(app_id: str, channel: str, envelope: object) -> object:
+        """
+        Route an envelope to every node watching the channel or a pattern
+        matching it. Fires when it is accepted for routing.
+        """
+
+    def direct(app_id: str, peer_id: str, envelope: object) -> object:
+        """
+        Route an envelope to every node watching the peer. Fires when it is
+        accepted for routing.
+        """
+
+
+class IPresence(Interface):
+    """
+    Channel membership and the peer directory, refcounted per connection.
+    """
+
+    def add_member(app_id: str, channel: str, peer_id: str, conn_id: str, metadata: object) -> object:
+        """
+        Record that a connection of a peer subscribed to a concrete channel.
+        Fires with ``True`` if the peer was not a member before (a ``joined``
+        delta is due).
+        """
+
+    def remove_member(app_id: str, channel: str, peer_id: str, conn_id: str) -> object:
+        """
+        Forget one connection's membership. Fires with the peer's
+        L{meteredrt.presence.Member} if that was its last connection in the
+        channel (a ``left`` delta is due), else ``None``.
+        """
+
+    def members(app_id: str, channel: str) -> object:
+        """
+        Fires with the channel's members, one L{Member} per peerId, ordered
+        by join time.
+        """
+
+    def add_connection(app_id: str, peer_id: str, conn_id: str) -> object:
+        """
+        Record a live connection of a peer (the direct-message directory).
+        """
+
+    def remove_connection(app_id: str, peer_id: str, conn_id: str) -> object:
+        """
+        Forget a live connection of a peer.
+        """
+
+    def connections_of(app_id: str, peer_id: str) -> object:
+        """
+        Fires with the frozenset of live connection ids of a peer.
+        """
+
+
+class IMeter(Interface):
+    """
+    Usage counting and quota decisions (protocol §15).
+
+    The hot-path calls answer from memory; implementations flush counts to
+    durable storage on their own schedule.
+    """
+
+    def admit_connection(app: object) -> object:
+        """
+        A connection of this app authenticated. Fires with ``True`` if it is
+        admitted (and then counted until L{release_connection}), ``False``
+        for close 4010.
+        """
+
+    def release_connection(app_id: str) -> None:
+        """
+        An admitted connection closed.
+        """
+
+    def count_message(app: object) -> object:
+        """
+        One publish/send/REST publish passed validation and authorization.
+        Fires with ``True`` to deliver it, ``False`` to soft-drop it
+        (``over_message_quota``). Either way it is counted.
+        """
+
+    def usage(app: object) -> object:
+        """
+        Fires with the app's usage report as the JSON object of §19.6.
+        """
+
+
+class ITurnProvider(Interface):
+    """
+    TURN credentials for an app's welcome frames (protocol §20).
+    """
+
+    def ice_servers(app: object, ttl: int) -> object:
+        """
+        Fires with a list of RTCIceServer dicts, or ``None`` when none could
+        be had in time (the welcome then goes out without them).
+        """
