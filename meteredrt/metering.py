@@ -1,0 +1,583 @@
+"""
+Dual-axis metering: quota decisions and the service that counts.
+
+The top half is pure core (it calls nothing from Twisted and reads no
+clock): L{period_bounds} cuts time into billing
+periods, and L{decide_connection} / L{decide_message} turn a L{Plan} and the
+current L{Counters} into a L{Decision}, following the table of protocol
+§15.3. The bottom half is L{Meter}, the L{IMeter} service: it keeps the
+counters of every app in memory, answers the hub from them in O(1), and
+flushes them to a L{meteredrt.usagestore.UsageStore} once a second.
+
+Decision rules (one new connection or one message at a time):
+
+  1. An app without a plan is unmetered: always accepted, still counted.
+  2. Within plan: a connection is within plan while fewer than
+     C{max_concurrent_connections} are live; a message while fewer than
+     C{max_messages_per_period} were counted this period (so the cap-th
+     one is still within plan). A cap of C{None} never runs out.
+  3. Over plan with overages not allowed, or not enabled: refused (close
+     4010 for a connection, a soft drop for a message).
+  4. Over plan with overages on, one unit costs: a message
+     C{overage_rate_per_1000_messages / 1000}; a connection
+     C{overage_rate_per_connection}, charged once for each connection
+     admitted while the app is at or above its cap (not for the peak, and
+     not again while it stays open).
+  5. Auto-recharge is on when C{auto_recharge_amount > 0}. A recharge of
+     exactly that amount is due when the unit costs something and paying
+     for it would leave the balance below C{auto_recharge_threshold} (a
+     threshold below zero counts as zero, so an insufficient balance always
+     qualifies). One decision makes at most one recharge.
+  6. The unit is accepted as overage if the balance, plus the recharge when
+     one is due, covers its cost; the decision then carries the charge and
+     the recharge. Otherwise it is refused and no money moves: a recharge
+     that would not pay for the unit is not made.
+
+Money: C{Plan.balance} is the app's opening balance; the running balance
+is that plus the recharges minus the charges of the app's whole ledger (all
+periods; prepaid money does not expire at a period's end). Each recharge is
+one ledger row; charges are summed into one row per app, period and kind
+(message or connection overage) per flush, with ``units`` saying how many
+units it bills. Money is kept in floats, as the plan holds it; comparisons allow
+L{MONEY_EPSILON} of rounding error so that a balance of exactly N units pays
+for N units.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from typing import Any, Callable, Coroutine
+
+from attrs import define, frozen
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from meteredrt.apps import App, Plan
+from meteredrt.interfaces import IMeter
+from meteredrt.usagestore import (
+    CHARGE,
+    RECHARGE,
+    FlushBatch,
+    LedgerEntry,
+    UsageRow,
+    UsageStore,
+)
+
+#: Rounding tolerance for money comparisons, in billing units.
+MONEY_EPSILON = 1e-9
+
+#: The only billing period kind so far: calendar month, UTC (OP-33).
+MONTH = "month"
+
+
+def period_bounds(now: float, period: str = MONTH) -> tuple[int, int]:
+    """
+    The billing period containing ``now``: its start (inclusive) and end
+    (exclusive), in Unix seconds.
+
+    A timestamp in the last second of a period, however close to the end,
+    belongs to that period.
+
+    :raise ValueError: for a period kind other than ``"month"``.
+    """
+    if period != MONTH:
+        raise ValueError(f"unknown billing period {period!r}")
+    moment = time.gmtime(math.floor(now))
+    year, month = moment.tm_year, moment.tm_mon
+    next_year, next_month = (year + 1, 1) if month == 12 else (year, month + 1)
+    start = calendar.timegm((year, month, 1, 0, 0, 0, 0, 0, 0))
+    end = calendar.timegm((next_year, next_month, 1, 0, 0, 0, 0, 0, 0))
+    return start, end
+
+
+@frozen
+class Counters:
+    """
+    What a quota decision needs to know about an app right now.
+
+    ``concurrent_now`` and ``messages_used`` do not yet include the
+    connection or message being decided.
+    """
+
+    concurrent_now: int = 0
+    messages_used: int = 0
+    balance: float = 0.0
+
+
+@frozen
+class Decision:
+    """
+    The verdict on one connection or one message.
+
+    ``charge`` and ``recharge`` are the money to record for it: what the
+    unit costs the balance and what an auto-recharge adds. Both are zero
+    unless ``overage`` is true.
+    """
+
+    accepted: bool
+    overage: bool = False
+    charge: float = 0.0
+    recharge: float = 0.0
+
+
+#: Within plan, or unmetered.
+ACCEPT = Decision(accepted=True)
+#: Over plan, and no overage possible.
+REFUSE = Decision(accepted=False)
+
+
+def decide_connection(plan: Plan | None, counters: Counters) -> Decision:
+    """
+    Whether to admit one more connection of an app (§15.3, first column).
+    """
+    if plan is None:
+        return ACCEPT
+    cap = plan.max_concurrent_connections
+    if cap is None or counters.concurrent_now < cap:
+        return ACCEPT
+    return _decide_overage(plan, counters.balance, plan.overage_rate_per_connection)
+
+
+def decide_message(plan: Plan | None, counters: Counters) -> Decision:
+    """
+    Whether to deliver one more message of an app (§15.3, second column).
+    """
+    if plan is None:
+        return ACCEPT
+    cap = plan.max_messages_per_period
+    if cap is None or counters.messages_used < cap:
+        return ACCEPT
+    return _decide_overage(plan, counters.balance, plan.overage_rate_per_1000_messages / 1000)
+
+
+def _decide_overage(plan: Plan, balance: float, cost: float) -> Decision:
+    """
+    Rules 3 to 6 of the module docstring, for one unit costing ``cost``.
+    """
+    if not (plan.overages_allowed and plan.overages_enabled):
+        return REFUSE
+    recharge = plan.auto_recharge_amount if _recharge_due(plan, balance, cost) else 0.0
+    if balance + recharge - cost < -MONEY_EPSILON:
+        return REFUSE
+    return Decision(accepted=True, overage=True, charge=cost, recharge=recharge)
+
+
+def _recharge_due(plan: Plan, balance: float, cost: float) -> bool:
+    """
+    Rule 5 of the module docstring.
+    """
+    threshold = max(plan.auto_recharge_threshold, 0.0)
+    return (
+        plan.auto_recharge_amount > 0
+        and cost > 0
+        and balance - cost < threshold - MONEY_EPSILON
+    )
+
+
+_Coroutine = Callable[[], Coroutine[Any, Any, None]]
+
+#: Seconds between two flushes; also the most a C{SIGKILL} can lose.
+FLUSH_INTERVAL = 1.0
+
+#: Ledger reasons.
+MESSAGE_OVERAGE = "message overage"
+CONNECTION_OVERAGE = "connection overage"
+AUTO_RECHARGE = "auto-recharge"
+
+
+@define
+class _PeriodUsage:
+    """
+    The mutable counters of one app in one billing period.
+    """
+
+    app_id: str
+    period: str
+    start: int
+    end: int
+    peak_concurrent: int = 0
+    messages_used: int = 0
+    overage_messages: int = 0
+    overage_connections: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """
+        Where L{Meter} files these counters.
+        """
+        return (self.app_id, self.start)
+
+    def row(self) -> UsageRow:
+        """
+        The absolute values to persist.
+        """
+        return UsageRow(
+            app_id=self.app_id,
+            period_start=self.start,
+            period_end=self.end,
+            peak_concurrent=self.peak_concurrent,
+            messages_used=self.messages_used,
+            overage_messages=self.overage_messages,
+            overage_connections=self.overage_connections,
+        )
+
+    def add_persisted(self, row: UsageRow) -> None:
+        """
+        Fold in what an earlier process counted in this period.
+
+        The counts of this process started from zero, so they add up; the
+        peak of two processes is the larger one.
+        """
+        self.peak_concurrent = max(self.peak_concurrent, row.peak_concurrent)
+        self.messages_used += row.messages_used
+        self.overage_messages += row.overage_messages
+        self.overage_connections += row.overage_connections
+
+
+@define
+class _PendingCharge:
+    """
+    Overage charges of one kind not yet written: one ledger row per flush.
+    """
+
+    units: int = 0
+    amount: float = 0.0
+    at: float = 0.0
+
+
+@implementer(IMeter)
+class Meter(service.Service):
+    """
+    Counts connections and messages per app and period and enforces plans.
+
+    Hot-path calls (L{admit_connection}, L{release_connection},
+    L{count_message}, L{usage}) read the app's plan from the L{App} they are
+    given, so a plan change applies to the next call. They decide from
+    memory and return already-fired Deferreds.
+
+    A period rolls over on the first call at or after its end: counters
+    start from zero, except that the connections still open are the new
+    period's first peak. The old period's last counts stay in memory until
+    they are flushed.
+
+    Once started, the service loads the current period's counters and every
+    app's ledger total, then flushes changed counters and new ledger
+    entries every L{FLUSH_INTERVAL} seconds, and once more when stopped.
+    Counts made before the load finishes are added to what it loads, and
+    nothing is written until it has, so a slow load loses nothing. A
+    C{SIGKILL} loses at most what was counted since the last flush.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: UsageStore,
+        flush_interval: float = FLUSH_INTERVAL,
+    ) -> None:
+        """
+        :param clock: tells the time (periods, ledger timestamps) and drives
+            the flush loop.
+        :param store: where counters and the ledger persist.
+        :param flush_interval: seconds between flushes.
+        """
+        self._clock = clock
+        self._store = store
+        self._flush_interval = flush_interval
+        #: Live connections per app; not per period, they cross boundaries.
+        self._live: dict[str, int] = {}
+        #: Each app's counters for the period it is in now.
+        self._current: dict[str, _PeriodUsage] = {}
+        #: Every period's counters still in memory, by (app id, start).
+        self._periods: dict[tuple[str, int], _PeriodUsage] = {}
+        #: Per app, recharges minus charges over its whole ledger.
+        self._balance_changes: dict[str, float] = {}
+        self._dirty: set[tuple[str, int]] = set()
+        self._charges: dict[tuple[str, int, str], _PendingCharge] = {}
+        #: Ledger entries awaiting a flush, other than aggregated charges.
+        self._entries: list[LedgerEntry] = []
+        self._loaded = False
+        self._lock = DeferredLock()
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        """
+        Load the counters of the current period and start flushing.
+        """
+        super().startService()
+        self._run_exclusively(self._load).addErrback(
+            self._log_failure, "Loading usage counters failed; retrying at the next flush"
+        )
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        self._loop.start(self._flush_interval, now=False).addErrback(
+            self._log_failure, "The usage flush loop stopped"
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop the flush loop and write everything counted so far.
+
+        The returned Deferred fires once the final flush is done, so a
+        graceful shutdown loses no count.
+        """
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        final = self._run_exclusively(self._sync)
+        final.addErrback(self._log_failure, "The final flush of usage counters failed")
+        return final
+
+    def admit_connection(self, app: App) -> Deferred[bool]:
+        """
+        Decide on and count one authenticated connection (OP-38).
+        """
+        now = self._clock.seconds()
+        usage = self._usage_at(app.app_id, _period_of(app.plan), now)
+        live = self._live.get(app.app_id, 0)
+        decision = decide_connection(
+            app.plan, Counters(live, usage.messages_used, self.balance(app))
+        )
+        if decision.accepted:
+            live += 1
+            self._live[app.app_id] = live
+            usage.peak_concurrent = max(usage.peak_concurrent, live)
+            if decision.overage:
+                usage.overage_connections += 1
+                self._bill(usage, decision, now, CONNECTION_OVERAGE)
+            self._dirty.add(usage.key)
+        return succeed(decision.accepted)
+
+    def release_connection(self, app_id: str) -> None:
+        """
+        Forget one admitted connection that closed.
+        """
+        live = self._live.get(app_id, 0)
+        if live == 0:
+            self._log.warn("Connection of {app_id} released but none is counted", app_id=app_id)
+            return
+        usage = self._current.get(app_id)
+        if usage is not None:
+            # Roll over first, so the new period's peak sees this connection.
+            self._usage_at(app_id, usage.period, self._clock.seconds())
+        if live == 1:
+            del self._live[app_id]
+        else:
+            self._live[app_id] = live - 1
+
+    def count_message(self, app: App) -> Deferred[bool]:
+        """
+        Count one publish/send/REST publish and decide whether it goes out.
+        """
+        now = self._clock.seconds()
+        usage = self._usage_at(app.app_id, _period_of(app.plan), now)
+        decision = decide_message(
+            app.plan,
+            Counters(self._live.get(app.app_id, 0), usage.messages_used, self.balance(app)),
+        )
+        usage.messages_used += 1
+        if decision.overage:
+            usage.overage_messages += 1
+            self._bill(usage, decision, now, MESSAGE_OVERAGE)
+        self._dirty.add(usage.key)
+        return succeed(decision.accepted)
+
+    def usage(self, app: App) -> Deferred[dict[str, object]]:
+        """
+        Fires with the app's usage report, the JSON object of §19.6.
+        """
+        usage = self._usage_at(app.app_id, _period_of(app.plan), self._clock.seconds())
+        plan = app.plan
+        return succeed(
+            {
+                "appId": app.app_id,
+                "periodStartUnix": usage.start,
+                "periodEndUnix": usage.end,
+                "concurrentNow": self._live.get(app.app_id, 0),
+                "peakConcurrent": usage.peak_concurrent,
+                "messagesUsed": usage.messages_used,
+                "overageMessages": usage.overage_messages,
+                "overageConnections": usage.overage_connections,
+                "plan": {
+                    "name": plan.name if plan else None,
+                    "maxConcurrentConnections": plan.max_concurrent_connections if plan else None,
+                    "maxMessagesPerPeriod": plan.max_messages_per_period if plan else None,
+                    "overagesAllowed": plan.overages_allowed if plan else None,
+                    "overagesEnabled": plan.overages_enabled if plan else None,
+                },
+            }
+        )
+
+    def balance(self, app: App) -> float:
+        """
+        The app's running balance: its plan's opening balance plus the
+        recharges minus the charges of its whole ledger, written or not.
+        """
+        opening = app.plan.balance if app.plan is not None else 0.0
+        return opening + self._balance_changes.get(app.app_id, 0.0)
+
+    def flush(self) -> Deferred[None]:
+        """
+        Write what changed since the last flush now, after any flush in
+        progress. The loop calls this every L{FLUSH_INTERVAL} seconds.
+        """
+        return self._run_exclusively(self._sync)
+
+    def _usage_at(self, app_id: str, period: str, now: float) -> _PeriodUsage:
+        """
+        The app's counters for the period containing ``now``, rolling over
+        when ``now`` has reached the end of the current one.
+
+        Time running backwards never reopens an earlier period.
+        """
+        usage = self._current.get(app_id)
+        if usage is not None and usage.period == period and now < usage.end:
+            return usage
+        start, end = period_bounds(now, period)
+        usage = self._periods.get((app_id, start))
+        if usage is None:
+            live = self._live.get(app_id, 0)
+            usage = _PeriodUsage(app_id, period, start, end, peak_concurrent=live)
+            self._periods[usage.key] = usage
+            if live:
+                self._dirty.add(usage.key)
+        self._current[app_id] = usage
+        return usage
+
+    def _bill(self, usage: _PeriodUsage, decision: Decision, now: float, reason: str) -> None:
+        """
+        Record the money of one overage decision: a ledger entry for its
+        recharge, a share of this flush's charge entry, and the balance.
+        """
+        if decision.recharge:
+            self._entries.append(
+                LedgerEntry(
+                    app_id=usage.app_id,
+                    at=now,
+                    period_start=usage.start,
+                    kind=RECHARGE,
+                    units=1,
+                    amount=decision.recharge,
+                    reason=AUTO_RECHARGE,
+                )
+            )
+        pending = self._charges.get((usage.app_id, usage.start, reason))
+        if pending is None:
+            pending = self._charges[(usage.app_id, usage.start, reason)] = _PendingCharge()
+        pending.units += 1
+        pending.amount += decision.charge
+        pending.at = now
+        self._balance_changes[usage.app_id] = (
+            self._balance_changes.get(usage.app_id, 0.0) + decision.recharge - decision.charge
+        )
+
+    def _tick(self) -> Deferred[None]:
+        """
+        One iteration of the flush loop; never fails, so the loop goes on.
+        """
+        d = self.flush()
+        d.addErrback(self._log_failure, "Flushing usage counters failed; retrying")
+        return d
+
+    def _run_exclusively(self, work: _Coroutine) -> Deferred[None]:
+        """
+        Run a load or flush once no other one is running.
+        """
+        return self._lock.run(lambda: Deferred.fromCoroutine(work()))
+
+    async def _load(self) -> None:
+        """
+        Add the persisted counters of the current month and the ledger
+        totals to memory.
+        """
+        start, _ = period_bounds(self._clock.seconds(), MONTH)
+        rows = await self._store.load_period(start)
+        changes = await self._store.balance_changes()
+        for row in rows:
+            usage = self._periods.get((row.app_id, row.period_start))
+            if usage is None:
+                usage = _PeriodUsage(row.app_id, MONTH, row.period_start, row.period_end)
+                self._periods[usage.key] = usage
+                self._current.setdefault(row.app_id, usage)
+            usage.add_persisted(row)
+        for app_id, change in changes.items():
+            self._balance_changes[app_id] = self._balance_changes.get(app_id, 0.0) + change
+        self._loaded = True
+
+    async def _sync(self) -> None:
+        """
+        Write a batch of what changed, after loading if that has not
+        succeeded yet: absolute counters must never be written over counts
+        of an earlier process this one has not read.
+        """
+        if not self._loaded:
+            await self._load()
+        batch = self._take_batch()
+        if not batch.usage and not batch.ledger:
+            return
+        try:
+            await self._store.flush(batch)
+        except BaseException:
+            self._dirty.update((row.app_id, row.period_start) for row in batch.usage)
+            self._entries[:0] = batch.ledger
+            raise
+        self._forget_finished(batch)
+
+    def _take_batch(self) -> FlushBatch:
+        """
+        Everything changed since the last batch; it is pending no more.
+        """
+        usage = tuple(self._periods[key].row() for key in sorted(self._dirty))
+        charges = [
+            LedgerEntry(
+                app_id=app_id,
+                at=pending.at,
+                period_start=start,
+                kind=CHARGE,
+                units=pending.units,
+                amount=pending.amount,
+                reason=reason,
+            )
+            for (app_id, start, reason), pending in self._charges.items()
+        ]
+        ledger = tuple(sorted(self._entries + charges, key=lambda entry: entry.at))
+        self._dirty.clear()
+        self._charges.clear()
+        self._entries = []
+        return FlushBatch(usage=usage, ledger=ledger)
+
+    def _forget_finished(self, batch: FlushBatch) -> None:
+        """
+        Drop the written counters of periods that are over.
+        """
+        for row in batch.usage:
+            key = (row.app_id, row.period_start)
+            usage = self._periods.get(key)
+            if (
+                usage is not None
+                and key not in self._dirty
+                and self._current.get(row.app_id) is not usage
+            ):
+                del self._periods[key]
+
+    def _log_failure(self, failure: Failure, message: str) -> None:
+        """
+        Log a failed load or flush; the counts stay in memory.
+        """
+        self._log.failure(message, failure)
+
+
+def _period_of(plan: Plan | None) -> str:
+    """
+    The billing period kind of a plan; unmetered apps count by month.
+    """
+    return plan.period if plan is not None else MONTH
