@@ -1,0 +1,539 @@
+"""
+The ``meteredrt`` console script: apps, keys and tokens from the shell.
+
+It works on the same SQLite file as a running server (WAL lets both write),
+synchronously: there is no reactor here. A key revoked with
+``meteredrt keys revoke`` stops authenticating on a running server within a
+few seconds, when the server next re-reads the file.
+
+Each subcommand is one function registered with L{command}; it receives a
+L{Session} (the data directory and configuration file the user chose) and
+the parsed arguments, and returns an L{Output} that L{main} prints as text or,
+with ``--json``, as JSON. Anything that goes wrong is one line on stderr and
+exit status 2, never a traceback.
+
+A secret is printed by ``keys create`` only, once. ``keys list`` never
+prints one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO, TypeVar
+
+import attrs
+import jwt
+from attrs import frozen
+
+from meteredrt import auth
+from meteredrt.apps import ACTIONS, PUBLISHABLE_DEFAULT_ACTIONS, App, Key, KeyType, Plan
+from meteredrt.config import (
+    DEFAULT_DATA_DIR,
+    AppDeclaration,
+    Config,
+    ConfigError,
+    default_config,
+    load_config,
+)
+from meteredrt.keystore import (
+    InvalidKeyField,
+    KeyStoreError,
+    StoredState,
+    Tenancy,
+    connect,
+    create_schema,
+    database_path,
+    prepare_database,
+    read_state,
+    store_app,
+    store_key,
+    store_revocation,
+)
+
+_T = TypeVar("_T")
+
+
+class UsageError(Exception):
+    """
+    The command line asks for something that cannot be done; the message
+    says what.
+    """
+
+
+@frozen
+class Output:
+    """
+    What a command prints: ``data`` with ``--json``, ``text`` otherwise.
+    """
+
+    data: Any
+    text: str
+
+
+class Session:
+    """
+    The data directory and configuration one command works on.
+
+    Reads see the stored apps and keys overlaid by the configuration file,
+    as the server sees them; writes run in one transaction each.
+
+    :ivar data_dir: the data directory (``--data-dir``, else the
+        configuration's ``data_dir``, else C{DEFAULT_DATA_DIR}).
+    :ivar config: the configuration (defaults without ``--config``).
+    """
+
+    def __init__(self, data_dir: str, config: Config, clock: Callable[[], float]) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self._clock = clock
+
+    @property
+    def declarations(self) -> tuple[AppDeclaration, ...]:
+        """
+        The apps and keys the configuration file declares.
+        """
+        return self.config.apps
+
+    def now(self) -> float:
+        """
+        The current time, in seconds since the epoch.
+        """
+        return self._clock()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """
+        A connection to the key database, created if need be; committed if
+        the block succeeds, rolled back if it raises.
+        """
+        connection = connect(prepare_database(self.data_dir))
+        try:
+            with connection:
+                create_schema(connection.cursor())
+                yield connection
+        finally:
+            connection.close()
+
+    def tenancy(self) -> Tenancy:
+        """
+        The effective apps and keys. Does not create a missing database.
+        """
+        if not os.path.exists(database_path(self.data_dir)):
+            return Tenancy.overlay(StoredState(apps={}, keys={}), self.declarations)
+        with self.connection() as connection:
+            state = read_state(connection.cursor())
+        return Tenancy.overlay(state, self.declarations)
+
+    def write(self, operation: Callable[..., _T], *args: Any) -> _T:
+        """
+        Run one of the key store's write functions (C{store_*}) in its own
+        transaction.
+        """
+        with self.connection() as connection:
+            return operation(connection.cursor(), self.declarations, *args)
+
+
+@frozen
+class _Argument:
+    names: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def argument(*names: str, **options: Any) -> _Argument:
+    """
+    Declare one argument of a command, as for
+    C{ArgumentParser.add_argument}.
+    """
+    return _Argument(names, options)
+
+
+Run = Callable[[Session, argparse.Namespace], Output]
+
+
+@frozen
+class _Command:
+    words: tuple[str, ...]
+    help: str
+    arguments: tuple[_Argument, ...]
+    run: Run
+
+
+_COMMANDS: list[_Command] = []
+
+
+def command(words: str, help: str, *arguments: _Argument) -> Callable[[Run], Run]:
+    """
+    Register a subcommand: ``@command("apps set-plan", "Replace a plan.",
+    argument("app_id"), ...)`` above a function taking a L{Session} and the
+    parsed arguments and returning an L{Output}.
+
+    :param words: the command words, such as ``"keys create"`` or
+        ``"usage"``.
+    """
+
+    def register(run: Run) -> Run:
+        _COMMANDS.append(_Command(tuple(words.split()), help, arguments, run))
+        return run
+
+    return register
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: given before or after the command words, either counts.
+    common.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help=f"state directory (default: the config's data_dir, else {DEFAULT_DATA_DIR})",
+    )
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="TOML configuration file; the apps and keys it declares are included",
+    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    The argument parser of every registered command.
+    """
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="meteredrt", description="Manage meteredrt apps, keys and tokens.", parents=[common]
+    )
+    groups: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(metavar="COMMAND", required=True)}
+    for entry in _COMMANDS:
+        for depth in range(1, len(entry.words)):
+            prefix = entry.words[:depth]
+            if prefix not in groups:
+                group = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                groups[prefix] = group.add_subparsers(metavar="COMMAND", required=True)
+        leaf = groups[entry.words[:-1]].add_parser(
+            entry.words[-1], help=entry.help, description=entry.help, parents=[common]
+        )
+        for arg in entry.arguments:
+            leaf.add_argument(*arg.names, **arg.options)
+        leaf.set_defaults(run=entry.run)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    clock: Callable[[], float] = time.time,
+) -> int:
+    """
+    Run the ``meteredrt`` command line.
+
+    :return: the exit status: 0 on success, 2 on any error.
+    """
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+    except SystemExit as e:
+        # --help (0) or a usage error (2), already printed by argparse.
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        config_path = getattr(args, "config", None)
+        config = default_config() if config_path is None else load_config(config_path)
+        data_dir = getattr(args, "data_dir", None) or config.data_dir
+        output = args.run(Session(data_dir, config, clock), args)
+    except (UsageError, ConfigError, KeyStoreError, auth.MintError) as e:
+        print(f"meteredrt: error: {_describe_error(e)}", file=stderr)
+        return 2
+    except (sqlite3.Error, OSError) as e:
+        print(f"meteredrt: error: {_describe_storage_error(e)}", file=stderr)
+        return 2
+    if getattr(args, "json", False):
+        json.dump(output.data, stdout, indent=2, sort_keys=True)
+        stdout.write("\n")
+    else:
+        stdout.write(output.text.rstrip("\n") + "\n")
+    return 0
+
+
+# Key-store field names as the user typed them.
+_FLAGS = {
+    "channel_patterns": "--channels",
+    "actions": "--actions",
+    "allowed_origins": "--origins",
+    "app_id": "APP_ID",
+}
+
+
+def _describe_error(error: Exception) -> str:
+    if isinstance(error, InvalidKeyField):
+        name, bracket, rest = error.field.partition("[")
+        return f"{_FLAGS.get(name, name)}{bracket}{rest}: {error.problem}"
+    if isinstance(error, auth.MintError):
+        return f"cannot mint token: {error}"
+    return str(error)
+
+
+def _describe_storage_error(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return f"database: {error}"
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """
+    Comma-separated, repeatable list options: ``None`` when not given.
+    """
+    if values is None:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _json_object(option: str, text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{option}: not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{option}: must be a JSON object")
+    return value
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def plan_json(plan: Plan | None) -> dict[str, Any] | None:
+    """
+    A plan as a JSON object with the protocol's camelCase names.
+    """
+    if plan is None:
+        return None
+    return {_camel(name): value for name, value in attrs.asdict(plan).items()}
+
+
+def key_json(key: Key, *, reveal_secret: bool = False) -> dict[str, Any]:
+    """
+    A key as a JSON object with the protocol's camelCase names (§3.3); the
+    secret only if asked to.
+    """
+    data: dict[str, Any] = {
+        "keyId": key.key_id,
+        "appId": key.app_id,
+        "type": key.type.value,
+        "channelPatterns": list(key.channel_patterns),
+        "actions": sorted(key.actions),
+        "allowedOrigins": list(key.allowed_origins),
+        "autoInjectTurn": key.auto_inject_turn,
+        "status": "active" if key.active else "revoked",
+        "source": key.source,
+    }
+    if reveal_secret and key.secret is not None:
+        data["secret"] = key.secret
+    return data
+
+
+def describe_key(key: Key, *, reveal_secret: bool = False) -> str:
+    """
+    A key as a few lines for humans; the secret only if asked to, with a
+    reminder that it is not shown again.
+    """
+    lines = [
+        f"{key.type.value} key {key.key_id} (app {key.app_id})",
+        f"  channels:         {', '.join(key.channel_patterns)}",
+        f"  actions:          {', '.join(sorted(key.actions)) or '(none)'}",
+    ]
+    if key.type is KeyType.PUBLISHABLE:
+        lines.append(f"  allowed origins:  {', '.join(key.allowed_origins) or '(any)'}")
+    lines.append(f"  auto-inject TURN: {'on' if key.auto_inject_turn else 'off'}")
+    if reveal_secret and key.secret is not None:
+        lines.append(f"  secret:           {key.secret}")
+        lines.append("  The secret is shown only now: store it safely.")
+    return "\n".join(lines)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
+
+
+def _app_json(app: App, tenancy: Tenancy) -> dict[str, Any]:
+    return {
+        "appId": app.app_id,
+        "source": "config" if tenancy.is_declared(app.app_id) else "store",
+        "suspended": app.suspended,
+        "plan": plan_json(app.plan),
+        "activeKeys": sum(1 for key in tenancy.keys_of(app.app_id) if key.active),
+    }
+
+
+@command("apps list", "List every app, stored or declared in the configuration file.")
+def _apps_list(session: Session, args: argparse.Namespace) -> Output:
+    tenancy = session.tenancy()
+    apps = [_app_json(app, tenancy) for app in tenancy.apps()]
+    rows = [
+        [
+            app["appId"],
+            app["source"],
+            (app["plan"] or {}).get("name") or "-",
+            str(app["activeKeys"]),
+            "suspended" if app["suspended"] else "active",
+        ]
+        for app in apps
+    ]
+    return Output(apps, _table(["APP", "SOURCE", "PLAN", "KEYS", "STATUS"], rows) or "No apps.")
+
+
+@command("apps create", "Create an app (without keys or plan).", argument("app_id", metavar="APP_ID"))
+def _apps_create(session: Session, args: argparse.Namespace) -> Output:
+    app = session.write(store_app, args.app_id, None, session.now())
+    return Output(_app_json(app, session.tenancy()), f"Created app {app.app_id}.")
+
+
+@command(
+    "keys create",
+    "Create a key; a secret key's secret is printed this once only.",
+    argument("--app", required=True, metavar="APP"),
+    argument("--type", required=True, choices=[t.value for t in KeyType]),
+    argument(
+        "--channels",
+        action="append",
+        metavar="PATTERNS",
+        help="comma-separated channel patterns (default: **)",
+    ),
+    argument(
+        "--actions",
+        action="append",
+        metavar="ACTIONS",
+        help=f"comma-separated, of {', '.join(sorted(ACTIONS))} "
+        "(default: all for a secret key, all but send for a publishable key)",
+    ),
+    argument(
+        "--origins",
+        action="append",
+        metavar="ORIGINS",
+        help="comma-separated allowed origins of a publishable key (default: any)",
+    ),
+    argument(
+        "--no-auto-inject-turn",
+        dest="auto_inject_turn",
+        action="store_false",
+        help="do not add TURN credentials to this key's welcome frames",
+    ),
+)
+def _keys_create(session: Session, args: argparse.Namespace) -> Output:
+    type = KeyType(args.type)
+    actions = _split(args.actions)
+    if actions is None:
+        actions = sorted(ACTIONS if type is KeyType.SECRET else PUBLISHABLE_DEFAULT_ACTIONS)
+    key = session.write(
+        store_key,
+        args.app,
+        type,
+        ("**",) if args.channels is None else tuple(_split(args.channels) or ()),
+        tuple(actions),
+        session.now(),
+        tuple(_split(args.origins) or ()),
+        args.auto_inject_turn,
+    )
+    return Output(key_json(key, reveal_secret=True), "Created " + describe_key(key, reveal_secret=True))
+
+
+@command(
+    "keys list",
+    "List an app's keys (never their secrets).",
+    argument("--app", required=True, metavar="APP"),
+)
+def _keys_list(session: Session, args: argparse.Namespace) -> Output:
+    tenancy = session.tenancy()
+    if tenancy.app(args.app) is None:
+        raise UsageError(f"no app {args.app!r}")
+    keys = tenancy.keys_of(args.app)
+    rows = [
+        [
+            key.key_id,
+            key.type.value,
+            "active" if key.active else "revoked",
+            key.source,
+            ",".join(key.channel_patterns),
+            ",".join(sorted(key.actions)),
+            ",".join(key.allowed_origins) or "-",
+            "on" if key.auto_inject_turn else "off",
+        ]
+        for key in keys
+    ]
+    text = _table(["KEY ID", "TYPE", "STATUS", "SOURCE", "CHANNELS", "ACTIONS", "ORIGINS", "TURN"], rows)
+    return Output([key_json(key) for key in keys], text or f"App {args.app} has no keys.")
+
+
+@command(
+    "keys revoke",
+    "Revoke a key; a running server refuses it within seconds.",
+    argument("key_id", metavar="KEY_ID"),
+)
+def _keys_revoke(session: Session, args: argparse.Namespace) -> Output:
+    if not session.write(store_revocation, args.key_id):
+        raise UsageError(f"no stored key {args.key_id!r}")
+    return Output({"keyId": args.key_id, "status": "revoked"}, f"Revoked key {args.key_id}.")
+
+
+@command(
+    "token mint",
+    "Print a JWT (protocol §4) signed with a secret key.",
+    argument("--app", required=True, metavar="APP"),
+    argument("--key", required=True, metavar="KEY_ID", help="the sk_id_… of the signing key"),
+    argument("--peer-id", required=True, metavar="PEER_ID", help="the token's sub, the peer's id"),
+    argument(
+        "--channels", action="append", metavar="CHANNELS", help="comma-separated channel names or patterns"
+    ),
+    argument("--permissions", action="append", metavar="ACTIONS", help="comma-separated actions"),
+    argument("--expires-in", type=int, default=3600, metavar="SECONDS", help="lifetime (default: 3600)"),
+    argument("--metadata", metavar="JSON", help="private metadata object echoed in the welcome"),
+    argument("--peer-metadata", metavar="JSON", help="public metadata object shown to other peers"),
+)
+def _token_mint(session: Session, args: argparse.Namespace) -> Output:
+    metadata = _json_object("--metadata", args.metadata)
+    peer_metadata = _json_object("--peer-metadata", args.peer_metadata)
+    tenancy = session.tenancy()
+    if tenancy.app(args.app) is None:
+        raise UsageError(f"no app {args.app!r}")
+    key = tenancy.key(args.key)
+    if key is None or key.app_id != args.app:
+        raise UsageError(f"app {args.app!r} has no key {args.key!r}")
+    if key.type is not KeyType.SECRET:
+        raise UsageError(f"{args.key} is a publishable key; only secret keys sign tokens")
+    if not key.active:
+        raise UsageError(f"key {args.key!r} is revoked")
+    token = auth.mint_token(
+        key,
+        args.peer_id,
+        now=int(session.now()),
+        expires_in=args.expires_in,
+        channels=_split(args.channels),
+        permissions=_split(args.permissions),
+        metadata=metadata,
+        peer_metadata=peer_metadata,
+    )
+    claims = jwt.decode(token, options={"verify_signature": False})
+    data = {"token": token, "keyId": key.key_id, "peerId": args.peer_id, "expiresAt": claims["exp"]}
+    return Output(data, token)

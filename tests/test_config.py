@@ -1,0 +1,682 @@
+"""
+Tests for L{meteredrt.config}.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from meteredrt.apps import ACTIONS, App, Key, KeyType, Plan, TurnConfig
+from meteredrt.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_LISTEN,
+    AppDeclaration,
+    Config,
+    ConfigError,
+    app_id_problem,
+    apply_options,
+    default_config,
+    key_field_problems,
+    load_config,
+)
+
+#: The example of issue 2, verbatim.
+ISSUE_EXAMPLE = """\
+[server]
+listen = ["tcp:8080:interface=127.0.0.1"]
+data_dir = "./meteredrt-data"
+
+[[apps]]
+id = "app_demo"
+[apps.plan]            # used by the quota issue; parse and keep it now
+name = "FREE"
+max_concurrent_connections = 100
+max_messages_per_period = 100000
+overages_allowed = false
+
+[[apps.keys]]
+type = "secret"
+key_id = "sk_id_demo"
+secret = "sk_secret_demo_0123456789"
+channel_patterns = ["**"]
+actions = ["publish", "subscribe", "presence", "send"]
+
+[[apps.keys]]
+type = "publishable"
+key_id = "pk_live_demo"
+channel_patterns = ["public/**"]
+actions = ["subscribe", "publish", "presence"]
+allowed_origins = []
+"""
+
+SECRET_KEY = """
+[[apps.keys]]
+type = "secret"
+key_id = "sk_id_a"
+secret = "sk_secret_a"
+channel_patterns = ["**"]
+actions = ["publish"]
+"""
+
+
+class ConfigTestsMixin:
+    """
+    Write configuration text to a file and read it back.
+    """
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()  # type: ignore[attr-defined]
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def assertConfigError(self, text: str, where: str, fragment: str) -> ConfigError:
+        """
+        Loading C{text} fails naming the file, key path C{where} and a
+        problem containing C{fragment}.
+        """
+        path = self.write(text)
+        error = self.assertRaises(ConfigError, load_config, path)  # type: ignore[attr-defined]
+        self.assertEqual((error.source, error.where), (path, where))  # type: ignore[attr-defined]
+        self.assertIn(fragment, error.problem)  # type: ignore[attr-defined]
+        self.assertTrue(str(error).startswith(f"{path}: {where}: " if where else f"{path}: "))  # type: ignore[attr-defined]
+        return error
+
+
+class LoadConfigTests(ConfigTestsMixin, SynchronousTestCase):
+    """
+    Tests for L{load_config} with valid files.
+    """
+
+    def test_issue_example(self) -> None:
+        """
+        The example of issue 2 reads into the apps, plan and keys it spells out.
+        """
+        path = self.write(ISSUE_EXAMPLE)
+        self.assertEqual(
+            load_config(path),
+            Config(
+                listen=("tcp:8080:interface=127.0.0.1",),
+                data_dir="./meteredrt-data",
+                apps=(
+                    AppDeclaration(
+                        app=App(
+                            app_id="app_demo",
+                            plan=Plan(
+                                name="FREE",
+                                max_concurrent_connections=100,
+                                max_messages_per_period=100000,
+                                overages_allowed=False,
+                            ),
+                        ),
+                        keys=(
+                            Key(
+                                key_id="sk_id_demo",
+                                app_id="app_demo",
+                                type=KeyType.SECRET,
+                                secret="sk_secret_demo_0123456789",
+                                channel_patterns=("**",),
+                                actions=ACTIONS,
+                                source="config",
+                            ),
+                            Key(
+                                key_id="pk_live_demo",
+                                app_id="app_demo",
+                                type=KeyType.PUBLISHABLE,
+                                channel_patterns=("public/**",),
+                                actions=frozenset({"subscribe", "publish", "presence"}),
+                                source="config",
+                            ),
+                        ),
+                    ),
+                ),
+                source=path,
+            ),
+        )
+
+    def test_empty_file(self) -> None:
+        """
+        An empty file means the defaults.
+        """
+        path = self.write("")
+        self.assertEqual(load_config(path), Config(source=path))
+
+    def test_full_plan_turn_and_server(self) -> None:
+        """
+        Every plan, TURN and server field is read, integers accepted where
+        amounts are floats.
+        """
+        path = self.write(
+            """
+[server]
+listen = ["tcp:80", "ssl:443:privateKey=k.pem"]
+data_dir = "/var/lib/meteredrt"
+upgrade_rate_limit = 10
+
+[[apps]]
+id = "a"
+[apps.plan]
+name = "BASIC"
+max_concurrent_connections = 5
+max_messages_per_period = 7
+overages_allowed = true
+overages_enabled = false
+overage_rate_per_1000_messages = 0.5
+overage_rate_per_connection = 2
+balance = -1.5
+auto_recharge_amount = 10
+auto_recharge_threshold = 1.25
+period = "month"
+[apps.turn]
+app_name = "acme"
+secret_key = "turn-secret"
+region = "europe"
+ttl = 7200
+api_base = "http://127.0.0.1:9999"
+"""
+        )
+        config = load_config(path)
+        self.assertEqual(config.listen, ("tcp:80", "ssl:443:privateKey=k.pem"))
+        self.assertEqual(config.data_dir, "/var/lib/meteredrt")
+        self.assertEqual(config.upgrade_rate_limit, 10)
+        self.assertEqual(
+            config.apps[0].app,
+            App(
+                app_id="a",
+                plan=Plan(
+                    name="BASIC",
+                    max_concurrent_connections=5,
+                    max_messages_per_period=7,
+                    overages_allowed=True,
+                    overages_enabled=False,
+                    overage_rate_per_1000_messages=0.5,
+                    overage_rate_per_connection=2.0,
+                    balance=-1.5,
+                    auto_recharge_amount=10.0,
+                    auto_recharge_threshold=1.25,
+                    period="month",
+                ),
+                turn=TurnConfig(
+                    app_name="acme",
+                    secret_key="turn-secret",
+                    region="europe",
+                    ttl=7200,
+                    api_base="http://127.0.0.1:9999",
+                ),
+            ),
+        )
+        self.assertIsInstance(config.apps[0].app.plan.overage_rate_per_connection, float)  # type: ignore[union-attr]
+
+    def test_key_options(self) -> None:
+        """
+        Allowed origins and the TURN toggle of a publishable key are read.
+        """
+        path = self.write(
+            """
+[[apps]]
+id = "a"
+[[apps.keys]]
+type = "publishable"
+key_id = "pk_live_x"
+channel_patterns = ["a/*", "b/**"]
+actions = []
+allowed_origins = ["https://app.example.com", "http://localhost:3000"]
+auto_inject_turn = false
+"""
+        )
+        [key] = load_config(path).apps[0].keys
+        self.assertEqual(key.channel_patterns, ("a/*", "b/**"))
+        self.assertEqual(key.actions, frozenset())
+        self.assertEqual(key.allowed_origins, ("https://app.example.com", "http://localhost:3000"))
+        self.assertFalse(key.auto_inject_turn)
+
+    def test_fifty_keys(self) -> None:
+        """
+        An app may declare exactly 50 keys.
+        """
+        keys = "".join(SECRET_KEY.replace("sk_id_a", f"sk_id_{i}") for i in range(50))
+        path = self.write('[[apps]]\nid = "a"\n' + keys)
+        self.assertEqual(len(load_config(path).apps[0].keys), 50)
+
+
+class ConfigErrorTests(ConfigTestsMixin, SynchronousTestCase):
+    """
+    Each problem in a file is reported with the file, the key path and what
+    is wrong.
+    """
+
+    def test_missing_file(self) -> None:
+        """
+        A file that cannot be read is named with the reason.
+        """
+        path = self.mktemp()
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual(str(error), f"{path}: cannot read: No such file or directory")
+
+    def test_toml_syntax(self) -> None:
+        """
+        A TOML syntax error is reported with its line and column.
+        """
+        error = self.assertConfigError("[server]\nlisten = [\"a\"]\nlisten = 1\n", "", "invalid TOML")
+        self.assertIn("line 3", error.problem)
+
+    def test_not_utf8(self) -> None:
+        """
+        A file that is not UTF-8 is refused.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b'x = "\xff"\n')
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertIn(path, str(error))
+
+    def test_unknown_top_level(self) -> None:
+        """
+        An unknown top-level key is refused.
+        """
+        self.assertConfigError('listen = ["tcp:80"]\n', "listen", "unknown key 'listen'")
+
+    def test_unknown_server_key(self) -> None:
+        """
+        An unknown server option is refused, with the nearest known one.
+        """
+        self.assertConfigError("[server]\ndatadir = 'x'\n", "server.datadir", "did you mean 'data_dir'")
+
+    def test_server_listen_type(self) -> None:
+        """
+        C{listen} must be an array of strings.
+        """
+        self.assertConfigError("[server]\nlisten = 'tcp:80'\n", "server.listen", "must be an array of strings")
+        self.assertConfigError("[server]\nlisten = [80]\n", "server.listen[0]", "must be a string, not an integer")
+
+    def test_server_listen_empty(self) -> None:
+        """
+        C{listen} must name an endpoint.
+        """
+        self.assertConfigError("[server]\nlisten = []\n", "server.listen", "at least one")
+
+    def test_upgrade_rate_limit_bool(self) -> None:
+        """
+        A boolean is not an integer.
+        """
+        self.assertConfigError(
+            "[server]\nupgrade_rate_limit = true\n",
+            "server.upgrade_rate_limit",
+            "must be an integer, not a boolean",
+        )
+
+    def test_upgrade_rate_limit_zero(self) -> None:
+        """
+        The upgrade rate limit is positive.
+        """
+        self.assertConfigError("[server]\nupgrade_rate_limit = 0\n", "server.upgrade_rate_limit", "at least 1")
+
+    def test_server_not_table(self) -> None:
+        """
+        C{server} must be a table.
+        """
+        self.assertConfigError("server = 1\n", "server", "must be a table")
+
+    def test_apps_not_array(self) -> None:
+        """
+        C{apps} must be an array of tables.
+        """
+        self.assertConfigError("[apps]\nid = 'a'\n", "apps", "must be an array of tables")
+
+    def test_app_id_missing(self) -> None:
+        """
+        An app needs an id.
+        """
+        self.assertConfigError("[[apps]]\n", "apps[0].id", "is required")
+
+    def test_app_id_invalid(self) -> None:
+        """
+        App ids use a conservative alphabet.
+        """
+        self.assertConfigError('[[apps]]\nid = "a b"\n', "apps[0].id", "letters, digits")
+
+    def test_unknown_app_key(self) -> None:
+        """
+        An unknown key in an app is refused.
+        """
+        self.assertConfigError('[[apps]]\nid = "a"\nname = "x"\n', "apps[0].name", "unknown key 'name'")
+
+    def test_duplicate_app_id(self) -> None:
+        """
+        Two apps cannot share an id.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[[apps]]\nid = "b"\n[[apps]]\nid = "a"\n',
+            "apps[2].id",
+            "duplicate app id 'a' (also apps[0])",
+        )
+
+    def test_duplicate_key_id(self) -> None:
+        """
+        Key ids are unique across apps.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n' + SECRET_KEY + '[[apps]]\nid = "b"\n' + SECRET_KEY,
+            "apps[1].keys[0].key_id",
+            "duplicate key id 'sk_id_a' (also apps[0].keys[0])",
+        )
+
+    def test_plan_unknown_key(self) -> None:
+        """
+        An unknown plan field is refused.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.plan]\nmax_connections = 3\n',
+            "apps[0].plan.max_connections",
+            "did you mean 'max_concurrent_connections'",
+        )
+
+    def test_plan_bool_as_int(self) -> None:
+        """
+        A boolean plan cap is refused.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.plan]\nmax_messages_per_period = false\n',
+            "apps[0].plan.max_messages_per_period",
+            "must be an integer, not a boolean",
+        )
+
+    def test_plan_negative_cap(self) -> None:
+        """
+        Plan caps are not negative.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.plan]\nmax_concurrent_connections = -1\n',
+            "apps[0].plan.max_concurrent_connections",
+            "at least 0",
+        )
+
+    def test_plan_int_as_bool(self) -> None:
+        """
+        An integer is not a boolean.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.plan]\noverages_allowed = 1\n',
+            "apps[0].plan.overages_allowed",
+            "must be a boolean (true or false), not an integer",
+        )
+
+    def test_plan_rate_string(self) -> None:
+        """
+        Money amounts are numbers.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.plan]\nbalance = "10"\n',
+            "apps[0].plan.balance",
+            "must be a number, not a string",
+        )
+
+    def test_plan_period(self) -> None:
+        """
+        Only monthly periods are known.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.plan]\nperiod = "week"\n', "apps[0].plan.period", "unknown period 'week'"
+        )
+
+    def test_turn_required(self) -> None:
+        """
+        TURN settings need the Metered app name and secret.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.turn]\napp_name = "x"\n', "apps[0].turn.secret_key", "is required"
+        )
+
+    def test_turn_region(self) -> None:
+        """
+        A TURN region must be one the API knows.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.turn]\napp_name = "x"\nsecret_key = "y"\nregion = "mars"\n',
+            "apps[0].turn.region",
+            "unknown region 'mars'",
+        )
+
+    def test_turn_api_base(self) -> None:
+        """
+        The TURN API base is an HTTP(S) URL.
+        """
+        self.assertConfigError(
+            '[[apps]]\nid = "a"\n[apps.turn]\napp_name = "x"\nsecret_key = "y"\napi_base = "ftp://x"\n',
+            "apps[0].turn.api_base",
+            "http",
+        )
+
+    def key(self, **fields: str) -> str:
+        """
+        A file declaring one app with one secret key, C{fields} replacing or
+        (with value C{""}) removing its lines.
+        """
+        lines = {
+            "type": '"secret"',
+            "key_id": '"sk_id_a"',
+            "secret": '"sk_secret_a"',
+            "channel_patterns": '["**"]',
+            "actions": '["publish"]',
+        }
+        lines.update(fields)
+        body = "".join(f"{name} = {value}\n" for name, value in lines.items() if value)
+        return '[[apps]]\nid = "a"\n' + SECRET_KEY.replace("sk_id_a", "sk_id_b") + "[[apps.keys]]\n" + body
+
+    def test_unknown_key_field(self) -> None:
+        """
+        An unknown field of a key is refused, naming its index.
+        """
+        self.assertConfigError(
+            self.key(channels='["**"]'), "apps[0].keys[1].channels", "did you mean 'channel_patterns'"
+        )
+
+    def test_key_type_unknown(self) -> None:
+        """
+        Keys are secret or publishable.
+        """
+        self.assertConfigError(self.key(type='"private"'), "apps[0].keys[1].type", "unknown key type 'private'")
+
+    def test_key_id_prefix_secret(self) -> None:
+        """
+        A secret key id starts with C{sk_id_}.
+        """
+        self.assertConfigError(self.key(key_id='"pk_live_a"'), "apps[0].keys[1].key_id", "'sk_id_'")
+
+    def test_key_id_prefix_publishable(self) -> None:
+        """
+        A publishable key id starts with C{pk_live_}.
+        """
+        self.assertConfigError(
+            self.key(type='"publishable"', key_id='"sk_id_x"', secret=""), "apps[0].keys[1].key_id", "'pk_live_'"
+        )
+
+    def test_key_id_prefix_only(self) -> None:
+        """
+        A key id is more than its prefix.
+        """
+        self.assertConfigError(self.key(key_id='"sk_id_"'), "apps[0].keys[1].key_id", "followed by a token")
+
+    def test_key_id_characters(self) -> None:
+        """
+        Key ids are URL-safe and colon-free.
+        """
+        self.assertConfigError(self.key(key_id='"sk_id_a:b"'), "apps[0].keys[1].key_id", "letters, digits")
+
+    def test_secret_missing(self) -> None:
+        """
+        A secret key needs its secret.
+        """
+        self.assertConfigError(self.key(secret=""), "apps[0].keys[1].secret", "required for a secret key")
+
+    def test_secret_on_publishable(self) -> None:
+        """
+        A publishable key has no secret.
+        """
+        self.assertConfigError(
+            self.key(type='"publishable"', key_id='"pk_live_a"'), "apps[0].keys[1].secret", "has no secret"
+        )
+
+    def test_secret_prefix(self) -> None:
+        """
+        A secret starts with C{sk_secret_}.
+        """
+        self.assertConfigError(self.key(secret='"hunter2"'), "apps[0].keys[1].secret", "'sk_secret_'")
+
+    def test_channel_patterns_missing(self) -> None:
+        """
+        A key must list its channel patterns.
+        """
+        self.assertConfigError(self.key(channel_patterns=""), "apps[0].keys[1].channel_patterns", "is required")
+
+    def test_channel_patterns_empty(self) -> None:
+        """
+        A key's channel patterns are not empty.
+        """
+        self.assertConfigError(
+            self.key(channel_patterns="[]"), "apps[0].keys[1].channel_patterns", "at least one pattern"
+        )
+
+    def test_channel_pattern_invalid(self) -> None:
+        """
+        An invalid glob is refused with the reason from L{meteredrt.globs}.
+        """
+        self.assertConfigError(
+            self.key(channel_patterns='["ok/**", "a\\\\x"]'),
+            "apps[0].keys[1].channel_patterns[1]",
+            "invalid pattern 'a\\\\x': '\\x' is not an escape",
+        )
+
+    def test_channel_pattern_empty(self) -> None:
+        """
+        An empty pattern, which could match no valid channel, is refused.
+        """
+        self.assertConfigError(
+            self.key(channel_patterns='["ok/**", ""]'),
+            "apps[0].keys[1].channel_patterns[1]",
+            "invalid pattern '': must not be empty",
+        )
+
+    def test_channel_pattern_type(self) -> None:
+        """
+        Channel patterns are strings.
+        """
+        self.assertConfigError(
+            self.key(channel_patterns='["a", 1]'), "apps[0].keys[1].channel_patterns[1]", "must be a string"
+        )
+
+    def test_unknown_action(self) -> None:
+        """
+        Actions are the four of the protocol.
+        """
+        self.assertConfigError(
+            self.key(actions='["publish", "admin"]'), "apps[0].keys[1].actions[1]", "unknown action 'admin'"
+        )
+
+    def test_origins_on_secret_key(self) -> None:
+        """
+        Allowed origins apply to publishable keys only.
+        """
+        self.assertConfigError(
+            self.key(allowed_origins='["https://x.example"]'),
+            "apps[0].keys[1].allowed_origins",
+            "publishable keys only",
+        )
+
+    def test_origin_shape(self) -> None:
+        """
+        An origin with a path or trailing slash would never match, so it is
+        refused.
+        """
+        self.assertConfigError(
+            self.key(type='"publishable"', key_id='"pk_live_a"', secret="", allowed_origins='["https://x.example/"]'),
+            "apps[0].keys[1].allowed_origins[0]",
+            "is not an origin",
+        )
+
+    def test_auto_inject_turn_type(self) -> None:
+        """
+        The TURN toggle is a boolean.
+        """
+        self.assertConfigError(
+            self.key(auto_inject_turn='"yes"'), "apps[0].keys[1].auto_inject_turn", "must be a boolean"
+        )
+
+    def test_too_many_keys(self) -> None:
+        """
+        An app declares at most 50 keys.
+        """
+        keys = "".join(SECRET_KEY.replace("sk_id_a", f"sk_id_{i}") for i in range(51))
+        self.assertConfigError('[[apps]]\nid = "a"\n' + keys, "apps[0].keys", "at most 50")
+
+
+class DefaultsTests(SynchronousTestCase):
+    """
+    Tests for L{default_config} and L{apply_options}.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        Without a file the server listens on loopback 8080 and keeps state in
+        C{./meteredrt-data}.
+        """
+        config = default_config()
+        self.assertEqual(config.listen, DEFAULT_LISTEN)
+        self.assertEqual(config.listen, ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(config.data_dir, DEFAULT_DATA_DIR)
+        self.assertEqual(config.apps, ())
+        self.assertEqual(config.upgrade_rate_limit, 60)
+
+    def test_options_replace(self) -> None:
+        """
+        Command-line endpoints replace the file's list; the data directory
+        replaces the file's.
+        """
+        config = Config(listen=("tcp:1", "tcp:2"), data_dir="a")
+        self.assertEqual(
+            apply_options(config, listen=["tcp:3"], data_dir="b"), Config(listen=("tcp:3",), data_dir="b")
+        )
+
+    def test_no_options(self) -> None:
+        """
+        Without options the configuration is unchanged.
+        """
+        config = Config(listen=("tcp:1",), data_dir="a")
+        self.assertEqual(apply_options(config), config)
+
+    def test_empty_option(self) -> None:
+        """
+        An empty endpoint is refused.
+        """
+        error = self.assertRaises(ConfigError, apply_options, Config(), listen=[" "])
+        self.assertEqual(error.where, "--listen[0]")
+
+
+class KeyRulesTests(SynchronousTestCase):
+    """
+    Tests for the key rules shared with the key store and the CLI.
+    """
+
+    def test_valid(self) -> None:
+        """
+        A valid key has no problems.
+        """
+        self.assertEqual(key_field_problems(KeyType.PUBLISHABLE, ["**"], ["publish"], ["https://a.example"]), [])
+
+    def test_several_problems(self) -> None:
+        """
+        Every problem is reported, field by field.
+        """
+        self.assertEqual(
+            [field for field, _ in key_field_problems(KeyType.SECRET, [], ["x"], ["https://a.example"])],
+            ["channel_patterns", "actions[0]", "allowed_origins"],
+        )
+
+    def test_app_id(self) -> None:
+        """
+        App ids are short and plain.
+        """
+        self.assertIsNone(app_id_problem("app_demo-1.x"))
+        self.assertIsNotNone(app_id_problem(""))
+        self.assertIsNotNone(app_id_problem("-a"))
+        self.assertIsNotNone(app_id_problem("a" * 65))
