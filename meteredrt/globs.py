@@ -1,0 +1,604 @@
+"""
+Channel patterns: the glob syntax of protocol §9.3 and the routing of wildcard subscriptions.
+
+Patterns appear in three places (§9.4): a key's C{channelPatterns}, a JWT's C{channels} claim, and
+wildcard C{subscribe} frames.  This module answers the three questions those uses ask:
+
+  - does a pattern match a concrete channel (L{matches}, L{matches_any}, L{compile_glob});
+  - is every channel a pattern could match authorized by a set of patterns (L{covers},
+    L{uncovered}), which decides whether a wildcard subscription is allowed (OP-13);
+  - which wildcard subscribers does a publish to a concrete channel reach, without testing every
+    pattern on the server (L{WildcardIndex}).
+
+Syntax, anchored at both ends::
+
+    *     any run of characters without "/", possibly empty
+    **    any run of characters, "/" included
+    \\*    a literal "*"
+    \\\\    a literal "\\"
+    other itself, case-sensitively
+
+A backslash followed by anything else, or a trailing lone backslash, makes the pattern invalid
+(L{pattern_error} says why): rejecting it leaves room to add escapes later without silently changing
+what existing patterns match.  A run of two or more unescaped stars means C{**}: C{***} could also
+be read as C{**} followed by C{*}, but that matches exactly the same strings, so the simplest rule
+is also the exact one.
+
+Concrete channel names (in C{publish}, C{send}, REST) are never parsed as patterns: they are taken
+literally, so a channel named C{a\\b} is fine even though C{a\\b} is not a valid pattern.
+
+This is a pure module: it imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from functools import lru_cache
+from typing import Final
+
+__all__ = [
+    "is_wildcard",
+    "pattern_error",
+    "compile_glob",
+    "matches",
+    "matches_any",
+    "covers",
+    "uncovered",
+    "GlobTooComplex",
+    "WildcardIndex",
+]
+
+# A token is a literal character (a 1-character str) or one of these two markers.
+_STAR: Final = 1
+_DSTAR: Final = 2
+_Token = str | int
+
+# The input symbol standing for every character that no pattern under consideration names
+# literally (and that is not "/"): all such characters are indistinguishable to every automaton
+# involved, so one symbol is enough to explore all of them.
+_OTHER: Final = None
+_Symbol = str | None
+
+# A state of the inclusion search: the pattern's state set, and each allowed pattern's.
+_CoverState = tuple[frozenset[int], tuple[frozenset[int], ...]]
+
+# How many wildcards a pattern may hold and still be matched with the backtracking regex.
+# Python's re backtracks: a pattern with k wildcards can cost O(n**k) steps on a channel of length
+# n (measured: 4 wildcards against 250 characters took seconds).  Subscribers choose their own
+# patterns, so beyond this limit matching uses the linear-time automaton instead.
+_REGEX_MAX_WILDCARDS: Final = 2
+
+# Bound on the transition cache of one pattern's lazily built automaton.
+_MAX_CACHED_STEPS: Final = 4096
+
+# Bound on the number of states L{uncovered} explores.  Realistic patterns need a few dozen;
+# the bound only stops adversarial inputs from turning a subscribe into a CPU sink.
+_MAX_COVER_STATES: Final = 20_000
+
+
+class GlobTooComplex(ValueError):
+    """
+    Deciding inclusion between these patterns would take more work than this server allows.
+
+    Raised by L{uncovered}; L{covers} treats it as "not provably included", which OP-13 says to
+    reject.
+    """
+
+
+def _tokenize(pattern: str) -> tuple[_Token, ...]:
+    """
+    Split a pattern into literal characters and wildcard markers.
+
+    @raise ValueError: if the pattern is invalid; the message is the reason L{pattern_error}
+        reports.
+    """
+    tokens: list[_Token] = []
+    i = 0
+    n = len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            if i + 1 == n:
+                raise ValueError("trailing backslash")
+            escaped = pattern[i + 1]
+            if escaped != "*" and escaped != "\\":
+                raise ValueError(f"'\\{escaped}' is not an escape; use \\\\ or \\*")
+            tokens.append(escaped)
+            i += 2
+        elif ch == "*":
+            j = i
+            while j < n and pattern[j] == "*":
+                j += 1
+            tokens.append(_STAR if j - i == 1 else _DSTAR)
+            i = j
+        else:
+            tokens.append(ch)
+            i += 1
+    return tuple(tokens)
+
+
+def _to_regex(tokens: tuple[_Token, ...]) -> re.Pattern[str]:
+    """
+    Translate tokens into the regular expression of §9.3, for use with C{fullmatch}.
+    """
+    parts = []
+    for token in tokens:
+        if isinstance(token, str):
+            parts.append(re.escape(token))
+        elif token == _DSTAR:
+            parts.append(".*")
+        else:
+            parts.append("[^/]*")
+    return re.compile("".join(parts), re.DOTALL)
+
+
+class _Glob:
+    """
+    One compiled pattern: its regex and a nondeterministic automaton, determinized lazily.
+
+    The automaton's states are token positions: state C{i} means "the first C{i} tokens have
+    matched the input so far"; state C{len(tokens)} accepts.  A wildcard token loops on its own
+    state, and may be skipped without input because it can match the empty run.  Sets of states
+    are frozensets so that they can key the transition cache, which turns repeated matching into a
+    walk over a (partial) deterministic automaton: linear in the channel's length whatever the
+    pattern, unlike a backtracking regex.
+    """
+
+    __slots__ = (
+        "tokens",
+        "regex",
+        "alphabet",
+        "start",
+        "final",
+        "universal",
+        "_closures",
+        "_steps",
+        "_use_regex",
+    )
+
+    def __init__(self, pattern: str) -> None:
+        tokens = _tokenize(pattern)
+        self.tokens = tokens
+        self.regex = _to_regex(tokens)
+        self.final = len(tokens)
+        # Characters this automaton tells apart; any other behaves like _OTHER.
+        self.alphabet = frozenset(t for t in tokens if isinstance(t, str)) | {"/"}
+
+        closures = []
+        for i in range(len(tokens) + 1):
+            j = i
+            while j < len(tokens) and not isinstance(tokens[j], str):
+                j += 1
+            closures.append(frozenset(range(i, j + 1)))
+        self._closures = closures
+        self.start = closures[0]
+
+        # States from which every remaining input is accepted: only wildcards left, one of them
+        # "**".  Reaching one lets inclusion checks stop exploring early.
+        universal = set()
+        has_dstar = False
+        for i in range(len(tokens) - 1, -1, -1):
+            token = tokens[i]
+            if isinstance(token, str):
+                break
+            has_dstar = has_dstar or token == _DSTAR
+            if has_dstar:
+                universal.add(i)
+        self.universal = frozenset(universal)
+
+        self._steps: dict[tuple[frozenset[int], _Symbol], frozenset[int]] = {}
+        wildcards = sum(1 for t in tokens if not isinstance(t, str))
+        self._use_regex = wildcards <= _REGEX_MAX_WILDCARDS
+
+    def classify(self, ch: _Symbol) -> _Symbol:
+        """
+        Map a character to the symbol this automaton sees: itself if it is named, else C{_OTHER}.
+        """
+        return ch if ch in self.alphabet else _OTHER
+
+    def step(self, states: frozenset[int], symbol: _Symbol) -> frozenset[int]:
+        """
+        The set of states reached from C{states} on one classified input symbol.
+        """
+        key = (states, symbol)
+        cached = self._steps.get(key)
+        if cached is not None:
+            return cached
+        reached: set[int] = set()
+        tokens = self.tokens
+        for i in states:
+            if i == self.final:
+                continue
+            token = tokens[i]
+            if isinstance(token, str):
+                if token == symbol:
+                    reached |= self._closures[i + 1]
+            elif token == _DSTAR or symbol != "/":
+                reached |= self._closures[i]
+        result = frozenset(reached)
+        if len(self._steps) >= _MAX_CACHED_STEPS:
+            self._steps.clear()
+        self._steps[key] = result
+        return result
+
+    def match(self, channel: str) -> bool:
+        """
+        Whether the whole of C{channel} matches this pattern.
+        """
+        if self._use_regex:
+            return self.regex.fullmatch(channel) is not None
+        states = self.start
+        alphabet = self.alphabet
+        steps = self._steps
+        for ch in channel:
+            symbol = ch if ch in alphabet else _OTHER
+            reached = steps.get((states, symbol))
+            if reached is None:
+                reached = self.step(states, symbol)
+            if not reached:
+                return False
+            states = reached
+        return self.final in states
+
+    def literal(self) -> str | None:
+        """
+        The one string this pattern matches if it has no wildcard, else C{None}.
+        """
+        if all(isinstance(t, str) for t in self.tokens):
+            return "".join(t for t in self.tokens if isinstance(t, str))
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _glob(pattern: str) -> _Glob:
+    """
+    Compile a pattern once; the same few patterns are checked on every publish and subscribe.
+
+    @raise ValueError: if the pattern is invalid.
+    """
+    return _Glob(pattern)
+
+
+def is_wildcard(name: str) -> bool:
+    """
+    Whether C{name} contains an unescaped C{*}, i.e. is a pattern rather than a concrete name.
+
+    Decides whether a C{subscribe} is a wildcard subscription (§9.4) and rejects C{*} where a
+    concrete name is required (OP-14).  It does not validate escapes: C{a\\x*} is a wildcard
+    (and an invalid pattern).
+    """
+    if "*" not in name:
+        return False
+    i = 0
+    n = len(name)
+    while i < n:
+        ch = name[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "*":
+            return True
+        i += 1
+    return False
+
+
+def pattern_error(pattern: str) -> str | None:
+    """
+    Explain why a pattern is invalid, so that configuration, JWT and subscribe errors can say so.
+
+    @return: C{None} if the pattern is valid, else a short human-readable reason.
+    """
+    try:
+        _tokenize(pattern)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """
+    Compile a pattern to the regular expression of §9.3; use it with C{fullmatch}.
+
+    Compiled patterns are cached.  A backtracking regex can take time polynomial in the channel's
+    length with degree the number of wildcards, so prefer L{matches}, which switches to a
+    linear-time automaton for patterns with many wildcards.
+
+    @raise ValueError: if the pattern is invalid.
+    """
+    return _glob(pattern).regex
+
+
+def matches(pattern: str, channel: str) -> bool:
+    """
+    Whether a pattern matches a whole concrete channel name.
+
+    @raise ValueError: if the pattern is invalid.
+    """
+    return _glob(pattern).match(channel)
+
+
+def matches_any(patterns: Iterable[str], channel: str) -> bool:
+    """
+    Whether at least one of C{patterns} matches C{channel}: the authorization check for a concrete
+    channel against a key's or a token's patterns.
+
+    @raise ValueError: if a pattern tried before a match is found is invalid.
+    """
+    return any(_glob(pattern).match(channel) for pattern in patterns)
+
+
+def _fresh_character(alphabet: Iterable[_Symbol]) -> str:
+    """
+    A printable character outside C{alphabet} and other than C{/}, to spell C{_OTHER} in examples.
+    """
+    taken = set(alphabet)
+    cp = ord("0")
+    while True:
+        ch = chr(cp)
+        if ch not in taken and ch != "/" and ch.isprintable():
+            return ch
+        cp += 1
+
+
+def uncovered(pattern: str, allowed: Sequence[str]) -> str | None:
+    """
+    Find a channel name that C{pattern} matches but none of C{allowed} does.
+
+    This decides inclusion of regular languages exactly (not by comparing pattern text): it
+    explores, breadth first, the product of C{pattern}'s automaton with the union of the
+    automata of C{allowed}, over an alphabet reduced to the characters named by any of the patterns,
+    C{/}, and one symbol for every other character.  The first reachable state where C{pattern}
+    accepts and no allowed pattern does spells a shortest counterexample.  A pattern with no
+    wildcard is checked directly against its one string.
+
+    To authorize against the intersection of two pattern sets (key and token, OP-13), require
+    inclusion in each.
+
+    @return: a shortest counterexample, or C{None} if every channel C{pattern} matches is matched
+        by some pattern in C{allowed}.
+    @raise GlobTooComplex: if the search would explore more than C{_MAX_COVER_STATES} states.
+    @raise ValueError: if any pattern is invalid.
+    """
+    target = _glob(pattern)
+    others = [_glob(p) for p in dict.fromkeys(allowed)]
+
+    literal = target.literal()
+    if literal is not None:
+        return None if any(g.match(literal) for g in others) else literal
+
+    alphabet: set[str] = set(target.alphabet)
+    for g in others:
+        alphabet |= g.alphabet
+    symbols: list[_Symbol] = [*sorted(alphabet), _OTHER]
+
+    initial: _CoverState = (target.start, tuple(g.start for g in others))
+    parents: dict[_CoverState, tuple[_CoverState, _Symbol] | None] = {initial: None}
+    queue: deque[_CoverState] = deque([initial])
+    while queue:
+        state = queue.popleft()
+        mine, theirs = state
+        if any(not g.universal.isdisjoint(s) for g, s in zip(others, theirs)):
+            # Some allowed pattern accepts every continuation from here.
+            continue
+        if target.final in mine and not any(g.final in s for g, s in zip(others, theirs)):
+            return _spell(state, parents, _fresh_character(alphabet))
+        for symbol in symbols:
+            mine_next = target.step(mine, target.classify(symbol))
+            if not mine_next:
+                continue
+            next_state: _CoverState = (
+                mine_next,
+                tuple(g.step(s, g.classify(symbol)) for g, s in zip(others, theirs)),
+            )
+            if next_state in parents:
+                continue
+            if len(parents) >= _MAX_COVER_STATES:
+                raise GlobTooComplex(f"checking {pattern!r} against {len(others)} patterns")
+            parents[next_state] = (state, symbol)
+            queue.append(next_state)
+    return None
+
+
+def _spell(
+    state: _CoverState,
+    parents: dict[_CoverState, tuple[_CoverState, _Symbol] | None],
+    other: str,
+) -> str:
+    """
+    Rebuild the input that led the breadth-first search of L{uncovered} to C{state}.
+    """
+    chars: list[str] = []
+    link = parents[state]
+    while link is not None:
+        state, symbol = link
+        chars.append(other if symbol is _OTHER else symbol)
+        link = parents[state]
+    return "".join(reversed(chars))
+
+
+def covers(pattern: str, allowed: Sequence[str]) -> bool:
+    """
+    Whether every channel C{pattern} matches is matched by at least one of C{allowed}.
+
+    This authorizes a wildcard subscription (OP-13).  It is exact language inclusion, so it sees
+    that C{x/**} is covered by C{[x/*, x/*/**]} together although by neither alone.  If the check
+    is too expensive (L{GlobTooComplex}) the answer is C{False}: OP-13 rejects what is not provably
+    included.
+
+    @raise ValueError: if any pattern is invalid.
+    """
+    try:
+        return uncovered(pattern, allowed) is None
+    except GlobTooComplex:
+        return False
+
+
+class _Entry:
+    """
+    One distinct pattern in a L{WildcardIndex} node, with everyone subscribed to it.
+    """
+
+    __slots__ = ("match", "subscribers")
+
+    def __init__(self, match: Callable[[str], bool]) -> None:
+        self.match = match
+        self.subscribers: set[Hashable] = set()
+
+
+class _Node:
+    """
+    A L{WildcardIndex} trie node: the patterns whose literal prefix ends here, and deeper nodes.
+    """
+
+    __slots__ = ("children", "patterns")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.patterns: dict[str, _Entry] = {}
+
+
+_ESCAPE = re.compile(r"\\([\\*])")
+
+
+def _prefix_segments(pattern: str) -> list[str]:
+    """
+    The literal C{/}-separated segments a pattern starts with, unescaped.
+
+    Every channel the pattern matches starts with these segments (escapes never span a C{/}), which
+    is what lets L{WildcardIndex} skip patterns whose prefix a channel does not share.
+    """
+    prefix = []
+    for segment in pattern.split("/"):
+        if is_wildcard(segment):
+            break
+        prefix.append(_ESCAPE.sub(r"\1", segment))
+    return prefix
+
+
+class WildcardIndex:
+    """
+    The wildcard subscriptions of a hub, indexed so that a publish does not test every pattern.
+
+    Patterns live in a trie keyed by the C{/}-separated segments of their literal prefix (the
+    segments before the first one holding an unescaped C{*}): C{fleet/sensor-*/telemetry} lives
+    under C{fleet}, C{**} at the root.  Routing a channel walks its segments down the trie and
+    tests only the patterns stored on that path, once per distinct pattern however many
+    subscribers share it.
+
+    Complexity, for a channel of C{d} segments and length C{n}: L{match} costs C{O(d)} dictionary
+    look-ups plus one test, linear in C{n}, per distinct pattern on the path (patterns starting
+    with a wildcard sit at the root and are tested on every publish); L{add} and L{remove} cost
+    C{O(d)} for a pattern with C{d} prefix segments.  Memory is one node per distinct prefix;
+    L{remove} prunes nodes left empty, so it is bounded by what is currently subscribed.
+
+    Patterns without wildcards are accepted too and match their one channel.
+    """
+
+    def __init__(self) -> None:
+        self._root = _Node()
+        self._size = 0
+
+    def __len__(self) -> int:
+        """
+        The number of distinct (pattern, subscriber) pairs held.
+        """
+        return self._size
+
+    def add(self, pattern: str, subscriber: Hashable) -> None:
+        """
+        Route channels matching C{pattern} to C{subscriber}; adding a pair twice keeps one.
+
+        @raise ValueError: if the pattern is invalid, before anything is changed.
+        """
+        glob = _glob(pattern)
+        node = self._root
+        for segment in _prefix_segments(pattern):
+            child = node.children.get(segment)
+            if child is None:
+                child = node.children[segment] = _Node()
+            node = child
+        entry = node.patterns.get(pattern)
+        if entry is None:
+            entry = node.patterns[pattern] = _Entry(glob.match)
+        if subscriber not in entry.subscribers:
+            entry.subscribers.add(subscriber)
+            self._size += 1
+
+    def remove(self, pattern: str, subscriber: Hashable) -> None:
+        """
+        Stop routing C{pattern} to C{subscriber}; removing a pair that is not held does nothing.
+        """
+        path = [self._root]
+        segments = _prefix_segments(pattern)
+        for segment in segments:
+            child = path[-1].children.get(segment)
+            if child is None:
+                return
+            path.append(child)
+        node = path[-1]
+        entry = node.patterns.get(pattern)
+        if entry is None or subscriber not in entry.subscribers:
+            return
+        entry.subscribers.remove(subscriber)
+        self._size -= 1
+        if entry.subscribers:
+            return
+        del node.patterns[pattern]
+        for depth in range(len(segments), 0, -1):
+            child = path[depth]
+            if child.patterns or child.children:
+                break
+            del path[depth - 1].children[segments[depth - 1]]
+
+    def subscriber_count(self, pattern: str) -> int:
+        """
+        How many subscribers hold exactly C{pattern}, so that a hub can watch a pattern on its
+        broker when the first subscriber arrives and stop when the last one leaves.
+        """
+        node = self._root
+        for segment in _prefix_segments(pattern):
+            child = node.children.get(segment)
+            if child is None:
+                return 0
+            node = child
+        entry = node.patterns.get(pattern)
+        return 0 if entry is None else len(entry.subscribers)
+
+    def _matching(self, channel: str) -> Iterator[tuple[str, _Entry]]:
+        """
+        Every distinct pattern held that matches C{channel}, with its entry.
+        """
+        segments = channel.split("/")
+        node: _Node | None = self._root
+        depth = 0
+        while node is not None:
+            for pattern, entry in node.patterns.items():
+                if entry.match(channel):
+                    yield pattern, entry
+            if depth == len(segments):
+                break
+            node = node.children.get(segments[depth])
+            depth += 1
+
+    def match(self, channel: str) -> set[Hashable]:
+        """
+        Everyone with at least one pattern matching C{channel}, each once: a publish is delivered
+        at most once per connection (OP-13).
+        """
+        found: set[Hashable] = set()
+        for _, entry in self._matching(channel):
+            found |= entry.subscribers
+        return found
+
+    def subscribers_matching(self, channel: str) -> dict[Hashable, list[str]]:
+        """
+        Everyone with a pattern matching C{channel}, mapped to all of their matching patterns, so
+        that per-subscription options (such as C{includeSenderMetadata}) can be combined.
+        """
+        found: dict[Hashable, list[str]] = {}
+        for pattern, entry in self._matching(channel):
+            for subscriber in entry.subscribers:
+                found.setdefault(subscriber, []).append(pattern)
+        return found
