@@ -1,0 +1,340 @@
+"""
+Who a connection is and what it may do.
+
+L{authenticate} turns the credential of a WebSocket upgrade (a JWT or a
+publishable key) into an immutable L{Grant}, or raises L{Refusal} with the
+close code of §4.3/§5.3. L{mint_token} makes the JWT that the CLI and
+C{POST /v1/tokens} hand out. Both are pure: the key look-up and the clock
+reading are passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Callable, Iterable, Mapping
+
+import jwt
+from attrs import frozen
+
+from meteredrt.apps import ACTIONS, App, Key, KeyType
+from meteredrt.globs import covers, matches_any, pattern_error
+from meteredrt.protocol import CloseCode, is_finite_json_number, is_valid_peer_id, json_size
+
+ALGORITHM = "HS256"
+MAX_PEER_METADATA_BYTES = 4096
+MAX_METADATA_BYTES = 8192
+MAX_CHANNEL_CLAIMS = 100
+MAX_PERMISSION_CLAIMS = 16
+#: OP-3: C{nbf} is honoured with this much clock skew.
+NBF_LEEWAY_SECONDS = 60
+DEFAULT_TOKEN_LIFETIME = 3600
+MAX_TOKEN_LIFETIME = 86400
+
+
+class Refusal(Exception):
+    """
+    A connection is refused after the upgrade with a close code.
+
+    @ivar code: the WebSocket close code (4001, 4002, 4010, 4012, 1011).
+    @ivar reason: a short ASCII reason without secrets, for the close frame.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class MintError(ValueError):
+    """
+    A token could not be minted from the given claims.
+
+    @ivar field: the offending request field, for REST's error message.
+    @ivar code: the REST error code (C{invalid_request},
+        C{channel_not_authorized} or C{action_not_permitted}).
+    """
+
+    def __init__(self, field: str, message: str, code: str = "invalid_request") -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+@frozen
+class Grant:
+    """
+    The effective identity and authorization of one connection (§4.4).
+
+    @ivar claim_patterns: the JWT's C{channels} claim, or C{None} when the
+        key's patterns apply unchanged.
+    """
+
+    app_id: str
+    key_id: str
+    peer_id: str
+    actions: frozenset[str]
+    key_patterns: tuple[str, ...]
+    claim_patterns: tuple[str, ...] | None
+    peer_metadata: dict | None
+    metadata: dict | None
+    expires_at: int | None
+    auto_inject_turn: bool
+
+    def may(self, action: str) -> bool:
+        """
+        Whether the connection holds C{action}.
+        """
+        return action in self.actions
+
+    def allows_channel(self, channel: str) -> bool:
+        """
+        Whether a concrete channel is inside the key's patterns and the
+        token's channel claims.
+        """
+        return matches_any(self.key_patterns, channel) and (
+            self.claim_patterns is None or matches_any(self.claim_patterns, channel)
+        )
+
+    def allows_pattern(self, pattern: str) -> bool:
+        """
+        Whether every channel a wildcard subscription can match is allowed
+        (OP-13: provable language inclusion, in both pattern sets).
+        """
+        return covers(pattern, self.key_patterns) and (
+            self.claim_patterns is None or covers(pattern, self.claim_patterns)
+        )
+
+
+KeyLookup = Callable[[str], "Key | None"]
+AppLookup = Callable[[str], "App | None"]
+
+
+def authenticate(
+    params: Mapping[str, list[str]],
+    origin: str | None,
+    keys: KeyLookup,
+    apps: AppLookup,
+    now: float,
+    new_peer_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+) -> Grant:
+    """
+    Authenticate a WebSocket upgrade from its query parameters.
+
+    @param params: decoded query parameters, each a list of values.
+    @param origin: the C{Origin} header, if any.
+    @raise Refusal: with the §5.3 close code.
+    """
+    tokens = params.get("token", [])
+    publishable = params.get("key", [])
+    if len(tokens) + len(publishable) != 1:
+        raise Refusal(CloseCode.INVALID_TOKEN, "exactly one of token or key is required")
+    if tokens:
+        grant = verify_token(tokens[0], keys, now)
+    else:
+        grant = verify_publishable(publishable[0], origin, keys, new_peer_id)
+    app = apps(grant.app_id)
+    if app is None:
+        raise Refusal(CloseCode.INVALID_TOKEN, "key not found")
+    if app.suspended:
+        raise Refusal(CloseCode.ACCOUNT_SUSPENDED, "account_suspended")
+    return grant
+
+
+def verify_publishable(
+    key_id: str, origin: str | None, keys: KeyLookup, new_peer_id: Callable[[], str]
+) -> Grant:
+    """
+    Authenticate C{?key=pk_live_…}; the peer gets a fresh UUID (§3.2).
+    """
+    key = keys(key_id)
+    if key is None or key.type is not KeyType.PUBLISHABLE or not key.active:
+        raise Refusal(CloseCode.INVALID_TOKEN, "key not found")
+    if key.allowed_origins and origin is not None and origin not in key.allowed_origins:
+        raise Refusal(CloseCode.INVALID_TOKEN, "origin_not_allowed")
+    return Grant(
+        app_id=key.app_id,
+        key_id=key.key_id,
+        peer_id=new_peer_id(),
+        actions=key.actions,
+        key_patterns=key.channel_patterns,
+        claim_patterns=None,
+        peer_metadata=None,
+        metadata=None,
+        expires_at=None,
+        auto_inject_turn=key.auto_inject_turn,
+    )
+
+
+def _invalid(reason: str) -> Refusal:
+    return Refusal(CloseCode.INVALID_TOKEN, reason)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def verify_token(token: str, keys: KeyLookup, now: float) -> Grant:
+    """
+    Verify a JWT in the order of §4.3; the first failure decides the code.
+    """
+    if token.count(".") != 2:
+        raise _invalid("invalid_token")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise _invalid("invalid_token")
+    if header.get("alg") != ALGORITHM:
+        raise _invalid("invalid_token")
+    kid = header.get("kid")
+    key = keys(kid) if isinstance(kid, str) else None
+    if key is None or key.type is not KeyType.SECRET or not key.active or not key.secret:
+        raise _invalid("key not found")
+    try:
+        claims = jwt.decode(
+            token,
+            key.secret,
+            algorithms=[ALGORITHM],
+            options={
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+                "verify_jti": False,
+                "verify_sub": False,
+            },
+        )
+    except jwt.PyJWTError:
+        raise _invalid("invalid_token")
+    if not isinstance(claims, dict):
+        raise _invalid("invalid_token")
+
+    sub = claims.get("sub")
+    if not is_valid_peer_id(sub):
+        raise _invalid("invalid sub")
+    exp = claims.get("exp")
+    if not _is_int(exp):
+        raise _invalid("exp required")
+    if exp <= now:
+        raise Refusal(CloseCode.TOKEN_EXPIRED, "token_expired")
+    nbf = claims.get("nbf")
+    if nbf is not None and (not is_finite_json_number(nbf) or nbf > now + NBF_LEEWAY_SECONDS):
+        raise _invalid("token not yet valid")
+
+    channels = _string_list(claims, "channels", MAX_CHANNEL_CLAIMS)
+    if channels is not None and any(pattern_error(c) or not c for c in channels):
+        raise _invalid("invalid channels claim")
+    permissions = _string_list(claims, "permissions", MAX_PERMISSION_CLAIMS)
+    peer_metadata = _bounded_object(claims, "peerMetadata", MAX_PEER_METADATA_BYTES)
+    metadata = _bounded_object(claims, "metadata", MAX_METADATA_BYTES)
+
+    # OP-5: unknown permission strings are ignored on the WebSocket.
+    actions = key.actions if permissions is None else key.actions & frozenset(permissions)
+    return Grant(
+        app_id=key.app_id,
+        key_id=key.key_id,
+        peer_id=sub,
+        actions=actions,
+        key_patterns=key.channel_patterns,
+        claim_patterns=None if channels is None else tuple(channels),
+        peer_metadata=peer_metadata or None,
+        metadata=metadata or None,
+        expires_at=exp,
+        auto_inject_turn=key.auto_inject_turn,
+    )
+
+
+def _string_list(claims: dict, name: str, cap: int) -> list[str] | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > cap or not all(isinstance(v, str) for v in value):
+        raise _invalid(f"invalid {name} claim")
+    return value
+
+
+def _bounded_object(claims: dict, name: str, cap: int) -> dict | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not _strict_json(value) or json_size(value) > cap:
+        raise _invalid(f"invalid {name} claim")
+    return value
+
+
+def _strict_json(value: object) -> bool:
+    """
+    Whether C{value} holds no NaN or infinity: PyJWT's parser accepts them,
+    but they are not JSON and no server frame could carry them.
+    """
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
+
+
+def mint_token(
+    key: Key,
+    peer_id: str,
+    *,
+    now: int,
+    expires_in: int = DEFAULT_TOKEN_LIFETIME,
+    channels: Iterable[str] | None = None,
+    permissions: Iterable[str] | None = None,
+    metadata: dict | None = None,
+    peer_metadata: dict | None = None,
+) -> str:
+    """
+    Mint the connect JWT of §19.2 for a secret key: HS256, C{kid} = key id,
+    signed with the key's secret, exactly what a backend would sign itself.
+
+    @raise MintError: naming the field that breaks a §19.2 rule.
+    """
+    if key.type is not KeyType.SECRET or not key.secret:
+        raise MintError("key", "tokens are minted with a secret key")
+    if not is_valid_peer_id(peer_id):
+        raise MintError("peerId", "must be printable ASCII, 1-128 characters")
+    if not _is_int(expires_in) or not 0 < expires_in <= MAX_TOKEN_LIFETIME:
+        raise MintError("expiresInSec", f"must be an integer from 1 to {MAX_TOKEN_LIFETIME}")
+    claims: dict[str, Any] = {"sub": peer_id, "iat": int(now), "exp": int(now) + expires_in}
+
+    if channels is not None:
+        channel_list = list(channels)
+        if len(channel_list) > MAX_CHANNEL_CLAIMS:
+            raise MintError("channels", f"at most {MAX_CHANNEL_CLAIMS} entries")
+        for channel in channel_list:
+            if not isinstance(channel, str) or not channel or pattern_error(channel):
+                raise MintError("channels", f"invalid channel pattern: {channel!r}")
+            if not covers(channel, key.channel_patterns):
+                raise MintError(
+                    "channels", f"outside the key's channel patterns: {channel}", "channel_not_authorized"
+                )
+        claims["channels"] = channel_list
+    if permissions is not None:
+        permission_list = list(permissions)
+        if len(permission_list) > MAX_PERMISSION_CLAIMS:
+            raise MintError("permissions", f"at most {MAX_PERMISSION_CLAIMS} entries")
+        for permission in permission_list:
+            if permission not in ACTIONS:
+                raise MintError("permissions", f"unknown permission: {permission!r}")
+            if permission not in key.actions:
+                raise MintError(
+                    "permissions", f"not granted to the key: {permission}", "action_not_permitted"
+                )
+        claims["permissions"] = permission_list
+    for field, value, cap in (
+        ("metadata", metadata, MAX_METADATA_BYTES),
+        ("peerMetadata", peer_metadata, MAX_PEER_METADATA_BYTES),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise MintError(field, "must be a JSON object")
+        if json_size(value) > cap:
+            raise MintError(field, f"larger than {cap} bytes serialized")
+        claims[field] = value
+    return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers={"kid": key.key_id})
+

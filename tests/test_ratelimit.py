@@ -1,0 +1,192 @@
+"""
+Tests for L{meteredrt.ratelimit}: the per-connection token bucket (close
+4011, protocol §14) and the keyed limiter behind the per-IP upgrade limit
+(HTTP 429, §5.2) and REST rate limits (OP-22).
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from meteredrt.ratelimit import KeyedLimiter, TokenBucket
+
+
+class TokenBucketTests(SynchronousTestCase):
+    """
+    Tests for L{TokenBucket}.
+    """
+
+    def test_starts_full(self) -> None:
+        """
+        A new bucket allows exactly C{capacity} takes at one instant, then refuses.
+        """
+        bucket = TokenBucket(200, 100, now=1000.0)
+        self.assertEqual([bucket.take(1000.0) for _ in range(201)], [True] * 200 + [False])
+
+    def test_refill_rate(self) -> None:
+        """
+        An empty bucket refills at C{rate} tokens per second.
+        """
+        bucket = TokenBucket(10, 2, now=0.0)
+        for _ in range(10):
+            bucket.take(0.0)
+        self.assertFalse(bucket.take(0.4))
+        self.assertTrue(bucket.take(0.5))
+        self.assertFalse(bucket.take(0.5))
+        self.assertTrue(bucket.take(1.5))
+        self.assertTrue(bucket.take(1.5))
+        self.assertFalse(bucket.take(1.5))
+
+    def test_refill_capped(self) -> None:
+        """
+        A long idle period refills the bucket to its capacity and no further.
+        """
+        bucket = TokenBucket(5, 1, now=0.0)
+        bucket.take(0.0)
+        self.assertEqual([bucket.take(10_000.0) for _ in range(6)], [True] * 5 + [False])
+
+    def test_sustained_rate(self) -> None:
+        """
+        Taking at exactly the refill rate after the burst is spent never runs dry.
+        """
+        bucket = TokenBucket(16, 8, now=0.0)
+        for _ in range(16):
+            self.assertTrue(bucket.take(0.0))
+        for tick in range(1, 801):
+            self.assertTrue(bucket.take(tick / 8))
+        self.assertFalse(bucket.take(100.0))
+
+    def test_refused_take_costs_nothing(self) -> None:
+        """
+        A refused take leaves the bucket's tokens untouched.
+        """
+        bucket = TokenBucket(3, 1, now=0.0)
+        self.assertFalse(bucket.take(0.0, cost=4))
+        self.assertEqual([bucket.take(0.0) for _ in range(4)], [True, True, True, False])
+
+    def test_cost(self) -> None:
+        """
+        A take of C{cost} removes that many tokens.
+        """
+        bucket = TokenBucket(10, 1, now=0.0)
+        self.assertTrue(bucket.take(0.0, cost=7))
+        self.assertTrue(bucket.take(0.0, cost=3))
+        self.assertFalse(bucket.take(0.0, cost=0.5))
+
+    def test_clock_going_backwards(self) -> None:
+        """
+        An earlier C{now} than the last one refills nothing and does not corrupt the bucket.
+        """
+        bucket = TokenBucket(2, 1, now=100.0)
+        bucket.take(100.0)
+        bucket.take(100.0)
+        self.assertFalse(bucket.take(50.0))
+        self.assertFalse(bucket.take(100.5))
+        self.assertTrue(bucket.take(101.0))
+
+    def test_retry_after(self) -> None:
+        """
+        retry_after is zero with tokens left, and otherwise the time until one token is back.
+        """
+        bucket = TokenBucket(2, 4, now=0.0)
+        self.assertEqual(bucket.retry_after(0.0), 0.0)
+        bucket.take(0.0)
+        bucket.take(0.0)
+        self.assertEqual(bucket.retry_after(0.0), 0.25)
+        self.assertAlmostEqual(bucket.retry_after(0.1), 0.15)
+        self.assertEqual(bucket.retry_after(0.25), 0.0)
+        self.assertTrue(bucket.take(0.25))
+
+    def test_retry_after_cost(self) -> None:
+        """
+        retry_after for a larger cost waits for that many tokens.
+        """
+        bucket = TokenBucket(10, 2, now=0.0)
+        bucket.take(0.0, cost=10)
+        self.assertEqual(bucket.retry_after(0.0, cost=5), 2.5)
+
+    def test_full(self) -> None:
+        """
+        full is true for a fresh bucket, false after a take, and true again once refilled.
+        """
+        bucket = TokenBucket(4, 2, now=0.0)
+        self.assertTrue(bucket.full(0.0))
+        bucket.take(0.0)
+        self.assertFalse(bucket.full(0.0))
+        self.assertFalse(bucket.full(0.4))
+        self.assertTrue(bucket.full(0.5))
+
+
+class KeyedLimiterTests(SynchronousTestCase):
+    """
+    Tests for L{KeyedLimiter}.
+    """
+
+    def test_per_key(self) -> None:
+        """
+        Each key has its own bucket: exhausting one leaves the others untouched.
+        """
+        limiter = KeyedLimiter(60, 1)
+        self.assertEqual([limiter.take("10.0.0.1", 0.0) for _ in range(61)], [True] * 60 + [False])
+        self.assertTrue(limiter.take("10.0.0.2", 0.0))
+        self.assertFalse(limiter.take("10.0.0.1", 0.5))
+        self.assertTrue(limiter.take("10.0.0.1", 1.0))
+
+    def test_tuple_keys(self) -> None:
+        """
+        Keys may be any hashable value, such as a (key id, IP) pair.
+        """
+        limiter = KeyedLimiter(1, 1)
+        self.assertTrue(limiter.take(("sk_id_a", "10.0.0.1"), 0.0))
+        self.assertTrue(limiter.take(("sk_id_b", "10.0.0.1"), 0.0))
+        self.assertFalse(limiter.take(("sk_id_a", "10.0.0.1"), 0.0))
+
+    def test_retry_after(self) -> None:
+        """
+        retry_after is zero for an unknown key and the refill time for an exhausted one.
+        """
+        limiter = KeyedLimiter(2, 0.5)
+        self.assertEqual(limiter.retry_after("ip", 0.0), 0.0)
+        limiter.take("ip", 0.0)
+        self.assertEqual(limiter.retry_after("ip", 0.0), 0.0)
+        limiter.take("ip", 0.0)
+        self.assertEqual(limiter.retry_after("ip", 0.0), 2.0)
+        self.assertEqual(limiter.retry_after("ip", 1.0), 1.0)
+        self.assertEqual(len(limiter), 1)
+
+    def test_memory_bounded(self) -> None:
+        """
+        1000 distinct keys arriving one per second keep only a handful of
+        buckets, because refilled buckets are pruned.
+        """
+        limiter = KeyedLimiter(5, 1, max_idle_scan=10)
+        sizes = []
+        for i in range(1000):
+            self.assertTrue(limiter.take(f"10.0.{i // 256}.{i % 256}", float(i)))
+            sizes.append(len(limiter))
+        self.assertLessEqual(max(sizes), 10)
+
+    def test_busy_keys_kept(self) -> None:
+        """
+        Pruning never drops a key whose bucket is not full, so a limit cannot
+        be escaped by flooding with other keys.
+        """
+        limiter = KeyedLimiter(3, 1, max_idle_scan=10)
+        for _ in range(3):
+            self.assertTrue(limiter.take("attacker", 0.0))
+        for i in range(50):
+            limiter.take(f"other-{i}", 0.0)
+        self.assertFalse(limiter.take("attacker", 0.0))
+        self.assertEqual(len(limiter), 51)
+
+    def test_pruned_key_starts_fresh(self) -> None:
+        """
+        A key that was pruned after going quiet gets a full bucket again.
+        """
+        limiter = KeyedLimiter(2, 1, max_idle_scan=2)
+        limiter.take("a", 0.0)
+        limiter.take("a", 0.0)
+        limiter.take("b", 0.0)
+        limiter.take("c", 10.0)
+        self.assertEqual(len(limiter), 1)
+        self.assertEqual([limiter.take("a", 10.0) for _ in range(3)], [True, True, False])
