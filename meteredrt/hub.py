@@ -1,0 +1,476 @@
+"""
+The messaging service: channels, wildcard routing, presence and directs.
+
+L{Hub} is a Twisted service that knows nothing about WebSockets. An adapter
+(L{meteredrt.ws}) authenticates a connection, calls L{Hub.connect} with an
+L{IConnectionSink} for it, then hands every parsed client frame to
+L{Hub.handle}; the hub answers through the sink with acks, errors and
+deliveries. Routing goes through an L{IBroker}, membership through an
+L{IPresence}, counting through an L{IMeter}: on one node all three answer at
+once, which keeps everything one sender causes in its original order.
+
+The hub also implements L{IDeliveryTarget}: the broker hands it envelopes
+(L{meteredrt.envelopes}) to turn into frames for local connections, each
+frame serialized once per variant and shared by every receiver.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Callable, Iterable
+
+from attrs import define, field
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from meteredrt.apps import App
+from meteredrt.auth import Grant, Refusal
+from meteredrt.envelopes import ChannelMessage, DirectMessage, Disconnect, PresenceChange
+from meteredrt.globs import WildcardIndex
+from meteredrt.interfaces import IBroker, IConnectionSink, IDeliveryTarget, IMeter, IPresence
+from meteredrt.presence import Member
+from meteredrt.protocol import (
+    MAX_SUBSCRIPTIONS,
+    CloseCode,
+    ErrorCode,
+    FrameError,
+    OutboundFrame,
+    Ping,
+    Publish,
+    Send,
+    Subscribe,
+    Unsubscribe,
+    ack_frame,
+    direct_frame,
+    error_frame,
+    message_frame,
+    presence_entry,
+    presence_frame,
+    snapshot_frames,
+)
+
+
+@define(eq=False)
+class Subscription:
+    """
+    One subscription of one connection.
+
+    @ivar held_presence: presence deltas that arrived while this concrete
+        subscription's snapshot was being assembled; they are sent right
+        after it, so nobody sees a delta before the snapshot (§10.2).
+    """
+
+    include_sender_metadata: bool
+    wildcard: bool
+    held_presence: list[OutboundFrame] | None = None
+
+
+@define(eq=False)
+class Session:
+    """
+    The hub's view of one authenticated connection.
+    """
+
+    conn_id: str
+    sink: IConnectionSink
+    grant: Grant
+    subscriptions: dict[str, Subscription] = field(factory=dict)
+    closed: bool = False
+
+    @property
+    def app_id(self) -> str:
+        return self.grant.app_id
+
+    @property
+    def peer_id(self) -> str:
+        return self.grant.peer_id
+
+
+def _entry(member: Member) -> dict:
+    return presence_entry(member.peer_id, member.metadata)
+
+
+@implementer(IDeliveryTarget)
+class Hub(Service):
+    """
+    Channels, presence and direct routing for the connections of one node.
+
+    @param apps: looks up the current L{App} of an id; plans change at run
+        time, so the hub never caches them.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        broker: IBroker,
+        presence: IPresence,
+        meter: IMeter,
+        apps: Callable[[str], App | None],
+        node_id: str | None = None,
+    ) -> None:
+        self._broker = broker
+        self._presence = presence
+        self._meter = meter
+        self._apps = apps
+        self._node_id = node_id or os.urandom(6).hex()
+        self._conn_ids = itertools.count(1)
+        self._sessions: dict[str, Session] = {}
+        self._channels: dict[tuple[str, str], dict[str, Session]] = {}
+        self._patterns: dict[str, WildcardIndex] = {}
+        self._peers: dict[tuple[str, str], dict[str, Session]] = {}
+        broker.attach(self)
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def connect(self, sink_factory: Callable[[str], IConnectionSink], grant: Grant) -> Deferred[Session]:
+        """
+        Admit an authenticated connection (OP-38: it counts from here).
+
+        @param sink_factory: called with the new connection id.
+        @return: fires with the L{Session}; fails with L{Refusal} (4010,
+            4001) when the connection may not stay.
+        """
+        return ensureDeferred(self._connect(sink_factory, grant))
+
+    async def _connect(self, sink_factory: Callable[[str], IConnectionSink], grant: Grant) -> Session:
+        app = self._apps(grant.app_id)
+        if app is None:
+            raise Refusal(CloseCode.INVALID_TOKEN, "key not found")
+        if not await self._meter.admit_connection(app):
+            raise Refusal(CloseCode.OVER_CONCURRENT_LIMIT, "over_concurrent_limit")
+        conn_id = f"{self._node_id}:{next(self._conn_ids)}"
+        session = Session(conn_id, sink_factory(conn_id), grant)
+        self._sessions[conn_id] = session
+        peer_key = (grant.app_id, grant.peer_id)
+        local = self._peers.setdefault(peer_key, {})
+        local[conn_id] = session
+        await self._presence.add_connection(grant.app_id, grant.peer_id, conn_id)
+        if len(local) == 1:
+            await self._broker.watch_peer(grant.app_id, grant.peer_id)
+        return session
+
+    def disconnect(self, session: Session) -> Deferred[None]:
+        """
+        Forget a closed connection: its memberships end (with C{left}
+        deltas), its count is released. Safe to call twice.
+        """
+        return ensureDeferred(self._disconnect(session))
+
+    async def _disconnect(self, session: Session) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        del self._sessions[session.conn_id]
+        self._meter.release_connection(session.app_id)
+        for channel in list(session.subscriptions):
+            await self._drop_subscription(session, channel)
+        peer_key = (session.app_id, session.peer_id)
+        local = self._peers[peer_key]
+        del local[session.conn_id]
+        await self._presence.remove_connection(session.app_id, session.peer_id, session.conn_id)
+        if not local:
+            del self._peers[peer_key]
+            await self._broker.unwatch_peer(session.app_id, session.peer_id)
+
+    @property
+    def connection_count(self) -> int:
+        """
+        How many connections this node holds.
+        """
+        return len(self._sessions)
+
+    def sessions(self) -> Iterable[Session]:
+        """
+        The live sessions of this node.
+        """
+        return list(self._sessions.values())
+
+    # -- client requests -----------------------------------------------------
+
+    def handle(self, session: Session, frame: object) -> Deferred[None]:
+        """
+        Carry out one parsed client frame, answering through the session's
+        sink. Never fails: refusals become C{error} frames.
+
+        The adapter waits for the returned Deferred before handing over the
+        connection's next frame, which keeps each sender's requests in order
+        even when the broker has to wait on the network.
+        """
+        return ensureDeferred(self._handle(session, frame))
+
+    async def _handle(self, session: Session, frame: object) -> None:
+        request_id = getattr(frame, "request_id", None)
+        try:
+            if isinstance(frame, Publish):
+                await self._publish(session, frame)
+            elif isinstance(frame, Send):
+                await self._send(session, frame)
+            elif isinstance(frame, Subscribe):
+                await self._subscribe(session, frame)
+            elif isinstance(frame, Unsubscribe):
+                await self._unsubscribe(session, frame)
+            elif isinstance(frame, Ping):
+                raise AssertionError("pings are answered by the adapter")
+        except FrameError as e:
+            session.sink.send_frame(error_frame(e.code, e.message, e.request_id))
+        except Exception:
+            self.log.failure("Failed to handle {frame!r} from {conn}", frame=frame, conn=session.conn_id)
+            session.sink.send_frame(
+                error_frame(ErrorCode.INTERNAL_ERROR, "internal error, retry with backoff", request_id)
+            )
+
+    def _require(self, session: Session, action: str, request_id: str | None) -> None:
+        if not session.grant.may(action):
+            raise FrameError(ErrorCode.ACTION_NOT_PERMITTED, f"the {action} action is not granted", request_id)
+
+    def _ack(self, session: Session, request_id: str | None) -> None:
+        if request_id is not None and not session.closed:
+            session.sink.send_frame(ack_frame(request_id))
+
+    async def _count(self, app_id: str, request_id: str | None) -> None:
+        app = self._apps(app_id)
+        if app is None or not await self._meter.count_message(app):
+            raise FrameError(ErrorCode.OVER_MESSAGE_QUOTA, "message quota exhausted", request_id)
+
+    async def _publish(self, session: Session, frame: Publish) -> None:
+        self._require(session, "publish", frame.request_id)
+        if not session.grant.allows_channel(frame.channel):
+            raise FrameError(
+                ErrorCode.CHANNEL_NOT_AUTHORIZED, f"channel not authorized: {frame.channel}", frame.request_id
+            )
+        await self._count(session.app_id, frame.request_id)
+        envelope = ChannelMessage(
+            frame.channel, session.peer_id, frame.data, session.grant.peer_metadata, session.conn_id
+        )
+        await self._broker.publish(session.app_id, frame.channel, envelope)
+        self._ack(session, frame.request_id)
+
+    async def _send(self, session: Session, frame: Send) -> None:
+        self._require(session, "send", frame.request_id)
+        targets = await self._presence.connections_of(session.app_id, frame.to)
+        if not targets - {session.conn_id}:
+            # OP-31 looks the target up before the quota; OP-19 still counts
+            # an authorized send that finds nobody.
+            app = self._apps(session.app_id)
+            if app is not None:
+                await self._meter.count_message(app)
+            raise FrameError(ErrorCode.PEER_NOT_FOUND, f"peer not connected: {frame.to}", frame.request_id)
+        await self._count(session.app_id, frame.request_id)
+        envelope = DirectMessage(
+            frame.to, session.peer_id, frame.data, session.grant.peer_metadata, session.conn_id
+        )
+        await self._broker.direct(session.app_id, frame.to, envelope)
+        self._ack(session, frame.request_id)
+
+    async def _subscribe(self, session: Session, frame: Subscribe) -> None:
+        self._require(session, "subscribe", frame.request_id)
+        channel = frame.channel
+        allowed = (
+            session.grant.allows_pattern(channel) if frame.wildcard else session.grant.allows_channel(channel)
+        )
+        if not allowed:
+            raise FrameError(ErrorCode.CHANNEL_NOT_AUTHORIZED, f"channel not authorized: {channel}", frame.request_id)
+        existing = session.subscriptions.get(channel)
+        if existing is None and len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
+            raise FrameError(
+                ErrorCode.CHANNEL_LIMIT_EXCEEDED,
+                f"a connection holds at most {MAX_SUBSCRIPTIONS} subscriptions",
+                frame.request_id,
+            )
+        if existing is not None:
+            # Last subscribe wins for the flag (§7.1 step 5).
+            existing.include_sender_metadata = frame.include_sender_metadata
+            subscription = existing
+        else:
+            subscription = Subscription(frame.include_sender_metadata, frame.wildcard)
+            session.subscriptions[channel] = subscription
+            await self._watch(session, channel, frame.wildcard)
+
+        if frame.wildcard:
+            self._ack(session, frame.request_id)
+            return
+
+        wants_presence = session.grant.may("presence")
+        if wants_presence:
+            subscription.held_presence = []
+        try:
+            first = await self._presence.add_member(
+                session.app_id, channel, session.peer_id, session.conn_id, session.grant.peer_metadata
+            )
+            if first:
+                joined = (presence_entry(session.peer_id, session.grant.peer_metadata),)
+                await self._broker.publish(
+                    session.app_id, channel, PresenceChange(channel, joined, (), session.conn_id)
+                )
+            # Ack, then the snapshot: MeteredPeer drops a snapshot that
+            # arrives before the subscribe resolves (§22.1).
+            self._ack(session, frame.request_id)
+            if wants_presence:
+                members = await self._presence.members(session.app_id, channel)
+                entries = [_entry(m) for m in members if m.peer_id != session.peer_id]
+                if not session.closed:
+                    for snapshot in snapshot_frames(channel, entries):
+                        session.sink.send_frame(snapshot)
+        finally:
+            held, subscription.held_presence = subscription.held_presence, None
+            if held and not session.closed:
+                for delta in held:
+                    session.sink.send_frame(delta)
+
+    async def _watch(self, session: Session, channel: str, wildcard: bool) -> None:
+        app_id = session.app_id
+        if wildcard:
+            index = self._patterns.setdefault(app_id, WildcardIndex())
+            index.add(channel, session)
+            if index.subscriber_count(channel) == 1:
+                await self._broker.watch_pattern(app_id, channel)
+        else:
+            local = self._channels.setdefault((app_id, channel), {})
+            local[session.conn_id] = session
+            if len(local) == 1:
+                await self._broker.watch_channel(app_id, channel)
+
+    async def _unsubscribe(self, session: Session, frame: Unsubscribe) -> None:
+        if frame.channel in session.subscriptions:
+            await self._drop_subscription(session, frame.channel)
+        self._ack(session, frame.request_id)
+
+    async def _drop_subscription(self, session: Session, channel: str) -> None:
+        subscription = session.subscriptions.pop(channel)
+        app_id = session.app_id
+        if subscription.wildcard:
+            index = self._patterns[app_id]
+            index.remove(channel, session)
+            if index.subscriber_count(channel) == 0:
+                await self._broker.unwatch_pattern(app_id, channel)
+            if not len(index):
+                del self._patterns[app_id]
+            return
+        local = self._channels[(app_id, channel)]
+        del local[session.conn_id]
+        if not local:
+            del self._channels[(app_id, channel)]
+            await self._broker.unwatch_channel(app_id, channel)
+        gone = await self._presence.remove_member(app_id, channel, session.peer_id, session.conn_id)
+        if gone is not None:
+            await self._broker.publish(app_id, channel, PresenceChange(channel, (), (_entry(gone),), None))
+
+    # -- backend (REST) operations -------------------------------------------
+
+    def publish_from_backend(
+        self, app: App, channel: str, data: Any, sender: str, sender_metadata: dict | None
+    ) -> Deferred[int | None]:
+        """
+        Publish on behalf of a backend (§19.4): counted like any publish,
+        delivered like one, with no publishing connection to exclude.
+
+        @return: fires with the number of connections it was delivered to,
+            C{None} if the broker cannot tell; fails with L{FrameError}
+            C{over_message_quota}.
+        """
+        return ensureDeferred(self._publish_from_backend(app, channel, data, sender, sender_metadata))
+
+    async def _publish_from_backend(
+        self, app: App, channel: str, data: Any, sender: str, sender_metadata: dict | None
+    ) -> int | None:
+        await self._count(app.app_id, None)
+        envelope = ChannelMessage(channel, sender, data, sender_metadata, None)
+        return await self._broker.publish(app.app_id, channel, envelope)
+
+    def members(self, app_id: str, channel: str) -> Deferred[list[Member]]:
+        """
+        The members of a concrete channel, one per peerId (§19.3).
+        """
+        return self._presence.members(app_id, channel)
+
+    def kick(self, app_id: str, peer_id: str, code: int = CloseCode.ADMIN_DISCONNECT) -> Deferred[int]:
+        """
+        Close every connection of a peer in one app (§19.5).
+
+        @return: fires with how many connections were closed.
+        """
+        return self._broker.direct(app_id, peer_id, Disconnect(peer_id, code, "admin_disconnect"))
+
+    # -- IDeliveryTarget -----------------------------------------------------
+
+    def deliver(self, app_id: str, envelope: object) -> int:
+        """
+        Turn one routed envelope into frames for the local connections it
+        concerns.
+
+        @return: how many local connections received it.
+        """
+        if isinstance(envelope, ChannelMessage):
+            return self._deliver_message(app_id, envelope)
+        if isinstance(envelope, PresenceChange):
+            return self._deliver_presence(app_id, envelope)
+        if isinstance(envelope, DirectMessage):
+            return self._deliver_direct(app_id, envelope)
+        if isinstance(envelope, Disconnect):
+            return self._deliver_disconnect(app_id, envelope)
+        raise TypeError(f"unknown envelope {envelope!r}")
+
+    def _deliver_message(self, app_id: str, envelope: ChannelMessage) -> int:
+        channel = envelope.channel
+        # receiver -> whether it wants fromMetadata; dict keeps one
+        # delivery per connection however many subscriptions match.
+        receivers: dict[Session, bool] = {}
+        for conn_id, session in self._channels.get((app_id, channel), {}).items():
+            if conn_id != envelope.sender_conn:
+                receivers[session] = session.subscriptions[channel].include_sender_metadata
+        index = self._patterns.get(app_id)
+        if index is not None:
+            for session, patterns in index.subscribers_matching(channel).items():
+                if session.conn_id == envelope.sender_conn:
+                    continue
+                wants = any(session.subscriptions[p].include_sender_metadata for p in patterns)
+                receivers[session] = receivers.get(session, False) or wants
+        if not receivers:
+            return 0
+        plain = message_frame(channel, envelope.sender, envelope.data, None)
+        rich = (
+            message_frame(channel, envelope.sender, envelope.data, envelope.sender_metadata)
+            if envelope.sender_metadata
+            else plain
+        )
+        for session, wants_metadata in receivers.items():
+            session.sink.send_frame(rich if wants_metadata else plain)
+        return len(receivers)
+
+    def _deliver_presence(self, app_id: str, envelope: PresenceChange) -> int:
+        frame: OutboundFrame | None = None
+        count = 0
+        for conn_id, session in self._channels.get((app_id, envelope.channel), {}).items():
+            if conn_id == envelope.exclude_conn or not session.grant.may("presence"):
+                continue
+            if frame is None:
+                frame = presence_frame(envelope.channel, envelope.joined, envelope.left)
+            held = session.subscriptions[envelope.channel].held_presence
+            if held is not None:
+                held.append(frame)
+            else:
+                session.sink.send_frame(frame)
+            count += 1
+        return count
+
+    def _deliver_direct(self, app_id: str, envelope: DirectMessage) -> int:
+        frame: OutboundFrame | None = None
+        count = 0
+        for conn_id, session in self._peers.get((app_id, envelope.to), {}).items():
+            if conn_id == envelope.sender_conn:
+                continue
+            if frame is None:
+                frame = direct_frame(envelope.sender, envelope.data, envelope.sender_metadata)
+            session.sink.send_frame(frame)
+            count += 1
+        return count
+
+    def _deliver_disconnect(self, app_id: str, envelope: Disconnect) -> int:
+        sessions = list(self._peers.get((app_id, envelope.peer_id), {}).values())
+        for session in sessions:
+            session.sink.close(envelope.code, envelope.reason)
+        return len(sessions)

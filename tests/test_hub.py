@@ -1,0 +1,956 @@
+"""
+Tests for L{meteredrt.hub}: channels, wildcard routing, presence and
+directs, in memory over L{MemoryBroker} and L{MemoryPresence}, with
+L{RecordingSink}s standing in for connections.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from meteredrt.apps import ACTIONS, App, Plan
+from meteredrt.auth import Grant, Refusal
+from meteredrt.broker.memory import MemoryBroker
+from meteredrt.hub import Hub, Session
+from meteredrt.metering import Meter
+from meteredrt.presence import MemoryPresence
+from meteredrt.protocol import MAX_SUBSCRIPTIONS, SNAPSHOT_FRAME_BUDGET, CloseCode, FrameError, parse_frame
+from meteredrt.testing import RecordingSink
+from meteredrt.usagestore import UsageStore
+
+
+def make_grant(
+    peer_id: str,
+    app_id: str = "app_1",
+    actions: frozenset[str] = ACTIONS,
+    key_patterns: tuple[str, ...] = ("**",),
+    claim_patterns: tuple[str, ...] | None = None,
+    peer_metadata: dict | None = None,
+) -> Grant:
+    """
+    A grant as L{meteredrt.auth.authenticate} would make it.
+    """
+    return Grant(
+        app_id=app_id,
+        key_id="sk_id_test",
+        peer_id=peer_id,
+        actions=actions,
+        key_patterns=key_patterns,
+        claim_patterns=claim_patterns,
+        peer_metadata=peer_metadata,
+        metadata=None,
+        expires_at=None,
+        auto_inject_turn=False,
+    )
+
+
+class HubTestCase(SynchronousTestCase):
+    """
+    A hub over the in-memory broker and presence, with an unstarted
+    L{Meter} counting in memory, and helpers to drive it with real frames.
+    """
+
+    def setUp(self) -> None:
+        self.apps: dict[str, App] = {"app_1": App("app_1"), "app_2": App("app_2")}
+        self.clock = Clock()
+        self.meter = Meter(self.clock, UsageStore(self.mktemp(), MemoryReactorClock()))
+        self.presence = MemoryPresence()
+        self.broker = MemoryBroker()
+        self.hub = Hub(self.broker, self.presence, self.meter, self.apps.get, node_id="n1")
+
+    def connect(self, peer_id: str, **kwargs: Any) -> tuple[Session, RecordingSink]:
+        """
+        Admit a connection; return its session and its sink.
+        """
+        session = self.successResultOf(self.hub.connect(RecordingSink, make_grant(peer_id, **kwargs)))
+        assert isinstance(session.sink, RecordingSink)
+        return session, session.sink
+
+    def request(self, session: Session, **frame: Any) -> None:
+        """
+        Hand the hub one client frame, parsed as the adapter would.
+        """
+        self.successResultOf(self.hub.handle(session, parse_frame(json.dumps(frame))))
+
+    def subscribe(self, session: Session, channel: str, **extra: Any) -> None:
+        """
+        Send a C{subscribe} frame.
+        """
+        self.request(session, type="subscribe", channel=channel, **extra)
+
+    def publish(self, session: Session, channel: str, data: Any, **extra: Any) -> None:
+        """
+        Send a C{publish} frame.
+        """
+        self.request(session, type="publish", channel=channel, data=data, **extra)
+
+    def send(self, session: Session, to: str, data: Any, **extra: Any) -> None:
+        """
+        Send a C{send} frame.
+        """
+        self.request(session, type="send", to=to, data=data, **extra)
+
+    def assertError(self, sink: RecordingSink, code: str, request_id: str | None = "r1") -> None:
+        """
+        The sink's only frame is an error with this code, echoing the
+        request id when there was one.
+        """
+        [frame] = sink.decoded
+        self.assertEqual(frame["type"], "error")
+        self.assertEqual(frame["code"], code)
+        self.assertIsInstance(frame["message"], str)
+        if request_id is None:
+            self.assertNotIn("requestId", frame)
+        else:
+            self.assertEqual(frame["requestId"], request_id)
+
+
+class ErrorCodeTests(HubTestCase):
+    """
+    Every refusal the hub makes is an C{error} frame with the §12 code, and
+    the request has no effect.
+    """
+
+    def test_subscribe_action_not_permitted(self) -> None:
+        """
+        A subscribe without the C{subscribe} action is refused.
+        """
+        session, sink = self.connect("a", actions=frozenset({"publish"}))
+        self.subscribe(session, "room", requestId="r1")
+        self.assertError(sink, "action_not_permitted")
+        self.assertEqual(session.subscriptions, {})
+
+    def test_publish_action_not_permitted(self) -> None:
+        """
+        A publish without the C{publish} action is refused and not delivered.
+        """
+        listener, heard = self.connect("l")
+        self.subscribe(listener, "room")
+        heard.clear()
+        session, sink = self.connect("a", actions=frozenset({"subscribe"}))
+        self.publish(session, "room", 1, requestId="r1")
+        self.assertError(sink, "action_not_permitted")
+        self.assertEqual(heard.decoded, [])
+
+    def test_send_action_not_permitted(self) -> None:
+        """
+        A send without the C{send} action is refused and not delivered.
+        """
+        target, heard = self.connect("b")
+        session, sink = self.connect("a", actions=frozenset({"publish"}))
+        self.send(session, "b", 1, requestId="r1")
+        self.assertError(sink, "action_not_permitted")
+        self.assertEqual(heard.decoded, [])
+
+    def test_subscribe_concrete_not_authorized(self) -> None:
+        """
+        A concrete channel outside the key's patterns is refused.
+        """
+        session, sink = self.connect("a", key_patterns=("public/**",))
+        self.subscribe(session, "private/x", requestId="r1")
+        self.assertError(sink, "channel_not_authorized")
+        self.assertEqual(session.subscriptions, {})
+
+    def test_publish_not_authorized(self) -> None:
+        """
+        A publish outside the key's patterns is refused and not delivered.
+        """
+        listener, heard = self.connect("l")
+        self.subscribe(listener, "private/x")
+        heard.clear()
+        session, sink = self.connect("a", key_patterns=("public/**",))
+        self.publish(session, "private/x", 1, requestId="r1")
+        self.assertError(sink, "channel_not_authorized")
+        self.assertEqual(heard.decoded, [])
+
+    def test_wildcard_not_provably_included(self) -> None:
+        """
+        A wildcard subscription that could match a channel outside the
+        key's patterns is refused, even if some of its channels are allowed.
+        """
+        session, sink = self.connect("a", key_patterns=("public/*",))
+        self.subscribe(session, "public/**", requestId="r1")
+        self.assertError(sink, "channel_not_authorized")
+        self.assertEqual(session.subscriptions, {})
+
+    def test_wildcard_included(self) -> None:
+        """
+        A wildcard subscription inside the key's patterns is accepted.
+        """
+        session, sink = self.connect("a", key_patterns=("public/**",))
+        self.subscribe(session, "public/*", requestId="r1")
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r1"}])
+
+    def test_channel_limit(self) -> None:
+        """
+        The 101st subscription is refused; re-subscribing one already held
+        at the cap still succeeds.
+        """
+        session, sink = self.connect("a")
+        for n in range(MAX_SUBSCRIPTIONS - 1):
+            self.subscribe(session, f"c/{n}")
+        self.subscribe(session, "w/*")
+        sink.clear()
+        self.subscribe(session, "c/extra", requestId="r1")
+        self.assertError(sink, "channel_limit_exceeded")
+        self.assertNotIn("c/extra", session.subscriptions)
+        sink.clear()
+        self.subscribe(session, "c/0", requestId="r2")
+        self.assertEqual(sink.decoded[0], {"type": "ack", "requestId": "r2"})
+        self.assertEqual(len(session.subscriptions), MAX_SUBSCRIPTIONS)
+
+    def test_peer_not_found(self) -> None:
+        """
+        A send to a peer with no live connection is refused.
+        """
+        session, sink = self.connect("a")
+        self.send(session, "nobody", 1, requestId="r1")
+        self.assertError(sink, "peer_not_found")
+
+    def test_send_to_self_alone(self) -> None:
+        """
+        A send to one's own peerId with no other connection finds nobody.
+        """
+        session, sink = self.connect("a")
+        self.send(session, "a", 1, requestId="r1")
+        self.assertError(sink, "peer_not_found")
+
+    def test_over_message_quota(self) -> None:
+        """
+        Past the plan's message cap, publishes and sends are refused with
+        C{over_message_quota} and delivered to nobody; presence still flows.
+        """
+        self.apps["app_1"] = App("app_1", Plan(max_messages_per_period=1))
+        listener, heard = self.connect("l")
+        self.subscribe(listener, "room")
+        session, sink = self.connect("a")
+        heard.clear()
+        self.publish(session, "room", 1, requestId="r0")
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r0"}])
+        sink.clear()
+        heard.clear()
+
+        self.publish(session, "room", 2, requestId="r1")
+        self.assertError(sink, "over_message_quota")
+        sink.clear()
+        self.send(session, "l", 3, requestId="r1")
+        self.assertError(sink, "over_message_quota")
+        self.assertEqual(heard.decoded, [])
+
+        # Inbound traffic that is not a counted message still flows.
+        newcomer, _ = self.connect("n")
+        self.subscribe(newcomer, "room")
+        self.assertEqual(heard.of_type("presence")[-1]["joined"], [{"peerId": "n"}])
+
+    def test_peer_not_found_before_quota(self) -> None:
+        """
+        A send to an absent peer is C{peer_not_found} even over quota (OP-31
+        looks the target up first), and it still counts (OP-19).
+        """
+        self.apps["app_1"] = App("app_1", Plan(max_messages_per_period=1))
+        session, sink = self.connect("a")
+        self.send(session, "nobody", 1, requestId="r0")
+        self.assertError(sink, "peer_not_found", "r0")
+        sink.clear()
+        self.send(session, "nobody", 2, requestId="r1")
+        self.assertError(sink, "peer_not_found")
+        sink.clear()
+        self.connect("l")
+        self.send(session, "l", 3, requestId="r2")
+        self.assertError(sink, "over_message_quota", "r2")
+
+    def test_errors_without_request_id(self) -> None:
+        """
+        An error is sent even when the request carried no requestId, and
+        then has none.
+        """
+        session, sink = self.connect("a", key_patterns=("public/**",))
+        self.subscribe(session, "private/x")
+        self.assertError(sink, "channel_not_authorized", request_id=None)
+
+
+class AckTests(HubTestCase):
+    """
+    Successful requests are acked exactly when they carry a requestId.
+    """
+
+    def test_acks_with_request_id(self) -> None:
+        """
+        Each of subscribe, publish, send and unsubscribe is acked once.
+        """
+        other, _ = self.connect("b", actions=frozenset({"subscribe"}))
+        session, sink = self.connect("a", actions=frozenset({"subscribe", "publish", "send"}))
+        self.subscribe(session, "room", requestId="s")
+        self.publish(session, "room", 1, requestId="p")
+        self.send(session, "b", 1, requestId="d")
+        self.request(session, type="unsubscribe", channel="room", requestId="u")
+        self.assertEqual(
+            sink.decoded,
+            [{"type": "ack", "requestId": r} for r in ("s", "p", "d", "u")],
+        )
+
+    def test_no_ack_without_request_id(self) -> None:
+        """
+        Without a requestId, a successful request draws no frame at all.
+        """
+        other, _ = self.connect("b")
+        session, sink = self.connect("a", actions=frozenset({"subscribe", "publish", "send"}))
+        self.subscribe(session, "room")
+        self.publish(session, "room", 1)
+        self.send(session, "b", 1)
+        self.request(session, type="unsubscribe", channel="room")
+        self.assertEqual(sink.decoded, [])
+
+    def test_unsubscribe_unknown(self) -> None:
+        """
+        Unsubscribing a channel not held is still acked.
+        """
+        session, sink = self.connect("a")
+        self.request(session, type="unsubscribe", channel="never", requestId="u")
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "u"}])
+
+
+class AuthorizationTests(HubTestCase):
+    """
+    A connection may use a channel only if both its key's patterns and its
+    token's channel claims allow it (§4.4).
+    """
+
+    def test_concrete_intersection(self) -> None:
+        """
+        A concrete channel must be inside the key and the claims.
+        """
+        session, sink = self.connect("a", key_patterns=("a/**",), claim_patterns=("a/x", "b/y"))
+        self.subscribe(session, "a/x", requestId="in")
+        self.subscribe(session, "b/y", requestId="outside-key")
+        self.subscribe(session, "a/z", requestId="outside-claims")
+        self.assertEqual(
+            [(f["type"], f["requestId"]) for f in sink.decoded if f["type"] != "presence"],
+            [("ack", "in"), ("error", "outside-key"), ("error", "outside-claims")],
+        )
+
+    def test_publish_intersection(self) -> None:
+        """
+        A publish is checked against the intersection as well.
+        """
+        session, sink = self.connect("a", key_patterns=("**",), claim_patterns=("a/*",))
+        self.publish(session, "a/1", 1, requestId="in")
+        self.publish(session, "b/1", 1, requestId="out")
+        self.assertEqual(
+            [(f["type"], f["requestId"]) for f in sink.decoded], [("ack", "in"), ("error", "out")]
+        )
+
+    def test_wildcard_intersection(self) -> None:
+        """
+        A wildcard must be included in the claims too, not only the key.
+        """
+        session, sink = self.connect("a", key_patterns=("**",), claim_patterns=("a/*",))
+        self.subscribe(session, "a/*", requestId="in")
+        self.subscribe(session, "a/**", requestId="out")
+        self.assertEqual(
+            [(f["type"], f["requestId"]) for f in sink.decoded], [("ack", "in"), ("error", "out")]
+        )
+        self.assertEqual(sink.decoded[1]["code"], "channel_not_authorized")
+
+    def test_send_not_scoped_by_channels(self) -> None:
+        """
+        A send reaches a peer whatever the sender's channel claims.
+        """
+        target, heard = self.connect("b")
+        session, sink = self.connect("a", key_patterns=("x/only",), claim_patterns=("x/only",))
+        self.send(session, "b", 1, requestId="d")
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "d"}])
+        self.assertEqual(heard.of_type("direct"), [{"type": "direct", "from": "a", "data": 1}])
+
+
+class WildcardTests(HubTestCase):
+    """
+    Wildcard subscriptions receive publishes on every matching concrete
+    channel (§9.4, OP-13).
+    """
+
+    def test_concrete_name_delivered(self) -> None:
+        """
+        A wildcard subscriber's message carries the concrete channel name.
+        """
+        sub, heard = self.connect("s")
+        self.subscribe(sub, "rooms/*")
+        pub, _ = self.connect("p")
+        self.publish(pub, "rooms/1", {"x": 1})
+        self.assertEqual(
+            heard.decoded, [{"type": "message", "channel": "rooms/1", "from": "p", "data": {"x": 1}}]
+        )
+
+    def test_single_star_stops_at_slash(self) -> None:
+        """
+        C{*} does not cross C{/}; C{**} does.
+        """
+        single, one = self.connect("s1")
+        self.subscribe(single, "rooms/*")
+        double, two = self.connect("s2")
+        self.subscribe(double, "rooms/**")
+        pub, _ = self.connect("p")
+        self.publish(pub, "rooms/1", "a")
+        self.publish(pub, "rooms/1/chat", "b")
+        self.publish(pub, "other/1", "c")
+        self.assertEqual([f["channel"] for f in one.decoded], ["rooms/1"])
+        self.assertEqual([f["channel"] for f in two.decoded], ["rooms/1", "rooms/1/chat"])
+
+    def test_once_per_connection(self) -> None:
+        """
+        A connection whose several subscriptions match gets one copy.
+        """
+        sub, heard = self.connect("s")
+        for channel in ("rooms/*", "rooms/**", "**", "rooms/1"):
+            self.subscribe(sub, channel)
+        heard.clear()
+        pub, _ = self.connect("p")
+        self.publish(pub, "rooms/1", "hi")
+        self.assertEqual(len(heard.of_type("message")), 1)
+
+    def test_sender_metadata_or(self) -> None:
+        """
+        C{fromMetadata} is included when any matching subscription opted in,
+        concrete or wildcard.
+        """
+        mixed, heard = self.connect("s1")
+        self.subscribe(mixed, "rooms/*")
+        self.subscribe(mixed, "rooms/**", includeSenderMetadata=True)
+        concrete, heard_concrete = self.connect("s2")
+        self.subscribe(concrete, "rooms/1")
+        self.subscribe(concrete, "rooms/*", includeSenderMetadata=True)
+        opted_concrete, heard_opted = self.connect("s3")
+        self.subscribe(opted_concrete, "rooms/1", includeSenderMetadata=True)
+        self.subscribe(opted_concrete, "rooms/*")
+        neither, heard_neither = self.connect("s4")
+        self.subscribe(neither, "rooms/*")
+        self.subscribe(neither, "rooms/**")
+        sinks = (heard, heard_concrete, heard_opted, heard_neither)
+        for sink in sinks:
+            sink.clear()
+        pub, _ = self.connect("p", peer_metadata={"name": "Ada"})
+        self.publish(pub, "rooms/1", "hi")
+        [one], [two], [three], [four] = (sink.of_type("message") for sink in sinks)
+        self.assertEqual(one["fromMetadata"], {"name": "Ada"})
+        self.assertEqual(two["fromMetadata"], {"name": "Ada"})
+        self.assertEqual(three["fromMetadata"], {"name": "Ada"})
+        self.assertNotIn("fromMetadata", four)
+
+    def test_publisher_excluded(self) -> None:
+        """
+        A publisher whose own wildcard matches does not hear itself; its
+        other connection does.
+        """
+        publisher, own = self.connect("p")
+        twin, twin_sink = self.connect("p")
+        for session in (publisher, twin):
+            self.subscribe(session, "rooms/*")
+        self.publish(publisher, "rooms/1", "hi")
+        self.assertEqual(own.decoded, [])
+        self.assertEqual(len(twin_sink.of_type("message")), 1)
+
+    def test_unsubscribe_wildcard(self) -> None:
+        """
+        After unsubscribing a pattern, nothing more arrives through it.
+        """
+        sub, heard = self.connect("s")
+        self.subscribe(sub, "rooms/*")
+        self.request(sub, type="unsubscribe", channel="rooms/*")
+        pub, _ = self.connect("p")
+        self.publish(pub, "rooms/1", "hi")
+        self.assertEqual(heard.decoded, [])
+
+    def test_wildcard_has_no_presence(self) -> None:
+        """
+        A wildcard subscriber gets no snapshot and no deltas, and does not
+        appear in any channel's presence.
+        """
+        member, member_sink = self.connect("m")
+        self.subscribe(member, "rooms/1")
+        member_sink.clear()
+        watcher, heard = self.connect("w")
+        self.subscribe(watcher, "rooms/*", requestId="r")
+        self.assertEqual(heard.decoded, [{"type": "ack", "requestId": "r"}])
+        self.assertEqual(member_sink.decoded, [])
+        self.assertEqual([m.peer_id for m in self.successResultOf(self.hub.members("app_1", "rooms/1"))], ["m"])
+        newcomer, _ = self.connect("n")
+        self.subscribe(newcomer, "rooms/1")
+        self.assertEqual(heard.decoded, [{"type": "ack", "requestId": "r"}])
+
+
+class PresenceTests(HubTestCase):
+    """
+    Presence per (app, channel, peerId) with connection refcounts (§10).
+    """
+
+    def test_ack_then_snapshot(self) -> None:
+        """
+        The subscriber gets its ack first, then a snapshot of everyone else
+        with their peerMetadata, with both arrays present.
+        """
+        alice, _ = self.connect("alice", peer_metadata={"name": "Alice"})
+        self.subscribe(alice, "room")
+        bob, _ = self.connect("bob")
+        self.subscribe(bob, "room")
+        carol, sink = self.connect("carol", peer_metadata={"name": "Carol"})
+        self.subscribe(carol, "room", requestId="r")
+        self.assertEqual(
+            sink.decoded,
+            [
+                {"type": "ack", "requestId": "r"},
+                {
+                    "type": "presence",
+                    "channel": "room",
+                    "joined": [{"peerId": "alice", "metadata": {"name": "Alice"}}, {"peerId": "bob"}],
+                    "left": [],
+                },
+            ],
+        )
+
+    def test_empty_snapshot(self) -> None:
+        """
+        A subscriber to an empty channel still gets a snapshot, without
+        itself in it.
+        """
+        session, sink = self.connect("a")
+        self.subscribe(session, "room")
+        self.assertEqual(sink.decoded, [{"type": "presence", "channel": "room", "joined": [], "left": []}])
+
+    def test_joined_delta(self) -> None:
+        """
+        Other members get one C{joined} delta carrying the newcomer's
+        peerMetadata.
+        """
+        alice, heard = self.connect("alice")
+        self.subscribe(alice, "room")
+        heard.clear()
+        bob, _ = self.connect("bob", peer_metadata={"n": 1})
+        self.subscribe(bob, "room")
+        self.assertEqual(
+            heard.decoded,
+            [
+                {
+                    "type": "presence",
+                    "channel": "room",
+                    "joined": [{"peerId": "bob", "metadata": {"n": 1}}],
+                    "left": [],
+                }
+            ],
+        )
+
+    def test_refcount(self) -> None:
+        """
+        A peer with two connections joins once and leaves once, when its
+        last connection leaves.
+        """
+        observer, heard = self.connect("o")
+        self.subscribe(observer, "room")
+        heard.clear()
+        first, _ = self.connect("alice")
+        second, _ = self.connect("alice")
+        self.subscribe(first, "room")
+        self.subscribe(second, "room")
+        self.assertEqual(
+            heard.decoded, [{"type": "presence", "channel": "room", "joined": [{"peerId": "alice"}], "left": []}]
+        )
+        heard.clear()
+        self.request(first, type="unsubscribe", channel="room")
+        self.assertEqual(heard.decoded, [])
+        self.successResultOf(self.hub.disconnect(second))
+        self.assertEqual(
+            heard.decoded, [{"type": "presence", "channel": "room", "joined": [], "left": [{"peerId": "alice"}]}]
+        )
+
+    def test_second_connection_snapshot(self) -> None:
+        """
+        A peer's second connection gets a snapshot without its own peerId.
+        """
+        first, _ = self.connect("alice")
+        self.subscribe(first, "room")
+        second, sink = self.connect("alice")
+        self.subscribe(second, "room")
+        self.assertEqual(sink.decoded, [{"type": "presence", "channel": "room", "joined": [], "left": []}])
+
+    def test_repeat_subscribe(self) -> None:
+        """
+        A repeat subscribe is acked and gets a fresh snapshot; nobody else
+        hears about it.
+        """
+        bob, heard = self.connect("bob")
+        self.subscribe(bob, "room")
+        alice, sink = self.connect("alice")
+        self.subscribe(alice, "room")
+        heard.clear()
+        sink.clear()
+        self.subscribe(alice, "room", requestId="again")
+        self.assertEqual(
+            sink.decoded,
+            [
+                {"type": "ack", "requestId": "again"},
+                {"type": "presence", "channel": "room", "joined": [{"peerId": "bob"}], "left": []},
+            ],
+        )
+        self.assertEqual(heard.decoded, [])
+
+    def test_repeat_subscribe_replaces_flag(self) -> None:
+        """
+        The latest subscribe's C{includeSenderMetadata} wins.
+        """
+        sub, heard = self.connect("s")
+        self.subscribe(sub, "room", includeSenderMetadata=True)
+        self.subscribe(sub, "room")
+        heard.clear()
+        pub, _ = self.connect("p", peer_metadata={"n": 1})
+        self.publish(pub, "room", 1)
+        self.assertNotIn("fromMetadata", heard.of_type("message")[0])
+
+    def test_left_on_unsubscribe(self) -> None:
+        """
+        Unsubscribing sends C{left} with the peer's metadata to the others
+        and nothing to the unsubscriber.
+        """
+        observer, heard = self.connect("o")
+        self.subscribe(observer, "room")
+        alice, sink = self.connect("alice", peer_metadata={"n": 1})
+        self.subscribe(alice, "room")
+        heard.clear()
+        sink.clear()
+        self.request(alice, type="unsubscribe", channel="room")
+        self.assertEqual(
+            heard.decoded,
+            [
+                {
+                    "type": "presence",
+                    "channel": "room",
+                    "joined": [],
+                    "left": [{"peerId": "alice", "metadata": {"n": 1}}],
+                }
+            ],
+        )
+        self.assertEqual(sink.decoded, [])
+
+    def test_left_on_disconnect(self) -> None:
+        """
+        Disconnecting ends every membership with C{left}; a second
+        disconnect is harmless.
+        """
+        observer, heard = self.connect("o")
+        self.subscribe(observer, "a")
+        self.subscribe(observer, "b")
+        alice, _ = self.connect("alice")
+        self.subscribe(alice, "a")
+        self.subscribe(alice, "b")
+        heard.clear()
+        self.successResultOf(self.hub.disconnect(alice))
+        self.successResultOf(self.hub.disconnect(alice))
+        self.assertEqual(
+            sorted((f["channel"], f["left"]) for f in heard.decoded),
+            [("a", [{"peerId": "alice"}]), ("b", [{"peerId": "alice"}])],
+        )
+        self.assertEqual(self.hub.connection_count, 1)
+
+    def test_presence_action_required(self) -> None:
+        """
+        Presence frames go only to connections holding C{presence}; a peer
+        without it still appears to the others.
+        """
+        blind, blind_sink = self.connect("blind", actions=frozenset({"subscribe"}))
+        self.subscribe(blind, "room", requestId="r")
+        self.assertEqual(blind_sink.decoded, [{"type": "ack", "requestId": "r"}])
+        seer, seer_sink = self.connect("seer")
+        self.subscribe(seer, "room")
+        self.assertEqual(
+            seer_sink.decoded,
+            [{"type": "presence", "channel": "room", "joined": [{"peerId": "blind"}], "left": []}],
+        )
+        self.successResultOf(self.hub.disconnect(seer))
+        self.assertEqual(blind_sink.decoded, [{"type": "ack", "requestId": "r"}])
+
+    def test_split_snapshot(self) -> None:
+        """
+        A snapshot too large for one frame is split into several of at most
+        the budget, each with C{left: []}, together listing every member,
+        all after the ack.
+        """
+        metadata = {"blob": "x" * 3900}
+        for n in range(200):
+            member, _ = self.connect(f"peer-{n}", peer_metadata=metadata)
+            self.subscribe(member, "room")
+        session, sink = self.connect("late")
+        self.subscribe(session, "room", requestId="r")
+        frames = sink.decoded
+        self.assertEqual(frames[0], {"type": "ack", "requestId": "r"})
+        snapshots = frames[1:]
+        self.assertGreater(len(snapshots), 1)
+        for payload in sink.frames[1:]:
+            self.assertLessEqual(len(payload.payload), SNAPSHOT_FRAME_BUDGET)
+        self.assertEqual({f["left"] == [] for f in snapshots}, {True})
+        self.assertEqual(
+            [e["peerId"] for f in snapshots for e in f["joined"]], [f"peer-{n}" for n in range(200)]
+        )
+
+    def test_members(self) -> None:
+        """
+        L{Hub.members} lists each peerId once with its metadata.
+        """
+        for _ in range(2):
+            session, _ = self.connect("alice", peer_metadata={"n": 1})
+            self.subscribe(session, "room")
+        members = self.successResultOf(self.hub.members("app_1", "room"))
+        self.assertEqual([(m.peer_id, m.metadata) for m in members], [("alice", {"n": 1})])
+
+
+class DeliveryTests(HubTestCase):
+    """
+    Who receives publishes and directs, and with what.
+    """
+
+    def test_publisher_excluded(self) -> None:
+        """
+        The publishing connection does not hear its message; the same
+        peer's other connection and other subscribers do.
+        """
+        publisher, own = self.connect("alice")
+        twin, twin_sink = self.connect("alice")
+        other, other_sink = self.connect("bob")
+        for session in (publisher, twin, other):
+            self.subscribe(session, "room")
+        for sink in (own, twin_sink, other_sink):
+            sink.clear()
+        self.publish(publisher, "room", None)
+        self.assertEqual(own.decoded, [])
+        expected = [{"type": "message", "channel": "room", "from": "alice", "data": None}]
+        self.assertEqual(twin_sink.decoded, expected)
+        self.assertEqual(other_sink.decoded, expected)
+
+    def test_unsubscribed_hears_nothing(self) -> None:
+        """
+        After unsubscribing, a connection receives nothing from the channel.
+        """
+        sub, heard = self.connect("s")
+        self.subscribe(sub, "room")
+        self.request(sub, type="unsubscribe", channel="room")
+        heard.clear()
+        pub, _ = self.connect("p")
+        self.publish(pub, "room", 1)
+        self.assertEqual(heard.decoded, [])
+
+    def test_direct_to_every_connection(self) -> None:
+        """
+        A send reaches every connection of the target.
+        """
+        first, one = self.connect("alice")
+        second, two = self.connect("alice")
+        sender, sink = self.connect("bob")
+        self.send(sender, "alice", {"k": "offer"})
+        expected = [{"type": "direct", "from": "bob", "data": {"k": "offer"}}]
+        self.assertEqual(one.decoded, expected)
+        self.assertEqual(two.decoded, expected)
+        self.assertIs(one.frames[0], two.frames[0])
+
+    def test_direct_to_self(self) -> None:
+        """
+        A send to one's own peerId reaches one's other connections only.
+        """
+        first, one = self.connect("alice")
+        second, two = self.connect("alice")
+        self.send(first, "alice", 1, requestId="d")
+        self.assertEqual(one.decoded, [{"type": "ack", "requestId": "d"}])
+        self.assertEqual(two.decoded, [{"type": "direct", "from": "alice", "data": 1}])
+
+    def test_direct_from_metadata(self) -> None:
+        """
+        A direct always carries the sender's peerMetadata when it has one.
+        """
+        target, heard = self.connect("b")
+        rich, _ = self.connect("a1", peer_metadata={"name": "Ada"})
+        plain, _ = self.connect("a2")
+        self.send(rich, "b", 1)
+        self.send(plain, "b", 2)
+        self.assertEqual(
+            heard.decoded,
+            [
+                {"type": "direct", "from": "a1", "data": 1, "fromMetadata": {"name": "Ada"}},
+                {"type": "direct", "from": "a2", "data": 2},
+            ],
+        )
+
+    def test_shared_frames(self) -> None:
+        """
+        Receivers of one variant share one L{OutboundFrame} object; the
+        variant with C{fromMetadata} is another single object.
+        """
+        sinks = {}
+        for name, include in (("p1", False), ("p2", False), ("r1", True), ("r2", True)):
+            session, sink = self.connect(name)
+            self.subscribe(session, "room", includeSenderMetadata=include)
+            sinks[name] = sink
+        for sink in sinks.values():
+            sink.clear()
+        pub, _ = self.connect("pub", peer_metadata={"n": 1})
+        self.publish(pub, "room", 1)
+        self.assertIs(sinks["p1"].frames[-1], sinks["p2"].frames[-1])
+        self.assertIs(sinks["r1"].frames[-1], sinks["r2"].frames[-1])
+        self.assertIsNot(sinks["p1"].frames[-1], sinks["r1"].frames[-1])
+        self.assertIn("fromMetadata", sinks["r1"].decoded[-1])
+        presence = [sink.frames[-1] for sink in sinks.values()]
+        self.subscribe(pub, "room")
+        deltas = [sink.frames[-1] for sink in sinks.values()]
+        self.assertNotIn(deltas[0], presence)
+        self.assertEqual({id(frame) for frame in deltas}, {id(deltas[0])})
+
+    def test_sender_fifo(self) -> None:
+        """
+        Everything one connection causes reaches a receiver in order: the
+        C{joined} delta before a following direct, then publishes and
+        directs interleaved as sent.
+        """
+        bob, heard = self.connect("bob")
+        self.subscribe(bob, "room")
+        heard.clear()
+        alice, _ = self.connect("alice")
+        self.subscribe(alice, "room")
+        self.send(alice, "bob", "d1")
+        self.publish(alice, "room", "m1")
+        self.send(alice, "bob", "d2")
+        self.publish(alice, "room", "m2")
+        self.assertEqual(
+            [(f["type"], f.get("data")) for f in heard.decoded],
+            [("presence", None), ("direct", "d1"), ("message", "m1"), ("direct", "d2"), ("message", "m2")],
+        )
+        self.assertEqual(heard.decoded[0]["joined"], [{"peerId": "alice"}])
+
+
+class IsolationTests(HubTestCase):
+    """
+    Two apps never meet, even with the same channel names and peerIds.
+    """
+
+    def test_channels(self) -> None:
+        """
+        A publish in one app reaches only that app's subscribers, concrete
+        and wildcard, and presence stays per app.
+        """
+        one, one_sink = self.connect("bob", app_id="app_1")
+        two, two_sink = self.connect("bob", app_id="app_2")
+        wild, wild_sink = self.connect("w", app_id="app_2")
+        self.subscribe(one, "room")
+        self.subscribe(two, "room")
+        self.subscribe(wild, "**")
+        self.assertEqual(two_sink.decoded[-1]["joined"], [])
+        for sink in (one_sink, two_sink, wild_sink):
+            sink.clear()
+        pub, _ = self.connect("alice", app_id="app_1")
+        self.subscribe(pub, "room")
+        self.publish(pub, "room", 1)
+        self.assertEqual([f["type"] for f in one_sink.decoded], ["presence", "message"])
+        self.assertEqual(two_sink.decoded, [])
+        self.assertEqual(wild_sink.decoded, [])
+
+    def test_directs(self) -> None:
+        """
+        A send reaches the target peerId in the sender's app only.
+        """
+        one, one_sink = self.connect("bob", app_id="app_1")
+        two, two_sink = self.connect("bob", app_id="app_2")
+        sender, _ = self.connect("alice", app_id="app_1")
+        self.send(sender, "bob", 1)
+        self.assertEqual(len(one_sink.decoded), 1)
+        self.assertEqual(two_sink.decoded, [])
+        lonely, lonely_sink = self.connect("carol", app_id="app_2")
+        self.send(lonely, "alice", 1, requestId="r1")
+        self.assertError(lonely_sink, "peer_not_found")
+
+
+class BackendTests(HubTestCase):
+    """
+    The REST-facing operations: kick and backend publish.
+    """
+
+    def test_kick(self) -> None:
+        """
+        A kick closes every connection of the peer in one app with 4020 and
+        reports how many.
+        """
+        first, one = self.connect("bob")
+        second, two = self.connect("bob")
+        other_app, three = self.connect("bob", app_id="app_2")
+        other_peer, four = self.connect("carol")
+        self.assertEqual(self.successResultOf(self.hub.kick("app_1", "bob")), 2)
+        self.assertEqual(one.closes, [(CloseCode.ADMIN_DISCONNECT, "admin_disconnect")])
+        self.assertEqual(two.closes, [(4020, "admin_disconnect")])
+        self.assertEqual(three.closes, [])
+        self.assertEqual(four.closes, [])
+        self.assertEqual(self.successResultOf(self.hub.kick("app_1", "nobody")), 0)
+
+    def test_publish_from_backend(self) -> None:
+        """
+        A backend publish reaches every subscriber, with the given sender
+        name, and reports the count.
+        """
+        sinks = []
+        for name in ("a", "b"):
+            session, sink = self.connect(name)
+            self.subscribe(session, "room", includeSenderMetadata=True)
+            sink.clear()
+            sinks.append(sink)
+        wild, wild_sink = self.connect("w")
+        self.subscribe(wild, "r*")
+        sinks.append(wild_sink)
+        delivered = self.successResultOf(
+            self.hub.publish_from_backend(self.apps["app_1"], "room", {"t": 1}, "system", None)
+        )
+        self.assertEqual(delivered, 3)
+        for sink in sinks:
+            self.assertEqual(
+                sink.decoded[-1], {"type": "message", "channel": "room", "from": "system", "data": {"t": 1}}
+            )
+
+    def test_publish_from_backend_quota(self) -> None:
+        """
+        A backend publish counts toward the quota and fails past it.
+        """
+        self.apps["app_1"] = App("app_1", Plan(max_messages_per_period=1))
+        app = self.apps["app_1"]
+        self.successResultOf(self.hub.publish_from_backend(app, "room", 1, "system", None))
+        failure = self.failureResultOf(self.hub.publish_from_backend(app, "room", 2, "system", None), FrameError)
+        self.assertEqual(failure.value.code, "over_message_quota")
+
+
+class ConnectionTests(HubTestCase):
+    """
+    Admission and release of connections.
+    """
+
+    def test_unknown_app(self) -> None:
+        """
+        A grant for an app that no longer exists is refused with 4001.
+        """
+        failure = self.failureResultOf(self.hub.connect(RecordingSink, make_grant("a", app_id="gone")), Refusal)
+        self.assertEqual(failure.value.code, CloseCode.INVALID_TOKEN)
+
+    def test_concurrent_limit(self) -> None:
+        """
+        Past the plan's connection cap a connection is refused with 4010; a
+        disconnect makes room again.
+        """
+        self.apps["app_1"] = App("app_1", Plan(max_concurrent_connections=1))
+        session, _ = self.connect("a")
+        failure = self.failureResultOf(self.hub.connect(RecordingSink, make_grant("b")), Refusal)
+        self.assertEqual(failure.value.code, CloseCode.OVER_CONCURRENT_LIMIT)
+        self.successResultOf(self.hub.disconnect(session))
+        self.connect("b")
+
+    def test_unique_ids(self) -> None:
+        """
+        Each connection gets its own id, handed to its sink.
+        """
+        one, sink_one = self.connect("a")
+        two, sink_two = self.connect("a")
+        self.assertNotEqual(one.conn_id, two.conn_id)
+        self.assertEqual(sink_one.conn_id, one.conn_id)
