@@ -1,0 +1,153 @@
+"""
+The HTTP resource tree that one C{Site} serves on every listening port.
+
+C{/v1} is both the WebSocket endpoint and the REST base (§2, §19):
+L{V1Resource} hands a bare C{/v1} upgrade to Autobahn's
+C{WebSocketResource} after the pre-upgrade checks (drain, per-IP upgrade
+rate, §5.2) and routes every longer path to its REST children. C{/healthz}
+and C{/readyz} serve load balancers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from meteredrt.ratelimit import KeyedLimiter
+from meteredrt.ws import RealtimeServerFactory
+
+
+def json_response(request: Request, status: int, body: dict | None) -> bytes:
+    """
+    Set a JSON response's status and headers; return its body.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return b"" if body is None else json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def error_body(code: str, message: str) -> dict:
+    """
+    The REST error envelope of §19.1.
+    """
+    return {"error": code, "message": message}
+
+
+class NotFound(Resource):
+    """
+    A JSON 404 for unknown paths: no Twisted error page reaches a client.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return json_response(request, 404, error_body("not_found", "no such endpoint"))
+
+
+class JsonRoot(Resource):
+    """
+    A resource whose unknown children answer with the JSON 404.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFound()
+
+    def render(self, request: Request) -> bytes:
+        return json_response(request, 404, error_body("not_found", "no such endpoint"))
+
+
+class V1Resource(JsonRoot):
+    """
+    C{/v1}: the WebSocket upgrade at exactly this path, REST below it.
+    """
+
+    def __init__(
+        self,
+        factory: RealtimeServerFactory,
+        clock: IReactorTime,
+        upgrades_per_minute: int = 60,
+    ) -> None:
+        super().__init__()
+        self._websocket = WebSocketResource(factory)
+        self._factory = factory
+        self._clock = clock
+        self._upgrades = KeyedLimiter(upgrades_per_minute, upgrades_per_minute / 60.0)
+
+    def render(self, request: Request) -> bytes | int:
+        upgrade = (request.getHeader("upgrade") or "").lower()
+        if upgrade != "websocket":
+            request.setHeader(b"upgrade", b"websocket")
+            body = json_response(request, 426, error_body("invalid_request", "this endpoint needs a WebSocket upgrade"))
+            request.setResponseCode(426, b"Upgrade Required")
+            return body
+        if self._factory.draining:
+            request.setHeader(b"retry-after", b"1")
+            return json_response(request, 503, error_body("internal_error", "server is shutting down"))
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None) or str(peer)
+        now = self._clock.seconds()
+        if not self._upgrades.take(host, now):
+            retry = max(1, int(self._upgrades.retry_after(host, now) + 0.999))
+            request.setHeader(b"retry-after", str(retry).encode())
+            return json_response(request, 429, None)
+        return self._websocket.render(request)
+
+
+class Probe(Resource):
+    """
+    A load-balancer probe: 200 while C{healthy()} holds, else 503.
+    """
+
+    isLeaf = True
+
+    def __init__(self, healthy: Callable[[], bool]) -> None:
+        super().__init__()
+        self._healthy = healthy
+
+    def render_GET(self, request: Request) -> bytes:
+        ok = self._healthy()
+        return json_response(request, 200 if ok else 503, {"status": "ok" if ok else "unavailable"})
+
+
+def access_log_line(timestamp: str, request: Request) -> str:
+    """
+    The combined log format without the query string: C{?token=} carries a
+    live credential, and access logs are not the place for it.
+    """
+    referrer = _escape(request.getHeader(b"referer") or b"-")
+    agent = _escape(request.getHeader(b"user-agent") or b"-")
+    return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
+        _escape(request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else b"-"),
+        timestamp,
+        _escape(request.method),
+        _escape(request.path),
+        _escape(request.clientproto),
+        request.code,
+        request.sentLength or "-",
+        referrer,
+        agent,
+    )
+
+
+def _escape(value: bytes | str) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "backslashreplace")
+    return repr(value)[1:-1].replace('"', '\\"')
+
+
+def build_root(v1: V1Resource, ready: Callable[[], bool]) -> Resource:
+    """
+    The site root: C{/v1}, C{/healthz} (process up), C{/readyz} (stores
+    reachable and not draining).
+    """
+    root = JsonRoot()
+    root.putChild(b"v1", v1)
+    root.putChild(b"healthz", Probe(lambda: True))
+    root.putChild(b"readyz", Probe(ready))
+    return root

@@ -1,0 +1,410 @@
+"""
+The WebSocket adapter: Autobahn frames in, hub calls out, frames back.
+
+L{RealtimeServerFactory} holds the node-wide settings and the set of live
+connections (for draining); L{RealtimeServerProtocol} is one connection. The
+protocol authenticates after the upgrade (so refusals are close codes the
+client can read, §5.3), sends the welcome, then feeds each parsed frame to
+the hub one at a time. It is also the hub's L{IConnectionSink}: frames the
+hub hands it are framed once (L{OutboundFrame.prepared}) and written, and a
+reader too slow to take them is cut off instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
+from autobahn.websocket.types import ConnectionRequest
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from meteredrt.apps import App
+from meteredrt.auth import Grant, Refusal, authenticate
+from meteredrt.hub import Hub, Session
+from meteredrt.interfaces import IConnectionSink, IKeyStore, ITurnProvider
+from meteredrt.protocol import (
+    INBOUND_FRAME_LIMIT,
+    PONG,
+    CloseCode,
+    FrameError,
+    OutboundFrame,
+    Ping,
+    error_frame,
+    going_away_frame,
+    parse_frame,
+    welcome_frame,
+)
+from meteredrt.ratelimit import TokenBucket
+
+#: §4.5: JWT connections close this long before C{exp}.
+EXPIRY_LEAD_SECONDS = 0.25
+#: OP-25: TTL bounds for auto-injected TURN credentials.
+TURN_TTL_MIN, TURN_TTL_MAX, TURN_TTL_PUBLISHABLE = 3600, 86400, 12 * 3600
+#: Frames that may wait for the welcome or a slow request before the
+#: connection is considered abusive.
+MAX_QUEUED_FRAMES = 1000
+
+
+@implementer(IPushProducer)
+class _WriteWatch:
+    """
+    Registered as the transport's producer so that Twisted tells us when
+    its write buffer is full; what we write while paused is what a slow
+    reader makes us hold in memory.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.held = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.held = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+
+def turn_ttl(grant: Grant, now: float) -> int:
+    """
+    OP-25: the JWT's remaining lifetime within [1 h, 24 h]; 12 h for
+    publishable keys.
+    """
+    if grant.expires_at is None:
+        return TURN_TTL_PUBLISHABLE
+    return int(min(TURN_TTL_MAX, max(TURN_TTL_MIN, grant.expires_at - now)))
+
+
+@implementer(IConnectionSink)
+class RealtimeServerProtocol(WebSocketServerProtocol):
+    """
+    One client connection.
+    """
+
+    log = Logger()
+    factory: "RealtimeServerFactory"
+    conn_id: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._params: dict[str, list[str]] = {}
+        self._origin: str | None = None
+        self._session: Session | None = None
+        self._queue: deque[Any] = deque()
+        # Frames the hub routes here between admission and the welcome
+        # (a direct to this peerId); None once the welcome is out.
+        self._early: list[OutboundFrame] | None = []
+        self._busy = False
+        self._closing = False
+        self._gone = False
+        self._expiry: IDelayedCall | None = None
+        self._farewell: IDelayedCall | None = None
+        self._bucket: TokenBucket | None = None
+        self._watch = _WriteWatch()
+
+    # -- handshake -------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        # Refusals wait until after the upgrade: browsers cannot read an
+        # HTTP status, but they can read a close code (§5.2).
+        self._params = request.params
+        self._origin = request.headers.get("origin")
+
+    def onOpen(self) -> None:
+        transport = self.transport
+        if transport is not None and getattr(transport, "producer", None) is not None:
+            # The HTTP channel that served the upgrade is still registered.
+            transport.unregisterProducer()
+        if transport is not None:
+            transport.registerProducer(self._watch, True)
+        self.factory.connections.add(self)
+        ensureDeferred(self._admit()).addErrback(self._admission_failed)
+
+    async def _admit(self) -> None:
+        factory = self.factory
+        now = factory.clock.seconds()
+        try:
+            grant = authenticate(self._params, self._origin, factory.keys.key, factory.keys.app, now)
+            session = await factory.hub.connect(self._sink_for, grant)
+        except Refusal as refusal:
+            self._close(refusal.code, refusal.reason)
+            return
+        if self._gone:
+            await factory.hub.disconnect(session)
+            return
+        self._bucket = TokenBucket(factory.message_burst, factory.message_rate, now)
+        try:
+            metadata = await self._welcome_metadata(grant)
+        except BaseException:
+            # The hub already counts this connection; onClose cannot release
+            # a session it was never given.
+            await factory.hub.disconnect(session)
+            raise
+        if self._gone:
+            await factory.hub.disconnect(session)
+            return
+        self._session = session
+        self._write(welcome_frame(grant.peer_id, grant.expires_at, int(factory.clock.seconds()), metadata))
+        early, self._early = self._early, None
+        for frame in early or ():
+            self._write(frame)
+        if grant.expires_at is not None:
+            delay = max(0.0, grant.expires_at - factory.clock.seconds() - EXPIRY_LEAD_SECONDS)
+            self._expiry = factory.clock.callLater(delay, self._expire)
+        self._pump()
+
+    def _sink_for(self, conn_id: str) -> IConnectionSink:
+        self.conn_id = conn_id
+        return self
+
+    def _admission_failed(self, failure: Any) -> None:
+        self.log.failure("Handshake failed", failure)
+        self._close(CloseCode.INTERNAL_ERROR, "internal_error")
+
+    async def _welcome_metadata(self, grant: Grant) -> dict | None:
+        """
+        The JWT's C{metadata}, with auto-injected TURN credentials merged in
+        when the key asks for them and the token brought none (§20.1).
+        """
+        metadata = grant.metadata
+        turn = self.factory.turn
+        app: App | None = self.factory.keys.app(grant.app_id)
+        if (
+            turn is None
+            or app is None
+            or app.turn is None
+            or not grant.auto_inject_turn
+            or (metadata is not None and "iceServers" in metadata)
+        ):
+            return metadata
+        servers = await turn.ice_servers(app, turn_ttl(grant, self.factory.clock.seconds()))
+        if not servers:
+            return metadata
+        return {**(metadata or {}), "iceServers": servers}
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self._close(CloseCode.TOKEN_EXPIRED, "token_expired")
+
+    # -- inbound ---------------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._closing:
+            return
+        if isBinary:
+            self._close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+            return
+        try:
+            item: Any = parse_frame(payload)
+        except FrameError as error:
+            item = error
+        # OP-18: everything but ping draws from the rate bucket, garbage too.
+        if not isinstance(item, Ping):
+            bucket = self._bucket
+            if bucket is not None and not bucket.take(self.factory.clock.seconds()):
+                self._close(CloseCode.OVER_MESSAGE_RATE, "over_message_rate")
+                return
+        if len(self._queue) >= MAX_QUEUED_FRAMES:
+            self._close(CloseCode.POLICY_VIOLATION, "too many frames in flight")
+            return
+        self._queue.append(item)
+        self._pump()
+
+    def _pump(self) -> None:
+        """
+        Process queued frames in order; stop at the first request whose
+        handling has to wait, and carry on when it is done.
+        """
+        session = self._session
+        if session is None:
+            return  # OP-29: held until the welcome is out
+        while self._queue and not self._busy and not self._closing:
+            item = self._queue.popleft()
+            if isinstance(item, Ping):
+                self.send_frame(PONG)
+            elif isinstance(item, FrameError):
+                self.send_frame(error_frame(item.code, item.message, item.request_id))
+            else:
+                done = self.factory.hub.handle(session, item)
+                if not done.called:
+                    self._busy = True
+                    done.addBoth(self._resume)
+
+    def _resume(self, result: object) -> None:
+        self._busy = False
+        self._pump()
+
+    # -- IConnectionSink ----------------------------------------------------------
+
+    def send_frame(self, frame: OutboundFrame) -> None:
+        if self._early is not None:
+            # The welcome must be the first frame (§8.1).
+            self._early.append(frame)
+            return
+        self._write(frame)
+
+    def _write(self, frame: OutboundFrame) -> None:
+        if self._closing:
+            return
+        prepared = frame.prepared
+        if prepared is None:
+            prepared = frame.prepared = self.factory.prepareMessage(frame.payload)
+        self.sendPreparedMessage(prepared)
+        watch = self._watch
+        if watch.paused:
+            watch.held += len(frame.payload)
+            if watch.held > self.factory.outbound_limit:
+                self.log.info("Closing slow reader {conn}", conn=self.conn_id)
+                self._close(CloseCode.POLICY_VIOLATION, "slow_consumer")
+                # A reader this far behind will not read the close frame;
+                # this replaces a pending going-away close.
+                if self._farewell is not None and self._farewell.active():
+                    self._farewell.cancel()
+                self._farewell = self.factory.clock.callLater(1.0, self._abort)
+
+    def close(self, code: int, reason: str) -> None:
+        self._close(code, reason)
+
+    def _close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        # sendClose() only takes 1000 and 3000-4999; 1001, 1003, 1008, 1009
+        # and 1011 are ours to send too (§13), so frame the close directly.
+        self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
+
+    def _abort(self) -> None:
+        self._farewell = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def going_away(self, retry_after_ms: int, close_after: float) -> None:
+        """
+        Tell the client this node is going down, then close 1001 (§17.1).
+        """
+        if self._closing or self._farewell is not None:
+            return
+        self.send_frame(going_away_frame(retry_after_ms))
+        self._farewell = self.factory.clock.callLater(close_after, self._close_going_away)
+
+    def _close_going_away(self) -> None:
+        self._farewell = None
+        self._close(CloseCode.GOING_AWAY, "going_away")
+
+    # -- teardown ----------------------------------------------------------------
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._gone = self._closing = True
+        self._queue.clear()
+        for call in (self._expiry, self._farewell):
+            if call is not None and call.active():
+                call.cancel()
+        self._expiry = self._farewell = None
+        self.factory.connections.discard(self)
+        session, self._session = self._session, None
+        if session is not None:
+            self.factory.hub.disconnect(session).addErrback(
+                lambda f: self.log.failure("Failed to clean up {conn}", f, conn=self.conn_id)
+            )
+        self.factory.closed_one()
+
+
+class RealtimeServerFactory(WebSocketServerFactory):
+    """
+    Node-wide WebSocket settings, and the live connections for draining.
+
+    Lifecycle belongs to the services: C{WebSocketResource} never calls a
+    factory's start/stop hooks, so L{drain} is called by the composition
+    root's shutdown service.
+    """
+
+    protocol = RealtimeServerProtocol
+
+    def __init__(
+        self,
+        hub: Hub,
+        keys: IKeyStore,
+        clock: IReactorTime,
+        turn: ITurnProvider | None = None,
+        message_rate: float = 100.0,
+        message_burst: float = 200.0,
+        outbound_limit: int = 1024 * 1024,
+        auto_ping_interval: float = 30.0,
+        auto_ping_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.hub = hub
+        self.keys = keys
+        self.clock = clock
+        self.turn = turn
+        self.message_rate = message_rate
+        self.message_burst = message_burst
+        self.outbound_limit = outbound_limit
+        self.connections: set[RealtimeServerProtocol] = set()
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
+        self._drain_calls: list[IDelayedCall] = []
+        self.setProtocolOptions(
+            maxFramePayloadSize=INBOUND_FRAME_LIMIT,
+            maxMessagePayloadSize=INBOUND_FRAME_LIMIT,
+            autoPingInterval=auto_ping_interval,
+            autoPingTimeout=auto_ping_timeout,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=2,
+            # Close frames carry the codes clients branch on (1009 included).
+            failByDrop=False,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def closed_one(self) -> None:
+        """
+        A connection has gone; wake up L{drain} once the last one has.
+        """
+        if not self.connections and self._drained:
+            self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        for call in self._drain_calls:
+            if call.active():
+                call.cancel()
+        self._drain_calls = []
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            if not d.called:
+                d.callback(None)
+
+    def drain(self, batch: int = 500, interval: float = 0.05, timeout: float = 10.0) -> Deferred[None]:
+        """
+        Stop admitting upgrades, send C{going_away} to every connection and
+        close each with 1001, in batches so a large node spreads the
+        reconnect burst (OP-24).
+
+        @return: fires when every connection is gone, or after C{timeout}.
+        """
+        self.draining = True
+        if not self.connections:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._drained.append(done)
+        protocols = list(self.connections)
+        for start in range(0, len(protocols), batch):
+            group = protocols[start : start + batch]
+            self._drain_calls.append(
+                self.clock.callLater((start // batch) * interval, self._say_going_away, group)
+            )
+        self._drain_calls.append(self.clock.callLater(timeout, self._finish_drain))
+        return done
+
+    def _say_going_away(self, group: list[RealtimeServerProtocol]) -> None:
+        for protocol in group:
+            protocol.going_away(1000 + random.randint(0, 2000), EXPIRY_LEAD_SECONDS)
+

@@ -1,0 +1,766 @@
+"""
+Tests for L{meteredrt.ws}: a real Autobahn client talks to
+L{RealtimeServerProtocol} over L{twisted.test.iosim}, with every timer
+(ours and Autobahn's) on one L{Clock}.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import attrs
+import txaio
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.test.iosim import IOPump, connectedServerAndClient
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from txaio.testutil import replace_loop
+from zope.interface import implementer
+
+from meteredrt.apps import ACTIONS, App, Key, KeyType, TurnConfig
+from meteredrt.auth import mint_token
+from meteredrt.broker.memory import MemoryBroker
+from meteredrt.hub import Hub
+from meteredrt.interfaces import ITurnProvider
+from meteredrt.metering import Meter
+from meteredrt.presence import MemoryPresence
+from meteredrt.protocol import INBOUND_FRAME_LIMIT, MAX_MESSAGE_SIZE
+from meteredrt.testing import MemoryKeyStore
+from meteredrt.usagestore import UsageStore
+from meteredrt.ws import RealtimeServerFactory, RealtimeServerProtocol
+
+txaio.use_twisted()
+
+#: Where the tests' clock starts: a plausible Unix time.
+START = 1_767_222_000
+SECRET_KEY = Key(
+    "sk_id_test",
+    "app_1",
+    KeyType.SECRET,
+    ("**",),
+    ACTIONS,
+    secret="sk_secret_0123456789abcdef0123456789abcdef",
+    auto_inject_turn=False,
+)
+PUBLISHABLE_KEY = Key(
+    "pk_live_test", "app_1", KeyType.PUBLISHABLE, ("**",), frozenset({"subscribe", "publish", "presence"})
+)
+CLIENT_ADDRESS = IPv4Address("TCP", "192.0.2.7", 50000)
+
+
+class RecordingClient(WebSocketClientProtocol):
+    """
+    An Autobahn client that records decoded text frames and how it closed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[dict[str, Any]] = []
+        self.opened = False
+        self.closed: tuple[bool, int | None, str | None] | None = None
+        self.answer_pings = True
+
+    def onOpen(self) -> None:
+        self.opened = True
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.append(json.loads(payload))
+
+    def onPing(self, payload: bytes) -> None:
+        if self.answer_pings:
+            super().onPing(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed = (wasClean, code, reason)
+
+    def send_json(self, frame: object) -> None:
+        """
+        Send one text frame holding C{frame} as JSON.
+        """
+        self.sendMessage(json.dumps(frame).encode("utf-8"))
+
+    @property
+    def close_code(self) -> int | None:
+        """
+        The close code the server sent, once closed.
+        """
+        return None if self.closed is None else self.closed[1]
+
+
+@implementer(ITurnProvider)
+class PendingTurn:
+    """
+    A TURN provider whose answers the test fires by hand.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[list[dict] | None]] = []
+
+    def ice_servers(self, app: App, ttl: int) -> Deferred[list[dict] | None]:
+        d: Deferred[list[dict] | None] = Deferred()
+        self.waiting.append(d)
+        return d
+
+
+Connection = tuple[RecordingClient, RealtimeServerProtocol, IOPump]
+
+
+class WebSocketTestCase(SynchronousTestCase):
+    """
+    A hub, a key store and a L{RealtimeServerFactory} on one L{Clock}, and a
+    way to connect Autobahn clients to it.
+    """
+
+    factory_options: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        loop = replace_loop(self.clock)
+        loop.__enter__()
+        self.addCleanup(loop.__exit__, None, None, None)
+        self.keys = MemoryKeyStore()
+        self.keys.add_app(App("app_1"))
+        self.keys.add_key(SECRET_KEY)
+        self.keys.add_key(PUBLISHABLE_KEY)
+        self.meter = Meter(self.clock, UsageStore(self.mktemp(), MemoryReactorClock()))
+        self.hub = Hub(MemoryBroker(), MemoryPresence(), self.meter, self.keys.app, node_id="n1")
+        self.turn = PendingTurn()
+        self.factory = RealtimeServerFactory(
+            self.hub, self.keys, self.clock, turn=self.turn, **self.factory_options
+        )
+
+    def token(self, peer_id: str = "alice", expires_in: int = 3600, **claims: Any) -> str:
+        """
+        A JWT for C{peer_id} signed with the test secret key, issued now.
+        """
+        return mint_token(SECRET_KEY, peer_id, now=int(self.clock.seconds()), expires_in=expires_in, **claims)
+
+    def open(self, query: str, origin: str | None = None) -> Connection:
+        """
+        Connect a client to C{/v1?query} and run the handshake.
+        """
+        client_factory = WebSocketClientFactory(f"ws://localhost/v1?{query}", origin=origin)
+        client_factory.protocol = RecordingClient
+        client, server, pump = connectedServerAndClient(
+            lambda: self.factory.buildProtocol(CLIENT_ADDRESS),
+            lambda: client_factory.buildProtocol(CLIENT_ADDRESS),
+            clock=self.clock,
+        )
+        return client, server, pump
+
+    def open_token(self, peer_id: str = "alice", **claims: Any) -> Connection:
+        """
+        Connect a client with a fresh JWT for C{peer_id}.
+        """
+        return self.open("token=" + self.token(peer_id, **claims))
+
+    def advance(self, seconds: float, *pumps: IOPump, step: float = 1.0) -> None:
+        """
+        Move time forward in steps, moving the bytes of every connection
+        after each.
+        """
+        while seconds > 0:
+            self.clock.advance(min(step, seconds))
+            seconds -= step
+            for pump in pumps:
+                pump.flush()
+
+    def assertClosed(self, client: RecordingClient, code: int) -> None:
+        """
+        The client has been closed with C{code}.
+        """
+        self.assertIsNotNone(client.closed, "the connection is still open")
+        self.assertEqual(client.close_code, code)
+
+    def assertNoTimers(self) -> None:
+        """
+        Nothing is left scheduled: every timer was cancelled with its
+        connection.
+        """
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HandshakeTests(WebSocketTestCase):
+    """
+    Authentication after the upgrade and the welcome (§5, §8.1).
+    """
+
+    def test_token_welcome(self) -> None:
+        """
+        A JWT connection's first frame is the welcome with the token's
+        subject and expiry and the server's time.
+        """
+        client, server, pump = self.open_token("alice", expires_in=600)
+        self.assertEqual(
+            client.received,
+            [
+                {
+                    "type": "welcome",
+                    "peerId": "alice",
+                    "expiresAt": START + 600,
+                    "serverTime": START,
+                    "maxMessageSize": MAX_MESSAGE_SIZE,
+                }
+            ],
+        )
+        self.assertIsNone(client.closed)
+        self.assertEqual(self.hub.connection_count, 1)
+
+    def test_token_metadata(self) -> None:
+        """
+        The token's C{metadata} claim rides in the welcome untouched.
+        """
+        client, server, pump = self.open_token("alice", metadata={"room": "r1"})
+        self.assertEqual(client.received[0]["metadata"], {"room": "r1"})
+
+    def test_publishable_welcome(self) -> None:
+        """
+        A publishable-key connection gets a fresh UUID peerId and an explicit
+        C{expiresAt: null}.
+        """
+        client, server, pump = self.open("key=pk_live_test")
+        [welcome] = client.received
+        self.assertEqual(welcome["type"], "welcome")
+        self.assertEqual(str(uuid.UUID(welcome["peerId"])), welcome["peerId"])
+        self.assertIn("expiresAt", welcome)
+        self.assertIsNone(welcome["expiresAt"])
+        self.assertEqual(welcome["maxMessageSize"], MAX_MESSAGE_SIZE)
+        other, _, _ = self.open("key=pk_live_test")
+        self.assertNotEqual(other.received[0]["peerId"], welcome["peerId"])
+
+    def test_bad_token(self) -> None:
+        """
+        A bad token is refused with 4001 after the upgrade, without a
+        welcome, and takes no hub slot.
+        """
+        client, server, pump = self.open("token=not.a.token")
+        self.assertTrue(client.opened)
+        self.assertClosed(client, 4001)
+        self.assertEqual(client.received, [])
+        self.assertEqual(self.hub.connection_count, 0)
+        self.assertNoTimers()
+
+    def test_no_credential(self) -> None:
+        """
+        Neither token nor key is refused with 4001.
+        """
+        client, server, pump = self.open("x=1")
+        self.assertTrue(client.opened)
+        self.assertClosed(client, 4001)
+        self.assertEqual(client.received, [])
+
+    def test_expired_token(self) -> None:
+        """
+        A token already expired is refused with 4002 after the upgrade.
+        """
+        token = mint_token(SECRET_KEY, "alice", now=START - 7200, expires_in=3600)
+        client, server, pump = self.open("token=" + token)
+        self.assertTrue(client.opened)
+        self.assertClosed(client, 4002)
+        self.assertEqual(client.received, [])
+
+    def test_suspended(self) -> None:
+        """
+        A connection to a suspended app is refused with 4012 after the
+        upgrade.
+        """
+        self.keys.add_app(App("app_1", suspended=True))
+        client, server, pump = self.open_token()
+        self.assertTrue(client.opened)
+        self.assertClosed(client, 4012)
+        self.assertEqual(client.received, [])
+
+    def test_allowed_origins(self) -> None:
+        """
+        A publishable key with allowed origins refuses another browser
+        origin with 4001 and admits a listed one or none at all.
+        """
+        self.keys.add_key(attrs.evolve(PUBLISHABLE_KEY, allowed_origins=("https://good.example",)))
+        refused, _, _ = self.open("key=pk_live_test", origin="https://evil.example")
+        self.assertClosed(refused, 4001)
+        self.assertEqual(refused.received, [])
+        for origin in ("https://good.example", None):
+            admitted, _, _ = self.open("key=pk_live_test", origin=origin)
+            self.assertEqual(admitted.received[0]["type"], "welcome")
+
+    def test_auto_ping_options(self) -> None:
+        """
+        The factory pings every 30 s and allows 10 s for the answer (§16).
+        """
+        self.assertEqual(self.factory.autoPingInterval, 30)
+        self.assertEqual(self.factory.autoPingTimeout, 10)
+
+    def test_dead_link_dropped(self) -> None:
+        """
+        A client that stops answering protocol pings is dropped after the
+        grace period and its presence ends.
+        """
+        watcher, _, watcher_pump = self.open_token("bob")
+        watcher.send_json({"type": "subscribe", "channel": "room"})
+        watcher_pump.flush()
+        client, server, pump = self.open_token("alice")
+        client.send_json({"type": "subscribe", "channel": "room"})
+        pump.flush()
+        watcher_pump.flush()
+        client.answer_pings = False
+        self.advance(30, pump, watcher_pump)
+        self.assertIsNone(client.closed)
+        self.advance(11, pump, watcher_pump)
+        self.assertIsNotNone(client.closed)
+        watcher_pump.flush()
+        self.assertEqual(
+            watcher.received[-1],
+            {"type": "presence", "channel": "room", "joined": [], "left": [{"peerId": "alice"}]},
+        )
+        self.assertEqual(self.hub.connection_count, 1)
+
+
+class InboundTests(WebSocketTestCase):
+    """
+    What the server does with client frames.
+    """
+
+    factory_options = {"message_burst": 5, "message_rate": 1.0}
+
+    def test_ping(self) -> None:
+        """
+        A C{ping} is answered with exactly C{pong}.
+        """
+        client, server, pump = self.open_token()
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.assertEqual(client.received[1:], [{"type": "pong"}])
+
+    def test_malformed_and_unknown(self) -> None:
+        """
+        Garbage and unknown types draw errors and leave the connection open.
+        """
+        client, server, pump = self.open_token()
+        client.sendMessage(b"{not json")
+        client.send_json({"type": "dance", "requestId": "r1"})
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.assertEqual(
+            [(f["type"], f.get("code"), f.get("requestId")) for f in client.received[1:]],
+            [("error", "malformed_message", None), ("error", "unknown_type", "r1"), ("pong", None, None)],
+        )
+        self.assertIsNone(client.closed)
+
+    def test_invalid_pattern(self) -> None:
+        """
+        A wildcard subscribe with an invalid escape is refused in-band as
+        C{invalid_channel}, not as a server fault.
+        """
+        client, server, pump = self.open_token()
+        client.send_json({"type": "subscribe", "channel": "rooms/\\q*", "requestId": "r1"})
+        pump.flush()
+        self.assertEqual(
+            [(f["type"], f.get("code"), f.get("requestId")) for f in client.received[1:]],
+            [("error", "invalid_channel", "r1")],
+        )
+        self.assertIsNone(client.closed)
+
+    def test_binary(self) -> None:
+        """
+        A binary frame closes the connection with 1003.
+        """
+        client, server, pump = self.open_token()
+        client.sendMessage(b"{}", isBinary=True)
+        pump.flush()
+        self.assertClosed(client, 1003)
+        self.assertEqual(self.hub.connection_count, 0)
+        self.assertNoTimers()
+
+    def test_frame_at_limit(self) -> None:
+        """
+        A frame of exactly the inbound limit is read (and here refused as
+        garbage), not cut off.
+        """
+        client, server, pump = self.open_token()
+        client.sendMessage(b"x" * INBOUND_FRAME_LIMIT)
+        pump.flush()
+        self.assertEqual(client.received[-1]["code"], "malformed_message")
+        self.assertIsNone(client.closed)
+
+    def test_frame_too_big(self) -> None:
+        """
+        A frame over 65536 + 1024 bytes closes the connection with 1009.
+        """
+        client, server, pump = self.open_token()
+        client.sendMessage(b"x" * (MAX_MESSAGE_SIZE + 1024 + 1))
+        pump.flush()
+        self.assertClosed(client, 1009)
+        self.assertEqual(self.hub.connection_count, 0)
+
+    def test_rate_limit(self) -> None:
+        """
+        Past the burst, a frame closes the connection with 4011; pings do
+        not count, garbage does.
+        """
+        client, server, pump = self.open_token()
+        for _ in range(20):
+            client.send_json({"type": "ping"})
+        client.sendMessage(b"garbage")
+        for n in range(4):
+            client.send_json({"type": "publish", "channel": "room", "data": n})
+        pump.flush()
+        self.assertIsNone(client.closed)
+        self.assertEqual(sum(f["type"] == "pong" for f in client.received), 20)
+        client.send_json({"type": "publish", "channel": "room", "data": 5})
+        pump.flush()
+        self.assertClosed(client, 4011)
+
+    def test_rate_refills(self) -> None:
+        """
+        The bucket refills with time.
+        """
+        client, server, pump = self.open_token()
+        for n in range(5):
+            client.send_json({"type": "publish", "channel": "room", "data": n})
+        pump.flush()
+        self.clock.advance(2)
+        for n in range(2):
+            client.send_json({"type": "publish", "channel": "room", "data": n})
+        pump.flush()
+        self.assertIsNone(client.closed)
+
+    def test_frames_before_welcome(self) -> None:
+        """
+        Frames that arrive before the welcome is out are processed after
+        it, in order.
+        """
+        self.keys.add_app(App("app_1", turn=TurnConfig("demo", "secret")))
+        client, server, pump = self.open("key=pk_live_test")
+        self.assertTrue(client.opened)
+        self.assertEqual(client.received, [])
+        client.send_json({"type": "subscribe", "channel": "room", "requestId": "s"})
+        client.send_json({"type": "ping"})
+        client.send_json({"type": "publish", "channel": "room", "data": 1, "requestId": "p"})
+        pump.flush()
+        self.assertEqual(client.received, [])
+        [waiting] = self.turn.waiting
+        waiting.callback([{"urls": "stun:stun.example.org:3478"}])
+        pump.flush()
+        self.assertEqual(
+            [f["type"] for f in client.received], ["welcome", "ack", "presence", "pong", "ack"]
+        )
+        self.assertEqual(client.received[0]["metadata"], {"iceServers": [{"urls": "stun:stun.example.org:3478"}]})
+        self.assertEqual([f.get("requestId") for f in client.received if f["type"] == "ack"], ["s", "p"])
+
+    def test_nothing_before_welcome(self) -> None:
+        """
+        Frames the hub routes to a connection whose welcome is not out yet
+        (here a direct to its peerId) follow the welcome.
+        """
+        self.keys.add_app(App("app_1", turn=TurnConfig("demo", "secret")))
+        self.keys.add_key(attrs.evolve(SECRET_KEY, auto_inject_turn=True))
+        client, server, pump = self.open_token("alice")
+        self.assertEqual(client.received, [])
+        bob, _, bob_pump = self.open_token("bob")
+        [waiting, bobs] = self.turn.waiting
+        bobs.callback(None)
+        bob.send_json({"type": "send", "to": "alice", "data": 1, "requestId": "d"})
+        bob_pump.flush()
+        pump.flush()
+        self.assertEqual(client.received, [])
+        waiting.callback(None)
+        pump.flush()
+        self.assertEqual(
+            client.received,
+            [
+                {
+                    "type": "welcome",
+                    "peerId": "alice",
+                    "expiresAt": START + 3600,
+                    "serverTime": START,
+                    "maxMessageSize": MAX_MESSAGE_SIZE,
+                },
+                {"type": "direct", "from": "bob", "data": 1},
+            ],
+        )
+
+    def test_welcome_failure(self) -> None:
+        """
+        A failure while preparing the welcome closes 1011 and releases the
+        connection's place in the hub.
+        """
+        self.keys.add_app(App("app_1", turn=TurnConfig("demo", "secret")))
+        client, server, pump = self.open("key=pk_live_test")
+        self.assertEqual(self.hub.connection_count, 1)
+        [waiting] = self.turn.waiting
+        waiting.errback(RuntimeError("TURN API exploded"))
+        pump.flush()
+        self.assertClosed(client, 1011)
+        self.assertEqual(client.received, [])
+        self.assertEqual(self.hub.connection_count, 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_messaging(self) -> None:
+        """
+        Two clients exchange channel and direct messages through the hub.
+        """
+        bob, _, bob_pump = self.open_token("bob", peer_metadata={"name": "Bob"})
+        bob.send_json({"type": "subscribe", "channel": "room"})
+        bob_pump.flush()
+        alice, _, alice_pump = self.open_token("alice")
+        alice.send_json({"type": "subscribe", "channel": "room", "requestId": "s"})
+        alice.send_json({"type": "publish", "channel": "room", "data": "hi"})
+        alice_pump.flush()
+        bob.send_json({"type": "send", "to": "alice", "data": {"k": 1}})
+        bob_pump.flush()
+        alice_pump.flush()
+        self.assertEqual(
+            alice.received[1:],
+            [
+                {"type": "ack", "requestId": "s"},
+                {
+                    "type": "presence",
+                    "channel": "room",
+                    "joined": [{"peerId": "bob", "metadata": {"name": "Bob"}}],
+                    "left": [],
+                },
+                {"type": "direct", "from": "bob", "data": {"k": 1}, "fromMetadata": {"name": "Bob"}},
+            ],
+        )
+        self.assertEqual(
+            bob.received[1:],
+            [
+                {"type": "presence", "channel": "room", "joined": [], "left": []},
+                {"type": "presence", "channel": "room", "joined": [{"peerId": "alice"}], "left": []},
+                {"type": "message", "channel": "room", "from": "alice", "data": "hi"},
+            ],
+        )
+
+    def test_close_cleans_up(self) -> None:
+        """
+        A client's close ends its presence and its hub session, and leaves
+        no timers behind.
+        """
+        bob, _, bob_pump = self.open_token("bob")
+        bob.send_json({"type": "subscribe", "channel": "room"})
+        bob_pump.flush()
+        alice, _, alice_pump = self.open_token("alice")
+        alice.send_json({"type": "subscribe", "channel": "room"})
+        alice_pump.flush()
+        alice.sendClose(1000)
+        alice_pump.flush()
+        bob_pump.flush()
+        self.assertEqual(bob.received[-1]["left"], [{"peerId": "alice"}])
+        self.assertEqual(self.hub.connection_count, 1)
+        bob.sendClose(1000)
+        bob_pump.flush()
+        self.assertEqual(self.hub.connection_count, 0)
+        self.assertNoTimers()
+
+
+class ExpiryTests(WebSocketTestCase):
+    """
+    JWT connections close 4002 about 250 ms before C{exp} (§4.5).
+    """
+
+    def test_expiry(self) -> None:
+        """
+        The connection stays open until 250 ms before C{exp}, then closes
+        with 4002 and leaves presence.
+        """
+        client, server, pump = self.open_token("alice", expires_in=100)
+        client.send_json({"type": "subscribe", "channel": "room"})
+        pump.flush()
+        self.advance(99.74, pump)
+        self.assertIsNone(client.closed)
+        self.advance(0.02, pump)
+        self.assertClosed(client, 4002)
+        self.assertEqual(self.successResultOf(self.hub.members("app_1", "room")), [])
+        self.assertNoTimers()
+
+    def test_publishable_never_expires(self) -> None:
+        """
+        A publishable-key connection has no expiry timer.
+        """
+        client, server, pump = self.open("key=pk_live_test")
+        self.advance(3 * 86400, pump, step=20)
+        self.assertIsNone(client.closed)
+
+
+class SlowReaderTests(WebSocketTestCase):
+    """
+    A connection that cannot keep up is cut off with 1008 instead of
+    holding memory without bound (§18).
+    """
+
+    factory_options = {"outbound_limit": 10_000}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.slow, self.slow_server, self.slow_pump = self.open_token("slow")
+        self.slow.send_json({"type": "subscribe", "channel": "room"})
+        self.slow_pump.flush()
+        self.fast, _, self.fast_pump = self.open_token("fast")
+        self.fast.send_json({"type": "subscribe", "channel": "room"})
+        self.fast_pump.flush()
+
+    def publish(self, size: int) -> None:
+        """
+        The fast client publishes C{size} bytes of data to the room.
+        """
+        self.fast.send_json({"type": "publish", "channel": "room", "data": "x" * size})
+        self.fast_pump.flush()
+
+    def test_cut_off(self) -> None:
+        """
+        Past the limit of bytes written while the transport is paused, the
+        connection closes 1008 and leaves presence.
+        """
+        self.slow_server._watch.pauseProducing()
+        self.publish(4000)
+        self.publish(4000)
+        self.assertIsNone(self.slow.closed)
+        self.publish(4000)
+        self.slow_pump.flush()
+        self.assertClosed(self.slow, 1008)
+        self.fast_pump.flush()
+        self.assertEqual(self.fast.received[-1]["left"], [{"peerId": "slow"}])
+        self.assertEqual(self.hub.connection_count, 1)
+
+    def test_resume_forgives(self) -> None:
+        """
+        What was written before the transport resumed does not count.
+        """
+        self.slow_server._watch.pauseProducing()
+        self.publish(4000)
+        self.publish(4000)
+        self.slow_server._watch.resumeProducing()
+        self.slow_server._watch.pauseProducing()
+        self.publish(4000)
+        self.publish(4000)
+        self.slow_pump.flush()
+        self.assertIsNone(self.slow.closed)
+
+    def test_unpaused_unlimited(self) -> None:
+        """
+        A reader that keeps up may receive any amount.
+        """
+        for _ in range(10):
+            self.publish(4000)
+        self.slow_pump.flush()
+        self.assertIsNone(self.slow.closed)
+        self.assertEqual(len([f for f in self.slow.received if f["type"] == "message"]), 10)
+
+    def test_cut_off_while_draining(self) -> None:
+        """
+        A slow reader cut off while its goodbye is pending leaves no timer
+        behind once it is gone.
+        """
+        self.factory.drain()
+        self.slow_pump.flush()
+        self.fast_pump.flush()
+        self.slow_server._watch.pauseProducing()
+        for _ in range(3):
+            self.publish(4000)
+        self.slow_pump.flush()
+        self.assertClosed(self.slow, 1008)
+        self.fast.sendClose(1000)
+        self.fast_pump.flush()
+        self.assertNoTimers()
+
+    def test_abort_if_silent(self) -> None:
+        """
+        A slow reader that never answers the close is aborted a second
+        later.
+        """
+        self.slow_server._watch.pauseProducing()
+        for _ in range(3):
+            self.publish(4000)
+        self.assertTrue(self.slow_server._closing)
+        transport = self.slow_server.transport
+        self.clock.advance(1.0)
+        self.assertTrue(transport.disconnecting)
+
+
+class DrainTests(WebSocketTestCase):
+    """
+    Draining sends C{going_away}, then closes 1001 (§17.1).
+    """
+
+    def test_drain(self) -> None:
+        """
+        Every connection gets C{going_away} then close 1001, and the drain
+        finishes when they are gone.
+        """
+        first, _, first_pump = self.open_token("a")
+        second, _, second_pump = self.open_token("b")
+        done = self.factory.drain()
+        self.assertTrue(self.factory.draining)
+        self.assertNoResult(done)
+        first_pump.flush()
+        second_pump.flush()
+        for client in (first, second):
+            going = client.received[-1]
+            self.assertEqual(going["type"], "going_away")
+            self.assertTrue(1000 <= going["retryAfterMs"] <= 3000)
+            self.assertIsNone(client.closed)
+        self.clock.advance(0.25)
+        first_pump.flush()
+        second_pump.flush()
+        self.assertClosed(first, 1001)
+        self.assertClosed(second, 1001)
+        self.successResultOf(done)
+        self.assertEqual(self.hub.connection_count, 0)
+        self.assertNoTimers()
+
+    def test_drain_twice(self) -> None:
+        """
+        Draining again while a drain is under way says goodbye once and
+        leaves no timer behind.
+        """
+        client, server, pump = self.open_token("a")
+        self.factory.drain()
+        pump.flush()
+        self.factory.drain()
+        pump.flush()
+        self.assertEqual([f["type"] for f in client.received], ["welcome", "going_away"])
+        self.clock.advance(0.25)
+        pump.flush()
+        self.assertClosed(client, 1001)
+        self.assertNoTimers()
+
+    def test_drain_empty(self) -> None:
+        """
+        Draining a node without connections is done at once.
+        """
+        self.successResultOf(self.factory.drain())
+        self.assertTrue(self.factory.draining)
+
+    def test_drain_timeout(self) -> None:
+        """
+        The drain gives up waiting after its timeout.
+        """
+        client, server, pump = self.open_token("a")
+        done = self.factory.drain(timeout=5.0)
+        self.clock.advance(5.0)
+        self.successResultOf(done)
+
+
+class KickTests(WebSocketTestCase):
+    """
+    The hub's kick reaches the WebSocket as close 4020.
+    """
+
+    def test_kick(self) -> None:
+        """
+        Every connection of the kicked peer closes with 4020.
+        """
+        first, _, first_pump = self.open_token("a")
+        second, _, second_pump = self.open_token("a")
+        self.assertEqual(self.successResultOf(self.hub.kick("app_1", "a")), 2)
+        first_pump.flush()
+        second_pump.flush()
+        self.assertClosed(first, 4020)
+        self.assertClosed(second, 4020)
+        self.assertEqual(self.hub.connection_count, 0)
