@@ -1,0 +1,92 @@
+"""
+C{POST /v1/tokens}: mint a connect token for a backend (§19.2).
+
+L{TokensResource} checks the JSON shapes of the request and leaves every
+claim rule (caps, the key's patterns and actions) to
+L{meteredrt.auth.mint_token}, so the REST endpoint and the CLI mint exactly
+the same JWT.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from meteredrt.auth import DEFAULT_TOKEN_LIFETIME, MintError, mint_token
+from meteredrt.protocol import is_valid_peer_id
+from meteredrt.rest.base import ApiError, Call, JsonResource, Route, invalid
+
+ROUTES = (
+    Route(
+        "POST",
+        "/v1/tokens",
+        "mintToken",
+        "Mint a connect token (HS256 JWT signed with the authenticating secret key)",
+        handler="mint",
+        request_schema="TokenRequest",
+        response_schema="TokenResponse",
+        errors=(400, 401, 403, 413, 429, 503),
+    ),
+)
+
+
+def _optional_list(body: Mapping[str, Any], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise invalid(f"{name}: must be an array of strings")
+    return value
+
+
+def _optional_object(body: Mapping[str, Any], name: str) -> dict | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(f"{name}: must be a JSON object")
+    return value
+
+
+class TokensResource(JsonResource):
+    """
+    C{/v1/tokens}.
+    """
+
+    routes = ROUTES
+
+    def locate(self, postpath: list[bytes]) -> tuple[str, dict[str, bytes]] | None:
+        return ("/v1/tokens", {}) if not postpath else None
+
+    async def mint(self, call: Call) -> Mapping[str, Any]:
+        """
+        Mint the token; 400/403 with the code L{MintError} names.
+        """
+        body = call.body or {}
+        peer_id = body.get("peerId")
+        if not is_valid_peer_id(peer_id):
+            raise invalid("peerId: required; printable ASCII, 1-128 characters")
+        expires_in = body.get("expiresInSec", DEFAULT_TOKEN_LIFETIME)
+        if expires_in is None:
+            expires_in = DEFAULT_TOKEN_LIFETIME
+        if not isinstance(expires_in, int) or isinstance(expires_in, bool):
+            raise invalid("expiresInSec: must be an integer")
+        channels = _optional_list(body, "channels")
+        permissions = _optional_list(body, "permissions")
+        metadata = _optional_object(body, "metadata")
+        peer_metadata = _optional_object(body, "peerMetadata")
+        now = int(self._guard.clock.seconds())
+        try:
+            token = mint_token(
+                call.key,
+                peer_id,
+                now=now,
+                expires_in=expires_in,
+                channels=channels,
+                permissions=permissions,
+                metadata=metadata,
+                peer_metadata=peer_metadata,
+            )
+        except MintError as e:
+            status = 400 if e.code == "invalid_request" else 403
+            raise ApiError(status, e.code, f"{e.field}: {e.message}")
+        return {"token": token, "expiresAt": now + expires_in}

@@ -1,0 +1,48 @@
+"""
+C{GET /v1/usage}: the caller's app's usage and plan (§19.6).
+
+L{UsageResource} returns what the L{IMeter} reports; when that fails the
+base resource answers 503 C{internal_error}, and live messaging is not
+affected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from meteredrt.interfaces import IMeter
+from meteredrt.rest.base import Call, JsonResource, RequestGuard, Route
+
+ROUTES = (
+    Route(
+        "GET",
+        "/v1/usage",
+        "getUsage",
+        "Usage counters and plan of the authenticating key's app for the current period",
+        handler="usage",
+        response_schema="Usage",
+        errors=(401, 429, 503),
+    ),
+)
+
+
+class UsageResource(JsonResource):
+    """
+    C{/v1/usage}.
+    """
+
+    routes = ROUTES
+
+    def __init__(self, guard: RequestGuard, meter: IMeter) -> None:
+        super().__init__(guard)
+        self._meter = meter
+
+    def locate(self, postpath: list[bytes]) -> tuple[str, dict[str, bytes]] | None:
+        return ("/v1/usage", {}) if not postpath else None
+
+    async def usage(self, call: Call) -> Mapping[str, Any]:
+        """
+        The meter's §19.6 report for the caller's app.
+        """
+        report: Mapping[str, Any] = await self._meter.usage(call.app)
+        return report
