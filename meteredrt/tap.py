@@ -1,0 +1,209 @@
+"""
+The composition root: C{twistd meteredrt} options and L{makeService}.
+
+This is the only module that picks implementations (SQLite key store,
+in-memory broker and presence, SQLite-backed meter, treq TURN client) and
+the only one that may import the global reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+import treq
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from meteredrt.apps import App, Key, KeyType
+from meteredrt.broker.memory import MemoryBroker
+from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
+from meteredrt.hub import Hub
+from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
+from meteredrt.metering import Meter
+from meteredrt.presence import MemoryPresence
+from meteredrt.rest import install_rest
+from meteredrt.site import V1Resource, access_log_line, build_root
+from meteredrt.speedups import install_speedups
+from meteredrt.turn import TurnApiClient, TurnCredentialCache
+from meteredrt.usagestore import UsageStore, usage_database_path
+from meteredrt.ws import RealtimeServerFactory
+
+
+class Options(usage.Options):
+    """
+    C{twistd meteredrt} options. With none, the server listens on
+    C{tcp:8080:interface=127.0.0.1} and keeps its state in
+    C{./meteredrt-data}.
+    """
+
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (apps, keys, plans, listen, data_dir)."],
+        ["data-dir", "d", None, "Directory for persistent state (SQLite). Default ./meteredrt-data."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Listen on a Twisted endpoint (repeatable), e.g.
+        tcp:8080:interface=127.0.0.1 or ssl:8443:privateKey=key.pem:certKey=cert.pem
+        """
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        try:
+            config = load_config(self["config"]) if self["config"] else default_config()
+            self["parsed"] = apply_options(config, listen=self["listen"], data_dir=self["data-dir"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def print_bootstrap(app: App, keys: tuple[Key, ...], out: TextIO | None = None) -> None:
+    """
+    Show the keys of a freshly bootstrapped app once: the only time the
+    secret is shown. Written to the terminal, never to the log.
+    """
+    out = out or sys.__stdout__
+    lines = [f"meteredrt: created app {app.app_id!r} with these keys (the secret is shown only now):"]
+    for key in keys:
+        if key.type is KeyType.SECRET:
+            lines.append(f"  secret key id:     {key.key_id}")
+            lines.append(f"  secret key secret: {key.secret}")
+        else:
+            lines.append(f"  publishable key:   {key.key_id}")
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+class ConnectionDrain(Service):
+    """
+    On shutdown, after the listeners have stopped, tell every connection to
+    go away and wait for them to close (§17.1).
+    """
+
+    def __init__(self, factory: RealtimeServerFactory) -> None:
+        self._factory = factory
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._factory.drain()
+
+
+class Listener(Service):
+    """
+    Listens on one Twisted endpoint string while running.
+    """
+
+    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+        self.description = description
+        self._endpoint = endpoints.serverFromString(reactor, description)
+        self._factory = factory
+        self._port: IListeningPort | None = None
+
+    async def listen(self) -> IListeningPort:
+        """
+        Start listening; fires with the bound port.
+        """
+        self.running = True
+        self._port = await self._endpoint.listen(self._factory)
+        return self._port
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self._port = self._port, None
+        return None if port is None else port.stopListening()
+
+
+class StartupGate(MultiService):
+    """
+    Holds back the listeners until the key store has loaded, so the first
+    client never meets an empty store; stops the process if it cannot
+    listen.
+
+    @ivar listening: fires with the bound L{IListeningPort}s once every
+        listener is up.
+    """
+
+    log = Logger()
+
+    def __init__(self, keys: SQLiteKeyStore, reactor: Any) -> None:
+        super().__init__()
+        self._keys = keys
+        self._reactor = reactor
+        self.listening: Deferred[list[IListeningPort]] = Deferred()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        ensureDeferred(self._open()).addCallbacks(self.listening.callback, self._failed)
+
+    async def _open(self) -> list[IListeningPort]:
+        await self._keys.ready
+        ports = []
+        for listener in self:
+            port = await listener.listen()
+            self.log.info("meteredrt listening on {where}", where=port.getHost())
+            ports.append(port)
+        return ports
+
+    def _failed(self, failure: Any) -> None:
+        self.log.failure("meteredrt could not start", failure)
+        self.listening.errback(failure)
+        self._reactor.stop()
+
+
+def makeService(options: Options | dict, reactor: Any = None) -> IService:
+    """
+    Build the whole server as one C{MultiService}.
+
+    Stop order is the reverse of the order children are added: listeners
+    stop accepting first, then connections drain, then the meter flushes,
+    then the stores close.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config: Config = options["parsed"]
+    install_speedups()
+
+    top = MultiService()
+    keys = SQLiteKeyStore(
+        open_pool(prepare_database(config.data_dir), reactor),
+        clock=reactor,
+        declarations=config.apps,
+        on_bootstrap=print_bootstrap,
+    )
+    keys.setServiceParent(top)
+    meter = Meter(reactor, UsageStore(usage_database_path(config.data_dir), reactor))
+    meter.setServiceParent(top)
+
+    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
+    hub.setServiceParent(top)
+    # The API call may outlive the 2 s a welcome waits: a late answer still
+    # fills the cache for the next connection.
+    turn = TurnCredentialCache(TurnApiClient(treq, reactor, timeout=10.0), reactor)
+    turn.setServiceParent(top)
+    factory = RealtimeServerFactory(hub, keys, reactor, turn=turn)
+    ConnectionDrain(factory).setServiceParent(top)
+
+    v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit)
+    install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor)
+    root = build_root(v1, ready=lambda: keys.running and not factory.draining)
+    site = Site(root, logFormatter=access_log_line)
+    site.displayTracebacks = False
+    gate = StartupGate(keys, reactor)
+    gate.setName("listeners")
+    for description in config.listen:
+        Listener(description, site, reactor).setServiceParent(gate)
+    gate.setServiceParent(top)
+    return top
