@@ -1,0 +1,229 @@
+"""
+Take Autobahn's debug-log argument formatting off the hot path.
+
+Autobahn builds the arguments of its debug log calls before the logger
+decides whether to keep the event: C{hltype(self.sendData)} on every frame
+sent, C{hltype(self.dataReceived)} on every read, and
+C{pformat(<the ~30 protocol options>)} on every new connection (about 1 us,
+1 us and 100 us here). The strings only ever end up in log events.
+
+L{install_speedups} swaps those helpers, in the two Autobahn modules that
+call them on the server path, for versions whose output is the same when it
+is written and that cost next to nothing when it is not:
+
+ - C{hltype} is memoised per function: the same string, computed once per
+   call site instead of once per frame;
+ - C{pformat} (in L{autobahn.websocket.protocol} only) returns a
+   L{DeferredPformat} that runs the real C{pprint.pformat} only if an
+   observer renders the event; the module's one other caller,
+   C{Timings.__str__}, is wrapped so that it still returns a C{str}.
+
+C{hlval} is left alone: without C{click} installed it is just C{f"{val}"}
+(about 70 ns), and a cheaper replacement would change the type or the
+colours of what is logged.
+
+Nothing else changes: not the frames, not the text of a rendered log event.
+The patch is checked against the Autobahn release it was written for
+(L{VERIFIED_AUTOBAHN}); C{tests/test_speedups.py} fails when Autobahn is
+upgraded, moves these names, or calls them anywhere but inside a log call,
+so the call sites are re-read on every upgrade.
+
+Main entry points: L{install_speedups}, L{uninstall_speedups},
+L{speedups_installed}.
+"""
+
+from __future__ import annotations
+
+import os
+import pprint
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+from twisted.logger import Logger
+
+#: The Autobahn release whose call sites were read for this patch.
+VERIFIED_AUTOBAHN = "26.10.2"
+
+#: Setting this environment variable to C{1} turns the speedups off, for
+#: benchmarks that compare against the unpatched server.
+DISABLE_VARIABLE = "METEREDRT_NO_SPEEDUPS"
+
+#: The modules patched, and the names in each that are replaced.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "autobahn.websocket.protocol": ("hltype", "pformat"),
+    "autobahn.twisted.websocket": ("hltype",),
+}
+
+_log = Logger()
+
+# (module, name) -> the original object, while installed.
+_originals: dict[tuple[str, str], Any] = {}
+# The Timings class whose __str__ was wrapped, and its original __str__.
+_timings: tuple[type, Callable[[Any], Any]] | None = None
+
+
+class SpeedupError(Exception):
+    """
+    The installed Autobahn does not look like the one the patch was written
+    for: a name moved or is no longer the helper it replaces.
+    """
+
+
+class DeferredPformat:
+    """
+    C{pprint.pformat(obj)}, computed only when formatted.
+
+    Log events keep their arguments and observers render them with
+    C{format()}, C{str()} or C{repr()}; all three give what the real
+    C{pformat} string would have given.
+    """
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: object) -> None:
+        self._obj = obj
+
+    def __format__(self, spec: str) -> str:
+        return format(pprint.pformat(self._obj), spec)
+
+    def __str__(self) -> str:
+        return pprint.pformat(self._obj)
+
+    def __repr__(self) -> str:
+        return repr(pprint.pformat(self._obj))
+
+
+def deferred_pformat(obj: object, *args: Any, **kwargs: Any) -> Any:
+    """
+    Stand-in for C{pprint.pformat} in a module that only logs its result.
+    """
+    if args or kwargs:
+        return pprint.pformat(obj, *args, **kwargs)
+    return DeferredPformat(obj)
+
+
+def memoised_hltype(original: Callable[[Any], str]) -> Callable[[Any], str]:
+    """
+    Wrap Autobahn's C{hltype} so that each function's highlighted name is
+    computed once.
+
+    C{hltype} of a function, class or bound method depends only on its
+    module and qualified name, which a bound method takes from its
+    C{__func__}; anything else is passed to the original every time.
+    """
+    cache: dict[Any, str] = {}
+
+    def hltype(obj: Any) -> str:
+        try:
+            return cache[obj.__func__]
+        except (AttributeError, KeyError, TypeError):
+            pass
+        text = original(obj)
+        key = getattr(obj, "__func__", obj)
+        if callable(key) and getattr(key, "__qualname__", None) is not None:
+            try:
+                cache[key] = text
+            except TypeError:
+                pass
+        return text
+
+    hltype.__wrapped__ = original  # type: ignore[attr-defined]
+    return hltype
+
+
+def _check(modules: Mapping[str, ModuleType]) -> type:
+    """
+    Make sure every name to replace is still Autobahn's helper.
+
+    @return: the C{Timings} class of L{autobahn.websocket.protocol}.
+    @raise SpeedupError: naming what moved.
+    """
+    from autobahn import util
+
+    expected = {"hltype": util.hltype, "pformat": pprint.pformat}
+    for module_name, names in TARGETS.items():
+        module = modules[module_name]
+        for name in names:
+            current = getattr(module, name, None)
+            if current is not expected[name]:
+                raise SpeedupError(f"{module_name}.{name} is {current!r}, not {expected[name]!r}")
+    timings = getattr(modules["autobahn.websocket.protocol"], "Timings", None)
+    if not isinstance(timings, type) or "__str__" not in vars(timings):
+        raise SpeedupError("autobahn.websocket.protocol.Timings.__str__ has moved")
+    return timings
+
+
+def _import_targets() -> dict[str, ModuleType]:
+    import autobahn.twisted.websocket
+    import autobahn.websocket.protocol
+
+    return {
+        "autobahn.websocket.protocol": autobahn.websocket.protocol,
+        "autobahn.twisted.websocket": autobahn.twisted.websocket,
+    }
+
+
+def install_speedups(enabled: bool | None = None, environ: Mapping[str, str] | None = None) -> bool:
+    """
+    Patch Autobahn's debug-log helpers (see the module docstring). Safe to
+    call more than once.
+
+    @param enabled: C{False} removes the patch; C{None} means "on unless
+        C{METEREDRT_NO_SPEEDUPS=1} is set in C{environ}".
+    @param environ: defaults to C{os.environ}.
+    @return: whether the patch is in place. When Autobahn no longer has the
+        expected names the server still starts, unpatched, with a warning;
+        the tests fail in that case.
+    """
+    global _timings
+    if enabled is None:
+        env = os.environ if environ is None else environ
+        enabled = env.get(DISABLE_VARIABLE, "") != "1"
+    if not enabled:
+        uninstall_speedups()
+        return False
+    if _originals:
+        return True
+    modules = _import_targets()
+    try:
+        timings = _check(modules)
+    except SpeedupError as e:
+        _log.warn("Autobahn speedups not installed: {problem}", problem=str(e))
+        return False
+    for module_name, names in TARGETS.items():
+        module = modules[module_name]
+        for name in names:
+            original = getattr(module, name)
+            _originals[(module_name, name)] = original
+            setattr(module, name, memoised_hltype(original) if name == "hltype" else deferred_pformat)
+    original_str = vars(timings)["__str__"]
+
+    def timings_str(self: Any) -> str:
+        # The original returns the module's pformat(...), now deferred.
+        return str(original_str(self))
+
+    timings.__str__ = timings_str  # type: ignore[method-assign]
+    _timings = (timings, original_str)
+    return True
+
+
+def uninstall_speedups() -> None:
+    """
+    Put Autobahn's own helpers back.
+    """
+    global _timings
+    modules = _import_targets() if _originals else {}
+    for (module_name, name), original in _originals.items():
+        setattr(modules[module_name], name, original)
+    _originals.clear()
+    if _timings is not None:
+        timings, original_str = _timings
+        timings.__str__ = original_str  # type: ignore[method-assign]
+        _timings = None
+
+
+def speedups_installed() -> bool:
+    """
+    Whether L{install_speedups} has patched Autobahn.
+    """
+    return bool(_originals)
