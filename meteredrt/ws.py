@@ -108,7 +108,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._gone = False
         self._expiry: IDelayedCall | None = None
         self._farewell: IDelayedCall | None = None
-        self._bucket: TokenBucket | None = None
+        self._bucket: TokenBucket | None = None  # set once the socket is open
         self._watch = _WriteWatch()
 
     # -- handshake -------------------------------------------------------------
@@ -126,14 +126,19 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             transport.unregisterProducer()
         if transport is not None:
             transport.registerProducer(self._watch, True)
-        self.factory.connections.add(self)
+        factory = self.factory
+        # The bucket starts with the socket: frames held for the welcome
+        # draw from it too (OP-18).
+        self._bucket = TokenBucket(factory.message_burst, factory.message_rate, factory.clock.seconds())
+        factory.connections.add(self)
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
 
     async def _admit(self) -> None:
         factory = self.factory
-        now = factory.clock.seconds()
         try:
-            grant = authenticate(self._params, self._origin, factory.keys.key, factory.keys.app, now)
+            grant = authenticate(
+                self._params, self._origin, factory.keys.key, factory.keys.app, factory.clock.seconds()
+            )
             session = await factory.hub.connect(self._sink_for, grant)
         except Refusal as refusal:
             self._close(refusal.code, refusal.reason)
@@ -141,7 +146,6 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         if self._gone:
             await factory.hub.disconnect(session)
             return
-        self._bucket = TokenBucket(factory.message_burst, factory.message_rate, now)
         try:
             metadata = await self._welcome_metadata(grant)
         except BaseException:

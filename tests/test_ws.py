@@ -453,6 +453,19 @@ class InboundTests(WebSocketTestCase):
         self.assertEqual(client.received[0]["metadata"], {"iceServers": [{"urls": "stun:stun.example.org:3478"}]})
         self.assertEqual([f.get("requestId") for f in client.received if f["type"] == "ack"], ["s", "p"])
 
+    def test_flood_before_welcome(self) -> None:
+        """
+        Frames held for the welcome draw from the rate bucket too: a flood
+        while the welcome waits on TURN closes with 4011.
+        """
+        self.keys.add_app(App("app_1", turn=TurnConfig("demo", "secret")))
+        client, server, pump = self.open("key=pk_live_test")
+        for n in range(6):
+            client.send_json({"type": "publish", "channel": "room", "data": n})
+        pump.flush()
+        self.assertClosed(client, 4011)
+        self.assertEqual(client.received, [])
+
     def test_nothing_before_welcome(self) -> None:
         """
         Frames the hub routes to a connection whose welcome is not out yet
