@@ -106,11 +106,13 @@ class IDeliveryTarget(Interface):
     The node-local receiver of what an L{IBroker} routes: the hub.
     """
 
-    def deliver(app_id: str, envelope: object) -> None:
+    def deliver(app_id: str, envelope: object) -> int:
         """
         Hand one routed envelope (L{meteredrt.envelopes}) to local
         connections. Called in the order the broker received envelopes from
         any one sender.
+
+        @return: how many local connections it reached.
         """
 
 
@@ -161,13 +163,14 @@ class IBroker(Interface):
     def publish(app_id: str, channel: str, envelope: object) -> object:
         """
         Route an envelope to every node watching the channel or a pattern
-        matching it. Fires when it is accepted for routing.
+        matching it. Fires when it is accepted for routing, with the number
+        of connections reached when the broker knows it, else ``None``.
         """
 
     def direct(app_id: str, peer_id: str, envelope: object) -> object:
         """
-        Route an envelope to every node watching the peer. Fires when it is
-        accepted for routing.
+        Route an envelope to every node watching the peer. Fires like
+        L{publish}.
         """
 
 
