@@ -19,6 +19,7 @@ from attrs import frozen
 
 from meteredrt.apps import ACTIONS, App, Key, KeyType
 from meteredrt.globs import covers, matches_any, pattern_error
+from meteredrt.icelist import ice_servers_error
 from meteredrt.protocol import CloseCode, is_finite_json_number, is_valid_peer_id, json_size
 
 ALGORITHM = "HS256"
@@ -336,5 +337,10 @@ def mint_token(
         if json_size(value) > cap:
             raise MintError(field, f"larger than {cap} bytes serialized")
         claims[field] = value
+    if metadata is not None and "iceServers" in metadata:
+        # The SDK silently drops a whole list that breaks one of its rules.
+        problem = ice_servers_error(metadata["iceServers"])
+        if problem is not None:
+            raise MintError("metadata", f"iceServers: {problem}")
     return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers={"kid": key.key_id})
 

@@ -39,6 +39,25 @@ from meteredrt.apps import App, TurnConfig
 from meteredrt.icelist import ice_servers_error
 from meteredrt.interfaces import ITurnProvider
 
+#: OP-25: TURN credentials live within these bounds (seconds)...
+CREDENTIAL_LIFETIME_MIN, CREDENTIAL_LIFETIME_MAX = 3600, 86400
+#: ...and this long for connections that never expire (publishable keys).
+PUBLISHABLE_CREDENTIAL_LIFETIME = 12 * 3600
+
+
+def credential_lifetime(remaining: float | None) -> int:
+    """
+    OP-25: how long a TURN credential should live.
+
+    @param remaining: the lifetime left to the token that carries the
+        credential, in seconds, or C{None} for a connection that never
+        expires.
+    @return: C{remaining} within one hour and one day; 12 hours for C{None}.
+    """
+    if remaining is None:
+        return PUBLISHABLE_CREDENTIAL_LIFETIME
+    return int(min(CREDENTIAL_LIFETIME_MAX, max(CREDENTIAL_LIFETIME_MIN, remaining)))
+
 _log = Logger()
 
 #: Query parameters whose values are credentials: never logged, never put in

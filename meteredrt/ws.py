@@ -41,11 +41,10 @@ from meteredrt.protocol import (
     welcome_frame,
 )
 from meteredrt.ratelimit import TokenBucket
+from meteredrt.turn import credential_lifetime
 
 #: §4.5: JWT connections close this long before C{exp}.
 EXPIRY_LEAD_SECONDS = 0.25
-#: OP-25: TTL bounds for auto-injected TURN credentials.
-TURN_TTL_MIN, TURN_TTL_MAX, TURN_TTL_PUBLISHABLE = 3600, 86400, 12 * 3600
 #: Frames that may wait for the welcome or a slow request before the
 #: connection is considered abusive.
 MAX_QUEUED_FRAMES = 1000
@@ -72,16 +71,6 @@ class _WriteWatch:
 
     def stopProducing(self) -> None:
         self.paused = False
-
-
-def turn_ttl(grant: Grant, now: float) -> int:
-    """
-    OP-25: the JWT's remaining lifetime within [1 h, 24 h]; 12 h for
-    publishable keys.
-    """
-    if grant.expires_at is None:
-        return TURN_TTL_PUBLISHABLE
-    return int(min(TURN_TTL_MAX, max(TURN_TTL_MIN, grant.expires_at - now)))
 
 
 @implementer(IConnectionSink)
@@ -190,7 +179,8 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             or (metadata is not None and "iceServers" in metadata)
         ):
             return metadata
-        servers = await turn.ice_servers(app, turn_ttl(grant, self.factory.clock.seconds()))
+        remaining = None if grant.expires_at is None else grant.expires_at - self.factory.clock.seconds()
+        servers = await turn.ice_servers(app, credential_lifetime(remaining))
         if not servers:
             return metadata
         return {**(metadata or {}), "iceServers": servers}

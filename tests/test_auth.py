@@ -871,6 +871,21 @@ class MintTokenTests(SynchronousTestCase):
         claims = jwt.decode(token, OTHER_SECRET, algorithms=["HS256"], options=UNCHECKED_TIMES)
         self.assertEqual(claims, {"sub": "u_1", "iat": NOW, "exp": NOW + 3600})
 
+    def test_ice_servers_checked(self) -> None:
+        """
+        A C{metadata.iceServers} the SDK would drop is refused at mint time;
+        a valid one is carried unchanged.
+        """
+        error = self.assertMintError(
+            "metadata", "invalid_request", metadata={"iceServers": [{"urls": "http://not-ice.example"}]}
+        )
+        self.assertIn("iceServers", error.message)
+        self.assertMintError("metadata", "invalid_request", metadata={"iceServers": "stun:x"})
+        servers = [{"urls": ["turn:turn.example.org:443?transport=tcp"], "username": "u", "credential": "c"}]
+        token = mint_token(self.key, "u_1", now=NOW, metadata={"iceServers": servers, "room": 7})
+        claims = jwt.decode(token, OTHER_SECRET, algorithms=["HS256"], options=UNCHECKED_TIMES)
+        self.assertEqual(claims["metadata"], {"iceServers": servers, "room": 7})
+
     def test_round_trip(self) -> None:
         """
         A minted token verifies until its exp and is expired (4002) at it.
