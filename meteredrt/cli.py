@@ -1,5 +1,6 @@
 """
-The ``meteredrt`` console script: apps, keys and tokens from the shell.
+The ``meteredrt`` console script: apps, keys, tokens, plans and usage from
+the shell.
 
 It works on the same SQLite file as a running server (WAL lets both write),
 synchronously: there is no reactor here. A key revoked with
@@ -14,11 +15,16 @@ exit status 2, never a traceback.
 
 A secret is printed by ``keys create`` only, once. ``keys list`` never
 prints one.
+
+``apps set-plan`` edits an app's stored plan (a running server applies it at
+its next re-read, within about 2 s); ``usage`` reads the counters and ledger
+the server flushes to ``usage.sqlite3`` (see ``docs/metering.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import json
 import os
@@ -43,6 +49,7 @@ from meteredrt.config import (
     load_config,
 )
 from meteredrt.keystore import (
+    BUSY_TIMEOUT_MS,
     InvalidKeyField,
     KeyStoreError,
     StoredState,
@@ -54,7 +61,19 @@ from meteredrt.keystore import (
     read_state,
     store_app,
     store_key,
+    store_plan,
     store_revocation,
+)
+from meteredrt.metering import CONNECTION_OVERAGE, MESSAGE_OVERAGE, MONTH, period_bounds
+from meteredrt.usagestore import (
+    CHARGE,
+    RECHARGE,
+    LedgerEntry,
+    UsageRow,
+    read_balance_changes,
+    read_ledger,
+    read_usage,
+    usage_database_path,
 )
 
 _T = TypeVar("_T")
@@ -537,3 +556,357 @@ def _token_mint(session: Session, args: argparse.Namespace) -> Output:
     claims = jwt.decode(token, options={"verify_signature": False})
     data = {"token": token, "keyId": key.key_id, "peerId": args.peer_id, "expiresAt": claims["exp"]}
     return Output(data, token)
+
+
+# -- plans and usage -------------------------------------------------------
+
+#: C{apps set-plan} options and the L{Plan} fields they set.
+_PLAN_OPTIONS = {
+    "name": "--name",
+    "max_concurrent_connections": "--max-connections",
+    "max_messages_per_period": "--max-messages",
+    "overages_allowed": "--overages-allowed",
+    "overages_enabled": "--overages-enabled",
+    "overage_rate_per_1000_messages": "--overage-rate-per-1000",
+    "overage_rate_per_connection": "--overage-rate-per-connection",
+    "balance": "--balance",
+    "auto_recharge_amount": "--auto-recharge-amount",
+    "auto_recharge_threshold": "--auto-recharge-threshold",
+}
+
+#: Words that clear a cap (the axis becomes unlimited).
+_UNLIMITED = ("none", "unlimited")
+
+
+def _cap(text: str) -> int | None:
+    """
+    An argparse type: a cap is a whole number of at least 0, or
+    ``unlimited``/``none`` for no cap.
+    """
+    if text.strip().lower() in _UNLIMITED:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'unlimited', not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def _number(text: str, *, signed: bool = False) -> float:
+    """
+    A finite number, at least 0 unless ``signed``, for the argparse types
+    below.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+    if not signed and value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
+    return value
+
+
+def _amount(text: str) -> float:
+    """
+    An argparse type: a non-negative amount of money or a rate.
+    """
+    return _number(text)
+
+
+def _balance(text: str) -> float:
+    """
+    An argparse type: an opening balance, which may be negative (overage
+    billed after the fact can leave a debt).
+    """
+    return _number(text, signed=True)
+
+
+def _month(text: str) -> int:
+    """
+    An argparse type: ``YYYY-MM``, a calendar month (UTC), as the Unix time
+    it starts at.
+    """
+    year, dash, month = text.partition("-")
+    if not (dash and len(year) == 4 and len(month) == 2 and year.isdigit() and month.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM, not {text!r}")
+    if not 1 <= int(month) <= 12:
+        raise argparse.ArgumentTypeError(f"no month {month} in {text!r}")
+    return calendar.timegm((int(year), int(month), 1, 0, 0, 0, 0, 0, 0))
+
+
+def _replace_plan(
+    cursor: Any,
+    declarations: Sequence[AppDeclaration],
+    app_id: str,
+    changes: dict[str, Any],
+    unmetered: bool,
+    now: float,
+) -> App:
+    """
+    In one transaction: the app's stored plan with ``changes`` applied (a
+    fresh L{Plan} when it has none), or no plan if ``unmetered``.
+    """
+    # Hold the write lock from the read to the write, so a concurrent
+    # set-plan cannot be lost between them.
+    if not cursor.connection.in_transaction:
+        cursor.execute("BEGIN IMMEDIATE")
+    current = Tenancy.overlay(read_state(cursor), declarations).app(app_id)
+    if current is None:
+        raise UsageError(f"no app {app_id!r}")
+    plan = None if unmetered else attrs.evolve(current.plan or Plan(), **changes)
+    return store_plan(cursor, declarations, app_id, plan, now)
+
+
+def describe_plan(plan: Plan | None) -> str:
+    """
+    A plan as a few indented lines for humans.
+    """
+    if plan is None:
+        return "  unmetered (no plan): always admitted, still counted"
+
+    def cap(value: int | None) -> str:
+        return "unlimited" if value is None else str(value)
+
+    overages = "not allowed"
+    if plan.overages_allowed:
+        overages = "on" if plan.overages_enabled else "allowed, switched off"
+    recharge = "off"
+    if plan.auto_recharge_amount > 0:
+        recharge = f"{plan.auto_recharge_amount:g} when below {plan.auto_recharge_threshold:g}"
+    return "\n".join(
+        [
+            f"  name:                   {plan.name or '-'}",
+            f"  max connections:        {cap(plan.max_concurrent_connections)}",
+            f"  max messages/period:    {cap(plan.max_messages_per_period)} (per {plan.period}, UTC)",
+            f"  overages:               {overages}",
+            f"  overage rates:          {plan.overage_rate_per_1000_messages:g} per 1000 messages, "
+            f"{plan.overage_rate_per_connection:g} per connection",
+            f"  opening balance:        {plan.balance:g}",
+            f"  auto-recharge:          {recharge}",
+        ]
+    )
+
+
+@command(
+    "apps set-plan",
+    "Change an app's plan: the options given replace those fields of its current plan (or of a "
+    "fresh one); --unmetered removes the plan. A running server applies it within about 2 s.",
+    argument("app_id", metavar="APP_ID"),
+    argument("--name", default=argparse.SUPPRESS, metavar="NAME", help="plan name, such as SIGNALLING_BASIC"),
+    argument(
+        "--max-connections",
+        default=argparse.SUPPRESS,
+        dest="max_concurrent_connections",
+        type=_cap,
+        metavar="N",
+        help="cap on concurrent connections, or 'unlimited'",
+    ),
+    argument(
+        "--max-messages",
+        default=argparse.SUPPRESS,
+        dest="max_messages_per_period",
+        type=_cap,
+        metavar="N",
+        help="cap on messages per billing period, or 'unlimited'",
+    ),
+    argument(
+        "--overages-allowed",
+        default=argparse.SUPPRESS,
+        action=argparse.BooleanOptionalAction,
+        help="whether the plan permits overage at all",
+    ),
+    argument(
+        "--overages-enabled",
+        default=argparse.SUPPRESS,
+        action=argparse.BooleanOptionalAction,
+        help="the customer's overage switch",
+    ),
+    argument(
+        "--overage-rate-per-1000",
+        default=argparse.SUPPRESS,
+        dest="overage_rate_per_1000_messages",
+        type=_amount,
+        metavar="AMOUNT",
+        help="price of 1000 overage messages",
+    ),
+    argument(
+        "--overage-rate-per-connection",
+        default=argparse.SUPPRESS,
+        type=_amount,
+        metavar="AMOUNT",
+        help="price of one connection admitted over the cap",
+    ),
+    argument(
+        "--balance",
+        default=argparse.SUPPRESS,
+        type=_balance,
+        metavar="AMOUNT",
+        help="opening prepaid balance (may be negative)",
+    ),
+    argument(
+        "--auto-recharge-amount",
+        default=argparse.SUPPRESS,
+        type=_amount,
+        metavar="AMOUNT",
+        help="amount of one automatic recharge (0: off)",
+    ),
+    argument(
+        "--auto-recharge-threshold",
+        default=argparse.SUPPRESS,
+        type=_amount,
+        metavar="AMOUNT",
+        help="recharge when a charge would leave the balance below this",
+    ),
+    argument("--unmetered", action="store_true", help="remove the plan: the app is counted, never limited"),
+)
+def _apps_set_plan(session: Session, args: argparse.Namespace) -> Output:
+    # Plan options default to absent, so that "unlimited" (None) is a value.
+    given = {field: option for field, option in _PLAN_OPTIONS.items() if hasattr(args, field)}
+    if args.unmetered and given:
+        raise UsageError(
+            f"--unmetered removes the plan; it cannot be combined with {', '.join(given.values())}"
+        )
+    if not args.unmetered and not given:
+        raise UsageError("give at least one plan option, or --unmetered")
+    changes = {field: getattr(args, field) for field in given}
+    app = session.write(_replace_plan, args.app_id, changes, args.unmetered, session.now())
+    text = (
+        f"Plan of app {app.app_id}:\n{describe_plan(app.plan)}\n"
+        "A running server applies it within about 2 s."
+    )
+    return Output(_app_json(app, session.tenancy()), text)
+
+
+def _read_usage_file(
+    path: str, app_id: str, period_start: int
+) -> tuple[UsageRow | None, list[LedgerEntry], float]:
+    """
+    One app's counters and ledger entries for one period, and its net ledger
+    total over all periods, read with plain C{sqlite3} in one read
+    transaction (one snapshot, so the counters and the ledger agree even
+    while a server flushes). A missing file holds nothing.
+    """
+    if not os.path.exists(path):
+        return None, [], 0.0
+    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        cursor = connection.cursor()
+        cursor.execute("BEGIN")
+        cursor.execute(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('usage', 'ledger')"
+        )
+        if cursor.fetchone()[0] < 2:
+            # The server creates both tables before its first flush.
+            return None, [], 0.0
+        row = read_usage(cursor, app_id, period_start)
+        entries = read_ledger(cursor, app_id, period_start)
+        net = read_balance_changes(cursor).get(app_id, 0.0)
+    finally:
+        connection.rollback()
+        connection.close()
+    return row, entries, net
+
+
+def usage_report(
+    app: App,
+    row: UsageRow | None,
+    bounds: tuple[int, int],
+    entries: Sequence[LedgerEntry],
+    net: float,
+) -> dict[str, Any]:
+    """
+    The figures of §19.6 as stored for one period (without the live
+    C{concurrentNow}), with the period's ledger totals and the balance now.
+    """
+    plan = app.plan
+    charges = [entry for entry in entries if entry.kind == CHARGE]
+    recharges = [entry for entry in entries if entry.kind == RECHARGE]
+    return {
+        "appId": app.app_id,
+        "periodStartUnix": bounds[0],
+        "periodEndUnix": bounds[1],
+        "peakConcurrent": row.peak_concurrent if row else 0,
+        "messagesUsed": row.messages_used if row else 0,
+        "overageMessages": row.overage_messages if row else 0,
+        "overageConnections": row.overage_connections if row else 0,
+        "plan": {
+            "name": plan.name if plan else None,
+            "maxConcurrentConnections": plan.max_concurrent_connections if plan else None,
+            "maxMessagesPerPeriod": plan.max_messages_per_period if plan else None,
+            "overagesAllowed": plan.overages_allowed if plan else None,
+            "overagesEnabled": plan.overages_enabled if plan else None,
+        },
+        "ledger": {
+            "entries": len(entries),
+            "chargedMessages": sum(e.units for e in charges if e.reason == MESSAGE_OVERAGE),
+            "chargedConnections": sum(e.units for e in charges if e.reason == CONNECTION_OVERAGE),
+            "charged": sum((e.amount for e in charges), 0.0),
+            "recharges": len(recharges),
+            "recharged": sum((e.amount for e in recharges), 0.0),
+        },
+        "balance": (plan.balance if plan else 0.0) + net,
+    }
+
+
+def plan_summary(plan: Plan | None) -> str:
+    """
+    A plan in one line: its name and caps.
+    """
+    if plan is None:
+        return "unmetered"
+
+    def cap(value: int | None) -> str:
+        return "unlimited" if value is None else str(value)
+
+    return (
+        f"{plan.name or '(unnamed)'}: {cap(plan.max_concurrent_connections)} connections, "
+        f"{cap(plan.max_messages_per_period)} messages per {plan.period}"
+    )
+
+
+def describe_usage(report: dict[str, Any], plan: Plan | None) -> str:
+    """
+    A usage report (L{usage_report}) as a few lines for humans.
+    """
+    start = time.gmtime(report["periodStartUnix"])
+    ledger = report["ledger"]
+    return "\n".join(
+        [
+            f"Usage of app {report['appId']} in {time.strftime('%Y-%m', start)} "
+            f"[{report['periodStartUnix']}, {report['periodEndUnix']}) UTC",
+            f"  plan (current):       {plan_summary(plan)}",
+            f"  peak concurrent:      {report['peakConcurrent']}",
+            f"  messages used:        {report['messagesUsed']}",
+            f"  overage messages:     {report['overageMessages']}",
+            f"  overage connections:  {report['overageConnections']}",
+            f"  ledger entries:       {ledger['entries']}",
+            f"  charged:              {ledger['charged']:g} for {ledger['chargedMessages']} messages "
+            f"and {ledger['chargedConnections']} connections",
+            f"  recharged:            {ledger['recharged']:g} in {ledger['recharges']} recharges",
+            f"  balance now:          {report['balance']:g}",
+        ]
+    )
+
+
+@command(
+    "usage",
+    "Print an app's usage for the current billing period (or --period YYYY-MM) as flushed to "
+    "usage.sqlite3 by the server, at most about a second behind it.",
+    argument("--app", required=True, metavar="APP"),
+    argument("--period", type=_month, metavar="YYYY-MM", help="a past calendar month (UTC)"),
+)
+def _usage(session: Session, args: argparse.Namespace) -> Output:
+    app = session.tenancy().app(args.app)
+    if app is None:
+        raise UsageError(f"no app {args.app!r}")
+    if args.period is None:
+        bounds = period_bounds(session.now(), app.plan.period if app.plan else MONTH)
+    else:
+        bounds = period_bounds(args.period, MONTH)
+    row, entries, net = _read_usage_file(usage_database_path(session.data_dir), app.app_id, bounds[0])
+    report = usage_report(app, row, bounds, entries, net)
+    return Output(report, describe_usage(report, app.plan))

@@ -1,0 +1,200 @@
+"""
+Usage counts survive real process deaths: a C{twistd -n meteredrt} child
+stopped with SIGTERM loses nothing; one killed with SIGKILL loses at most
+what it counted since its last flush (one second, see C{docs/metering.md}).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from .support import CONFIG
+from .test_metering_e2e import connect_client, get_usage, stored_usage
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTENING = re.compile(rb"meteredrt listening on .*port=(\d+)")
+
+#: The twistd console script, run with this interpreter; the module has no
+#: C{__main__} guard, so C{-m twisted.scripts.twistd} would do nothing.
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+#: How long to wait for a flush to show up in the file: the flush interval
+#: is one second, so five leave room for a slow machine.
+FLUSH_WAIT = 5.0
+POLL_INTERVAL = 0.05
+
+
+class TwistdProcess(ProcessProtocol):
+    """
+    A C{twistd -n meteredrt} child: fires L{listening} with its port once it
+    logs it, L{ended} with its exit code or signal when it exits.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[int] = Deferred()
+        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = LISTENING.search(self.output)
+        if match and not self.listening.called:
+            self.listening.callback(int(match.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(f"twistd exited early:\n{self.text}"))
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+    @property
+    def text(self) -> str:
+        """
+        Everything the process printed so far.
+        """
+        return self.output.decode(errors="replace")
+
+
+class DurabilityTests(TestCase):
+    """
+    Counts across SIGTERM and SIGKILL of a real server process.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        base = Path(self.mktemp()).resolve()
+        base.mkdir(parents=True)
+        self.config = base / "meteredrt.toml"
+        self.config.write_text(CONFIG)
+        self.data_dir = str(base / "data")
+
+    async def start(self) -> tuple[Any, TwistdProcess, int]:
+        """
+        Start a server process on the test's data directory; fires once it
+        listens. It is killed on cleanup if still running.
+        """
+        child = TwistdProcess()
+        process = reactor.spawnProcess(
+            child,
+            sys.executable,
+            [
+                sys.executable, "-c", TWISTD, "--pidfile=", "-n", "meteredrt",
+                "--config", str(self.config),
+                "--data-dir", self.data_dir,
+                "--listen", "tcp:0:interface=127.0.0.1",
+            ],  # fmt: skip
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/")},
+            path=str(ROOT),
+        )
+        self.addCleanup(self.kill, process, child)
+        port = await child.listening
+        return process, child, port
+
+    def kill(self, process: Any, child: TwistdProcess) -> Deferred[Any]:
+        """
+        SIGKILL the process unless it has ended; fires when it has.
+        """
+        if not child.ended.called:
+            try:
+                process.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+        return child.ended
+
+    async def terminate(self, process: Any, child: TwistdProcess) -> None:
+        """
+        Stop the process with SIGTERM and check that it shut down cleanly.
+
+        twistd re-raises the signal it stopped on once the shutdown is
+        complete, so a clean stop ends with signal 15, not exit status 0.
+        """
+        process.signalProcess("TERM")
+        self.assertIn(await child.ended, [(0, None), (None, 15)], child.text)
+        self.assertIn("Server Shut Down.", child.text)
+        for sign_of_trouble in ("#error]", "#critical]", "Unhandled Error"):
+            self.assertNotIn(sign_of_trouble, child.text)
+
+    async def publish(self, port: int, count: int) -> None:
+        """
+        Publish ``count`` messages over one connection and wait for every
+        ack; the connection stays open.
+        """
+        client = await connect_client(self, port)
+        answers = await gatherResults(
+            [client.publish("durable/room", n) for n in range(count)], consumeErrors=True
+        )
+        self.assertEqual([frame["type"] for frame in answers], ["ack"] * count)
+
+    def messages_stored(self) -> int:
+        """
+        The messages the usage file holds for C{app_test} this period.
+        """
+        row, _ = stored_usage(self.data_dir)
+        return 0 if row is None else int(row.messages_used)
+
+    async def wait_stored(self, expected: int) -> None:
+        """
+        Poll the usage file (bounded by L{FLUSH_WAIT}) until it holds
+        ``expected`` messages.
+        """
+        deadline = reactor.seconds() + FLUSH_WAIT
+        while self.messages_stored() != expected:
+            if reactor.seconds() > deadline:
+                self.fail(f"usage file holds {self.messages_stored()} messages, not {expected}")
+            await deferLater(reactor, POLL_INTERVAL, lambda: None)
+
+    async def test_sigterm_then_sigkill(self) -> None:
+        """
+        After SIGTERM the file holds exactly what was acked and a restarted
+        server counts on from it; after SIGKILL it holds at least what was
+        flushed before the kill and at most what was acked.
+        """
+        n, m, k = 30, 20, 15
+
+        process, child, port = await self.start()
+        await self.publish(port, n)
+        await self.terminate(process, child)
+        self.assertEqual(self.messages_stored(), n)
+
+        process, child, port = await self.start()
+        await self.publish(port, m)
+        # Absolute counters reach N + M only if the restarted server read N.
+        await self.wait_stored(n + m)
+        # Asked only after a flush: a server that has just started may
+        # answer before it has loaded the file ("Right after a start" in
+        # docs/metering.md).
+        usage = await get_usage(self, port)
+        self.assertEqual(usage["messagesUsed"], n + m)
+
+        # K more within far less than one flush interval, then no chance to
+        # flush them: at most these K may be lost.
+        await self.publish(port, k)
+        process.signalProcess("KILL")
+        _, signal = await child.ended
+        self.assertEqual(signal, 9, child.text)
+        survived = self.messages_stored()
+        self.assertGreaterEqual(survived, n + m)
+        self.assertLessEqual(survived, n + m + k)
+
+        process, child, port = await self.start()
+        await self.publish(port, 1)
+        # The server writes only after it has loaded the file, so from here
+        # on its figures include what the killed one flushed.
+        await self.wait_stored(survived + 1)
+        self.assertEqual((await get_usage(self, port))["messagesUsed"], survived + 1)
+        await self.terminate(process, child)
+        self.assertEqual(self.messages_stored(), survived + 1)
