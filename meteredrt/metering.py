@@ -305,8 +305,25 @@ class Meter(service.Service):
         #: Ledger entries awaiting a flush, other than aggregated charges.
         self._entries: list[LedgerEntry] = []
         self._loaded = False
+        self._load_waiters: list[Deferred[None]] = []
         self._lock = DeferredLock()
         self._loop: LoopingCall | None = None
+
+    @property
+    def loaded(self) -> Deferred[None]:
+        """
+        A new Deferred that fires once the persisted counters are in memory.
+
+        Quota decisions made before that only see this process's counts, so
+        the composition root opens no listener until it fires. A failed load
+        is retried at every flush, and this waits for the one that works.
+        """
+        waiter: Deferred[None] = Deferred()
+        if self._loaded:
+            waiter.callback(None)
+        else:
+            self._load_waiters.append(waiter)
+        return waiter
 
     def startService(self) -> None:
         """
@@ -512,6 +529,9 @@ class Meter(service.Service):
         for app_id, change in changes.items():
             self._balance_changes[app_id] = self._balance_changes.get(app_id, 0.0) + change
         self._loaded = True
+        waiters, self._load_waiters = self._load_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     async def _sync(self) -> None:
         """

@@ -126,9 +126,9 @@ class Listener(Service):
 
 class StartupGate(MultiService):
     """
-    Holds back the listeners until the key store has loaded, so the first
-    client never meets an empty store; stops the process if it cannot
-    listen.
+    Holds back the listeners until the key store and the meter have
+    loaded, so the first client never meets an empty store or a quota that
+    forgot earlier runs; stops the process if it cannot listen.
 
     @ivar listening: fires with the bound L{IListeningPort}s once every
         listener is up.
@@ -136,9 +136,10 @@ class StartupGate(MultiService):
 
     log = Logger()
 
-    def __init__(self, keys: SQLiteKeyStore, reactor: Any) -> None:
+    def __init__(self, keys: SQLiteKeyStore, meter: Meter, reactor: Any) -> None:
         super().__init__()
         self._keys = keys
+        self._meter = meter
         self._reactor = reactor
         self.listening: Deferred[list[IListeningPort]] = Deferred()
 
@@ -148,6 +149,8 @@ class StartupGate(MultiService):
 
     async def _open(self) -> list[IListeningPort]:
         await self._keys.ready
+        # Quotas must see the counts of earlier runs before anyone connects.
+        await self._meter.loaded
         ports = []
         for listener in self:
             port = await listener.listen()
@@ -201,7 +204,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     root = build_root(v1, ready=lambda: keys.running and not factory.draining)
     site = Site(root, logFormatter=access_log_line)
     site.displayTracebacks = False
-    gate = StartupGate(keys, reactor)
+    gate = StartupGate(keys, meter, reactor)
     gate.setName("listeners")
     for description in config.listen:
         Listener(description, site, reactor).setServiceParent(gate)

@@ -679,13 +679,17 @@ class MeterDurabilityTests(MeterTestCase):
         store.load_failures = 2
         second = Meter(later, store)
         second.startService()
+        loaded = second.loaded
         self.send(second, app, 2)
         later.advance(1)
         self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 2)
+        self.assertNoResult(loaded)
         row = self.persisted()
         assert row is not None
         self.assertEqual(row.messages_used, 3)
         later.advance(1)
+        self.successResultOf(loaded)
+        self.successResultOf(second.loaded)
         row = self.persisted()
         assert row is not None
         self.assertEqual(row.messages_used, 5)
