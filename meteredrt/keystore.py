@@ -709,7 +709,10 @@ class SQLiteKeyStore(service.Service):
     def stopService(self) -> Deferred[None]:
         """
         Stop re-reading and close the pool, once a running load has settled.
+        Stopping a store that is not running does nothing.
         """
+        if not self.running:
+            return succeed(None)
         super().stopService()
         if self._reloading is not None and self._reloading.running:
             self._reloading.stop()

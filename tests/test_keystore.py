@@ -420,6 +420,15 @@ class SQLiteKeyStoreTests(TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertFalse(self.pool.running)
 
+    async def test_stop_twice(self) -> None:
+        """
+        Stopping a stopped store does nothing (a second shutdown must not
+        close the pool again).
+        """
+        store = await self.start()
+        await store.stopService()
+        self.assertIsNone(await store.stopService())
+
     async def test_ready(self) -> None:
         """
         L{SQLiteKeyStore.ready} fires for every caller, before and after the
