@@ -36,10 +36,13 @@ from typing import Any, TextIO, TypeVar
 
 import attrs
 import jwt
+import treq
 from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from meteredrt import auth
-from meteredrt.apps import ACTIONS, PUBLISHABLE_DEFAULT_ACTIONS, App, Key, KeyType, Plan
+from meteredrt.apps import ACTIONS, PUBLISHABLE_DEFAULT_ACTIONS, App, Key, KeyType, Plan, TurnConfig
 from meteredrt.config import (
     DEFAULT_DATA_DIR,
     AppDeclaration,
@@ -64,7 +67,9 @@ from meteredrt.keystore import (
     store_plan,
     store_revocation,
 )
+from meteredrt.backend import mint_token_with_turn
 from meteredrt.metering import CONNECTION_OVERAGE, MESSAGE_OVERAGE, MONTH, period_bounds
+from meteredrt.turn import TurnApiClient, TurnApiError
 from meteredrt.usagestore import (
     CHARGE,
     RECHARGE,
@@ -529,12 +534,18 @@ def _keys_revoke(session: Session, args: argparse.Namespace) -> Output:
     argument("--expires-in", type=int, default=3600, metavar="SECONDS", help="lifetime (default: 3600)"),
     argument("--metadata", metavar="JSON", help="private metadata object echoed in the welcome"),
     argument("--peer-metadata", metavar="JSON", help="public metadata object shown to other peers"),
+    argument(
+        "--turn",
+        action="store_true",
+        help="embed fresh Metered TURN credentials of the app ([apps.turn]) in metadata.iceServers",
+    ),
 )
 def _token_mint(session: Session, args: argparse.Namespace) -> Output:
     metadata = _json_object("--metadata", args.metadata)
     peer_metadata = _json_object("--peer-metadata", args.peer_metadata)
     tenancy = session.tenancy()
-    if tenancy.app(args.app) is None:
+    app = tenancy.app(args.app)
+    if app is None:
         raise UsageError(f"no app {args.app!r}")
     key = tenancy.key(args.key)
     if key is None or key.app_id != args.app:
@@ -543,9 +554,7 @@ def _token_mint(session: Session, args: argparse.Namespace) -> Output:
         raise UsageError(f"{args.key} is a publishable key; only secret keys sign tokens")
     if not key.active:
         raise UsageError(f"key {args.key!r} is revoked")
-    token = auth.mint_token(
-        key,
-        args.peer_id,
+    claims: dict[str, Any] = dict(
         now=int(session.now()),
         expires_in=args.expires_in,
         channels=_split(args.channels),
@@ -553,9 +562,44 @@ def _token_mint(session: Session, args: argparse.Namespace) -> Output:
         metadata=metadata,
         peer_metadata=peer_metadata,
     )
+    if not args.turn:
+        token = auth.mint_token(key, args.peer_id, **claims)
+    elif app.turn is None:
+        raise UsageError(f"app {args.app!r} has no [apps.turn] configuration")
+    else:
+        token = _mint_with_turn(key, args.peer_id, app.turn, claims)
     claims = jwt.decode(token, options={"verify_signature": False})
     data = {"token": token, "keyId": key.key_id, "peerId": args.peer_id, "expiresAt": claims["exp"]}
     return Output(data, token)
+
+
+def _mint_with_turn(key: Key, peer_id: str, turn: TurnConfig, claims: dict[str, Any]) -> str:
+    """
+    Run the reactor just long enough for the two TURN API calls of
+    L{mint_token_with_turn}. The CLI is an entry point of its own, like the
+    twistd plugin, so it may drive the global reactor.
+    """
+    from twisted.internet import reactor
+
+    outcome: list[Any] = []
+
+    async def work() -> str:
+        client = TurnApiClient(treq, reactor, timeout=10.0)
+        token, _ = await mint_token_with_turn(key, peer_id, client, turn, **claims)
+        return token
+
+    def finish(result: Any) -> None:
+        outcome.append(result)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(work()).addBoth(finish))  # type: ignore[attr-defined]
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    [result] = outcome
+    if isinstance(result, Failure):
+        if result.check(TurnApiError):
+            raise UsageError(f"the TURN API failed: {result.value}")
+        result.raiseException()
+    return result
 
 
 # -- plans and usage -------------------------------------------------------

@@ -192,15 +192,16 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
 
     hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
     hub.setServiceParent(top)
-    # The API call may outlive the 2 s a welcome waits: a late answer still
+    # An API call may outlive the 2 s a welcome waits: a late answer still
     # fills the cache for the next connection.
-    turn = TurnCredentialCache(TurnApiClient(treq, reactor, timeout=10.0), reactor)
+    turn_api = TurnApiClient(treq, reactor, timeout=10.0)
+    turn = TurnCredentialCache(turn_api, reactor)
     turn.setServiceParent(top)
     factory = RealtimeServerFactory(hub, keys, reactor, turn=turn)
     ConnectionDrain(factory).setServiceParent(top)
 
     v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit)
-    install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor)
+    install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api)
     root = build_root(v1, ready=lambda: keys.running and not factory.draining)
     site = Site(root, logFormatter=access_log_line)
     site.displayTracebacks = False

@@ -31,6 +31,7 @@ from meteredrt.metering import Meter
 from meteredrt.presence import MemoryPresence
 from meteredrt.protocol import parse_frame
 from meteredrt.rest import RestLimits, install_rest
+from meteredrt.turn import TurnApiClient
 from meteredrt.site import V1Resource, build_root
 from meteredrt.testing import MemoryKeyStore, RecordingSink
 from meteredrt.usagestore import UsageStore
@@ -108,6 +109,7 @@ class RestWorld:
     The real REST tree over real services, driven synchronously.
 
     @param meter: replaces the real meter (for failure and timeout tests).
+    @param turn: the TURN API client for C{"turn": true} mints.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class RestWorld:
         limits: RestLimits = RestLimits(),
         meter: IMeter | None = None,
         check_contract: bool = True,
+        turn: TurnApiClient | None = None,
     ) -> None:
         self.test = test
         self.clock = Clock()
@@ -130,7 +133,7 @@ class RestWorld:
         self.factory = RealtimeServerFactory(self.hub, self.keys, self.clock)
         self.v1 = V1Resource(self.factory, self.clock)
         self.guard = install_rest(
-            self.v1, keys=self.keys, hub=self.hub, meter=self.meter, clock=self.clock, limits=limits
+            self.v1, keys=self.keys, hub=self.hub, meter=self.meter, clock=self.clock, limits=limits, turn=turn
         )
         self.root: Resource = build_root(self.v1, ready=lambda: True)
         self.http = StubTreq(self.root)

@@ -4,11 +4,18 @@ Tests for L{meteredrt.rest.tokens}: C{POST /v1/tokens} (§19.2).
 
 from __future__ import annotations
 
+import json
+
 import jwt
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from meteredrt.apps import App
 from meteredrt.auth import verify_token
-from tests.rest_support import FULL, NARROW, START, RestWorld
+from meteredrt.turn import TurnApiClient
+from tests.rest_support import APP_A, FULL, NARROW, START, RestWorld, bearer
+from tests.test_turn import FakeTurnApi, config, expected_list
 
 
 class MintTokenTests(SynchronousTestCase):
@@ -132,3 +139,72 @@ class MintTokenTests(SynchronousTestCase):
         body = {"peerId": "u", "channels": None, "permissions": None, "expiresInSec": None, "metadata": None}
         reply = self.mint(body)
         self.assertEqual((reply.status, reply.json["expiresAt"]), (200, int(START) + 3600))
+
+
+class MintWithTurnTests(SynchronousTestCase):
+    """
+    The C{"turn": true} extension: fresh TURN credentials in the token.
+    """
+
+    def setUp(self) -> None:
+        self.api = FakeTurnApi()
+        self.turn_http = StubTreq(self.api)
+        self.world = RestWorld(self, turn=TurnApiClient(self.turn_http, Clock()))
+        self.world.keys.add_app(App(APP_A, turn=config()))
+
+    def mint(self, body: dict) -> tuple[int, dict]:
+        """
+        POST the body, letting the TURN API answer in between.
+        """
+        http = self.world.http
+        deferred = http.request(
+            "POST",
+            "http://127.0.0.1:8080/v1/tokens",
+            headers={"Authorization": [bearer(FULL)], "Content-Type": ["application/json"]},
+            data=json.dumps(body).encode(),
+        )
+        for _ in range(3):
+            http.flush()
+            self.turn_http.flush()
+        response = self.successResultOf(deferred)
+        return response.code, json.loads(self.successResultOf(http.content(response)))
+
+    def test_turn_credentials_embedded(self) -> None:
+        """
+        The token's metadata carries the TURN API's list next to the
+        caller's own fields; the credential lives as long as the token
+        (at least an hour).
+        """
+        status, body = self.mint({"peerId": "u_1", "turn": True, "metadata": {"room": 7}})
+        self.assertEqual(status, 200, body)
+        grant = verify_token(body["token"], self.world.keys.key, START)
+        self.assertEqual(grant.metadata, {"room": 7, "iceServers": expected_list(1)})
+        [create] = [r for r in self.api.requests if r[0] == b"POST"]
+        self.assertEqual(create[3]["expiryInSeconds"], 3600)
+
+    def test_turn_api_failure(self) -> None:
+        """
+        A failing TURN API is 502 C{backend_error}, and no token is minted.
+        """
+        self.api.create_mode = "server_error"
+        status, body = self.mint({"peerId": "u_1", "turn": True})
+        self.assertEqual((status, body["error"]), (502, "backend_error"))
+        self.assertNotIn("token", body)
+
+    def test_app_without_turn(self) -> None:
+        """
+        An app with no TURN configuration refuses C{"turn": true} with 400.
+        """
+        self.world.keys.add_app(App(APP_A))
+        status, body = self.mint({"peerId": "u_1", "turn": True})
+        self.assertEqual((status, body["error"]), (400, "invalid_request"))
+        self.assertIn("turn", body["message"])
+        self.assertEqual(self.api.requests, [])
+
+    def test_turn_must_be_boolean(self) -> None:
+        """
+        A non-boolean C{turn} is 400 naming the field.
+        """
+        status, body = self.mint({"peerId": "u_1", "turn": "yes"})
+        self.assertEqual((status, body["error"]), (400, "invalid_request"))
+        self.assertIn("turn", body["message"])

@@ -28,6 +28,7 @@ from meteredrt.rest.peers import PeersResource
 from meteredrt.rest.tokens import TokensResource
 from meteredrt.rest.usage import UsageResource
 from meteredrt.site import V1Resource
+from meteredrt.turn import TurnApiClient
 
 __all__ = ["RestLimits", "install_rest"]
 
@@ -39,6 +40,7 @@ def install_rest(
     hub: Hub,
     meter: IMeter,
     clock: IReactorTime,
+    turn: TurnApiClient | None = None,
     limits: RestLimits = RestLimits(),
 ) -> RequestGuard:
     """
@@ -48,11 +50,13 @@ def install_rest(
     @param hub: lists presence, publishes and kicks.
     @param meter: answers C{/v1/usage}.
     @param clock: rate limits, token times and handler timeouts.
+    @param turn: mints TURN credentials for C{POST /v1/tokens} with
+        C{"turn": true}.
     @return: the guard the resources share.
     """
     guard = RequestGuard(keys, clock, limits)
     families: dict[bytes, JsonResource] = {
-        b"tokens": TokensResource(guard),
+        b"tokens": TokensResource(guard, turn),
         b"channels": ChannelsResource(guard, hub),
         b"peers": PeersResource(guard, hub),
         b"usage": UsageResource(guard, meter),

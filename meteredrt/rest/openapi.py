@@ -122,6 +122,12 @@ SCHEMAS: dict[str, Any] = {
             "expiresInSec": {"type": "integer", "minimum": 1, "maximum": MAX_TOKEN_LIFETIME, "default": 3600},
             "metadata": {"type": "object", "description": "At most 8 KB serialized; private to the peer."},
             "peerMetadata": {"type": "object", "description": "At most 4 KB serialized; public to other peers."},
+            "turn": {
+                "type": "boolean",
+                "default": False,
+                "description": "meteredrt extension: embed fresh Metered TURN credentials of the app in "
+                "metadata.iceServers (502 backend_error when the TURN API fails).",
+            },
         },
     },
     "TokenResponse": {
@@ -247,6 +253,7 @@ _ERROR_DESCRIPTIONS = {
     403: "channel_not_authorized, action_not_permitted or over_message_quota",
     413: f"invalid_request: body over {MAX_BODY_BYTES} bytes",
     426: "invalid_request: the request is not a WebSocket upgrade",
+    502: "backend_error: the Metered TURN API gave no usable answer (only with \"turn\": true)",
     503: "internal_error: a store or plan lookup failed, a handler timed out, or the server is draining; "
     "retry shortly",
 }

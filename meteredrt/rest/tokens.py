@@ -5,6 +5,10 @@ L{TokensResource} checks the JSON shapes of the request and leaves every
 claim rule (caps, the key's patterns and actions) to
 L{meteredrt.auth.mint_token}, so the REST endpoint and the CLI mint exactly
 the same JWT.
+
+Extension (not in Metered's API): C{"turn": true} embeds fresh Metered TURN
+credentials of the key's app in C{metadata.iceServers}, through
+L{meteredrt.backend.mint_token_with_turn}.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from meteredrt.auth import DEFAULT_TOKEN_LIFETIME, MintError, mint_token
+from meteredrt.backend import mint_token_with_turn
 from meteredrt.protocol import is_valid_peer_id
-from meteredrt.rest.base import ApiError, Call, JsonResource, Route, invalid
+from meteredrt.rest.base import ApiError, Call, JsonResource, RequestGuard, Route, invalid
+from meteredrt.turn import TurnApiClient, TurnApiError
 
 ROUTES = (
     Route(
@@ -24,7 +30,7 @@ ROUTES = (
         handler="mint",
         request_schema="TokenRequest",
         response_schema="TokenResponse",
-        errors=(400, 401, 403, 413, 429, 503),
+        errors=(400, 401, 403, 413, 429, 502, 503),
     ),
 )
 
@@ -54,6 +60,14 @@ class TokensResource(JsonResource):
 
     routes = ROUTES
 
+    def __init__(self, guard: RequestGuard, turn: TurnApiClient | None = None) -> None:
+        """
+        @param turn: mints TURN credentials for C{"turn": true}; without it
+            such requests are refused.
+        """
+        super().__init__(guard)
+        self._turn = turn
+
     def locate(self, postpath: list[bytes]) -> tuple[str, dict[str, bytes]] | None:
         return ("/v1/tokens", {}) if not postpath else None
 
@@ -74,19 +88,28 @@ class TokensResource(JsonResource):
         permissions = _optional_list(body, "permissions")
         metadata = _optional_object(body, "metadata")
         peer_metadata = _optional_object(body, "peerMetadata")
+        with_turn = body.get("turn", False)
+        if not isinstance(with_turn, bool):
+            raise invalid("turn: must be a boolean")
         now = int(self._guard.clock.seconds())
+        claims: dict[str, Any] = dict(
+            now=now,
+            expires_in=expires_in,
+            channels=channels,
+            permissions=permissions,
+            metadata=metadata,
+            peer_metadata=peer_metadata,
+        )
         try:
-            token = mint_token(
-                call.key,
-                peer_id,
-                now=now,
-                expires_in=expires_in,
-                channels=channels,
-                permissions=permissions,
-                metadata=metadata,
-                peer_metadata=peer_metadata,
-            )
+            if not with_turn:
+                return {"token": mint_token(call.key, peer_id, **claims), "expiresAt": now + expires_in}
+            turn_config = call.app.turn
+            if self._turn is None or turn_config is None:
+                raise invalid("turn: the app has no TURN configuration ([apps.turn])")
+            token, expires_at = await mint_token_with_turn(call.key, peer_id, self._turn, turn_config, **claims)
         except MintError as e:
             status = 400 if e.code == "invalid_request" else 403
             raise ApiError(status, e.code, f"{e.field}: {e.message}")
-        return {"token": token, "expiresAt": now + expires_in}
+        except TurnApiError as e:
+            raise ApiError(502, "backend_error", f"the TURN API failed: {e}")
+        return {"token": token, "expiresAt": expires_at}

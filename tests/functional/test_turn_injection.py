@@ -9,9 +9,15 @@ Node connects and reports the C{iceServers} it took from its welcome.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
+from pathlib import Path
 
+import jwt
 from twisted.internet.defer import Deferred
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from meteredrt.apps import ACTIONS, Key, KeyType
@@ -22,6 +28,7 @@ from .fake_turn import RunningTurnApi, ice_servers_for, start_fake_turn
 from .node_harness import ensure_node_modules, run_sdk_scenario
 from .support import RunningServer, start_server
 
+ROOT = Path(__file__).resolve().parents[2]
 APP_ID = "app_turn"
 SECRET_KEY_ID = "sk_id_turn"
 SECRET = "sk_secret_turn_0123456789abcdef0123"
@@ -175,3 +182,50 @@ class TurnInjectionTests(TestCase):
         self.assertEqual(self.turn.api.created, 1)
         [step] = [event for event in events if event["event"] == "step"]
         self.assertTrue(step["ok"])
+
+
+class MintWithTurnCommandTests(TestCase):
+    """
+    C{meteredrt token mint --turn}, run as a real process against the
+    loopback TURN API.
+    """
+
+    async def mint(self, config_text: str, *extra: str) -> tuple[int, str, str]:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        config_path = os.path.join(base, "meteredrt.toml")
+        with open(config_path, "w") as f:
+            f.write(config_text)
+        argv = ["token", "mint", "--config", config_path, "--data-dir", os.path.join(base, "data")]
+        argv += ["--app", APP_ID, "--key", SECRET_KEY_ID, "--peer-id", "agent-1", "--turn", "--json", *extra]
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "import sys; from meteredrt.cli import main; sys.exit(main())", *argv],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            path=base,
+        )
+        return code, out.decode(), err.decode()
+
+    async def test_credentials_in_token(self) -> None:
+        """
+        The printed token carries the TURN API's list in metadata.iceServers,
+        next to the caller's own metadata.
+        """
+        turn = start_fake_turn(self)
+        code, out, err = await self.mint(config(turn.api_base), "--metadata", '{"room": 7}')
+        self.assertEqual(code, 0, err)
+        claims = jwt.decode(json.loads(out)["token"], SECRET, algorithms=["HS256"])
+        self.assertEqual(claims["metadata"], {"room": 7, "iceServers": ice_servers_for(1)})
+        self.assertEqual((turn.api.created, turn.api.listed), (1, 1))
+
+    async def test_turn_api_failure(self) -> None:
+        """
+        A TURN API that answers 500 is one line on stderr and exit status 2,
+        and no token is printed.
+        """
+        turn = start_fake_turn(self)
+        turn.api.fail_with = 500
+        code, out, err = await self.mint(config(turn.api_base))
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("TURN API", err)
+        self.assertNotIn("Traceback", err)
