@@ -8,7 +8,7 @@ every layer may import them.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from attrs import field, frozen
 
@@ -22,7 +22,7 @@ MAX_KEYS_PER_APP = 50
 PUBLISHABLE_DEFAULT_ACTIONS: frozenset[str] = frozenset({"subscribe", "publish", "presence"})
 
 
-class KeyType(str, Enum):
+class KeyType(StrEnum):
     """
     The two credential kinds of protocol §3.
     """

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jwt
 from attrs import frozen
@@ -185,7 +186,7 @@ def verify_token(token: str, keys: KeyLookup, now: float) -> Grant:
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
-        raise _invalid("invalid_token")
+        raise _invalid("invalid_token") from None
     if header.get("alg") != ALGORITHM:
         raise _invalid("invalid_token")
     kid = header.get("kid")
@@ -208,7 +209,7 @@ def verify_token(token: str, keys: KeyLookup, now: float) -> Grant:
             },
         )
     except jwt.PyJWTError:
-        raise _invalid("invalid_token")
+        raise _invalid("invalid_token") from None
     if not isinstance(claims, dict):
         raise _invalid("invalid_token")
 

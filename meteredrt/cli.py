@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 
 from meteredrt import auth
 from meteredrt.apps import ACTIONS, PUBLISHABLE_DEFAULT_ACTIONS, App, Key, KeyType, Plan, TurnConfig
+from meteredrt.backend import mint_token_with_turn
 from meteredrt.config import (
     DEFAULT_DATA_DIR,
     AppDeclaration,
@@ -67,7 +68,6 @@ from meteredrt.keystore import (
     store_plan,
     store_revocation,
 )
-from meteredrt.backend import mint_token_with_turn
 from meteredrt.metering import CONNECTION_OVERAGE, MESSAGE_OVERAGE, MONTH, period_bounds
 from meteredrt.turn import TurnApiClient, TurnApiError
 from meteredrt.usagestore import (
@@ -397,7 +397,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         return ""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
     )
 
 

@@ -379,10 +379,10 @@ def uncovered(pattern: str, allowed: Sequence[str]) -> str | None:
     while queue:
         state = queue.popleft()
         mine, theirs = state
-        if any(not g.universal.isdisjoint(s) for g, s in zip(others, theirs)):
+        if any(not g.universal.isdisjoint(s) for g, s in zip(others, theirs, strict=True)):
             # Some allowed pattern accepts every continuation from here.
             continue
-        if target.final in mine and not any(g.final in s for g, s in zip(others, theirs)):
+        if target.final in mine and not any(g.final in s for g, s in zip(others, theirs, strict=True)):
             return _spell(state, parents, _fresh_character(alphabet))
         for symbol in symbols:
             mine_next = target.step(mine, target.classify(symbol))
@@ -390,7 +390,7 @@ def uncovered(pattern: str, allowed: Sequence[str]) -> str | None:
                 continue
             next_state: _CoverState = (
                 mine_next,
-                tuple(g.step(s, g.classify(symbol)) for g, s in zip(others, theirs)),
+                tuple(g.step(s, g.classify(symbol)) for g, s in zip(others, theirs, strict=True)),
             )
             if next_state in parents:
                 continue

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from attrs import define, field
 from twisted.application.service import Service

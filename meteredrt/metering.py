@@ -48,7 +48,8 @@ from __future__ import annotations
 import calendar
 import math
 import time
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from attrs import define, frozen
 from twisted.application import service

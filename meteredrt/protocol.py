@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from attrs import frozen
 
@@ -125,7 +126,7 @@ class Ping:
     pass
 
 
-ClientFrame = Union[Subscribe, Unsubscribe, Publish, Send, Ping]
+ClientFrame = Subscribe | Unsubscribe | Publish | Send | Ping
 
 
 def _refuse_constant(name: str) -> Any:
@@ -222,7 +223,7 @@ def parse_frame(payload: bytes | str) -> ClientFrame:
     try:
         frame = json.loads(payload, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise FrameError(ErrorCode.MALFORMED_MESSAGE, "frame is not valid JSON")
+        raise FrameError(ErrorCode.MALFORMED_MESSAGE, "frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise FrameError(ErrorCode.MALFORMED_MESSAGE, "frame is not a JSON object")
     kind = frame.get("type")

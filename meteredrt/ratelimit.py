@@ -8,7 +8,7 @@ key id and IP for REST) with bounded memory.
 
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Hashable
 
 
 class TokenBucket:

@@ -11,7 +11,7 @@ and C{/readyz} serve load balancers.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime

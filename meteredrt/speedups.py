@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import os
 import pprint
+from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from twisted.logger import Logger
 

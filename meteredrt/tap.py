@@ -65,7 +65,7 @@ class Options(usage.Options):
             config = load_config(self["config"]) if self["config"] else default_config()
             self["parsed"] = apply_options(config, listen=self["listen"], data_dir=self["data-dir"])
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(str(e)) from None
 
 
 def print_bootstrap(app: App, keys: tuple[Key, ...], out: TextIO | None = None) -> None:

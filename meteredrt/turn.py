@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import treq
 from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -32,8 +33,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
-
-import treq
 
 from meteredrt.apps import App, TurnConfig
 from meteredrt.icelist import ice_servers_error

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any, Callable, Protocol, Self, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, Self, TypeVar
 
 from attrs import frozen
 from twisted.enterprise import adbapi

@@ -80,7 +80,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
     """
 
     log = Logger()
-    factory: "RealtimeServerFactory"
+    factory: RealtimeServerFactory
     conn_id: str = ""
 
     def __init__(self) -> None:

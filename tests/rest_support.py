@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from attrs import define
 from treq.testing import StubTreq
@@ -31,9 +32,9 @@ from meteredrt.metering import Meter
 from meteredrt.presence import MemoryPresence
 from meteredrt.protocol import parse_frame
 from meteredrt.rest import RestLimits, install_rest
-from meteredrt.turn import TurnApiClient
 from meteredrt.site import V1Resource, build_root
 from meteredrt.testing import MemoryKeyStore, RecordingSink
+from meteredrt.turn import TurnApiClient
 from meteredrt.usagestore import UsageStore
 from meteredrt.ws import RealtimeServerFactory
 
@@ -115,7 +116,7 @@ class RestWorld:
     def __init__(
         self,
         test: Any,
-        limits: RestLimits = RestLimits(),
+        limits: RestLimits | None = None,
         meter: IMeter | None = None,
         check_contract: bool = True,
         turn: TurnApiClient | None = None,

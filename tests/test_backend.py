@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from treq.testing import StubTreq
 
 from meteredrt.apps import ACTIONS, Key, KeyType
 from meteredrt.auth import MAX_METADATA_BYTES, MintError, verify_token
 from meteredrt.backend import mint_token_with_turn
-from meteredrt.turn import credential_lifetime
-from meteredrt.turn import TurnApiClient, TurnApiError
+from meteredrt.turn import TurnApiClient, TurnApiError, credential_lifetime
 
 from .test_turn import CREATE_PATH, HOUR, LIST_PATH, SECRET, FakeTurnApi, config, expected_list
 

@@ -25,7 +25,6 @@ from meteredrt.keystore import (
 )
 from meteredrt.metering import Meter
 from meteredrt.usagestore import UsageStore, usage_database_path
-
 from tests.test_cli import NOW, CommandLineMixin
 from tests.test_usagestore import SynchronousPool
 

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from meteredrt.interfaces import IPresence
-from meteredrt.presence import MemoryPresence, Member
+from meteredrt.presence import Member, MemoryPresence
 
 
 class MembershipTests(SynchronousTestCase):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource

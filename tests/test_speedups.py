@@ -223,7 +223,7 @@ class SameTextTests(SynchronousTestCase):
         deferred = speedups.deferred_pformat(value)
         self.assertIsInstance(deferred, DeferredPformat)
         self.assertEqual(format(deferred), expected)
-        self.assertEqual("\n{0}".format(deferred), "\n" + expected)
+        self.assertEqual(f"\n{deferred}", "\n" + expected)
         self.assertEqual(str(deferred), expected)
         self.assertEqual(repr(deferred), repr(expected))
         self.assertEqual(speedups.deferred_pformat(value, width=20), pprint.pformat(value, width=20))

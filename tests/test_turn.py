@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -17,7 +18,6 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from treq.testing import StubTreq
 from zope.interface.verify import verifyObject
 
 from meteredrt.apps import App, TurnConfig

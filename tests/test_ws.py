@@ -16,8 +16,8 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.internet.testing import MemoryReactorClock
+from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 from zope.interface import implementer

@@ -41,7 +41,7 @@ def install_rest(
     meter: IMeter,
     clock: IReactorTime,
     turn: TurnApiClient | None = None,
-    limits: RestLimits = RestLimits(),
+    limits: RestLimits | None = None,
 ) -> RequestGuard:
     """
     Put the REST resources under C{v1}.
@@ -54,7 +54,7 @@ def install_rest(
         C{"turn": true}.
     @return: the guard the resources share.
     """
-    guard = RequestGuard(keys, clock, limits)
+    guard = RequestGuard(keys, clock, limits or RestLimits())
     families: dict[bytes, JsonResource] = {
         b"tokens": TokensResource(guard, turn),
         b"channels": ChannelsResource(guard, hub),

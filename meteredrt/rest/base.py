@@ -21,7 +21,8 @@ import hmac
 import json
 import math
 import secrets
-from typing import Any, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 from attrs import field, frozen
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -254,17 +255,17 @@ def read_json_body(request: Request) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise invalid("request body is not valid UTF-8")
+        raise invalid("request body is not valid UTF-8") from None
     if not text.strip():
         raise invalid("request body must be a JSON object")
     try:
         body = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
-        raise invalid(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+        raise invalid(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except ValueError as e:
-        raise invalid(f"request body is not valid JSON: {e}")
+        raise invalid(f"request body is not valid JSON: {e}") from None
     except RecursionError:
-        raise invalid("request body is nested too deeply")
+        raise invalid("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise invalid("request body must be a JSON object")
     return body
@@ -400,4 +401,4 @@ def decode_param(value: bytes, name: str) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        raise invalid(f"{name} is not valid UTF-8")
+        raise invalid(f"{name} is not valid UTF-8") from None

@@ -13,7 +13,8 @@ then quota.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from meteredrt.apps import Key
 from meteredrt.auth import MAX_PEER_METADATA_BYTES
@@ -131,5 +132,5 @@ class ChannelsResource(JsonResource):
         except FrameError as e:
             if e.code != ErrorCode.OVER_MESSAGE_QUOTA:
                 raise
-            raise ApiError(403, ErrorCode.OVER_MESSAGE_QUOTA, e.message)
+            raise ApiError(403, ErrorCode.OVER_MESSAGE_QUOTA, e.message) from None
         return {"channel": channel, "delivered": delivered}

@@ -12,7 +12,8 @@ L{OpenApiResource} serves it without authentication.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from meteredrt.apps import ACTIONS
 from meteredrt.auth import MAX_CHANNEL_CLAIMS, MAX_PERMISSION_CLAIMS, MAX_TOKEN_LIFETIME

@@ -8,7 +8,8 @@ untouched, and C{0} is a success.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from meteredrt.hub import Hub
 from meteredrt.protocol import is_valid_peer_id

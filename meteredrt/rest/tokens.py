@@ -13,7 +13,8 @@ L{meteredrt.backend.mint_token_with_turn}.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from meteredrt.auth import DEFAULT_TOKEN_LIFETIME, MintError, mint_token
 from meteredrt.backend import mint_token_with_turn
@@ -109,7 +110,7 @@ class TokensResource(JsonResource):
             token, expires_at = await mint_token_with_turn(call.key, peer_id, self._turn, turn_config, **claims)
         except MintError as e:
             status = 400 if e.code == "invalid_request" else 403
-            raise ApiError(status, e.code, f"{e.field}: {e.message}")
+            raise ApiError(status, e.code, f"{e.field}: {e.message}") from None
         except TurnApiError as e:
-            raise ApiError(502, "backend_error", f"the TURN API failed: {e}")
+            raise ApiError(502, "backend_error", f"the TURN API failed: {e}") from None
         return {"token": token, "expiresAt": expires_at}

@@ -8,7 +8,8 @@ affected.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from meteredrt.interfaces import IMeter
 from meteredrt.rest.base import Call, JsonResource, RequestGuard, Route

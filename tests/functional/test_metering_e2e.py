@@ -13,7 +13,8 @@ import itertools
 import json
 import sqlite3
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
