@@ -79,7 +79,10 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
     One client connection.
     """
 
-    log = Logger()
+    # Not "log": Autobahn's own self.log must keep its txaio logger, which
+    # drops debug events (one per frame, and the raw upgrade request with
+    # its ?token=) before they are formatted or written.
+    _log = Logger()
     factory: RealtimeServerFactory
     conn_id: str = ""
 
@@ -160,7 +163,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         return self
 
     def _admission_failed(self, failure: Any) -> None:
-        self.log.failure("Handshake failed", failure)
+        self._log.failure("Handshake failed", failure)
         self._close(CloseCode.INTERNAL_ERROR, "internal_error")
 
     async def _welcome_metadata(self, grant: Grant) -> dict | None:
@@ -257,7 +260,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         if watch.paused:
             watch.held += len(frame.payload)
             if watch.held > self.factory.outbound_limit:
-                self.log.info("Closing slow reader {conn}", conn=self.conn_id)
+                self._log.info("Closing slow reader {conn}", conn=self.conn_id)
                 self._close(CloseCode.POLICY_VIOLATION, "slow_consumer")
                 # A reader this far behind will not read the close frame;
                 # this replaces a pending going-away close.
@@ -307,7 +310,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         session, self._session = self._session, None
         if session is not None:
             self.factory.hub.disconnect(session).addErrback(
-                lambda f: self.log.failure("Failed to clean up {conn}", f, conn=self.conn_id)
+                lambda f: self._log.failure("Failed to clean up {conn}", f, conn=self.conn_id)
             )
         self.factory.closed_one()
 

@@ -17,6 +17,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
@@ -218,6 +219,26 @@ class HandshakeTests(WebSocketTestCase):
         """
         client, server, pump = self.open_token("alice", metadata={"room": "r1"})
         self.assertEqual(client.received[0]["metadata"], {"room": "r1"})
+
+    def test_token_never_logged(self) -> None:
+        """
+        No log event of a connection's life mentions its token: Autobahn's
+        debug events (the raw upgrade request among them) stay below the
+        log level instead of reaching the operator's log.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        token = self.token("alice")
+        client, server, pump = self.open("token=" + token)
+        client.send_json({"type": "subscribe", "channel": "room", "requestId": "s"})
+        pump.flush()
+        self.assertEqual(client.received[0]["type"], "welcome")
+        client.sendClose()
+        pump.flush()
+        rendered = [formatEvent(event) + repr(event) for event in events]
+        self.assertEqual([text for text in rendered if token in text], [])
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.debug], [])
 
     def test_publishable_welcome(self) -> None:
         """
