@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import autobahn
+import txaio
 from autobahn import util
 from autobahn.websocket import protocol as ws_protocol
 from twisted.logger import eventAsText, globalLogPublisher
@@ -244,6 +245,7 @@ class SameTextTests(SynchronousTestCase):
 
 # Per-connection randomness in Autobahn's own debug text.
 _VOLATILE = re.compile(r"(?i)(sec-websocket-(?:key|accept)['\":\s]+)[A-Za-z0-9+/=]+")
+_ADDRESS = re.compile(r"0x[0-9a-f]+")
 
 
 class RoundTripTests(WebSocketTestCase):
@@ -253,10 +255,13 @@ class RoundTripTests(WebSocketTestCase):
 
     def run_session(self) -> tuple[list[dict[str, Any]], list[str]]:
         """
-        Connect, ping, close; return the frames the client got and the
-        rendered text of every log event.
+        Connect, ping, close with Autobahn's debug logging on; return the
+        frames the client got and the rendered text of every log event.
         """
         events: list[dict] = []
+        level = txaio.get_global_log_level()
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, level)
         globalLogPublisher.addObserver(events.append)
         try:
             client, server, pump = self.open_token("alice")
@@ -267,7 +272,9 @@ class RoundTripTests(WebSocketTestCase):
             pump.flush()
         finally:
             globalLogPublisher.removeObserver(events.append)
-        texts = [_VOLATILE.sub(r"\1*", eventAsText(e, includeTimestamp=False)) for e in events]
+        texts = [
+            _ADDRESS.sub("0x*", _VOLATILE.sub(r"\1*", eventAsText(e, includeTimestamp=False))) for e in events
+        ]
         return client.received, texts
 
     def test_same_frames_and_log_text(self) -> None:
