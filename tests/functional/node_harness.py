@@ -151,7 +151,7 @@ def ensure_node_modules() -> str:
     return _installed_dir
 
 
-class _EventLineProtocol(ProcessProtocol):
+class EventLineProtocol(ProcessProtocol):
     """
     Collect a child's stdout as JSON event lines and its stderr as text, and
     fire C{finished} when it ends (killing it at C{deadline} seconds).
@@ -286,7 +286,7 @@ def run_node_script(
     child_env = dict(os.environ)
     if env is not None:
         child_env.update(env)
-    protocol = _EventLineProtocol(reactor, timeout, f"node {os.path.basename(path)}")
+    protocol = EventLineProtocol(reactor, timeout, f"node {os.path.basename(path)}")
     reactor.spawnProcess(
         protocol, node, [node, path, *args], env=child_env, path=node_dir
     )

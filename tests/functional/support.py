@@ -4,12 +4,16 @@ Start the real composed server in-process for functional tests.
 L{start_server} runs L{meteredrt.tap.makeService} exactly as C{twistd}
 would, on the global reactor, listening on an ephemeral loopback port, with
 a configuration file that declares one app with known keys. Clients then
-connect over real sockets.
+connect over real sockets. L{start_in} does the same outside a test case
+(C{tests/functional/webrtc_session.py} runs it in a child process).
+
+Main names: L{start_server}, L{start_in}, L{RunningServer}, L{CONFIG}.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
@@ -83,22 +87,39 @@ class RunningServer:
         return f"http://127.0.0.1:{self.port}"
 
 
-async def start_server(case: TestCase, config: str = CONFIG, extra_args: tuple[str, ...] = ()) -> RunningServer:
+async def start_in(
+    directory: str,
+    cleanup: Callable[[Callable[[], object]], object],
+    config: str = CONFIG,
+    extra_args: tuple[str, ...] = (),
+) -> RunningServer:
     """
-    Start meteredrt for one test; it is stopped (and drained) on cleanup.
+    Start meteredrt with its configuration file and data in C{directory}
+    (which must exist).
+
+    @param cleanup: called once with the service's C{stopService}, as soon
+        as the service has started, so the caller can stop (and drain) it
+        even if listening fails.
     """
-    base = case.mktemp()
-    os.makedirs(base)
-    config_path = os.path.join(base, "meteredrt.toml")
+    config_path = os.path.join(directory, "meteredrt.toml")
     with open(config_path, "w") as f:
         f.write(config)
-    data_dir = os.path.join(base, "data")
+    data_dir = os.path.join(directory, "data")
     options = Options()
     options.parseOptions(
         ["--config", config_path, "--data-dir", data_dir, "--listen", "tcp:0:interface=127.0.0.1", *extra_args]
     )
     service = makeService(options, reactor)
     service.startService()
-    case.addCleanup(service.stopService)
+    cleanup(service.stopService)
     ports = await service.getServiceNamed("listeners").listening
     return RunningServer(service, ports[0].getHost().port, data_dir)
+
+
+async def start_server(case: TestCase, config: str = CONFIG, extra_args: tuple[str, ...] = ()) -> RunningServer:
+    """
+    Start meteredrt for one test; it is stopped (and drained) on cleanup.
+    """
+    base = case.mktemp()
+    os.makedirs(base)
+    return await start_in(base, case.addCleanup, config, extra_args)
