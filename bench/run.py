@@ -1,0 +1,442 @@
+"""
+Benchmark a real meteredrt server process on loopback.
+
+For each scenario and variant this starts ``twistd -n meteredrt`` on a free
+127.0.0.1 port with a throw-away data directory and a configuration that
+declares one app with a known secret key, mints the clients' JWTs with
+L{meteredrt.auth.mint_token}, runs ``bench/loadgen.mjs`` (Node + ``ws``)
+against it, samples the server's CPU and RSS from ``/proc`` around the
+measured phase, and prints one JSON line per scenario and variant (medians
+of ``--runs``).
+
+Scenarios (issue 3):
+
+ - ``fanout``: 1,000 subscribers of one channel, 100-byte payloads, latency
+   from publish to receipt. The server allows 100 messages/s per connection
+   (burst 200), so the one logical publisher is spread over
+   ``--publishers`` connections taking turns, each kept under that rate by
+   a client-side copy of the bucket; at most ``--window`` publishes are
+   undelivered at any time.
+ - ``pingpong``: 100 pairs, one direct round trip in flight per pair. The
+   same rate limit caps a pair at ~100 round trips/s (10,000/s for 100
+   pairs); ``rate_capped_waits`` > 0 in the result means the cap, not the
+   server, set the pace.
+ - ``idle``: 10,000 authenticated connections opened with 100 handshakes
+   in flight; connect rate, and server RSS growth per connection.
+
+Variants: ``speedups`` (the server as shipped) and ``baseline`` (the same
+with ``METEREDRT_NO_SPEEDUPS=1``). Runs of the variants are interleaved.
+
+Usage::
+
+    python bench/run.py --scenario all --runs 3 --baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+sys.path.insert(0, REPO)
+
+from meteredrt.apps import ACTIONS, Key, KeyType  # noqa: E402
+from meteredrt.auth import mint_token  # noqa: E402
+
+APP_ID = "app_bench"
+KEY_ID = "sk_id_bench"
+SECRET = "sk_secret_bench_0123456789abcdef0123456789"
+CHANNEL = "bench/fanout"
+CONFIG = f"""
+[server]
+# 10,000 upgrades from one address in seconds: far above the 60/min default.
+upgrade_rate_limit = 1000000
+
+[[apps]]
+id = "{APP_ID}"
+
+[[apps.keys]]
+type = "secret"
+key_id = "{KEY_ID}"
+secret = "{SECRET}"
+channel_patterns = ["**"]
+actions = ["publish", "subscribe", "presence", "send"]
+"""
+KEY = Key(KEY_ID, APP_ID, KeyType.SECRET, ("**",), ACTIONS, secret=SECRET, auto_inject_turn=False)
+
+#: The server's per-connection message bucket (meteredrt.ws defaults) and
+#: the share of it the generator allows itself.
+SERVER_RATE, SERVER_BURST = 100.0, 200.0
+CLIENT_RATE, CLIENT_BURST = 95.0, 150.0
+
+VARIANTS = ("baseline", "speedups")
+PRIMARY = {"fanout": "deliveries_per_s", "pingpong": "round_trips_per_s", "idle": "connects_per_s"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+LAUNCHER = "from twisted.scripts.twistd import run; run()"
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    User + system CPU time of a process so far.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    """
+    Resident set size of a process.
+    """
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE_KIB
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def raise_fd_limit() -> int:
+    """
+    Raise the soft descriptor limit to the hard one; children inherit it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Server:
+    """
+    One ``twistd -n meteredrt`` process on a free loopback port.
+    """
+
+    def __init__(self, workdir: str, variant: str) -> None:
+        self.port = free_port()
+        self.log_path = os.path.join(workdir, "twistd.log")
+        config = os.path.join(workdir, "meteredrt.toml")
+        with open(config, "w") as f:
+            f.write(CONFIG)
+        env = dict(os.environ, PYTHONPATH=REPO)
+        env.pop("METEREDRT_NO_SPEEDUPS", None)
+        if variant == "baseline":
+            env["METEREDRT_NO_SPEEDUPS"] = "1"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, "-n", "--pidfile=", "--logfile", self.log_path,
+             "meteredrt", "--config", config, "--data-dir", os.path.join(workdir, "data"),
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
+            env=env, cwd=workdir, stdin=subprocess.DEVNULL,
+            stdout=open(os.path.join(workdir, "twistd.out"), "w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.url = f"ws://127.0.0.1:{self.port}"
+        try:
+            self._wait_ready(time.monotonic() + 30)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def _wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server not ready within 30 s")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_bytes(self) -> int:
+        """
+        Bytes in the twistd log so far, rotated files included.
+        """
+        directory, name = os.path.split(self.log_path)
+        total = 0
+        for entry in os.scandir(directory):
+            if entry.name.startswith(name):
+                total += entry.stat().st_size
+        return total
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+class LoadGen:
+    """
+    The Node load generator, spoken to in lines of JSON.
+    """
+
+    def __init__(self, settings_path: str, hard_timeout: float) -> None:
+        self.process = subprocess.Popen(
+            ["node", os.path.join(BENCH, "loadgen.mjs"), settings_path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=BENCH,
+        )  # fmt: skip
+        self.deadline = time.monotonic() + hard_timeout
+
+    def expect(self, event: str) -> dict[str, Any]:
+        """
+        Read lines until C{event}; fail on an error event, EOF or the deadline.
+        """
+        assert self.process.stdout is not None
+        while time.monotonic() < self.deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"load generator exited ({self.process.wait(timeout=10)}) before {event}")
+            message = json.loads(line)
+            if message.get("event") == "error":
+                raise RuntimeError(f"load generator: {message['message']}")
+            if message.get("event") == event:
+                return message
+        raise RuntimeError(f"no {event} from the load generator in time")
+
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def tokens(prefix: str, count: int, permissions: list[str]) -> Iterator[str]:
+    now = int(time.time())
+    for i in range(count):
+        yield mint_token(KEY, f"{prefix}{i}", now=now, expires_in=3600, permissions=permissions)
+
+
+def scenario_settings(scenario: str, args: argparse.Namespace) -> dict[str, Any]:
+    """
+    What the load generator needs for one scenario. Nobody holds the
+    ``presence`` action, so subscribing 1,000 connections does not turn
+    into 500,000 presence frames.
+    """
+    common = {
+        "scenario": scenario,
+        "durationS": args.duration,
+        "ratePerConnection": CLIENT_RATE,
+        "burstPerConnection": CLIENT_BURST,
+        "hardTimeoutS": args.duration + 240,
+    }
+    if scenario == "fanout":
+        return {
+            **common,
+            "subscribers": args.subscribers,
+            "publishers": args.publishers,
+            "channel": CHANNEL,
+            "payloadBytes": 100,
+            "window": args.window,
+            "probeEvery": 20,
+            "maxPublishes": args.max_publishes,
+            "tokens": [*tokens("sub", args.subscribers, ["subscribe"]), *tokens("pub", args.publishers, ["publish"])],
+        }
+    if scenario == "pingpong":
+        return {
+            **common,
+            "pairs": args.pairs,
+            "maxRoundTrips": args.max_round_trips,
+            "tokens": [*tokens("pa", args.pairs, ["send"]), *tokens("pb", args.pairs, ["send"])],
+        }
+    return {
+        **common,
+        "connections": args.idle,
+        "inFlight": 100,
+        "tokens": list(tokens("idle", args.idle, ["subscribe"])),
+    }
+
+
+def start_server(workdir: str, variant: str, attempts: int = 3) -> Server:
+    """
+    Start a server, on a fresh port if the first one was taken between
+    L{free_port} and the server's C{listen} (seen after the idle scenario's
+    10,000 client sockets).
+    """
+    for attempt in range(attempts):
+        try:
+            return Server(workdir, variant)
+        except RuntimeError as e:
+            print(json.dumps({"server_start_failed": str(e), "attempt": attempt + 1}), file=sys.stderr, flush=True)
+            time.sleep(1.0)
+    raise RuntimeError(f"server did not start in {attempts} attempts")
+
+
+def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """
+    One server, one load generator, one measurement.
+    """
+    workdir = tempfile.mkdtemp(prefix=f"meteredrt-bench-{scenario}-")
+    server = loadgen = None
+    try:
+        server = start_server(workdir, variant)
+        settings = json.load(open(settings_path))
+        settings["url"] = server.url
+        run_settings = os.path.join(workdir, "settings.json")
+        with open(run_settings, "w") as f:
+            json.dump(settings, f)
+        loadgen = LoadGen(run_settings, settings["hardTimeoutS"])
+        ready = loadgen.expect("ready")
+        time.sleep(0.5)
+        rss_before = rss_kib(server.pid)
+        log_before = server.log_bytes()
+        server_cpu0, loadgen_cpu0, t0 = cpu_seconds(server.pid), cpu_seconds(loadgen.process.pid), time.monotonic()
+        loadgen.send("go")
+        result = loadgen.expect("result")
+        duration = time.monotonic() - t0
+        server_cpu = cpu_seconds(server.pid) - server_cpu0
+        loadgen_cpu = cpu_seconds(loadgen.process.pid) - loadgen_cpu0
+        record: dict[str, Any] = {
+            "scenario": scenario,
+            "variant": variant,
+            PRIMARY[scenario]: result[PRIMARY[scenario]],
+            "p50_ms": result["p50_ms"],
+            "p99_ms": result["p99_ms"],
+            "server_cpu_s": round(server_cpu, 2),
+            "loadgen_cpu_s": round(loadgen_cpu, 2),
+            "duration_s": round(duration, 2),
+            "server_log_bytes": server.log_bytes() - log_before,
+        }
+        if scenario == "idle":
+            time.sleep(2.0)  # let the last welcomes' buffers go
+            record["server_rss_kib_per_conn"] = round((rss_kib(server.pid) - rss_before) / max(1, result["connections"]), 2)
+            record["server_rss_kib"] = rss_kib(server.pid)
+            loadgen.send("close")
+        record["detail"] = {k: v for k, v in result.items() if k not in ("event", PRIMARY[scenario], "p50_ms", "p99_ms")}
+        record["detail"]["connections_before_go"] = ready["connections"]
+        loadgen.expect("finished")
+        return record
+    finally:
+        if loadgen is not None:
+            loadgen.stop()
+        if server is not None:
+            server.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def median_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    Medians of the numeric fields over several runs, with the runs' primary
+    figures kept for the spread.
+    """
+    first = records[0]
+    out: dict[str, Any] = {"scenario": first["scenario"], "variant": first["variant"]}
+    for key, value in first.items():
+        if key in out or key == "detail":
+            continue
+        values = [r[key] for r in records if r.get(key) is not None]
+        out[key] = statistics.median(values) if values and isinstance(value, (int, float)) else value
+    out["runs"] = len(records)
+    out["samples"] = [r[PRIMARY[first["scenario"]]] for r in records]
+    out["detail"] = records[len(records) // 2]["detail"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["fanout", "pingpong", "idle", "all"], default="all")
+    parser.add_argument("--runs", type=int, default=1, help="runs per variant; medians are reported")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per run (fanout, pingpong)")
+    parser.add_argument("--baseline", action="store_true", help="also run with METEREDRT_NO_SPEEDUPS=1")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS)}")
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--publishers", type=int, default=8, help="connections the fan-out publisher is spread over")
+    parser.add_argument("--window", type=int, default=4, help="fan-out publishes undelivered at most")
+    parser.add_argument("--max-publishes", type=int, default=50_000)
+    parser.add_argument("--pairs", type=int, default=100)
+    parser.add_argument("--max-round-trips", type=int, default=2_000_000)
+    parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--keep", action="store_true", help="keep each run's directory (logs) in /tmp")
+    parser.add_argument("--raw", default=None, help="also append every run's JSON line to this file")
+    args = parser.parse_args()
+
+    if args.variants:
+        variants = args.variants.split(",")
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}")
+    else:
+        variants = ["baseline", "speedups"] if args.baseline else ["speedups"]
+    scenarios = ["fanout", "pingpong", "idle"] if args.scenario == "all" else [args.scenario]
+    limit = raise_fd_limit()
+    if "idle" in scenarios and limit < args.idle + 1000:
+        parser.error(f"descriptor limit {limit} is too low for {args.idle} idle connections")
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=BENCH, check=True, timeout=300)
+
+    commit = git_commit()
+    for scenario in scenarios:
+        settings_dir = tempfile.mkdtemp(prefix="meteredrt-bench-settings-")
+        try:
+            settings_path = os.path.join(settings_dir, "settings.json")
+            with open(settings_path, "w") as f:
+                json.dump(scenario_settings(scenario, args), f)
+            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+            for _ in range(args.runs):
+                for variant in variants:  # interleaved, so drift hits every variant alike
+                    record = run_once(scenario, variant, settings_path, args)
+                    record["git_commit"] = commit
+                    runs[variant].append(record)
+                    print(json.dumps({"run": record}), file=sys.stderr, flush=True)
+                    if args.raw:
+                        with open(args.raw, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+            medians = {v: median_record(rs) for v, rs in runs.items()}
+            reference = medians.get("baseline")
+            for variant, record in medians.items():
+                record["git_commit"] = commit
+                if reference is not None and variant != "baseline":
+                    key = PRIMARY[scenario]
+                    record[f"{key}_vs_baseline"] = round(record[key] / reference[key], 3)
+                print(json.dumps(record), flush=True)
+        finally:
+            shutil.rmtree(settings_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
