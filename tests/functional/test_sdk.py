@@ -268,6 +268,31 @@ class MessagingTests(SDKTestCase):
         )
         self.assertEqual(steps(events)[-1]["state"], "connected")
 
+    async def test_limits_surface_with_their_codes(self) -> None:
+        """
+        A wildcard publish is C{invalid_channel} and the 101st subscription
+        C{channel_limit_exceeded}; the connection goes on working. (The SDK
+        itself refuses empty or over-long channels, bad peer ids and missing
+        data before anything is sent.)
+        """
+        subscribes = [{"op": "subscribe", "channel": f"rooms/{n}"} for n in range(101)]
+        scenario = {
+            "apiKey": PUBLISHABLE_KEY,
+            "steps": [
+                {"op": "connect"},
+                {"op": "publish", "channel": "rooms/*", "data": 1},
+                *subscribes,
+                {"op": "unsubscribe", "channel": "rooms/0"},
+                {"op": "subscribe", "channel": "rooms/100"},
+            ],
+        }
+        events = await self.run_scenario(scenario)
+        outcomes = [(s["op"], s["ok"], s.get("error", {}).get("name")) for s in steps(events)]
+        self.assertEqual(outcomes[1], ("publish", False, "invalid_channel"))
+        self.assertEqual(outcomes[2:102], [("subscribe", True, None)] * 100)
+        self.assertEqual(outcomes[102], ("subscribe", False, "channel_limit_exceeded"))
+        self.assertEqual(outcomes[103:], [("unsubscribe", True, None), ("subscribe", True, None)])
+
     async def test_apps_are_isolated(self) -> None:
         """
         The same channel and peerId in two apps never meet.
