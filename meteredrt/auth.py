@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 from attrs import frozen
@@ -173,7 +173,7 @@ def _invalid(reason: str) -> Refusal:
     return Refusal(CloseCode.INVALID_TOKEN, reason)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -214,7 +214,8 @@ def verify_token(token: str, keys: KeyLookup, now: float) -> Grant:
         raise _invalid("invalid_token")
 
     sub = claims.get("sub")
-    if not is_valid_peer_id(sub):
+    # The isinstance only narrows for mypy; is_valid_peer_id checks it too.
+    if not isinstance(sub, str) or not is_valid_peer_id(sub):
         raise _invalid("invalid sub")
     exp = claims.get("exp")
     if not _is_int(exp):

@@ -32,7 +32,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar, cast
 
 import attrs
 import jwt
@@ -580,6 +580,7 @@ def _mint_with_turn(key: Key, peer_id: str, turn: TurnConfig, claims: dict[str, 
     twistd plugin, so it may drive the global reactor.
     """
     from twisted.internet import reactor
+    from twisted.internet.base import ReactorBase
 
     outcome: list[Any] = []
 
@@ -590,10 +591,12 @@ def _mint_with_turn(key: Key, peer_id: str, turn: TurnConfig, claims: dict[str, 
 
     def finish(result: Any) -> None:
         outcome.append(result)
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(work()).addBoth(finish))  # type: ignore[attr-defined]
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(work()).addBoth(finish))
+    # IReactorCore.run declares no parameters, but every reactor Twisted
+    # ships runs ReactorBase.run, which takes installSignalHandlers.
+    cast(ReactorBase, reactor).run(installSignalHandlers=False)
     [result] = outcome
     if isinstance(result, Failure):
         if result.check(TurnApiError):

@@ -320,7 +320,7 @@ class _Table:
             self.fail(name, "is required")
         return True
 
-    def _typed(self, name: str, value: object, kind: type, expected: str) -> Any:
+    def _typed(self, name: str, value: object, kind: type | tuple[type, ...], expected: str) -> Any:
         # bool is a subclass of int in Python, but not in TOML.
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             self.fail(name, f"must be {expected}, not {_toml_type(value)}")
@@ -344,8 +344,7 @@ class _Table:
     def integer(self, name: str, default: Any = _REQUIRED, *, minimum: int = 0) -> Any:
         if self._missing(name, default):
             return default
-        value = self._values[name]
-        self._typed(name, value, int, "an integer")
+        value = self._typed(name, self._values[name], int, "an integer")
         if value < minimum:
             self.fail(name, f"must be at least {minimum}, not {value}")
         return value
@@ -353,8 +352,7 @@ class _Table:
     def number(self, name: str, default: Any = _REQUIRED, *, minimum: float | None = 0.0) -> Any:
         if self._missing(name, default):
             return default
-        value = self._values[name]
-        self._typed(name, value, (int, float), "a number")  # type: ignore[arg-type]
+        value = self._typed(name, self._values[name], (int, float), "a number")
         if minimum is not None and value < minimum:
             self.fail(name, f"must be at least {minimum}, not {value}")
         return float(value)
@@ -362,8 +360,7 @@ class _Table:
     def strings(self, name: str, default: Any = _REQUIRED) -> Any:
         if self._missing(name, default):
             return default
-        value = self._values[name]
-        self._typed(name, value, list, "an array of strings")
+        value = self._typed(name, self._values[name], list, "an array of strings")
         for index, item in enumerate(value):
             self._typed(f"{name}[{index}]", item, str, "a string")
         return tuple(value)
@@ -374,8 +371,8 @@ class _Table:
         return _Table(self.source, self.path(name), self._values[name], known)
 
     def tables(self, name: str, known: Iterable[str]) -> list[_Table]:
-        value = [] if self._missing(name, []) else self._values[name]
-        self._typed(name, value, list, "an array of tables")
+        raw = [] if self._missing(name, []) else self._values[name]
+        value = self._typed(name, raw, list, "an array of tables")
         return [
             _Table(self.source, self.path(f"{name}[{index}]"), item, known)
             for index, item in enumerate(value)

@@ -36,7 +36,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from functools import lru_cache
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 __all__ = [
     "is_wildcard",
@@ -435,7 +435,11 @@ def covers(pattern: str, allowed: Sequence[str]) -> bool:
         return False
 
 
-class _Entry:
+#: Whatever a L{WildcardIndex} routes to (the hub's sessions).
+_S = TypeVar("_S", bound=Hashable)
+
+
+class _Entry(Generic[_S]):
     """
     One distinct pattern in a L{WildcardIndex} node, with everyone subscribed to it.
     """
@@ -444,10 +448,10 @@ class _Entry:
 
     def __init__(self, match: Callable[[str], bool]) -> None:
         self.match = match
-        self.subscribers: set[Hashable] = set()
+        self.subscribers: set[_S] = set()
 
 
-class _Node:
+class _Node(Generic[_S]):
     """
     A L{WildcardIndex} trie node: the patterns whose literal prefix ends here, and deeper nodes.
     """
@@ -455,8 +459,8 @@ class _Node:
     __slots__ = ("children", "patterns")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node] = {}
-        self.patterns: dict[str, _Entry] = {}
+        self.children: dict[str, _Node[_S]] = {}
+        self.patterns: dict[str, _Entry[_S]] = {}
 
 
 _ESCAPE = re.compile(r"\\([\\*])")
@@ -477,7 +481,7 @@ def _prefix_segments(pattern: str) -> list[str]:
     return prefix
 
 
-class WildcardIndex:
+class WildcardIndex(Generic[_S]):
     """
     The wildcard subscriptions of a hub, indexed so that a publish does not test every pattern.
 
@@ -497,7 +501,7 @@ class WildcardIndex:
     """
 
     def __init__(self) -> None:
-        self._root = _Node()
+        self._root: _Node[_S] = _Node()
         self._size = 0
 
     def __len__(self) -> int:
@@ -506,7 +510,7 @@ class WildcardIndex:
         """
         return self._size
 
-    def add(self, pattern: str, subscriber: Hashable) -> None:
+    def add(self, pattern: str, subscriber: _S) -> None:
         """
         Route channels matching C{pattern} to C{subscriber}; adding a pair twice keeps one.
 
@@ -526,7 +530,7 @@ class WildcardIndex:
             entry.subscribers.add(subscriber)
             self._size += 1
 
-    def remove(self, pattern: str, subscriber: Hashable) -> None:
+    def remove(self, pattern: str, subscriber: _S) -> None:
         """
         Stop routing C{pattern} to C{subscriber}; removing a pair that is not held does nothing.
         """
@@ -566,12 +570,12 @@ class WildcardIndex:
         entry = node.patterns.get(pattern)
         return 0 if entry is None else len(entry.subscribers)
 
-    def _matching(self, channel: str) -> Iterator[tuple[str, _Entry]]:
+    def _matching(self, channel: str) -> Iterator[tuple[str, _Entry[_S]]]:
         """
         Every distinct pattern held that matches C{channel}, with its entry.
         """
         segments = channel.split("/")
-        node: _Node | None = self._root
+        node: _Node[_S] | None = self._root
         depth = 0
         while node is not None:
             for pattern, entry in node.patterns.items():
@@ -582,22 +586,22 @@ class WildcardIndex:
             node = node.children.get(segments[depth])
             depth += 1
 
-    def match(self, channel: str) -> set[Hashable]:
+    def match(self, channel: str) -> set[_S]:
         """
         Everyone with at least one pattern matching C{channel}, each once: a publish is delivered
         at most once per connection (OP-13).
         """
-        found: set[Hashable] = set()
+        found: set[_S] = set()
         for _, entry in self._matching(channel):
             found |= entry.subscribers
         return found
 
-    def subscribers_matching(self, channel: str) -> dict[Hashable, list[str]]:
+    def subscribers_matching(self, channel: str) -> dict[_S, list[str]]:
         """
         Everyone with a pattern matching C{channel}, mapped to all of their matching patterns, so
         that per-subscription options (such as C{includeSenderMetadata}) can be combined.
         """
-        found: dict[Hashable, list[str]] = {}
+        found: dict[_S, list[str]] = {}
         for pattern, entry in self._matching(channel):
             for subscriber in entry.subscribers:
                 found.setdefault(subscriber, []).append(pattern)

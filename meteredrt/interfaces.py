@@ -21,7 +21,18 @@ single-node case relies on.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    # Annotations only, never evaluated: meteredrt.presence imports this
+    # module, so importing it back at run time would be circular.
+    from twisted.internet.defer import Deferred
+
+    from meteredrt.apps import App, Key, KeyType, Plan
+    from meteredrt.presence import Member
+    from meteredrt.protocol import OutboundFrame
 
 
 class IKeyStore(Interface):
@@ -32,27 +43,27 @@ class IKeyStore(Interface):
     memory; changes go to durable storage and return Deferreds.
     """
 
-    def key(key_id: str) -> object:
+    def key(key_id: str) -> Key | None:
         """
         The active or revoked L{meteredrt.apps.Key} with this id, or ``None``.
         """
 
-    def app(app_id: str) -> object:
+    def app(app_id: str) -> App | None:
         """
         The L{meteredrt.apps.App} with this id, or ``None``.
         """
 
-    def apps() -> list:
+    def apps() -> list[App]:
         """
         Every known app, ordered by id.
         """
 
-    def keys_of(app_id: str) -> list:
+    def keys_of(app_id: str) -> list[Key]:
         """
         Every key of one app (revoked ones included), ordered by id.
         """
 
-    def create_app(app_id: str, plan: object = None) -> object:
+    def create_app(app_id: str, plan: Plan | None = None) -> Deferred[App]:
         """
         Create an app. Fires with the L{App}; fails with L{ValueError} if it
         exists.
@@ -60,22 +71,22 @@ class IKeyStore(Interface):
 
     def create_key(
         app_id: str,
-        type: object,
-        channel_patterns: tuple,
-        actions: frozenset,
-        allowed_origins: tuple = (),
+        type: KeyType,
+        channel_patterns: tuple[str, ...],
+        actions: frozenset[str],
+        allowed_origins: tuple[str, ...] = (),
         auto_inject_turn: bool = True,
-    ) -> object:
+    ) -> Deferred[Key]:
         """
         Create a key with fresh random id (and secret). Fires with the L{Key}.
         """
 
-    def revoke_key(key_id: str) -> object:
+    def revoke_key(key_id: str) -> Deferred[bool]:
         """
         Revoke a key. Fires with ``True`` if it existed.
         """
 
-    def set_plan(app_id: str, plan: object) -> object:
+    def set_plan(app_id: str, plan: Plan | None) -> Deferred[App]:
         """
         Replace an app's plan. Fires with the new L{App}.
         """
@@ -88,7 +99,7 @@ class IConnectionSink(Interface):
 
     conn_id = Attribute("A cluster-wide unique id of this connection (str).")
 
-    def send_frame(frame: object) -> None:
+    def send_frame(frame: OutboundFrame) -> None:
         """
         Queue one L{meteredrt.protocol.OutboundFrame} for this connection, in
         order. Never blocks; a connection whose outbound buffer is over its
@@ -129,45 +140,45 @@ class IBroker(Interface):
         Set this node's receiver. Called once, before any routing.
         """
 
-    def watch_channel(app_id: str, channel: str) -> object:
+    def watch_channel(app_id: str, channel: str) -> Deferred[None]:
         """
         This node now has local subscribers to a concrete channel. Fires once
         the broker will route that channel's envelopes here.
         """
 
-    def unwatch_channel(app_id: str, channel: str) -> object:
+    def unwatch_channel(app_id: str, channel: str) -> Deferred[None]:
         """
         This node's last local subscriber of a concrete channel has left.
         """
 
-    def watch_pattern(app_id: str, pattern: str) -> object:
+    def watch_pattern(app_id: str, pattern: str) -> Deferred[None]:
         """
         Like L{watch_channel} for a wildcard subscription pattern.
         """
 
-    def unwatch_pattern(app_id: str, pattern: str) -> object:
+    def unwatch_pattern(app_id: str, pattern: str) -> Deferred[None]:
         """
         Like L{unwatch_channel} for a wildcard subscription pattern.
         """
 
-    def watch_peer(app_id: str, peer_id: str) -> object:
+    def watch_peer(app_id: str, peer_id: str) -> Deferred[None]:
         """
         This node holds a connection of this peer: route its directs here.
         """
 
-    def unwatch_peer(app_id: str, peer_id: str) -> object:
+    def unwatch_peer(app_id: str, peer_id: str) -> Deferred[None]:
         """
         This node's last connection of this peer has closed.
         """
 
-    def publish(app_id: str, channel: str, envelope: object) -> object:
+    def publish(app_id: str, channel: str, envelope: object) -> Deferred[int | None]:
         """
         Route an envelope to every node watching the channel or a pattern
         matching it. Fires when it is accepted for routing, with the number
         of connections reached when the broker knows it, else ``None``.
         """
 
-    def direct(app_id: str, peer_id: str, envelope: object) -> object:
+    def direct(app_id: str, peer_id: str, envelope: object) -> Deferred[int | None]:
         """
         Route an envelope to every node watching the peer. Fires like
         L{publish}.
@@ -179,37 +190,39 @@ class IPresence(Interface):
     Channel membership and the peer directory, refcounted per connection.
     """
 
-    def add_member(app_id: str, channel: str, peer_id: str, conn_id: str, metadata: object) -> object:
+    def add_member(
+        app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict[str, Any] | None
+    ) -> Deferred[bool]:
         """
         Record that a connection of a peer subscribed to a concrete channel.
         Fires with ``True`` if the peer was not a member before (a ``joined``
         delta is due).
         """
 
-    def remove_member(app_id: str, channel: str, peer_id: str, conn_id: str) -> object:
+    def remove_member(app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
         """
         Forget one connection's membership. Fires with the peer's
         L{meteredrt.presence.Member} if that was its last connection in the
         channel (a ``left`` delta is due), else ``None``.
         """
 
-    def members(app_id: str, channel: str) -> object:
+    def members(app_id: str, channel: str) -> Deferred[list[Member]]:
         """
         Fires with the channel's members, one L{Member} per peerId, ordered
         by join time.
         """
 
-    def add_connection(app_id: str, peer_id: str, conn_id: str) -> object:
+    def add_connection(app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         """
         Record a live connection of a peer (the direct-message directory).
         """
 
-    def remove_connection(app_id: str, peer_id: str, conn_id: str) -> object:
+    def remove_connection(app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         """
         Forget a live connection of a peer.
         """
 
-    def connections_of(app_id: str, peer_id: str) -> object:
+    def connections_of(app_id: str, peer_id: str) -> Deferred[frozenset[str]]:
         """
         Fires with the frozenset of live connection ids of a peer.
         """
@@ -223,7 +236,7 @@ class IMeter(Interface):
     durable storage on their own schedule.
     """
 
-    def admit_connection(app: object) -> object:
+    def admit_connection(app: App) -> Deferred[bool]:
         """
         A connection of this app authenticated. Fires with ``True`` if it is
         admitted (and then counted until L{release_connection}), ``False``
@@ -235,14 +248,14 @@ class IMeter(Interface):
         An admitted connection closed.
         """
 
-    def count_message(app: object) -> object:
+    def count_message(app: App) -> Deferred[bool]:
         """
         One publish/send/REST publish passed validation and authorization.
         Fires with ``True`` to deliver it, ``False`` to soft-drop it
         (``over_message_quota``). Either way it is counted.
         """
 
-    def usage(app: object) -> object:
+    def usage(app: App) -> Deferred[dict[str, object]]:
         """
         Fires with the app's usage report as the JSON object of §19.6.
         """
@@ -253,7 +266,7 @@ class ITurnProvider(Interface):
     TURN credentials for an app's welcome frames (protocol §20).
     """
 
-    def ice_servers(app: object, ttl: int) -> object:
+    def ice_servers(app: App, ttl: int) -> Deferred[list[dict[str, Any]] | None]:
         """
         Fires with a list of RTCIceServer dicts, or ``None`` when none could
         be had in time (the welcome then goes out without them).

@@ -58,7 +58,7 @@ class JsonRoot(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         return NotFound()
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         return json_response(request, 404, error_body("not_found", "no such endpoint"))
 
 

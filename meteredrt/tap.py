@@ -74,6 +74,7 @@ def print_bootstrap(app: App, keys: tuple[Key, ...], out: TextIO | None = None) 
     secret is shown. Written to the terminal, never to the log.
     """
     out = out or sys.__stdout__
+    assert out is not None, "no stdout to show the new keys on"
     lines = [f"meteredrt: created app {app.app_id!r} with these keys (the secret is shown only now):"]
     for key in keys:
         if key.type is KeyType.SECRET:
@@ -202,7 +203,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
 
     v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit)
     install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api)
-    root = build_root(v1, ready=lambda: keys.running and not factory.draining)
+    root = build_root(v1, ready=lambda: bool(keys.running) and not factory.draining)
     site = Site(root, logFormatter=access_log_line)
     site.displayTracebacks = False
     gate = StartupGate(keys, meter, reactor)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import treq
@@ -93,11 +93,20 @@ class _TreqLike(Protocol):
     """
     The part of the treq API that L{TurnApiClient} uses: the C{treq} module,
     a L{treq.client.HTTPClient} or a L{treq.testing.StubTreq}.
+
+    The members are read-only callables rather than methods so that the
+    module's functions match too: they spell out their keyword parameters
+    where C{HTTPClient} takes C{**kwargs}, and every one of them accepts the
+    C{params}, C{headers} and C{json} that L{TurnApiClient._exchange} passes.
+    They return an Awaitable, not a Deferred, because Deferred is invariant
+    and treq's fire with its own response class.
     """
 
-    def get(self, url: str, **kwargs: Any) -> Deferred[IResponse]: ...
+    @property
+    def get(self) -> Callable[..., Awaitable[IResponse]]: ...
 
-    def post(self, url: str, **kwargs: Any) -> Deferred[IResponse]: ...
+    @property
+    def post(self) -> Callable[..., Awaitable[IResponse]]: ...
 
 
 class _BodyTooLarge(Exception):
@@ -237,7 +246,7 @@ class TurnApiClient:
 
     async def _exchange(
         self,
-        send: Callable[..., Deferred[IResponse]],
+        send: Callable[..., Awaitable[IResponse]],
         url: str,
         params: dict[str, str],
         kwargs: dict[str, Any],
@@ -441,10 +450,11 @@ class TurnCredentialCache(Service):
         # Wait first, so that a refresh that completes synchronously still
         # finds its caller.
         waiting = self._wait(app.app_id, refresh, fallback)
-        deferred = Deferred.fromCoroutine(self._refresh(app.app_id, config, lifetime))
-        deferred.addCallback(self._settle, app.app_id, refresh)
-        deferred.addErrback(self._bookkeeping_failed, app.app_id)
-        refresh.deferred = deferred
+        refresh.deferred = (
+            Deferred.fromCoroutine(self._refresh(app.app_id, config, lifetime))
+            .addCallback(self._settle, app.app_id, refresh)
+            .addErrback(self._bookkeeping_failed, app.app_id)
+        )
         return waiting
 
     def close(self) -> None:

@@ -353,8 +353,8 @@ class JsonResource(Resource):
         def failed(failure: Failure) -> None:
             if gone:
                 return
-            if failure.check(ApiError):
-                error = failure.value
+            error = failure.value
+            if isinstance(error, ApiError):
                 self._write(request, gone, error.status, error_body(error.code, error.message))
             elif failure.check(TimeoutError, CancelledError):
                 self.log.warn(

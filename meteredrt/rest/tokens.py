@@ -78,7 +78,8 @@ class TokensResource(JsonResource):
         """
         body = call.body or {}
         peer_id = body.get("peerId")
-        if not is_valid_peer_id(peer_id):
+        # The isinstance only narrows for mypy; is_valid_peer_id checks it too.
+        if not isinstance(peer_id, str) or not is_valid_peer_id(peer_id):
             raise invalid("peerId: required; printable ASCII, 1-128 characters")
         expires_in = body.get("expiresInSec", DEFAULT_TOKEN_LIFETIME)
         if expires_in is None:
