@@ -25,11 +25,20 @@ Scenarios (issue 3):
    in flight; connect rate, and server RSS growth per connection.
 
 Variants: ``speedups`` (the server as shipped) and ``baseline`` (the same
-with ``METEREDRT_NO_SPEEDUPS=1``). Runs of the variants are interleaved.
+with ``METEREDRT_NO_SPEEDUPS=1``); with ``--ref-repo PATH`` also ``ref``,
+the server as shipped from another checkout (e.g. a ``git worktree`` of an
+earlier commit), which then becomes the reference for the ratios. Runs of
+the variants are interleaved.
+
+``--py-spy PATH`` records a py-spy profile of the server during each
+measured phase (raw collapsed stacks, one file per run, in
+``--profile-dir``); the sampler shares the two cores, so runs profiled this
+way are for finding costs, not for throughput figures.
 
 Usage::
 
     python bench/run.py --scenario all --runs 3 --baseline
+    python bench/run.py --scenario all --runs 3 --ref-repo /tmp/mrt-base
 """
 
 from __future__ import annotations
@@ -83,7 +92,7 @@ KEY = Key(KEY_ID, APP_ID, KeyType.SECRET, ("**",), ACTIONS, secret=SECRET, auto_
 SERVER_RATE, SERVER_BURST = 100.0, 200.0
 CLIENT_RATE, CLIENT_BURST = 95.0, 150.0
 
-VARIANTS = ("baseline", "speedups")
+VARIANTS = ("baseline", "speedups", "ref")
 PRIMARY = {"fanout": "deliveries_per_s", "pingpong": "round_trips_per_s", "idle": "connects_per_s"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -142,13 +151,14 @@ class Server:
     One ``twistd -n meteredrt`` process on a free loopback port.
     """
 
-    def __init__(self, workdir: str, variant: str) -> None:
+    def __init__(self, workdir: str, variant: str, repo: str = REPO) -> None:
         self.port = free_port()
         self.log_path = os.path.join(workdir, "twistd.log")
         config = os.path.join(workdir, "meteredrt.toml")
         with open(config, "w") as f:
             f.write(CONFIG)
-        env = dict(os.environ, PYTHONPATH=REPO)
+        # twistd finds the plugin, and the plugin the code, on PYTHONPATH.
+        env = dict(os.environ, PYTHONPATH=repo)
         env.pop("METEREDRT_NO_SPEEDUPS", None)
         if variant == "baseline":
             env["METEREDRT_NO_SPEEDUPS"] = "1"
@@ -292,7 +302,7 @@ def scenario_settings(scenario: str, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-def start_server(workdir: str, variant: str, attempts: int = 3) -> Server:
+def start_server(workdir: str, variant: str, repo: str = REPO, attempts: int = 3) -> Server:
     """
     Start a server, on a fresh port if the first one was taken between
     L{free_port} and the server's C{listen} (seen after the idle scenario's
@@ -300,11 +310,28 @@ def start_server(workdir: str, variant: str, attempts: int = 3) -> Server:
     """
     for attempt in range(attempts):
         try:
-            return Server(workdir, variant)
+            return Server(workdir, variant, repo)
         except RuntimeError as e:
             print(json.dumps({"server_start_failed": str(e), "attempt": attempt + 1}), file=sys.stderr, flush=True)
             time.sleep(1.0)
     raise RuntimeError(f"server did not start in {attempts} attempts")
+
+
+def start_profiler(pid: int, scenario: str, variant: str, args: argparse.Namespace) -> subprocess.Popen | None:
+    """
+    With C{--py-spy}, sample the server for the measured phase into a raw
+    (collapsed stacks) file in C{--profile-dir}.
+    """
+    if not args.py_spy:
+        return None
+    os.makedirs(args.profile_dir, exist_ok=True)
+    stamp = time.strftime("%H%M%S")
+    output = os.path.join(args.profile_dir, f"{scenario}-{variant}-{stamp}.txt")
+    return subprocess.Popen(
+        [args.py_spy, "record", "--pid", str(pid), "--format", "raw", "--output", output,
+         "--duration", str(max(1, int(args.duration) - 1)), "--rate", "100"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -314,7 +341,8 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
     workdir = tempfile.mkdtemp(prefix=f"meteredrt-bench-{scenario}-")
     server = loadgen = None
     try:
-        server = start_server(workdir, variant)
+        repo = args.ref_repo if variant == "ref" else REPO
+        server = start_server(workdir, variant, repo)
         settings = json.load(open(settings_path))
         settings["url"] = server.url
         run_settings = os.path.join(workdir, "settings.json")
@@ -327,7 +355,10 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
         log_before = server.log_bytes()
         server_cpu0, loadgen_cpu0, t0 = cpu_seconds(server.pid), cpu_seconds(loadgen.process.pid), time.monotonic()
         loadgen.send("go")
+        profiler = start_profiler(server.pid, scenario, variant, args)
         result = loadgen.expect("result")
+        if profiler is not None:
+            profiler.wait(timeout=args.duration + 60)
         duration = time.monotonic() - t0
         server_cpu = cpu_seconds(server.pid) - server_cpu0
         loadgen_cpu = cpu_seconds(loadgen.process.pid) - loadgen_cpu0
@@ -341,6 +372,7 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
             "loadgen_cpu_s": round(loadgen_cpu, 2),
             "duration_s": round(duration, 2),
             "server_log_bytes": server.log_bytes() - log_before,
+            "server_repo": repo,
         }
         if scenario == "idle":
             time.sleep(2.0)  # let the last welcomes' buffers go
@@ -394,6 +426,9 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--keep", action="store_true", help="keep each run's directory (logs) in /tmp")
     parser.add_argument("--raw", default=None, help="also append every run's JSON line to this file")
+    parser.add_argument("--ref-repo", default=None, help="also run the server as shipped from this checkout (variant ref)")
+    parser.add_argument("--py-spy", default=None, help="py-spy executable: profile the server during each measured phase")
+    parser.add_argument("--profile-dir", default="bench/profiles", help="where --py-spy writes its raw profiles")
     args = parser.parse_args()
 
     if args.variants:
@@ -403,6 +438,14 @@ def main() -> None:
             parser.error(f"unknown variants {sorted(unknown)}")
     else:
         variants = ["baseline", "speedups"] if args.baseline else ["speedups"]
+        if args.ref_repo:
+            variants.insert(0, "ref")
+    if "ref" in variants:
+        if not args.ref_repo:
+            parser.error("the ref variant needs --ref-repo")
+        args.ref_repo = os.path.abspath(args.ref_repo)
+        if not os.path.isdir(os.path.join(args.ref_repo, "meteredrt")):
+            parser.error(f"{args.ref_repo} is not a meteredrt checkout")
     scenarios = ["fanout", "pingpong", "idle"] if args.scenario == "all" else [args.scenario]
     limit = raise_fd_limit()
     if "idle" in scenarios and limit < args.idle + 1000:
@@ -427,12 +470,15 @@ def main() -> None:
                         with open(args.raw, "a") as f:
                             f.write(json.dumps(record) + "\n")
             medians = {v: median_record(rs) for v, rs in runs.items()}
-            reference = medians.get("baseline")
+            reference_name = "ref" if "ref" in medians else "baseline"
+            reference = medians.get(reference_name)
             for variant, record in medians.items():
                 record["git_commit"] = commit
-                if reference is not None and variant != "baseline":
+                if variant == "ref":
+                    record["repo"] = args.ref_repo
+                if reference is not None and variant != reference_name:
                     key = PRIMARY[scenario]
-                    record[f"{key}_vs_baseline"] = round(record[key] / reference[key], 3)
+                    record[f"{key}_vs_{reference_name}"] = round(record[key] / reference[key], 3)
                 print(json.dumps(record), flush=True)
         finally:
             shutil.rmtree(settings_dir, ignore_errors=True)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Coroutine, Generator, Iterable
+from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -90,6 +90,51 @@ class Session:
         return self.grant.peer_id
 
 
+_T = TypeVar("_T")
+
+
+def _start(coro: Coroutine[Any, Any, _T]) -> Deferred[_T]:
+    """
+    C{ensureDeferred(coro)}, with less work when C{coro} finishes at once.
+
+    On one node the broker, presence and meter answer with fired
+    Deferreds, and awaiting a fired Deferred does not suspend, so most
+    requests run to the end in their first step. That step is taken here;
+    only a coroutine that does suspend is handed to Twisted, which resumes
+    it exactly as C{ensureDeferred} would have. (The first step runs in the
+    caller's C{contextvars} context rather than a copy; nothing here uses
+    context variables.)
+    """
+    try:
+        awaited = coro.send(None)
+    except StopIteration as done:
+        return succeed(done.value)
+    except BaseException:
+        return fail()
+    return Deferred.fromCoroutine(_resume(coro, awaited))
+
+
+def _resume(coro: Coroutine[Any, Any, _T], awaited: Any) -> Generator[Any, Any, _T]:
+    """
+    Carry on a coroutine suspended on C{awaited}, as C{await} would: what
+    the driver (Twisted's C{inlineCallbacks} loop) sends or throws in goes
+    to C{coro}, what C{coro} yields goes out to the driver.
+    """
+    while True:
+        try:
+            result = yield awaited
+        except BaseException as e:
+            try:
+                awaited = coro.throw(e)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                awaited = coro.send(result)
+            except StopIteration as done:
+                return done.value
+
+
 def _entry(member: Member) -> dict:
     return presence_entry(member.peer_id, member.metadata)
 
@@ -121,7 +166,7 @@ class Hub(Service):
         self._conn_ids = itertools.count(1)
         self._sessions: dict[str, Session] = {}
         self._channels: dict[tuple[str, str], dict[str, Session]] = {}
-        self._patterns: dict[str, WildcardIndex] = {}
+        self._patterns: dict[str, WildcardIndex[Session]] = {}
         self._peers: dict[tuple[str, str], dict[str, Session]] = {}
         broker.attach(self)
 
@@ -201,7 +246,7 @@ class Hub(Service):
         connection's next frame, which keeps each sender's requests in order
         even when the broker has to wait on the network.
         """
-        return ensureDeferred(self._handle(session, frame))
+        return _start(self._handle(session, frame))
 
     async def _handle(self, session: Session, frame: object) -> None:
         request_id = getattr(frame, "request_id", None)
@@ -388,7 +433,7 @@ class Hub(Service):
         """
         return self._presence.members(app_id, channel)
 
-    def kick(self, app_id: str, peer_id: str, code: int = CloseCode.ADMIN_DISCONNECT) -> Deferred[int]:
+    def kick(self, app_id: str, peer_id: str, code: int = CloseCode.ADMIN_DISCONNECT) -> Deferred[int | None]:
         """
         Close every connection of a peer in one app (§19.5).
 
@@ -417,6 +462,8 @@ class Hub(Service):
 
     def _deliver_message(self, app_id: str, envelope: ChannelMessage) -> int:
         channel = envelope.channel
+        if app_id not in self._patterns:
+            return self._deliver_to_channel(app_id, envelope)
         # receiver -> whether it wants fromMetadata; dict keeps one
         # delivery per connection however many subscriptions match.
         receivers: dict[Session, bool] = {}
@@ -441,6 +488,38 @@ class Hub(Service):
         for session, wants_metadata in receivers.items():
             session.sink.send_frame(rich if wants_metadata else plain)
         return len(receivers)
+
+    def _deliver_to_channel(self, app_id: str, envelope: ChannelMessage) -> int:
+        """
+        L{_deliver_message} for an app with no wildcard subscriptions: the
+        channel's own subscribers are distinct connections already, so no
+        dict is built to merge them with pattern matches.
+        """
+        channel = envelope.channel
+        local = self._channels.get((app_id, channel))
+        if not local:
+            return 0
+        sender_conn = envelope.sender_conn
+        if envelope.sender_metadata:
+            receivers = [
+                (session, session.subscriptions[channel].include_sender_metadata)
+                for conn_id, session in local.items()
+                if conn_id != sender_conn
+            ]
+            if not receivers:
+                return 0
+            plain = message_frame(channel, envelope.sender, envelope.data, None)
+            rich = message_frame(channel, envelope.sender, envelope.data, envelope.sender_metadata)
+            for session, wants_metadata in receivers:
+                session.sink.send_frame(rich if wants_metadata else plain)
+            return len(receivers)
+        sessions = [session for conn_id, session in local.items() if conn_id != sender_conn]
+        if not sessions:
+            return 0
+        plain = message_frame(channel, envelope.sender, envelope.data, None)
+        for session in sessions:
+            session.sink.send_frame(plain)
+        return len(sessions)
 
     def _deliver_presence(self, app_id: str, envelope: PresenceChange) -> int:
         frame: OutboundFrame | None = None

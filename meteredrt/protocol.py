@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 
 from meteredrt.globs import is_wildcard, pattern_error
+
+if TYPE_CHECKING:
+    from autobahn.websocket.protocol import PreparedMessage
 
 #: Advertised in the welcome; the SDK refuses to send larger C{data}.
 MAX_MESSAGE_SIZE = 65536
@@ -142,6 +146,28 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# One decoder and one encoder for every frame: json.loads/json.dumps with
+# any non-default argument build a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _loads(payload: bytes | str) -> Any:
+    """
+    C{json.loads(payload, parse_constant=..., parse_float=...)} with the
+    shared decoder: the same encoding detection for bytes, the same refusal
+    of a BOM in a str.
+    """
+    if isinstance(payload, str):
+        if payload.startswith("\ufeff"):
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", payload, 0)
+        return _DECODER.decode(payload)
+    return _DECODER.decode(payload.decode(json.detect_encoding(payload), "surrogatepass"))
+
+
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _utf8_len(text: str) -> int | None:
     """
     The UTF-8 length of C{text}, or C{None} if it holds a lone surrogate
@@ -157,7 +183,7 @@ def has_control_characters(text: str) -> bool:
     """
     Whether C{text} holds a C0 control, DEL or a C1 control (§9.1).
     """
-    return any(c < "\x20" or "\x7f" <= c <= "\x9f" for c in text)
+    return _CONTROL_CHARACTER.search(text) is not None
 
 
 def channel_error(channel: object) -> tuple[str, str] | None:
@@ -221,7 +247,7 @@ def parse_frame(payload: bytes | str) -> ClientFrame:
         the OP-31 order.
     """
     try:
-        frame = json.loads(payload, parse_constant=_refuse_constant, parse_float=_finite_float)
+        frame = _loads(payload)
     except (ValueError, RecursionError):
         raise FrameError(ErrorCode.MALFORMED_MESSAGE, "frame is not valid JSON") from None
     if not isinstance(frame, dict):
@@ -254,12 +280,13 @@ def parse_frame(payload: bytes | str) -> ClientFrame:
             )
         return Subscribe(channel, include, request_id, wildcard)
     if kind == "unsubscribe":
-        channel = frame.get("channel")
-        problem = channel_error(channel)
+        target = frame.get("channel")
+        problem = channel_error(target)
         # Unsubscribing a reserved name is harmless: nobody can hold it.
         if problem is not None and problem[0] != ErrorCode.CHANNEL_RESERVED:
             raise FrameError(problem[0], problem[1], request_id)
-        return Unsubscribe(channel, request_id, is_wildcard(channel))  # type: ignore[arg-type]
+        assert isinstance(target, str)  # channel_error let only strings by
+        return Unsubscribe(target, request_id, is_wildcard(target))
     if kind == "publish":
         problem = concrete_channel_error(frame.get("channel"))
         if problem is not None and problem[0] == ErrorCode.INVALID_CHANNEL:
@@ -303,7 +330,7 @@ class OutboundFrame:
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
-        self.prepared: object = None
+        self.prepared: PreparedMessage | None = None
 
     def __repr__(self) -> str:
         return f"OutboundFrame({self.payload!r})"
@@ -314,7 +341,7 @@ def encode(frame: dict) -> OutboundFrame:
     Serialize a server frame. ASCII-only output keeps lone surrogates that
     arrived escaped in client JSON representable.
     """
-    return OutboundFrame(json.dumps(frame, separators=(",", ":"), allow_nan=False).encode("ascii"))
+    return OutboundFrame(_ENCODER.encode(frame).encode("ascii"))
 
 
 def json_size(value: object) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meteredrt.apps import ACTIONS, App, Plan
 from meteredrt.auth import Grant, Refusal
 from meteredrt.broker.memory import MemoryBroker
-from meteredrt.hub import Hub, Session
+from meteredrt.hub import Hub, Session, _start
 from meteredrt.metering import Meter
 from meteredrt.presence import MemoryPresence
 from meteredrt.protocol import MAX_SUBSCRIPTIONS, SNAPSHOT_FRAME_BUDGET, CloseCode, FrameError, parse_frame
@@ -954,3 +955,70 @@ class ConnectionTests(HubTestCase):
         two, sink_two = self.connect("a")
         self.assertNotEqual(one.conn_id, two.conn_id)
         self.assertEqual(sink_one.conn_id, one.conn_id)
+
+
+class StartTests(SynchronousTestCase):
+    """
+    L{meteredrt.hub._start} gives what C{ensureDeferred} gives.
+    """
+
+    def test_finished_at_once(self) -> None:
+        """
+        A coroutine that never suspends gives a fired Deferred with its
+        result.
+        """
+
+        async def answer() -> int:
+            return await succeed(41) + 1
+
+        self.assertEqual(self.successResultOf(_start(answer())), 42)
+
+    def test_fails_at_once(self) -> None:
+        """
+        A coroutine that raises in its first step gives a failed Deferred.
+        """
+
+        async def broken() -> None:
+            raise ValueError("no")
+
+        self.failureResultOf(_start(broken()), ValueError)
+
+    def test_suspends(self) -> None:
+        """
+        A coroutine that waits is resumed with each result in turn, has
+        failures thrown into it, and fires the Deferred when it returns.
+        """
+        first: Deferred[int] = Deferred()
+        second: Deferred[int] = Deferred()
+        seen: list[object] = []
+
+        async def waits() -> str:
+            seen.append(await first)
+            try:
+                await second
+            except KeyError as e:
+                seen.append(e.args)
+            seen.append(await succeed(3))
+            return "done"
+
+        result = _start(waits())
+        self.assertNoResult(result)
+        first.callback(1)
+        self.assertEqual(seen, [1])
+        self.assertNoResult(result)
+        second.errback(KeyError("k"))
+        self.assertEqual(seen, [1, ("k",), 3])
+        self.assertEqual(self.successResultOf(result), "done")
+
+    def test_fails_after_suspending(self) -> None:
+        """
+        A failure the coroutine does not catch fails the Deferred.
+        """
+        waited: Deferred[int] = Deferred()
+
+        async def waits() -> int:
+            return await waited
+
+        result = _start(waits())
+        waited.errback(ValueError("late"))
+        self.failureResultOf(result, ValueError)

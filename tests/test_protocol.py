@@ -27,6 +27,7 @@ from meteredrt.protocol import (
     direct_frame,
     error_frame,
     going_away_frame,
+    has_control_characters,
     is_valid_peer_id,
     message_frame,
     parse_frame,
@@ -918,3 +919,51 @@ class SnapshotFramesTests(SynchronousTestCase):
         for frame in frames:
             self.assertLessEqual(len(frame.payload), 512 * 1024)
         self.assertEqual([e for f in frames for e in _decode(f)["joined"]], entries)
+
+
+class SharedCodecTests(SynchronousTestCase):
+    """
+    The shared JSON decoder and encoder behave as C{json.loads} and
+    C{json.dumps} with the same arguments did.
+    """
+
+    def test_bom(self) -> None:
+        """
+        A UTF-8 BOM is skipped in bytes (as C{json.loads} does) and refused
+        in a str.
+        """
+        self.assertEqual(parse_frame(b'\xef\xbb\xbf{"type":"ping"}'), Ping())
+        error = self.assertRaises(FrameError, parse_frame, '\ufeff{"type":"ping"}')
+        self.assertEqual(error.code, ErrorCode.MALFORMED_MESSAGE)
+
+    def test_utf16(self) -> None:
+        """
+        Bytes in UTF-16 are detected as C{json.loads} detects them.
+        """
+        self.assertEqual(parse_frame('{"type":"ping"}'.encode("utf-16-le")), Ping())
+
+    def test_encoding_unchanged(self) -> None:
+        """
+        Server frames are the compact, ASCII-only text of C{json.dumps}, and
+        non-finite numbers are still refused.
+        """
+        data = {"s": "é\ud800", "n": [1, 2.5, None, True]}
+        self.assertEqual(
+            message_frame("c", "p", data, {"m": 1}).payload,
+            json.dumps(
+                {"type": "message", "channel": "c", "from": "p", "data": data, "fromMetadata": {"m": 1}},
+                separators=(",", ":"),
+                allow_nan=False,
+            ).encode("ascii"),
+        )
+        self.assertRaises(ValueError, message_frame, "c", "p", float("inf"), None)
+
+    def test_control_characters(self) -> None:
+        """
+        L{has_control_characters} flags exactly C0, DEL and C1.
+        """
+        for code in range(0x200):
+            c = chr(code)
+            self.assertEqual(
+                has_control_characters(f"a{c}b"), c < "\x20" or "\x7f" <= c <= "\x9f", hex(code)
+            )

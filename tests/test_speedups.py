@@ -294,3 +294,78 @@ class RoundTripTests(WebSocketTestCase):
         # The patched helpers did contribute to what was compared.
         self.assertTrue(any("WebSocketProtocol.sendData> sent" in t for t in fast_log))
         self.assertTrue(any("('logOctets', False," in t for t in fast_log))
+
+
+class DirectSendTests(WebSocketTestCase):
+    """
+    L{meteredrt.ws.RealtimeServerProtocol.sendData} leaves out only the
+    debug event a dropping logger would discard.
+    """
+
+    def run_session(self) -> tuple[list[dict[str, Any]], bytes, tuple[int, int], list[tuple[str, Any]]]:
+        """
+        Connect, ping, publish to a subscriber; return the frames the
+        client got, the bytes the server wrote, the server's outgoing
+        traffic counters, and which C{sendData} calls went to Autobahn's.
+        """
+        autobahn_calls: list[tuple[str, Any]] = []
+        original = ws_protocol.WebSocketProtocol.sendData
+
+        def spy(protocol: Any, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+            autobahn_calls.append((type(protocol).__name__, data))
+            original(protocol, data, sync, chopsize)
+
+        self.patch(ws_protocol.WebSocketProtocol, "sendData", spy)
+        client, server, pump = self.open_token("alice")
+        written: list[bytes] = []
+        write = server.transport.write
+        server.transport.write = lambda data: (written.append(data), write(data))[1]  # type: ignore[method-assign]
+        pump.flush()
+        client.send_json({"type": "subscribe", "channel": "room", "requestId": "s1"})
+        client.send_json({"type": "ping"})
+        pump.flush()
+        other, _, other_pump = self.open_token("bob")
+        other_pump.flush()
+        other.send_json({"type": "publish", "channel": "room", "data": {"n": 1}, "requestId": "p1"})
+        other_pump.flush()
+        pump.flush()
+        stats = server.trafficStats
+        counters = (stats.outgoingOctetsWireLevel, stats.preopenOutgoingOctetsWireLevel)
+        server_calls = [c for c in autobahn_calls if c[0] == "RealtimeServerProtocol"]
+        return client.received, b"".join(written), counters, server_calls
+
+    def test_same_bytes_and_counters(self) -> None:
+        """
+        With the speedups installed the server writes the same bytes and
+        counts the same octets as with Autobahn's C{sendData}, without
+        calling it for plain writes.
+        """
+        restore_speedups(self)
+        uninstall_speedups()
+        plain_frames, plain_bytes, plain_counters, plain_calls = self.run_session()
+        self.assertTrue(install_speedups(enabled=True))
+        fast_frames, fast_bytes, fast_counters, fast_calls = self.run_session()
+
+        self.assertEqual([f["type"] for f in fast_frames], ["welcome", "ack", "presence", "pong", "message"])
+        self.assertEqual(fast_frames, plain_frames)
+        self.assertEqual(fast_bytes, plain_bytes)
+        self.assertEqual(fast_counters, plain_counters)
+        self.assertTrue(plain_calls)
+        self.assertEqual(fast_calls, [])
+
+    def test_debug_logging_uses_autobahn(self) -> None:
+        """
+        When Autobahn's logger keeps debug events, or the speedups are off,
+        C{sendData} is Autobahn's, so its debug event is logged.
+        """
+        restore_speedups(self)
+        install_speedups(enabled=True)
+        _, protocol, _ = self.open_token("alice")
+        self.assertTrue(speedups.debug_skippable(protocol.log))
+        level = txaio.get_global_log_level()
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, level)
+        self.assertFalse(speedups.debug_skippable(protocol.log))
+        txaio.set_global_log_level("info")
+        uninstall_speedups()
+        self.assertFalse(speedups.debug_skippable(protocol.log))

@@ -27,14 +27,14 @@ class MemoryBroker:
     def attach(self, target: IDeliveryTarget) -> None:
         self._target = target
 
-    def _route(self, app_id: str, envelope: object) -> Deferred[int]:
+    def _route(self, app_id: str, envelope: object) -> Deferred[int | None]:
         assert self._target is not None, "attach() a delivery target first"
         return succeed(self._target.deliver(app_id, envelope))
 
-    def publish(self, app_id: str, channel: str, envelope: object) -> Deferred[int]:
+    def publish(self, app_id: str, channel: str, envelope: object) -> Deferred[int | None]:
         return self._route(app_id, envelope)
 
-    def direct(self, app_id: str, peer_id: str, envelope: object) -> Deferred[int]:
+    def direct(self, app_id: str, peer_id: str, envelope: object) -> Deferred[int | None]:
         return self._route(app_id, envelope)
 
     def _interest(self, app_id: str, name: str) -> Deferred[None]:
