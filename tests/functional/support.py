@@ -7,17 +7,22 @@ a configuration file that declares one app with known keys. Clients then
 connect over real sockets. L{start_in} does the same outside a test case
 (C{tests/functional/webrtc_session.py} runs it in a child process).
 
-Main names: L{start_server}, L{start_in}, L{RunningServer}, L{CONFIG}.
+Main names: L{start_server}, L{start_in}, L{RunningServer}, L{CONFIG}, and
+L{TwistdProcess} for tests that run a real C{twistd} child.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from meteredrt.tap import Options, makeService
@@ -123,3 +128,39 @@ async def start_server(case: TestCase, config: str = CONFIG, extra_args: tuple[s
     base = case.mktemp()
     os.makedirs(base)
     return await start_in(base, case.addCleanup, config, extra_args)
+
+
+#: The line a started server logs once it listens, with its port.
+LISTENING = re.compile(rb"meteredrt listening on .*port=(\d+)")
+
+
+class TwistdProcess(ProcessProtocol):
+    """
+    A C{twistd -n meteredrt} child: fires L{listening} with its port once it
+    logs it, L{ended} with its exit code or signal when it exits.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[int] = Deferred()
+        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = LISTENING.search(self.output)
+        if match and not self.listening.called:
+            self.listening.callback(int(match.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(f"twistd exited early:\n{self.text}"))
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+    @property
+    def text(self) -> str:
+        """
+        Everything the process printed so far.
+        """
+        return self.output.decode(errors="replace")

@@ -7,7 +7,6 @@ what it counted since its last flush (one second, see C{docs/metering.md}).
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,13 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from .support import CONFIG
+from .support import CONFIG, TwistdProcess
 from .test_metering_e2e import connect_client, get_usage, stored_usage
 
 ROOT = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(rb"meteredrt listening on .*port=(\d+)")
 
 #: The twistd console script, run with this interpreter; the module has no
 #: C{__main__} guard, so C{-m twisted.scripts.twistd} would do nothing.
@@ -34,38 +30,6 @@ TWISTD = "from twisted.scripts.twistd import run; run()"
 #: is one second, so five leave room for a slow machine.
 FLUSH_WAIT = 5.0
 POLL_INTERVAL = 0.05
-
-
-class TwistdProcess(ProcessProtocol):
-    """
-    A C{twistd -n meteredrt} child: fires L{listening} with its port once it
-    logs it, L{ended} with its exit code or signal when it exits.
-    """
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: Deferred[int] = Deferred()
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = LISTENING.search(self.output)
-        if match and not self.listening.called:
-            self.listening.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(f"twistd exited early:\n{self.text}"))
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-    @property
-    def text(self) -> str:
-        """
-        Everything the process printed so far.
-        """
-        return self.output.decode(errors="replace")
 
 
 class DurabilityTests(TestCase):

@@ -16,38 +16,13 @@ from pathlib import Path
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from .support import TwistdProcess
+
 ROOT = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(rb"meteredrt listening on .*port=(\d+)")
 PUBLISHABLE = re.compile(rb"publishable key:\s+(pk_live_\S+)")
-
-
-class _Twistd(ProcessProtocol):
-    """
-    Collects a twistd child's output and fires when it prints what we wait
-    for and when it exits.
-    """
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: Deferred[int] = Deferred()
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = LISTENING.search(self.output)
-        if match and not self.listening.called:
-            self.listening.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: object) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(f"twistd exited early:\n{self.output.decode(errors='replace')}"))
-        self.ended.callback((reason.value.exitCode, reason.value.signal))  # type: ignore[attr-defined]
 
 
 class _Client(WebSocketClientProtocol):
@@ -92,7 +67,7 @@ class FreshInstallTests(TestCase):
         await _run(sys.executable, "-m", "venv", str(venv))
         await _run(str(venv / "bin" / "pip"), "install", "--quiet", str(ROOT))
 
-        twistd = _Twistd()
+        twistd = TwistdProcess()
         # The embedded default (tcp:8080) may be taken on a shared machine, so
         # this is the one option given: an ephemeral loopback port.
         process = reactor.spawnProcess(
@@ -133,7 +108,7 @@ class FreshInstallTests(TestCase):
         self.assertNotIn("sk_secret_", listed)
 
 
-def _kill(process: object, twistd: _Twistd) -> Deferred[tuple[int | None, int | None]]:
+def _kill(process: object, twistd: TwistdProcess) -> Deferred[tuple[int | None, int | None]]:
     if not twistd.ended.called:
         process.signalProcess("KILL")  # type: ignore[attr-defined]
     return twistd.ended
