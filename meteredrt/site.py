@@ -12,14 +12,60 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from io import BytesIO
+from typing import cast
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from meteredrt.ratelimit import KeyedLimiter
 from meteredrt.ws import RealtimeServerFactory
+
+#: REST request bodies are capped at this many bytes (§19.1: 413 above).
+MAX_BODY_BYTES = 32 * 1024
+
+
+class BoundedRequest(Request):
+    """
+    A request that keeps at most one byte more of its body than any
+    resource accepts, in memory.
+
+    Twisted buffers a whole body before a resource sees it, spooling large
+    ones to a temporary file with blocking writes; a hostile upload would
+    cost memory or disk and block the reactor before the 413. Here the
+    excess is counted and dropped instead, so the resource still answers a
+    proper 413, and a body past L{abort_after} bytes drops the connection.
+    """
+
+    keep = MAX_BODY_BYTES + 1
+    abort_after = 16 * 1024 * 1024
+
+    body_length = 0
+    dropped = False
+    _kept: BytesIO
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = self._kept = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.dropped:
+            return
+        self.body_length += len(data)
+        room = self.keep - self._kept.tell()
+        if room > 0:
+            self._kept.write(data[:room])
+        if self.body_length > self.abort_after:
+            self.dropped = True
+            transport = self.channel.transport if self.channel is not None else None
+            if transport is not None:
+                cast(ITCPTransport, transport).abortConnection()
+
+    def process(self) -> None:
+        # Bytes already read in the same chunk may complete a dropped request.
+        if not self.dropped:
+            super().process()
 
 
 def json_response(request: Request, status: int, body: dict | None) -> bytes:

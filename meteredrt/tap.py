@@ -28,7 +28,7 @@ from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
 from meteredrt.metering import Meter
 from meteredrt.presence import MemoryPresence
 from meteredrt.rest import install_rest
-from meteredrt.site import V1Resource, access_log_line, build_root
+from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
 from meteredrt.usagestore import UsageStore, usage_database_path
@@ -204,7 +204,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit)
     install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api)
     root = build_root(v1, ready=lambda: bool(keys.running) and not factory.draining)
-    site = Site(root, logFormatter=access_log_line)
+    site = Site(root, requestFactory=BoundedRequest, logFormatter=access_log_line)
     site.displayTracebacks = False
     gate = StartupGate(keys, meter, reactor)
     gate.setName("listeners")

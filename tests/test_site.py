@@ -14,9 +14,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
-from twisted.web.server import Site
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
-from meteredrt.site import V1Resource, build_root
+from meteredrt.site import MAX_BODY_BYTES, BoundedRequest, V1Resource, build_root
 from tests.test_ws import CLIENT_ADDRESS, RecordingClient, WebSocketTestCase
 
 UPGRADE_HEADERS = (
@@ -55,6 +57,19 @@ class RawClient(Protocol):
         return int(status_line.split()[1]), headers, body
 
 
+def connect_to_site(site: Site, client: Any, clock: Clock, host: str = "192.0.2.7") -> Any:
+    """
+    Connect C{client} to C{site} over iosim as if from C{host}.
+    """
+    address = IPv4Address("TCP", host, 50000)
+    return connectedServerAndClient(
+        lambda: site.buildProtocol(address),
+        lambda: client,
+        serverTransportFactory=lambda protocol: FakeTransport(protocol, True, peerAddress=address),
+        clock=clock,
+    )
+
+
 class SiteTests(WebSocketTestCase):
     """
     The C{/v1} resource and the JSON root.
@@ -70,13 +85,7 @@ class SiteTests(WebSocketTestCase):
         """
         Connect C{client} to the site from C{host} and run the exchange.
         """
-        address = IPv4Address("TCP", host, 50000)
-        return connectedServerAndClient(
-            lambda: self.site.buildProtocol(address),
-            lambda: client,
-            serverTransportFactory=lambda protocol: FakeTransport(protocol, True, peerAddress=address),
-            clock=self.clock,
-        )
+        return connect_to_site(self.site, client, self.clock, host)
 
     def http(
         self, path: bytes, headers: bytes = b"", host: str = "192.0.2.7"
@@ -162,3 +171,72 @@ class SiteTests(WebSocketTestCase):
         client.sendClose(1000)
         pump.flush()
         self.assertEqual(self.hub.connection_count, 0)
+
+
+class _BodyProbe(Resource):
+    """
+    Records what a request kept of its body.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        assert isinstance(request, BoundedRequest)
+        self.seen.append((len(request.content.getvalue()), request.body_length))
+        return b"ok"
+
+
+class BoundedRequestTests(SynchronousTestCase):
+    """
+    L{BoundedRequest} never keeps more of a body than a resource accepts.
+    """
+
+    def post(self, site: Site, size: int) -> RawClient:
+        body = b"x" * size
+        client = RawClient(
+            b"POST /probe HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % size + body
+        )
+        _, _, pump = connect_to_site(site, client, Clock())
+        pump.flush()
+        return client
+
+    def probe_site(self, request_factory: type[Request]) -> tuple[Site, _BodyProbe]:
+        probe = _BodyProbe()
+        root = Resource()
+        root.putChild(b"probe", probe)
+        return Site(root, requestFactory=request_factory, reactor=Clock()), probe
+
+    def test_large_body_not_kept(self) -> None:
+        """
+        A 1 MiB body is counted in full but only one byte over the cap is
+        kept, in memory, so the resource can still answer 413.
+        """
+        site, probe = self.probe_site(BoundedRequest)
+        client = self.post(site, 1024 * 1024)
+        self.assertEqual(probe.seen, [(MAX_BODY_BYTES + 1, 1024 * 1024)])
+        self.assertEqual(client.response()[0], 200)
+
+    def test_small_body_kept(self) -> None:
+        """
+        A body within the cap is kept whole.
+        """
+        site, probe = self.probe_site(BoundedRequest)
+        self.post(site, 100)
+        self.assertEqual(probe.seen, [(100, 100)])
+
+    def test_huge_body_drops_connection(self) -> None:
+        """
+        Past the abort limit the connection is dropped without an answer.
+        """
+
+        class Small(BoundedRequest):
+            abort_after = 64 * 1024
+
+        site, probe = self.probe_site(Small)
+        client = self.post(site, 200 * 1024)
+        self.assertEqual((probe.seen, client.data), ([], b""))

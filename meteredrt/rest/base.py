@@ -35,10 +35,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from meteredrt.apps import App, Key, KeyType
 from meteredrt.interfaces import IKeyStore
 from meteredrt.ratelimit import KeyedLimiter
-from meteredrt.site import error_body, json_response
-
-#: §19.1: bodies over this many bytes are answered 413.
-MAX_BODY_BYTES = 32 * 1024
+from meteredrt.site import MAX_BODY_BYTES, error_body, json_response
 
 #: How long a handler may take before the request is answered 503.
 DEFAULT_TIMEOUT = 10.0

@@ -154,6 +154,7 @@ class LiveContractTests(SDKTestCase):
             ("POST", "/v1/tokens", AUTH, {"peerId": "u_1"}, 200),
             ("POST", "/v1/tokens", AUTH, {"peerId": ""}, 400),
             ("POST", "/v1/tokens", AUTH, {"peerId": "u_1", "permissions": ["fly"]}, 400),
+            ("POST", "/v1/tokens", AUTH, {"peerId": "u_1", "padding": "x" * (1024 * 1024)}, 413),
             ("GET", "/v1/channels/demo%2Froom/peers", AUTH, None, 200),
             ("GET", "/v1/channels/_system%2Fx/peers", AUTH, None, 400),
             ("POST", "/v1/channels/demo/room/publish", AUTH, {"data": None}, 200),
