@@ -419,7 +419,7 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS)}")
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--publishers", type=int, default=8, help="connections the fan-out publisher is spread over")
-    parser.add_argument("--window", type=int, default=4, help="fan-out publishes undelivered at most")
+    parser.add_argument("--window", type=int, default=16, help="fan-out publishes undelivered at most")
     parser.add_argument("--max-publishes", type=int, default=50_000)
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--max-round-trips", type=int, default=2_000_000)
