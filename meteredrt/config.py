@@ -21,6 +21,7 @@ from Twisted.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,7 @@ from meteredrt.apps import (
     Plan,
     TurnConfig,
 )
+from meteredrt.clientaddress import TrustedProxies
 from meteredrt.globs import pattern_error
 
 #: What ``twistd -n meteredrt`` listens on without a file or ``--listen``.
@@ -119,12 +121,16 @@ class Config:
     :ivar source: the file this came from, or ``None`` for the defaults.
     :ivar upgrade_rate_limit: WebSocket upgrades accepted per source IP
         per 60 s; the next one is answered with HTTP 429.
+    :ivar trusted_proxies: the networks of reverse proxies whose
+        ``X-Forwarded-For`` names the client
+        (L{meteredrt.clientaddress.client_address}); empty trusts nobody.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
     data_dir: str = DEFAULT_DATA_DIR
     apps: tuple[AppDeclaration, ...] = ()
     upgrade_rate_limit: int = DEFAULT_UPGRADE_RATE_LIMIT
+    trusted_proxies: TrustedProxies = ()
     source: str | None = None
 
 
@@ -380,7 +386,7 @@ class _Table:
 
 
 _TOP_LEVEL = ("server", "apps")
-_SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit")
+_SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit", "trusted_proxies")
 _APP_KEYS = ("id", "plan", "turn", "keys")
 _PLAN_KEYS = (
     "name",
@@ -423,10 +429,26 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             listen=listen,
             data_dir=server.string("data_dir", config.data_dir),
             upgrade_rate_limit=server.integer("upgrade_rate_limit", config.upgrade_rate_limit, minimum=1),
+            trusted_proxies=_read_trusted_proxies(server),
         )
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
     _check_unique(top, declarations)
     return evolve(config, apps=declarations)
+
+
+def _read_trusted_proxies(server: _Table) -> TrustedProxies:
+    networks = []
+    for index, entry in enumerate(server.strings("trusted_proxies", ())):
+        try:
+            # strict=False: "10.1.2.3/8" means the network 10.0.0.0/8.
+            network = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            server.fail(f"trusted_proxies[{index}]", f"not an IP address or network: {entry!r}")
+        if network.prefixlen == 0:
+            # Trusting every peer lets every client choose its own address.
+            server.fail(f"trusted_proxies[{index}]", f"{entry!r} holds every address; list the proxies' networks")
+        networks.append(network)
+    return tuple(networks)
 
 
 def _check_unique(top: _Table, declarations: tuple[AppDeclaration, ...]) -> None:

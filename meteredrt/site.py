@@ -5,7 +5,8 @@ C{/v1} is both the WebSocket endpoint and the REST base (§2, §19):
 L{V1Resource} hands a bare C{/v1} upgrade to Autobahn's
 C{WebSocketResource} after the pre-upgrade checks (drain, per-IP upgrade
 rate, §5.2) and routes every longer path to its REST children. C{/healthz}
-and C{/readyz} serve load balancers.
+and C{/readyz} serve load balancers. L{client_host} is the one way to ask
+which address a request counts as coming from.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from meteredrt.clientaddress import TrustedProxies, client_address
 from meteredrt.ratelimit import KeyedLimiter
 from meteredrt.ws import RealtimeServerFactory
 
@@ -68,6 +70,23 @@ class BoundedRequest(Request):
             super().process()
 
 
+def client_host(request: Request, trusted_proxies: TrustedProxies = ()) -> str:
+    """
+    The address a request counts as coming from, for per-IP limits and the
+    access log: the TCP peer, or the client named in C{X-Forwarded-For}
+    when the peer is one of C{trusted_proxies}
+    (L{meteredrt.clientaddress.client_address}). C{-} when the peer has no
+    IP address (a UNIX socket).
+    """
+    peer_host = getattr(request.getClientAddress(), "host", None) or "-"
+    if not trusted_proxies:
+        return peer_host
+    headers = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+    # latin-1 decodes any bytes; what is not an address is refused later.
+    forwarded_for = None if headers is None else [value.decode("latin-1") for value in headers]
+    return client_address(peer_host, forwarded_for, trusted_proxies)
+
+
 def json_response(request: Request, status: int, body: dict | None) -> bytes:
     """
     Set a JSON response's status and headers; return its body.
@@ -111,6 +130,9 @@ class JsonRoot(Resource):
 class V1Resource(JsonRoot):
     """
     C{/v1}: the WebSocket upgrade at exactly this path, REST below it.
+
+    @param trusted_proxies: the proxies whose C{X-Forwarded-For} names the
+        client that the upgrade limit counts (L{client_host}).
     """
 
     def __init__(
@@ -118,12 +140,14 @@ class V1Resource(JsonRoot):
         factory: RealtimeServerFactory,
         clock: IReactorTime,
         upgrades_per_minute: int = 60,
+        trusted_proxies: TrustedProxies = (),
     ) -> None:
         super().__init__()
         self._websocket = WebSocketResource(factory)
         self._factory = factory
         self._clock = clock
         self._upgrades = KeyedLimiter(upgrades_per_minute, upgrades_per_minute / 60.0)
+        self._trusted_proxies = trusted_proxies
 
     def render(self, request: Request) -> bytes | int:
         upgrade = (request.getHeader("upgrade") or "").lower()
@@ -135,8 +159,7 @@ class V1Resource(JsonRoot):
         if self._factory.draining:
             request.setHeader(b"retry-after", b"1")
             return json_response(request, 503, error_body("internal_error", "server is shutting down"))
-        peer = request.getClientAddress()
-        host = getattr(peer, "host", None) or str(peer)
+        host = client_host(request, self._trusted_proxies)
         now = self._clock.seconds()
         if not self._upgrades.take(host, now):
             retry = max(1, int(self._upgrades.retry_after(host, now) + 0.999))
@@ -161,15 +184,18 @@ class Probe(Resource):
         return json_response(request, 200 if ok else 503, {"status": "ok" if ok else "unavailable"})
 
 
-def access_log_line(timestamp: str, request: Request) -> str:
+def access_log_line(timestamp: str, request: Request, trusted_proxies: TrustedProxies = ()) -> str:
     """
     The combined log format without the query string: C{?token=} carries a
     live credential, and access logs are not the place for it.
+
+    The remote host is L{client_host}: behind C{trusted_proxies}, the
+    client the limits counted rather than the proxy.
     """
     referrer = _escape(request.getHeader(b"referer") or b"-")
     agent = _escape(request.getHeader(b"user-agent") or b"-")
     return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
-        _escape(request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else b"-"),
+        _escape(client_host(request, trusted_proxies)),
         timestamp,
         _escape(request.method),
         _escape(request.path),

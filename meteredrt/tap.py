@@ -9,6 +9,7 @@ the only one that may import the global reactor.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any, TextIO
 
 import treq
@@ -201,10 +202,12 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     factory = RealtimeServerFactory(hub, keys, reactor, turn=turn)
     ConnectionDrain(factory).setServiceParent(top)
 
-    v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit)
-    install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api)
+    trusted = config.trusted_proxies
+    v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit, trusted_proxies=trusted)
+    install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api, trusted_proxies=trusted)
     root = build_root(v1, ready=lambda: bool(keys.running) and not factory.draining)
-    site = Site(root, requestFactory=BoundedRequest, logFormatter=access_log_line)
+    log_line = partial(access_log_line, trusted_proxies=trusted)
+    site = Site(root, requestFactory=BoundedRequest, logFormatter=log_line)
     site.displayTracebacks = False
     gate = StartupGate(keys, meter, reactor)
     gate.setName("listeners")

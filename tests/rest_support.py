@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
+from ipaddress import ip_network
 from typing import Any
 
 from attrs import define
@@ -111,6 +112,9 @@ class RestWorld:
 
     @param meter: replaces the real meter (for failure and timeout tests).
     @param turn: the TURN API client for C{"turn": true} mints.
+    @param trusted_proxies: networks (as text) trusted to name the client
+        in C{X-Forwarded-For}; L{StubTreq} always connects from
+        C{127.0.0.1}.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class RestWorld:
         meter: IMeter | None = None,
         check_contract: bool = True,
         turn: TurnApiClient | None = None,
+        trusted_proxies: tuple[str, ...] = (),
     ) -> None:
         self.test = test
         self.clock = Clock()
@@ -132,9 +137,17 @@ class RestWorld:
         self.meter = meter if meter is not None else Meter(self.clock, UsageStore.with_pool(UnusedPool()))
         self.hub = Hub(MemoryBroker(), MemoryPresence(), self.meter, self.keys.app)
         self.factory = RealtimeServerFactory(self.hub, self.keys, self.clock)
-        self.v1 = V1Resource(self.factory, self.clock)
+        trusted = tuple(ip_network(network) for network in trusted_proxies)
+        self.v1 = V1Resource(self.factory, self.clock, trusted_proxies=trusted)
         self.guard = install_rest(
-            self.v1, keys=self.keys, hub=self.hub, meter=self.meter, clock=self.clock, limits=limits, turn=turn
+            self.v1,
+            keys=self.keys,
+            hub=self.hub,
+            meter=self.meter,
+            clock=self.clock,
+            limits=limits,
+            turn=turn,
+            trusted_proxies=trusted,
         )
         self.root: Resource = build_root(self.v1, ready=lambda: True)
         self.http = StubTreq(self.root)

@@ -4,6 +4,8 @@ Tests for L{meteredrt.config}.
 
 from __future__ import annotations
 
+from ipaddress import ip_network
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt.apps import ACTIONS, App, Key, KeyType, Plan, TurnConfig
@@ -152,6 +154,7 @@ class LoadConfigTests(ConfigTestsMixin, SynchronousTestCase):
 listen = ["tcp:80", "ssl:443:privateKey=k.pem"]
 data_dir = "/var/lib/meteredrt"
 upgrade_rate_limit = 10
+trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1", "192.0.2.77/24"]
 
 [[apps]]
 id = "a"
@@ -179,6 +182,10 @@ api_base = "http://127.0.0.1:9999"
         self.assertEqual(config.listen, ("tcp:80", "ssl:443:privateKey=k.pem"))
         self.assertEqual(config.data_dir, "/var/lib/meteredrt")
         self.assertEqual(config.upgrade_rate_limit, 10)
+        self.assertEqual(
+            config.trusted_proxies,
+            (ip_network("127.0.0.1/32"), ip_network("10.0.0.0/8"), ip_network("::1/128"), ip_network("192.0.2.0/24")),
+        )
         self.assertEqual(
             config.apps[0].app,
             App(
@@ -310,6 +317,39 @@ class ConfigErrorTests(ConfigTestsMixin, SynchronousTestCase):
         The upgrade rate limit is positive.
         """
         self.assertConfigError("[server]\nupgrade_rate_limit = 0\n", "server.upgrade_rate_limit", "at least 1")
+
+    def test_trusted_proxies_type(self) -> None:
+        """
+        C{trusted_proxies} must be an array of strings.
+        """
+        self.assertConfigError(
+            "[server]\ntrusted_proxies = '10.0.0.0/8'\n", "server.trusted_proxies", "must be an array of strings"
+        )
+        self.assertConfigError(
+            "[server]\ntrusted_proxies = [10]\n", "server.trusted_proxies[0]", "must be a string, not an integer"
+        )
+
+    def test_trusted_proxies_not_network(self) -> None:
+        """
+        Each trusted proxy is an IP address or network; the error names the
+        entry.
+        """
+        for bad in ("proxy.internal", "10.0.0.0/33", "", "10.0.0.1-10.0.0.9", "::1/129"):
+            self.assertConfigError(
+                f'[server]\ntrusted_proxies = ["127.0.0.1", "{bad}"]\n',
+                "server.trusted_proxies[1]",
+                "not an IP address or network",
+            )
+
+    def test_trusted_proxies_everyone(self) -> None:
+        """
+        A network that holds every address would let any client choose its
+        own address, so it is refused.
+        """
+        for everyone in ("0.0.0.0/0", "::/0", "1.2.3.4/0"):
+            self.assertConfigError(
+                f'[server]\ntrusted_proxies = ["{everyone}"]\n', "server.trusted_proxies[0]", "every address"
+            )
 
     def test_server_not_table(self) -> None:
         """
@@ -626,6 +666,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.data_dir, DEFAULT_DATA_DIR)
         self.assertEqual(config.apps, ())
         self.assertEqual(config.upgrade_rate_limit, 60)
+        self.assertEqual(config.trusted_proxies, ())
 
     def test_options_replace(self) -> None:
         """

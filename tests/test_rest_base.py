@@ -179,6 +179,39 @@ class RateLimitTests(SynchronousTestCase):
         world.clock.advance(2)
         self.assertEqual(world.get("/v1/usage", key=OTHER_APP).status, 200)
 
+    def proxied_world(self, trusted: str) -> RestWorld:
+        """
+        A world with a per-IP burst of 3 whose requests (from C{127.0.0.1})
+        come through the proxies of C{trusted}.
+        """
+        limits = RestLimits(per_key_rate=100, per_key_burst=100, per_ip_rate=0.5, per_ip_burst=3)
+        return RestWorld(self, limits, check_contract=False, trusted_proxies=(trusted,))
+
+    def test_per_ip_behind_trusted_proxy(self) -> None:
+        """
+        Behind a trusted proxy each client named in C{X-Forwarded-For} has
+        its own per-IP bucket.
+        """
+        world = self.proxied_world("127.0.0.1")
+        first = {"X-Forwarded-For": "198.51.100.1"}
+        second = {"X-Forwarded-For": "6.6.6.6, 198.51.100.2"}
+        self.assertEqual([world.get("/v1/usage", headers=first).status for _ in range(3)], [200] * 3)
+        self.assertEqual(world.get("/v1/usage", headers=first).status, 429)
+        self.assertEqual([world.get("/v1/usage", headers=second).status for _ in range(3)], [200] * 3)
+        self.assertEqual(world.get("/v1/usage").status, 200)
+
+    def test_per_ip_untrusted_peer(self) -> None:
+        """
+        From a peer that is not a trusted proxy, C{X-Forwarded-For} is
+        ignored: a new address on every request does not dodge the limit.
+        """
+        world = self.proxied_world("10.0.0.0/8")
+        statuses = [
+            world.get("/v1/usage", headers={"X-Forwarded-For": f"198.51.100.{n}"}).status for n in range(4)
+        ]
+        self.assertEqual(statuses, [200, 200, 200, 429])
+        self.assertEqual(world.get("/v1/usage").status, 429)
+
     def test_failed_authentication_does_not_drain_key(self) -> None:
         """
         Requests with a wrong secret do not use up the real key's budget.

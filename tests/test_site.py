@@ -7,6 +7,9 @@ the upgrade itself.
 from __future__ import annotations
 
 import json
+from functools import partial
+from io import StringIO
+from ipaddress import ip_network
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory
@@ -18,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from meteredrt.site import MAX_BODY_BYTES, BoundedRequest, V1Resource, build_root
+from meteredrt.site import MAX_BODY_BYTES, BoundedRequest, V1Resource, access_log_line, build_root
 from tests.test_ws import CLIENT_ADDRESS, RecordingClient, WebSocketTestCase
 
 UPGRADE_HEADERS = (
@@ -171,6 +174,93 @@ class SiteTests(WebSocketTestCase):
         client.sendClose(1000)
         pump.flush()
         self.assertEqual(self.hub.connection_count, 0)
+
+
+class TrustedProxySiteTests(WebSocketTestCase):
+    """
+    Behind trusted proxies the per-IP upgrade limit and the access log go by
+    the client named in C{X-Forwarded-For}; from anyone else the header is
+    ignored.
+    """
+
+    trusted = (ip_network("10.0.0.0/8"), ip_network("::1"))
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.v1 = V1Resource(self.factory, self.clock, trusted_proxies=self.trusted)
+        self.site = Site(
+            build_root(self.v1, lambda: True),
+            reactor=Clock(),
+            logFormatter=partial(access_log_line, trusted_proxies=self.trusted),
+        )
+        self.log = StringIO()
+        self.site.logFile = self.log
+
+    def upgrade(self, host: str, forwarded_for: str | None = None, headers: bytes = UPGRADE_HEADERS) -> int:
+        """
+        Send one upgrade request from C{host} and return its status.
+        """
+        if forwarded_for is not None:
+            headers += b"X-Forwarded-For: " + forwarded_for.encode("ascii") + b"\r\n"
+        client = RawClient(b"GET /v1?token=secret HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n")
+        connect_to_site(self.site, client, self.clock, host)
+        return client.response()[0]
+
+    def test_clients_behind_proxy_have_own_buckets(self) -> None:
+        """
+        Two clients behind one trusted proxy each get the full 60 upgrades;
+        the 61st of one is refused while the other still gets in.
+        """
+        for _ in range(60):
+            self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.1"), 101)
+            self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.2"), 101)
+        self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.1"), 429)
+        self.assertEqual(self.upgrade("10.0.0.6", "203.0.113.9, 10.0.0.5"), 101)
+
+    def test_proxy_itself_has_own_bucket(self) -> None:
+        """
+        Requests through the proxy do not use up the proxy address's own
+        bucket.
+        """
+        for _ in range(60):
+            self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.1"), 101)
+        self.assertEqual(self.upgrade("10.0.0.5"), 101)
+
+    def test_spoofing_untrusted_peer(self) -> None:
+        """
+        From a peer that is not a trusted proxy, a different
+        C{X-Forwarded-For} on every attempt does not dodge the limit.
+        """
+        for n in range(60):
+            self.assertEqual(self.upgrade("192.0.2.7", f"198.51.100.{n}"), 101)
+        self.assertEqual(self.upgrade("192.0.2.7", "198.51.100.200"), 429)
+        self.assertEqual(self.upgrade("192.0.2.7"), 429)
+
+    def test_spoofing_through_proxy(self) -> None:
+        """
+        Through a trusted proxy, what the client itself wrote to the left of
+        the address the proxy appended does not dodge the limit.
+        """
+        for n in range(60):
+            self.assertEqual(self.upgrade("10.0.0.5", f"198.51.100.{n}, 192.0.2.7"), 101)
+        self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.200, 192.0.2.7"), 429)
+
+    def test_access_log(self) -> None:
+        """
+        The access log names the client behind a trusted proxy, the peer
+        otherwise, and never the query string.
+        """
+        # A completed upgrade hands the connection to Autobahn and is never
+        # logged; a refused one is.
+        self.upgrade("10.0.0.5", "6.6.6.6, 198.51.100.1", headers=b"")
+        self.upgrade("192.0.2.7", "198.51.100.1", headers=b"")
+        first, second = self.log.getvalue().splitlines()
+        self.assertTrue(first.startswith('"198.51.100.1" - - '), first)
+        self.assertTrue(second.startswith('"192.0.2.7" - - '), second)
+        for line in (first, second):
+            self.assertIn('"GET /v1 HTTP/1.1" 426', line)
+            self.assertNotIn("secret", line)
+            self.assertNotIn("6.6.6.6", line)
 
 
 class _BodyProbe(Resource):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 
+from meteredrt.clientaddress import TrustedProxies
 from meteredrt.hub import Hub
 from meteredrt.interfaces import IKeyStore, IMeter
 from meteredrt.rest.base import JsonResource, RequestGuard, RestLimits, Route
@@ -42,6 +43,7 @@ def install_rest(
     clock: IReactorTime,
     turn: TurnApiClient | None = None,
     limits: RestLimits | None = None,
+    trusted_proxies: TrustedProxies = (),
 ) -> RequestGuard:
     """
     Put the REST resources under C{v1}.
@@ -52,9 +54,11 @@ def install_rest(
     @param clock: rate limits, token times and handler timeouts.
     @param turn: mints TURN credentials for C{POST /v1/tokens} with
         C{"turn": true}.
+    @param trusted_proxies: the proxies whose C{X-Forwarded-For} names the
+        client that the per-IP limit counts.
     @return: the guard the resources share.
     """
-    guard = RequestGuard(keys, clock, limits or RestLimits())
+    guard = RequestGuard(keys, clock, limits or RestLimits(), trusted_proxies)
     families: dict[bytes, JsonResource] = {
         b"tokens": TokensResource(guard, turn),
         b"channels": ChannelsResource(guard, hub),

@@ -33,9 +33,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from meteredrt.apps import App, Key, KeyType
+from meteredrt.clientaddress import TrustedProxies
 from meteredrt.interfaces import IKeyStore
 from meteredrt.ratelimit import KeyedLimiter
-from meteredrt.site import MAX_BODY_BYTES, error_body, json_response
+from meteredrt.site import MAX_BODY_BYTES, client_host, error_body, json_response
 
 #: How long a handler may take before the request is answered 503.
 DEFAULT_TIMEOUT = 10.0
@@ -143,11 +144,6 @@ class Call:
         return self.caller.app
 
 
-def _client_host(request: Request) -> str:
-    address = request.getClientAddress()
-    return getattr(address, "host", None) or str(address)
-
-
 def _parse_bearer(header: bytes | None) -> tuple[str, str] | None:
     if header is None:
         return None
@@ -172,12 +168,22 @@ class RequestGuard:
     C{hmac.compare_digest} (against a random dummy secret when the key id is
     unknown or unusable) and gets the same 401, so neither timing nor the
     message tells whether a key id exists.
+
+    The per-IP limit counts L{client_host}: behind C{trusted_proxies}, the
+    client named in C{X-Forwarded-For}.
     """
 
-    def __init__(self, keys: IKeyStore, clock: IReactorTime, limits: RestLimits = RestLimits()) -> None:
+    def __init__(
+        self,
+        keys: IKeyStore,
+        clock: IReactorTime,
+        limits: RestLimits = RestLimits(),
+        trusted_proxies: TrustedProxies = (),
+    ) -> None:
         self.keys = keys
         self.clock = clock
         self.limits = limits
+        self._trusted_proxies = trusted_proxies
         self._per_key = KeyedLimiter(limits.per_key_burst, limits.per_key_rate)
         self._per_ip = KeyedLimiter(limits.per_ip_burst, limits.per_ip_rate)
         self._dummy_secret = ("sk_secret_" + secrets.token_urlsafe(32)).encode("ascii")
@@ -188,7 +194,7 @@ class RequestGuard:
 
         @raise TooManyRequests: when it is empty.
         """
-        self._take(self._per_ip, _client_host(request))
+        self._take(self._per_ip, client_host(request, self._trusted_proxies))
 
     def authenticate(self, request: Request) -> Caller:
         """
