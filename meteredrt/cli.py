@@ -17,8 +17,12 @@ A secret is printed by ``keys create`` only, once. ``keys list`` never
 prints one.
 
 ``apps set-plan`` edits an app's stored plan (a running server applies it at
-its next re-read, within about 2 s); ``usage`` reads the counters and ledger
-the server flushes to ``usage.sqlite3`` (see ``docs/metering.md``).
+its next re-read, within about 2 s). ``apps suspend`` and ``apps resume`` set
+an app's stored suspension flag, for config-declared apps too (the
+configuration file cannot suspend an app); at its next re-read a running
+server closes the suspended app's connections with 4012. ``usage`` reads the
+counters and ledger the server flushes to ``usage.sqlite3`` (see
+``docs/metering.md``).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from meteredrt.keystore import (
     store_key,
     store_plan,
     store_revocation,
+    store_suspension,
 )
 from meteredrt.metering import CONNECTION_OVERAGE, MESSAGE_OVERAGE, MONTH, period_bounds
 from meteredrt.turn import TurnApiClient, TurnApiError
@@ -432,6 +437,33 @@ def _apps_list(session: Session, args: argparse.Namespace) -> Output:
 def _apps_create(session: Session, args: argparse.Namespace) -> Output:
     app = session.write(store_app, args.app_id, None, session.now())
     return Output(_app_json(app, session.tenancy()), f"Created app {app.app_id}.")
+
+
+@command(
+    "apps suspend",
+    "Suspend an app: connections are refused with 4012, and a running server closes the live ones "
+    "with 4012 within about 2 s. Works on config-declared apps too: suspension is always stored.",
+    argument("app_id", metavar="APP_ID"),
+)
+def _apps_suspend(session: Session, args: argparse.Namespace) -> Output:
+    app = session.write(store_suspension, args.app_id, True, session.now())
+    text = (
+        f"Suspended app {app.app_id}.\n"
+        "A running server closes its connections (4012) within about 2 s;"
+        " its secret keys still authenticate REST calls."
+    )
+    return Output(_app_json(app, session.tenancy()), text)
+
+
+@command(
+    "apps resume",
+    "Resume a suspended app: a running server admits its connections again within about 2 s.",
+    argument("app_id", metavar="APP_ID"),
+)
+def _apps_resume(session: Session, args: argparse.Namespace) -> Output:
+    app = session.write(store_suspension, args.app_id, False, session.now())
+    text = f"Resumed app {app.app_id}.\nA running server admits its connections again within about 2 s."
+    return Output(_app_json(app, session.tenancy()), text)
 
 
 @command(

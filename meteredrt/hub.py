@@ -441,6 +441,47 @@ class Hub(Service):
         """
         return self._broker.direct(app_id, peer_id, Disconnect(peer_id, code, "admin_disconnect"))
 
+    def close_app(self, app_id: str, code: int, reason: str) -> int:
+        """
+        Close every connection of one app that this node holds, with this
+        code and reason. Each session leaves the hub (and its channels, with
+        C{left} deltas) when its adapter reports the close, as for any other
+        server-side close.
+
+        Local only: unlike L{kick}, this does not go through the broker. A
+        cluster broker will need to fan it out to the other nodes, as
+        L{kick} does with a L{Disconnect} envelope, unless every node
+        observes the key store itself.
+
+        @return: how many connections were closed.
+        """
+        sessions = [session for session in self._sessions.values() if session.app_id == app_id]
+        for session in sessions:
+            session.sink.close(code, reason)
+        return len(sessions)
+
+    def close_suspended(self, app_ids: Iterable[str]) -> int:
+        """
+        Close with 4012 (§13) the local connections of those of these apps
+        that are suspended now; the others are left alone.
+
+        The key store's observer of changed apps
+        (L{meteredrt.keystore.SQLiteKeyStore.on_apps_changed}), so that a
+        suspension reaches live connections within one re-read; new
+        connections are refused at authentication.
+
+        @return: how many connections were closed.
+        """
+        closed = 0
+        for app_id in sorted(app_ids):
+            app = self._apps(app_id)
+            if app is None or not app.suspended:
+                continue
+            count = self.close_app(app_id, CloseCode.ACCOUNT_SUSPENDED, "account_suspended")
+            self.log.info("App {app_id} is suspended: closed {count} connections", app_id=app_id, count=count)
+            closed += count
+        return closed
+
     # -- IDeliveryTarget -----------------------------------------------------
 
     def deliver(self, app_id: str, envelope: object) -> int:

@@ -5,11 +5,13 @@ Where apps and keys live: SQLite, overlaid by the configuration file.
     memory, writes through an C{adbapi} connection pool (so SQLite never
     blocks the reactor) and re-reads the database every two seconds, so a key
     revoked with the CLI in another process stops authenticating within a few
-    seconds.
+    seconds. Observers registered with L{SQLiteKeyStore.on_apps_changed}
+    hear which apps a load changed (the server closes the connections of a
+    newly suspended app that way).
   - L{Tenancy}: the effective apps and keys, stored ones overlaid by those
     the configuration file declares (config wins).
   - The table functions (L{create_schema}, L{read_state}, L{store_app},
-    L{store_key}, L{store_revocation}, L{store_plan},
+    L{store_key}, L{store_revocation}, L{store_plan}, L{store_suspension},
     L{bootstrap_default_app}) take a DB-API cursor, so the CLI runs them
     synchronously with C{sqlite3} and the server inside C{runInteraction}.
     Each write runs in one C{BEGIN IMMEDIATE} transaction that re-checks the
@@ -344,6 +346,18 @@ class Tenancy:
         """
         return app_id in self._declared_apps
 
+    def changed_apps(self, other: Tenancy) -> frozenset[str]:
+        """
+        The ids of the apps whose records differ between this tenancy and
+        C{other}: added, or with another plan, suspension or TURN setting.
+        Keys are not compared.
+        """
+        return frozenset(
+            app_id
+            for app_id in self._apps.keys() | other._apps.keys()
+            if self._apps.get(app_id) != other._apps.get(app_id)
+        )
+
 
 def _begin_immediate(cursor: Any) -> None:
     # Take the write lock before reading what the write depends on, so that
@@ -536,6 +550,34 @@ def store_plan(
     return app
 
 
+def store_suspension(
+    cursor: Any, declarations: Sequence[AppDeclaration], app_id: str, suspended: bool, now: float
+) -> App:
+    """
+    Suspend or resume an app and return the effective app. Setting the flag
+    an app has already is not an error.
+
+    Suspension is a stored flag for every app, declared ones included: the
+    configuration file cannot suspend an app, so the database always
+    decides (see L{Tenancy}). An app that only the configuration declares
+    gets its row now, holding the flag and no plan (its declared plan, if
+    any, still wins).
+
+    :raises NoSuchApp: if the app is neither stored nor declared.
+    """
+    _begin_immediate(cursor)
+    stored = read_state(cursor)
+    if Tenancy.overlay(stored, declarations).app(app_id) is None:
+        raise NoSuchApp(f"no app {app_id!r}")
+    if app_id in stored.apps:
+        cursor.execute("UPDATE apps SET suspended = ? WHERE app_id = ?", (int(suspended), app_id))
+    else:
+        _insert_app(cursor, App(app_id=app_id, suspended=suspended), now)
+    app = Tenancy.overlay(read_state(cursor), declarations).app(app_id)
+    assert app is not None
+    return app
+
+
 def bootstrap_default_app(cursor: Any, now: float) -> tuple[App, tuple[Key, ...]] | None:
     """
     In an empty database, store the app ``default`` with one secret key (all
@@ -587,6 +629,9 @@ def _schema_then_read(cursor: Any) -> StoredState:
 #: Called once with the app and keys bootstrapped into an empty database.
 BootstrapCallback = Callable[[App, tuple[Key, ...]], None]
 
+#: Called with the ids of the apps a load changed (L{Tenancy.changed_apps}).
+AppsChangedObserver = Callable[[frozenset[str]], object]
+
 
 @implementer(IKeyStore)
 class SQLiteKeyStore(service.Service):
@@ -602,7 +647,8 @@ class SQLiteKeyStore(service.Service):
 
     While running it re-reads the database every L{RELOAD_INTERVAL}
     seconds, so changes made with the CLI (another process) reach the
-    running server within a few seconds.
+    running server within a few seconds; L{on_apps_changed} lets other
+    services act on them.
     """
 
     _log = Logger()
@@ -627,6 +673,8 @@ class SQLiteKeyStore(service.Service):
         self._reload_interval = reload_interval
         self._tenancy = Tenancy.overlay(StoredState(apps={}, keys={}), self._declarations)
         self._reloading: LoopingCall | None = None
+        self._loaded = False
+        self._observers: list[AppsChangedObserver] = []
         # Every database round trip gets a ticket when it starts; state read
         # by an older one never replaces state read by a newer one.
         self._tickets = 0
@@ -728,10 +776,34 @@ class SQLiteKeyStore(service.Service):
         self._tickets += 1
         return self._tickets
 
+    def on_apps_changed(self, observer: AppsChangedObserver) -> None:
+        """
+        Call C{observer} after every load that changes apps, with the ids of
+        the apps it changed (L{Tenancy.changed_apps}); look-ups answer with
+        the new state by then.
+
+        Loads are the re-reads and the writes made through this store. The
+        first load is not reported: nothing is served before L{ready}. An
+        observer that raises is logged; the others are called anyway.
+        """
+        self._observers.append(observer)
+
     def _apply(self, ticket: int, state: StoredState) -> None:
-        if ticket > self._applied:
-            self._applied = ticket
-            self._tenancy = Tenancy.overlay(state, self._declarations)
+        if ticket <= self._applied:
+            return
+        self._applied = ticket
+        previous, self._tenancy = self._tenancy, Tenancy.overlay(state, self._declarations)
+        if not self._loaded:
+            self._loaded = True
+            return
+        changed = self._tenancy.changed_apps(previous)
+        if not changed:
+            return
+        for observer in list(self._observers):
+            try:
+                observer(changed)
+            except Exception:
+                self._log.failure("An observer of changed apps failed")
 
     def _reload(self) -> Deferred[None]:
         # A failed re-read (say, a lock held for longer than the busy

@@ -194,6 +194,9 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
 
     hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
     hub.setServiceParent(top)
+    # A suspension made while running closes the app's live connections
+    # with 4012 at the key store's next re-read.
+    keys.on_apps_changed(hub.close_suspended)
     # An API call may outlive the 2 s a welcome waits: a late answer still
     # fills the cache for the next connection.
     turn_api = TurnApiClient(treq, reactor, timeout=10.0)

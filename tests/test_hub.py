@@ -923,6 +923,66 @@ class BackendTests(HubTestCase):
         self.assertEqual(failure.value.code, "over_message_quota")
 
 
+class SuspensionTests(HubTestCase):
+    """
+    Closing the connections of one app: L{Hub.close_app} and
+    L{Hub.close_suspended}.
+    """
+
+    def test_close_app(self) -> None:
+        """
+        Every connection of the app is closed with the given code and
+        reason, and counted; another app's connections on the same channel
+        name are untouched and hear nothing when the closed ones leave.
+        """
+        alice, alice_sink = self.connect("alice")
+        bob, bob_sink = self.connect("bob")
+        other, other_sink = self.connect("alice", app_id="app_2")
+        for session in (alice, bob, other):
+            self.subscribe(session, "room")
+        other_sink.clear()
+        closed = self.hub.close_app("app_1", CloseCode.ACCOUNT_SUSPENDED, "account_suspended")
+        self.assertEqual(closed, 2)
+        self.assertEqual(alice_sink.closes, [(4012, "account_suspended")])
+        self.assertEqual(bob_sink.closes, [(4012, "account_suspended")])
+        # What the adapter does once each WebSocket has closed.
+        for session in (alice, bob):
+            self.successResultOf(self.hub.disconnect(session))
+        self.assertEqual(other_sink.closes, [])
+        self.assertEqual(other_sink.frames, [])
+        self.assertEqual(list(self.hub.sessions()), [other])
+        self.assertEqual(self.successResultOf(self.hub.members("app_1", "room")), [])
+
+    def test_close_app_without_connections(self) -> None:
+        """
+        Closing an app with no connections here closes nothing.
+        """
+        _, sink = self.connect("alice", app_id="app_2")
+        self.assertEqual(self.hub.close_app("app_1", CloseCode.ACCOUNT_SUSPENDED, "account_suspended"), 0)
+        self.assertEqual(sink.closes, [])
+
+    def test_close_suspended(self) -> None:
+        """
+        Of the changed apps, only those suspended now have their
+        connections closed with 4012; unknown ids are ignored.
+        """
+        _, one = self.connect("alice")
+        _, two = self.connect("bob", app_id="app_2")
+        self.apps["app_1"] = App("app_1", suspended=True)
+        self.assertEqual(self.hub.close_suspended(frozenset({"app_1", "app_2", "gone"})), 1)
+        self.assertEqual(one.closes, [(CloseCode.ACCOUNT_SUSPENDED, "account_suspended")])
+        self.assertEqual(two.closes, [])
+
+    def test_close_suspended_not_suspended(self) -> None:
+        """
+        A changed app that is not suspended (a resumed one, say) is left
+        alone.
+        """
+        _, sink = self.connect("alice")
+        self.assertEqual(self.hub.close_suspended(frozenset({"app_1"})), 0)
+        self.assertEqual(sink.closes, [])
+
+
 class ConnectionTests(HubTestCase):
     """
     Admission and release of connections.

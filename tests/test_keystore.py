@@ -39,6 +39,7 @@ from meteredrt.keystore import (
     store_app,
     store_key,
     store_revocation,
+    store_suspension,
 )
 
 CONFIG_SECRET = Key(
@@ -393,6 +394,89 @@ class SQLiteKeyStoreTests(TestCase):
         self.assertEqual(store.app("later"), App(app_id="later"))
         self.assertEqual(store.key(key.key_id), key)
 
+    async def test_suspension_by_other_process(self) -> None:
+        """
+        A suspension written by another process is seen after the next
+        re-read, and the observers of changed apps hear of it once; so they
+        do of the resumption.
+        """
+        store = await self.start()
+        changes: list[frozenset[str]] = []
+        store.on_apps_changed(changes.append)
+        self.other_process(store_suspension, (), "default", True, 5.0)
+        self.clock.advance(1.9)
+        await self.barrier()
+        self.assertEqual((store.app("default"), changes), (App(app_id="default"), []))
+        self.clock.advance(0.1)
+        await self.barrier()
+        self.assertEqual(store.app("default"), App(app_id="default", suspended=True))
+        self.assertEqual(changes, [frozenset({"default"})])
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertEqual(changes, [frozenset({"default"})])
+        self.other_process(store_suspension, (), "default", False, 9.0)
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertEqual(store.app("default"), App(app_id="default"))
+        self.assertEqual(changes, [frozenset({"default"})] * 2)
+
+    async def test_suspension_of_declared_app(self) -> None:
+        """
+        A declared app is suspended by its stored flag; its declared plan
+        and keys stay.
+        """
+        store = await self.start(DECLARATIONS)
+        self.other_process(store_suspension, DECLARATIONS, "app_conf", True, 5.0)
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertEqual(store.app("app_conf"), App(app_id="app_conf", plan=Plan(name="CONF"), suspended=True))
+        self.assertEqual(store.key("sk_id_conf"), CONFIG_SECRET)
+
+    async def test_apps_changed_not_on_start(self) -> None:
+        """
+        Neither the first load nor a re-read that changes nothing is
+        reported.
+        """
+        store = await self.start()
+        changes: list[frozenset[str]] = []
+        store.on_apps_changed(changes.append)
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertEqual(changes, [])
+
+    async def test_apps_changed_by_writes(self) -> None:
+        """
+        Writes through the store report the apps they change; key changes
+        alone are not app changes.
+        """
+        store = await self.start()
+        changes: list[frozenset[str]] = []
+        store.on_apps_changed(changes.append)
+        await store.create_app("shop")
+        await store.set_plan("default", Plan(name="P"))
+        await store.revoke_key(store.keys_of("default")[0].key_id)
+        self.assertEqual(changes, [frozenset({"shop"}), frozenset({"default"})])
+
+    async def test_apps_changed_observer_fails(self) -> None:
+        """
+        An observer that raises is logged; the other observers are still
+        called and the store keeps re-reading.
+        """
+        store = await self.start()
+        changes: list[frozenset[str]] = []
+        store.on_apps_changed(lambda changed: 1 / 0)
+        store.on_apps_changed(changes.append)
+        self.other_process(store_suspension, (), "default", True, 5.0)
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(changes, [frozenset({"default"})])
+        self.other_process(store_app, (), "later", None, 5.0)
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(changes, [frozenset({"default"}), frozenset({"later"})])
+
     async def test_reload_failure(self) -> None:
         """
         A failed re-read is logged and the next one happens anyway.
@@ -498,6 +582,55 @@ class DatabaseFileTests(SynchronousTestCase):
         self.assertEqual(connection.execute("SELECT COUNT(*) FROM keys").fetchone(), (0,))
 
 
+class StoreSuspensionTests(SynchronousTestCase):
+    """
+    Tests for L{store_suspension}, as the CLI runs it.
+    """
+
+    def setUp(self) -> None:
+        self.connection = connect(prepare_database(self.mktemp()))
+        self.addCleanup(self.connection.close)
+        self.cursor = self.connection.cursor()
+        create_schema(self.cursor)
+
+    def write(self, *args: Any) -> App:
+        with self.connection:
+            return store_suspension(self.cursor, *args)
+
+    def test_round_trip(self) -> None:
+        """
+        Suspending and resuming set the stored flag; doing either twice is
+        not an error.
+        """
+        with self.connection:
+            store_app(self.cursor, (), "a", Plan(name="P"), 0.0)
+        self.assertEqual(self.write((), "a", True, 1.0), App(app_id="a", plan=Plan(name="P"), suspended=True))
+        self.assertEqual(self.write((), "a", True, 2.0), App(app_id="a", plan=Plan(name="P"), suspended=True))
+        self.assertEqual(self.write((), "a", False, 3.0), App(app_id="a", plan=Plan(name="P")))
+        self.assertEqual(self.write((), "a", False, 4.0), App(app_id="a", plan=Plan(name="P")))
+
+    def test_declared_app(self) -> None:
+        """
+        A declared app without a row gets one holding the flag and no plan;
+        the declared plan still wins.
+        """
+        app = self.write(DECLARATIONS, "app_conf", True, 1.0)
+        self.assertEqual(app, App(app_id="app_conf", plan=Plan(name="CONF"), suspended=True))
+        self.assertEqual(
+            self.connection.execute("SELECT app_id, plan_json, suspended FROM apps").fetchall(),
+            [("app_conf", None, 1)],
+        )
+
+    def test_unknown_app(self) -> None:
+        """
+        An app that is neither stored nor declared cannot be suspended, and
+        nothing is written.
+        """
+        with self.assertRaises(NoSuchApp):
+            self.write(DECLARATIONS, "nope", True, 1.0)
+        self.assertEqual(self.connection.execute("SELECT COUNT(*) FROM apps").fetchone(), (0,))
+
+
 class TenancyTests(SynchronousTestCase):
     """
     Tests for L{Tenancy.overlay}.
@@ -520,3 +653,18 @@ class TenancyTests(SynchronousTestCase):
         self.assertEqual([app.app_id for app in tenancy.apps()], ["app_conf", "z"])
         self.assertTrue(tenancy.is_declared("app_conf"))
         self.assertFalse(tenancy.is_declared("z"))
+
+    def test_changed_apps(self) -> None:
+        """
+        Apps added, removed or with another record are changed; keys are not
+        compared.
+        """
+        before = Tenancy.overlay(StoredState(apps={"a": App("a"), "b": App("b"), "c": App("c")}, keys={}), ())
+        key = Key(key_id="pk_live_x", app_id="a", type=KeyType.PUBLISHABLE, channel_patterns=("**",), actions=frozenset())
+        after = Tenancy.overlay(
+            StoredState(apps={"a": App("a"), "b": App("b", suspended=True), "d": App("d")}, keys={"pk_live_x": key}),
+            (),
+        )
+        self.assertEqual(after.changed_apps(before), frozenset({"b", "c", "d"}))
+        self.assertEqual(before.changed_apps(after), frozenset({"b", "c", "d"}))
+        self.assertEqual(after.changed_apps(after), frozenset())
