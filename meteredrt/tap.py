@@ -12,13 +12,14 @@ import sys
 from functools import partial
 from typing import Any, TextIO
 
-import treq
+from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from meteredrt.apps import App, Key, KeyType
@@ -85,6 +86,30 @@ def print_bootstrap(app: App, keys: tuple[Key, ...], out: TextIO | None = None) 
             lines.append(f"  publishable key:   {key.key_id}")
     out.write("\n".join(lines) + "\n")
     out.flush()
+
+
+class OrderedServices(MultiService):
+    """
+    A C{MultiService} that stops its children one at a time, the last added
+    first, each once the previous one has finished stopping.
+
+    C{MultiService} stops them all at once, which here would let the
+    meter's final flush run while connections are still draining (and still
+    counting messages), and close the stores under them.
+    """
+
+    log = Logger()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                self.log.failure("Stopping {service} failed", service=service)
 
 
 class ConnectionDrain(Service):
@@ -168,11 +193,12 @@ class StartupGate(MultiService):
 
 def makeService(options: Options | dict, reactor: Any = None) -> IService:
     """
-    Build the whole server as one C{MultiService}.
+    Build the whole server as one service.
 
-    Stop order is the reverse of the order children are added: listeners
-    stop accepting first, then connections drain, then the meter flushes,
-    then the stores close.
+    Children stop one after the other, in the reverse of the order they are
+    added (L{OrderedServices}): listeners stop accepting first, then
+    connections drain, then the meter writes its last counts, then the
+    stores close.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -181,7 +207,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     config: Config = options["parsed"]
     install_speedups()
 
-    top = MultiService()
+    top = OrderedServices()
     keys = SQLiteKeyStore(
         open_pool(prepare_database(config.data_dir), reactor),
         clock=reactor,
@@ -199,7 +225,9 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     keys.on_apps_changed(hub.close_suspended)
     # An API call may outlive the 2 s a welcome waits: a late answer still
     # fills the cache for the next connection.
-    turn_api = TurnApiClient(treq, reactor, timeout=10.0)
+    # TURN calls are rare (credentials are cached), so no connection is kept.
+    turn_http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+    turn_api = TurnApiClient(turn_http, reactor, timeout=10.0)
     turn = TurnCredentialCache(turn_api, reactor)
     turn.setServiceParent(top)
     factory = RealtimeServerFactory(hub, keys, reactor, turn=turn)

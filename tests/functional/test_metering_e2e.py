@@ -265,6 +265,29 @@ class ConcurrencyTests(TestCase):
         self.assertEqual([entry for entry in ledger if entry.kind == "recharge"], [])
 
 
+class DrainCountTests(TestCase):
+    """
+    What is accepted while the server drains is still counted.
+    """
+
+    async def test_publish_during_drain_is_persisted(self) -> None:
+        """
+        A publish acked after shutdown began (between going_away and the
+        1001 close) is in the usage file once the server has stopped: the
+        meter's last flush waits for the connections to drain.
+        """
+        server = await start_stoppable_server(self, CONFIG)
+        client = await connect_client(self, server.port)
+        self.assertEqual((await client.publish("room", 1))["type"], "ack")
+        stopping = server.service.stopService()
+        answer = await client.publish("room", 2)
+        self.assertEqual(answer["type"], "ack")
+        self.assertEqual(await client.closed, 1001)
+        await stopping
+        row, _ = stored_usage(server.data_dir)
+        self.assertEqual(row.messages_used, 2)
+
+
 class SDKQuotaTests(TestCase):
     """
     The official SDK meets the quota refusals of §15.3.
