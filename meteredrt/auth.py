@@ -21,7 +21,14 @@ from attrs import frozen
 from meteredrt.apps import ACTIONS, App, Key, KeyType
 from meteredrt.globs import covers, matches_any, pattern_error
 from meteredrt.icelist import ice_servers_error
-from meteredrt.protocol import CloseCode, is_finite_json_number, is_valid_peer_id, json_size
+from meteredrt.protocol import (
+    MAX_JSON_DEPTH,
+    CloseCode,
+    is_finite_json_number,
+    is_valid_peer_id,
+    json_size,
+    json_too_deep,
+)
 
 ALGORITHM = "HS256"
 MAX_PEER_METADATA_BYTES = 4096
@@ -262,7 +269,7 @@ def _bounded_object(claims: dict, name: str, cap: int) -> dict | None:
     value = claims.get(name)
     if value is None:
         return None
-    if not isinstance(value, dict) or not _strict_json(value) or json_size(value) > cap:
+    if not isinstance(value, dict) or json_too_deep(value) or not _strict_json(value) or json_size(value) > cap:
         raise _invalid(f"invalid {name} claim")
     return value
 
@@ -336,6 +343,8 @@ def mint_token(
             continue
         if not isinstance(value, dict):
             raise MintError(field, "must be a JSON object")
+        if json_too_deep(value):
+            raise MintError(field, f"nests deeper than {MAX_JSON_DEPTH} levels")
         if json_size(value) > cap:
             raise MintError(field, f"larger than {cap} bytes serialized")
         claims[field] = value

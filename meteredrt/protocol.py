@@ -39,6 +39,9 @@ MAX_SUBSCRIPTIONS = 100
 #: Presence snapshots are split into frames no larger than this (OP-27).
 SNAPSHOT_FRAME_BUDGET = 512 * 1024
 RESERVED_PREFIXES = ("_metered/", "_internal/", "_system/")
+#: Deeper JSON is refused: the stdlib parser accepts nesting its encoder
+#: cannot write back out, and nothing real nests this far.
+MAX_JSON_DEPTH = 128
 
 
 class ErrorCode:
@@ -179,6 +182,36 @@ def _utf8_len(text: str) -> int | None:
         return None
 
 
+def json_too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """
+    Whether C{value} nests arrays or objects more than C{limit} deep.
+    Iterative, so hostile input cannot exhaust the stack.
+    """
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _may_be_too_deep(payload: bytes | str) -> bool:
+    """
+    A cheap bound: a frame with fewer brackets than the limit cannot nest
+    past it, so the walk runs only for the rare frame that might.
+    """
+    if isinstance(payload, bytes):
+        return payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH
+    return payload.count("[") + payload.count("{") > MAX_JSON_DEPTH
+
+
 def has_control_characters(text: str) -> bool:
     """
     Whether C{text} holds a C0 control, DEL or a C1 control (§9.1).
@@ -252,6 +285,8 @@ def parse_frame(payload: bytes | str) -> ClientFrame:
         raise FrameError(ErrorCode.MALFORMED_MESSAGE, "frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise FrameError(ErrorCode.MALFORMED_MESSAGE, "frame is not a JSON object")
+    if _may_be_too_deep(payload) and json_too_deep(frame):
+        raise FrameError(ErrorCode.MALFORMED_MESSAGE, f"frame nests deeper than {MAX_JSON_DEPTH} levels")
     kind = frame.get("type")
     if not isinstance(kind, str):
         raise FrameError(ErrorCode.MALFORMED_MESSAGE, "frame has no string type")

@@ -28,6 +28,7 @@ from meteredrt.auth import (
     verify_publishable,
     verify_token,
 )
+from meteredrt.protocol import MAX_JSON_DEPTH
 
 NOW = 1_767_222_000
 # Long enough that PyJWT does not warn about short HMAC keys, even for HS512.
@@ -1013,3 +1014,46 @@ class MintTokenTests(SynchronousTestCase):
         for value in [[1], "x", 3]:
             self.assertMintError("metadata", "invalid_request", metadata=value)
             self.assertMintError("peerMetadata", "invalid_request", peer_metadata=value)
+
+
+class NestingTests(SynchronousTestCase):
+    """
+    Deeply nested JSON in a token is refused, never a crash.
+    """
+
+    def test_deep_peer_metadata(self) -> None:
+        """
+        A peerMetadata nesting past the limit (but small) closes 4001.
+        """
+        value: object = {}
+        for _ in range(MAX_JSON_DEPTH + 5):
+            value = {"k": value}
+        token = jwt.encode(
+            {"sub": "u_1", "exp": NOW + 60, "peerMetadata": value},
+            SECRET,
+            algorithm="HS256",
+            headers={"kid": "sk_id_main"},
+        )
+        refusal = self.assertRaises(Refusal, verify_token, token, KEYS.get, NOW)
+        self.assertEqual(refusal.code, 4001)
+
+    def test_deep_header(self) -> None:
+        """
+        A header nested past what the JSON parser can take, from someone
+        without any secret, is 4001 rather than an internal error (PyJWT
+        turns the parser's RecursionError into a DecodeError).
+        """
+        header = base64.urlsafe_b64encode(b'{"alg":' + b"[" * 100000 + b"]" * 100000 + b"}").rstrip(b"=")
+        token = header.decode() + ".e30.c2ln"
+        refusal = self.assertRaises(Refusal, verify_token, token, KEYS.get, NOW)
+        self.assertEqual(refusal.code, 4001)
+
+    def test_deep_metadata_mint(self) -> None:
+        """
+        Minting refuses metadata nesting past the limit, naming the field.
+        """
+        value: object = {}
+        for _ in range(MAX_JSON_DEPTH + 5):
+            value = {"k": value}
+        error = self.assertRaises(MintError, mint_token, KEYS["sk_id_main"], "u_1", now=NOW, metadata=value)
+        self.assertEqual(error.field, "metadata")

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt.protocol import (
+    MAX_JSON_DEPTH,
     MAX_MESSAGE_SIZE,
     PONG,
     ErrorCode,
@@ -29,6 +30,7 @@ from meteredrt.protocol import (
     going_away_frame,
     has_control_characters,
     is_valid_peer_id,
+    json_too_deep,
     message_frame,
     parse_frame,
     presence_entry,
@@ -967,3 +969,50 @@ class SharedCodecTests(SynchronousTestCase):
             self.assertEqual(
                 has_control_characters(f"a{c}b"), c < "\x20" or "\x7f" <= c <= "\x9f", hex(code)
             )
+
+
+class NestingTests(SynchronousTestCase):
+    """
+    Frames may not nest deeper than L{MAX_JSON_DEPTH}.
+    """
+
+    def test_too_deep(self) -> None:
+        """
+        A publish whose data nests past the limit is C{malformed_message}
+        without a requestId, before anything could try to re-encode it.
+        """
+        data = "[" * (MAX_JSON_DEPTH + 10) + "]" * (MAX_JSON_DEPTH + 10)
+        payload = '{"type":"publish","channel":"a","requestId":"r1","data":' + data + "}"
+        error = self.assertRaises(FrameError, parse_frame, payload.encode())
+        self.assertEqual((error.code, error.request_id), ("malformed_message", None))
+
+    def test_deep_but_allowed(self) -> None:
+        """
+        Data nested just within the limit (the frame object is one level)
+        parses and encodes back.
+        """
+        depth = MAX_JSON_DEPTH - 1
+        payload = '{"type":"publish","channel":"a","data":' + "[" * depth + "]" * depth + "}"
+        frame = parse_frame(payload)
+        assert isinstance(frame, Publish)
+        self.assertTrue(message_frame("a", "p", frame.data, None).payload.startswith(b'{"type":"message"'))
+
+    def test_many_brackets_shallow(self) -> None:
+        """
+        Many brackets side by side are not depth.
+        """
+        data = "[" + ",".join(["[]"] * 2000) + "]"
+        frame = parse_frame('{"type":"publish","channel":"a","data":' + data + "}")
+        assert isinstance(frame, Publish)
+        self.assertEqual(len(frame.data), 2000)
+
+    def test_json_too_deep(self) -> None:
+        """
+        L{json_too_deep} counts objects and arrays alike, and is iterative.
+        """
+        value: object = 1
+        for n in range(5000):
+            value = [value] if n % 2 else {"k": value}
+        self.assertTrue(json_too_deep(value))
+        self.assertFalse(json_too_deep({"a": [{"b": [1]}]}, limit=4))
+        self.assertTrue(json_too_deep({"a": [{"b": [1]}]}, limit=3))
