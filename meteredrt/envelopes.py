@@ -4,8 +4,8 @@ What the broker carries between nodes.
 An envelope is a plain immutable value holding everything a receiving node
 needs to build the frames for its own connections: a L{ChannelMessage} for a
 publish, a L{PresenceChange} for a join or leave delta, a L{DirectMessage}
-for a C{send}. Keeping them free of connection objects is what lets the
-Redis broker serialize them unchanged.
+for a C{send}. Keeping them free of connection objects is what will let a
+cluster broker (Redis, not written yet) serialize them unchanged.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ Everything the hub and the adapters need from state that may one day live
 outside this process goes through one of these:
 
   - L{IKeyStore}: apps, plans and keys (SQLite + TOML today).
-  - L{IBroker}: moving envelopes between nodes (in memory today, Redis in
-    the cluster).
+  - L{IBroker}: moving envelopes between nodes (in memory today; Redis,
+    planned, in the cluster).
   - L{IPresence}: channel membership and the peer directory, with connection
-    refcounts (in memory today, Redis in the cluster so it survives a node).
+    refcounts (in memory today; Redis, planned, in the cluster so it
+    survives a node).
   - L{IMeter}: concurrent-connection admission and message counting.
   - L{ITurnProvider}: TURN credentials for the welcome frame.
   - L{IConnectionSink}: what the hub sees of one client connection.

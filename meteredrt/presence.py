@@ -3,9 +3,10 @@ Channel membership and the peer directory, in memory.
 
 L{MemoryPresence} implements L{IPresence} for a single node. Membership is
 refcounted per (app, channel, peerId) by connection id (OP-10), so a peer
-with two tabs joins once and leaves once. The Redis implementation keeps
-the same shape in hashes keyed by node, so a crashed node's entries can be
-reaped by the survivors.
+with two tabs joins once and leaves once. Keying by connection id is what
+will let a cluster implementation (Redis, not written yet) keep the same
+shape per node, so that a crashed node's entries can be reaped by the
+survivors.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 The single-node broker: routing is a direct call into the local hub.
 
 Delivering synchronously, in the caller's turn, is what gives per-sender
-FIFO on one node for free; the Redis broker gets the same property from one
-ordered stream per sender.
+FIFO on one node for free; a cluster broker (Redis, not written yet) will
+need one ordered stream per sender to keep it.
 """
 
 from __future__ import annotations
