@@ -62,11 +62,16 @@ class Subscription:
     @ivar held_presence: presence deltas that arrived while this concrete
         subscription's snapshot was being assembled; they are sent right
         after it, so nobody sees a delta before the snapshot (§10.2).
+    @ivar joining: an C{add_member} for this subscription is on its way.
+        Until it answers nobody knows whether the peer is a member, so a
+        disconnect meanwhile leaves the membership to the subscribe, which
+        takes it back itself (L{Hub._abandon_join}).
     """
 
     include_sender_metadata: bool
     wildcard: bool
     held_presence: list[OutboundFrame] | None = None
+    joining: bool = False
 
 
 @define(eq=False)
@@ -194,9 +199,17 @@ class Hub(Service):
         peer_key = (grant.app_id, grant.peer_id)
         local = self._peers.setdefault(peer_key, {})
         local[conn_id] = session
-        await self._presence.add_connection(grant.app_id, grant.peer_id, conn_id)
-        if len(local) == 1:
-            await self._broker.watch_peer(grant.app_id, grant.peer_id)
+        try:
+            await self._presence.add_connection(grant.app_id, grant.peer_id, conn_id)
+            # A disconnect while we waited has undone all of the above (the
+            # session was indexed before the wait), so only stop here.
+            if len(local) == 1 and not session.closed:
+                await self._broker.watch_peer(grant.app_id, grant.peer_id)
+        except BaseException:
+            # The connection is counted and indexed, but the caller gets no
+            # session to disconnect: release it here.
+            await self._disconnect(session)
+            raise
         return session
 
     def disconnect(self, session: Session) -> Deferred[None]:
@@ -205,6 +218,16 @@ class Hub(Service):
         deltas), its count is released. Safe to call twice.
         """
         return ensureDeferred(self._disconnect(session))
+
+    # A disconnect does not wait for the connection's request in flight (at
+    # most one: the adapter hands over a frame once the previous one is
+    # done). It undoes at once everything the hub's indexes show; a request
+    # that resumes after it sees C{session.closed} after its await, stops,
+    # and takes back only what it started and the disconnect could not see:
+    # a membership whose add_member was still on its way. Waiting for the
+    # request instead would hold the connection's release behind a slow
+    # broker, and still need the same undo to avoid announcing a join
+    # nobody will see. On one node nothing suspends, so none of this runs.
 
     async def _disconnect(self, session: Session) -> None:
         if session.closed:
@@ -262,12 +285,14 @@ class Hub(Service):
             elif isinstance(frame, Ping):
                 raise AssertionError("pings are answered by the adapter")
         except FrameError as e:
-            session.sink.send_frame(error_frame(e.code, e.message, e.request_id))
+            if not session.closed:
+                session.sink.send_frame(error_frame(e.code, e.message, e.request_id))
         except Exception:
             self.log.failure("Failed to handle {frame!r} from {conn}", frame=frame, conn=session.conn_id)
-            session.sink.send_frame(
-                error_frame(ErrorCode.INTERNAL_ERROR, "internal error, retry with backoff", request_id)
-            )
+            if not session.closed:
+                session.sink.send_frame(
+                    error_frame(ErrorCode.INTERNAL_ERROR, "internal error, retry with backoff", request_id)
+                )
 
     def _require(self, session: Session, action: str, request_id: str | None) -> None:
         if not session.grant.may(action):
@@ -281,6 +306,10 @@ class Hub(Service):
         app = self._apps(app_id)
         if app is None or not await self._meter.count_message(app):
             raise FrameError(ErrorCode.OVER_MESSAGE_QUOTA, "message quota exhausted", request_id)
+
+    # A publish or send whose connection closes while it waits carries on:
+    # it is delivered like one sent just before the close and leaves nothing
+    # behind; only its ack is dropped (L{_ack}).
 
     async def _publish(self, session: Session, frame: Publish) -> None:
         self._require(session, "publish", frame.request_id)
@@ -335,6 +364,9 @@ class Hub(Service):
             subscription = Subscription(frame.include_sender_metadata, frame.wildcard)
             session.subscriptions[channel] = subscription
             await self._watch(session, channel, frame.wildcard)
+            if session.closed:
+                # The disconnect dropped this subscription, watch included.
+                return
 
         if frame.wildcard:
             self._ack(session, frame.request_id)
@@ -344,9 +376,17 @@ class Hub(Service):
         if wants_presence:
             subscription.held_presence = []
         try:
-            first = await self._presence.add_member(
-                session.app_id, channel, session.peer_id, session.conn_id, session.grant.peer_metadata
-            )
+            subscription.joining = True
+            try:
+                first = await self._presence.add_member(
+                    session.app_id, channel, session.peer_id, session.conn_id, session.grant.peer_metadata
+                )
+            finally:
+                if not session.closed:
+                    subscription.joining = False
+            if session.closed:
+                await self._abandon_join(session, channel, first)
+                return
             if first:
                 joined = (presence_entry(session.peer_id, session.grant.peer_metadata),)
                 await self._broker.publish(
@@ -355,7 +395,7 @@ class Hub(Service):
             # Ack, then the snapshot: MeteredPeer drops a snapshot that
             # arrives before the subscribe resolves (§22.1).
             self._ack(session, frame.request_id)
-            if wants_presence:
+            if wants_presence and not session.closed:
                 members = await self._presence.members(session.app_id, channel)
                 entries = [_entry(m) for m in members if m.peer_id != session.peer_id]
                 if not session.closed:
@@ -366,6 +406,26 @@ class Hub(Service):
             if held and not session.closed:
                 for delta in held:
                     session.sink.send_frame(delta)
+
+    async def _abandon_join(self, session: Session, channel: str, first: bool) -> None:
+        """
+        Take back the membership of a subscribe whose connection closed
+        while its C{add_member} was on its way; the disconnect left it to us
+        (L{Subscription.joining}).
+
+        The others hear of it only if what they were told no longer holds:
+        nobody was told of a join this connection made first, but another
+        connection of the peer that joined meanwhile counted on this one's
+        C{joined}; and the peer's other connections that left meanwhile
+        counted on this one's C{left}.
+        """
+        app_id = session.app_id
+        gone = await self._presence.remove_member(app_id, channel, session.peer_id, session.conn_id)
+        if first and gone is None:
+            joined = (presence_entry(session.peer_id, session.grant.peer_metadata),)
+            await self._broker.publish(app_id, channel, PresenceChange(channel, joined, (), session.conn_id))
+        elif not first and gone is not None:
+            await self._broker.publish(app_id, channel, PresenceChange(channel, (), (_entry(gone),), None))
 
     async def _watch(self, session: Session, channel: str, wildcard: bool) -> None:
         app_id = session.app_id
@@ -401,6 +461,8 @@ class Hub(Service):
         if not local:
             del self._channels[(app_id, channel)]
             await self._broker.unwatch_channel(app_id, channel)
+        if subscription.joining:
+            return
         gone = await self._presence.remove_member(app_id, channel, session.peer_id, session.conn_id)
         if gone is not None:
             await self._broker.publish(app_id, channel, PresenceChange(channel, (), (_entry(gone),), None))

@@ -21,7 +21,7 @@ from meteredrt.hub import Hub, Session, _start
 from meteredrt.metering import Meter
 from meteredrt.presence import MemoryPresence
 from meteredrt.protocol import MAX_SUBSCRIPTIONS, SNAPSHOT_FRAME_BUDGET, CloseCode, FrameError, parse_frame
-from meteredrt.testing import RecordingSink
+from meteredrt.testing import HeldAnswers, HeldBroker, HeldMeter, HeldPresence, RecordingSink
 from meteredrt.usagestore import UsageStore
 
 
@@ -1015,6 +1015,391 @@ class ConnectionTests(HubTestCase):
         two, sink_two = self.connect("a")
         self.assertNotEqual(one.conn_id, two.conn_id)
         self.assertEqual(sink_one.conn_id, one.conn_id)
+
+
+class HeldHubTestCase(HubTestCase):
+    """
+    A hub whose broker, presence and meter answers are held back by
+    L{HeldAnswers} while C{self.answers.holding}, as a networked backend's
+    could be, so a test can close a connection while a request waits.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.answers = HeldAnswers()
+        self.held_broker = HeldBroker(MemoryBroker(), self.answers)
+        self.held_presence = HeldPresence(MemoryPresence(), self.answers)
+        self.hub = Hub(
+            self.held_broker, self.held_presence, HeldMeter(self.meter, self.answers), self.apps.get, node_id="n1"
+        )
+
+    def start(self, session: Session, **frame: Any) -> Deferred[None]:
+        """
+        Hand the hub one client frame and return what it returns, which may
+        not have fired yet.
+        """
+        return self.hub.handle(session, parse_frame(json.dumps(frame)))
+
+    def release_all_but(self, name: str) -> None:
+        """
+        Let every held answer through except those of C{name}, as a backend
+        that answers on several connections may.
+        """
+        while any(pending != name for pending in self.answers.pending):
+            self.answers.release(next(pending for pending in self.answers.pending if pending != name))
+
+    def assertNoMembers(self, channel: str = "room") -> None:
+        """
+        The channel has no members, as presence and REST see it (answers
+        are no longer held).
+        """
+        self.answers.holding = False
+        self.assertEqual(self.successResultOf(self.hub.members("app_1", channel)), [])
+
+    def members(self, channel: str = "room") -> list[str]:
+        """
+        The peerIds of the channel's members (answers are no longer held).
+        """
+        self.answers.holding = False
+        return [member.peer_id for member in self.successResultOf(self.hub.members("app_1", channel))]
+
+
+class CloseDuringSubscribeTests(HeldHubTestCase):
+    """
+    A connection that closes while its subscribe waits on the broker or
+    presence leaves no member behind, and the others hear only of a join
+    they were told of.
+    """
+
+    def test_during_watch(self) -> None:
+        """
+        Closed while the channel watch is pending: no member, no delta, and
+        the watch is withdrawn.
+        """
+        session, sink = self.connect("b")
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room", requestId="r1")
+        self.assertEqual(self.answers.pending, ["watch_channel"])
+        closing = self.hub.disconnect(session)
+        self.release_all_but("watch_channel")
+        self.successResultOf(closing)
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.assertNoMembers()
+        self.assertEqual(self.held_broker.watched, set())
+        self.assertEqual(sink.decoded, [])
+        listener, heard = self.connect("a")
+        self.subscribe(listener, "room")
+        self.assertEqual([frame["joined"] for frame in heard.of_type("presence")], [[]])
+
+    def test_during_add_member(self) -> None:
+        """
+        Closed while add_member is pending: the membership is taken back
+        and the other members hear neither C{joined} nor C{left}.
+        """
+        listener, heard = self.connect("a")
+        self.subscribe(listener, "room")
+        heard.clear()
+        session, sink = self.connect("b")
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room", requestId="r1")
+        self.assertEqual(self.answers.pending, ["add_member"])
+        self.hub.disconnect(session)
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.assertEqual(self.members(), ["a"])
+        self.assertEqual(heard.decoded, [])
+        self.assertEqual(sink.decoded, [])
+
+    def test_ghost_never_announced(self) -> None:
+        """
+        Released in the order a networked backend answers, the closed
+        connection's join is never announced to a member already there.
+        """
+        listener, heard = self.connect("a")
+        self.subscribe(listener, "room")
+        heard.clear()
+        session, _ = self.connect("b")
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room")
+        self.hub.disconnect(session)
+        while self.answers.pending:
+            self.answers.release(self.answers.pending[0])
+        self.successResultOf(done)
+        self.assertNotIn("b", self.members())
+        self.assertEqual(heard.of_type("presence"), [])
+
+    def test_during_announcement(self) -> None:
+        """
+        Closed once its C{joined} is on its way: the others hear C{left}
+        after it, and the member is gone.
+        """
+        listener, heard = self.connect("a")
+        self.subscribe(listener, "room")
+        heard.clear()
+        session, sink = self.connect("b")
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room", requestId="r1")
+        self.answers.release("add_member")
+        self.assertEqual(self.answers.pending, ["publish"])
+        self.hub.disconnect(session)
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.assertEqual(self.members(), ["a"])
+        self.assertEqual(
+            heard.decoded,
+            [
+                {"type": "presence", "channel": "room", "joined": [{"peerId": "b"}], "left": []},
+                {"type": "presence", "channel": "room", "joined": [], "left": [{"peerId": "b"}]},
+            ],
+        )
+        self.assertEqual(sink.decoded, [])
+
+    def test_during_snapshot(self) -> None:
+        """
+        Closed while its snapshot is assembled: no snapshot goes out, and
+        the announced member leaves again.
+        """
+        listener, heard = self.connect("a")
+        self.subscribe(listener, "room")
+        heard.clear()
+        session, sink = self.connect("b")
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room", requestId="r1")
+        self.answers.release("add_member")
+        self.answers.release("publish")
+        self.assertEqual(self.answers.pending, ["members"])
+        self.hub.disconnect(session)
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.assertEqual(self.members(), ["a"])
+        self.assertEqual([frame["left"] for frame in heard.of_type("presence")], [[], [{"peerId": "b"}]])
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r1"}])
+
+    def test_repeat_subscribe(self) -> None:
+        """
+        A repeat subscribe closed while add_member is pending: the member,
+        announced by the first subscribe, leaves with C{left}.
+        """
+        listener, heard = self.connect("a")
+        self.subscribe(listener, "room")
+        session, _ = self.connect("b")
+        self.subscribe(session, "room")
+        heard.clear()
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room")
+        self.assertEqual(self.answers.pending, ["add_member"])
+        self.hub.disconnect(session)
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.assertEqual(self.members(), ["a"])
+        self.assertEqual(heard.decoded, [{"type": "presence", "channel": "room", "joined": [], "left": [{"peerId": "b"}]}])
+
+    def test_other_connection_joined_meanwhile(self) -> None:
+        """
+        When another connection of the same peer joined while the closed
+        one's join was pending, counting on its C{joined}, the others are
+        still told.
+        """
+        listener, heard = self.connect("a")
+        self.subscribe(listener, "room")
+        heard.clear()
+        closing, _ = self.connect("b")
+        staying, _ = self.connect("b")
+        self.answers.holding = True
+        first = self.start(closing, type="subscribe", channel="room")
+        second = self.start(staying, type="subscribe", channel="room")
+        self.answers.release("add_member")  # the closing connection's: first
+        self.hub.disconnect(closing)
+        self.answers.release_all()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(self.members(), ["a", "b"])
+        self.assertEqual(heard.decoded, [{"type": "presence", "channel": "room", "joined": [{"peerId": "b"}], "left": []}])
+
+    def test_wildcard_during_watch(self) -> None:
+        """
+        A wildcard subscribe closed while its pattern watch is pending
+        leaves the pattern unwatched.
+        """
+        session, _ = self.connect("b")
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room/*")
+        closing = self.hub.disconnect(session)
+        self.release_all_but("watch_pattern")
+        self.successResultOf(closing)
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.assertEqual(self.held_broker.watched, set())
+        self.answers.holding = False
+        publisher, _ = self.connect("p")
+        self.publish(publisher, "room/x", 1)
+        self.assertEqual(session.sink.decoded, [])  # type: ignore[attr-defined]
+
+    def test_during_unsubscribe(self) -> None:
+        """
+        Closed while an unsubscribe waits: the unsubscribe still finishes,
+        with C{left}, and no ack goes out.
+        """
+        listener, heard = self.connect("a")
+        self.subscribe(listener, "room")
+        session, sink = self.connect("b")
+        self.subscribe(session, "room")
+        heard.clear()
+        sink.clear()
+        self.answers.holding = True
+        done = self.start(session, type="unsubscribe", channel="room", requestId="r1")
+        self.assertEqual(self.answers.pending, ["remove_member"])
+        self.hub.disconnect(session)
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.assertEqual(self.members(), ["a"])
+        self.assertEqual(heard.decoded, [{"type": "presence", "channel": "room", "joined": [], "left": [{"peerId": "b"}]}])
+        self.assertEqual(sink.decoded, [])
+
+
+class HeldPresenceOrderTests(HeldHubTestCase):
+    """
+    Presence deltas that arrive while a subscriber's snapshot is assembled
+    are held back until after it (§10.2).
+    """
+
+    def test_delta_after_snapshot(self) -> None:
+        """
+        A C{joined} delivered while the snapshot is pending reaches the
+        subscriber after its ack and its snapshot, in that order.
+        """
+        member, _ = self.connect("a")
+        self.subscribe(member, "room")
+        session, sink = self.connect("b")
+        newcomer, _ = self.connect("c")
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room", requestId="r1")
+        self.answers.release("add_member")
+        self.answers.release("publish")
+        self.assertEqual(self.answers.pending, ["members"])
+        joining = self.start(newcomer, type="subscribe", channel="room")
+        self.answers.release("add_member")  # c's; its joined is routed at once
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r1"}])
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.successResultOf(joining)
+        self.assertEqual(
+            sink.decoded,
+            [
+                {"type": "ack", "requestId": "r1"},
+                {"type": "presence", "channel": "room", "joined": [{"peerId": "a"}], "left": []},
+                {"type": "presence", "channel": "room", "joined": [{"peerId": "c"}], "left": []},
+            ],
+        )
+
+    def test_closed_before_snapshot_gets_nothing(self) -> None:
+        """
+        Deltas held for a subscriber that closes before its snapshot are
+        dropped with it.
+        """
+        session, sink = self.connect("b")
+        newcomer, _ = self.connect("c")
+        self.answers.holding = True
+        done = self.start(session, type="subscribe", channel="room", requestId="r1")
+        self.answers.release("watch_channel")
+        self.answers.release("add_member")
+        self.answers.release("publish")
+        joining = self.start(newcomer, type="subscribe", channel="room")
+        self.answers.release("add_member")
+        self.hub.disconnect(session)
+        self.answers.release_all()
+        self.successResultOf(done)
+        self.successResultOf(joining)
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r1"}])
+        self.assertEqual(self.members(), ["c"])
+
+
+class CloseDuringAdmissionTests(HeldHubTestCase):
+    """
+    A connection that closes while it is being admitted is not left in the
+    hub, and its count is released.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.apps["app_1"] = App("app_1", Plan(max_concurrent_connections=1))
+
+    def assertReleased(self) -> None:
+        """
+        No session, peer or watch is left, and the app's one connection slot
+        is free again (answers are no longer held).
+        """
+        self.answers.holding = False
+        self.assertEqual(self.hub.connection_count, 0)
+        self.assertEqual(self.hub.sessions(), [])
+        self.assertEqual(self.successResultOf(self.held_presence.connections_of("app_1", "a")), frozenset())
+        self.assertEqual(self.held_broker.watched, set())
+        self.answers.holding = False
+        session, _ = self.connect("b")
+        self.successResultOf(self.hub.disconnect(session))
+
+    def test_during_meter(self) -> None:
+        """
+        Closed while the meter decides: once admitted, the adapter
+        disconnects the session it is handed, and everything is released.
+        """
+        self.answers.holding = True
+        connecting = self.hub.connect(RecordingSink, make_grant("a"))
+        self.assertEqual(self.answers.pending, ["admit_connection"])
+        self.answers.release_all()
+        session = self.successResultOf(connecting)
+        self.answers.holding = False
+        self.successResultOf(self.hub.disconnect(session))
+        self.assertReleased()
+
+    def test_during_presence(self) -> None:
+        """
+        Disconnected while the peer directory records it: admission stops
+        short of watching the peer, and everything is released.
+        """
+        self.answers.holding = True
+        connecting = self.hub.connect(RecordingSink, make_grant("a"))
+        self.answers.release("admit_connection")
+        self.assertEqual(self.answers.pending, ["add_connection"])
+        [session] = self.hub.sessions()
+        closing = self.hub.disconnect(session)
+        self.release_all_but("add_connection")
+        self.successResultOf(closing)
+        self.answers.release_all()
+        self.assertIs(self.successResultOf(connecting), session)
+        self.assertTrue(session.closed)
+        self.assertReleased()
+        self.successResultOf(self.hub.disconnect(session))
+        self.assertReleased()
+
+    def test_during_watch(self) -> None:
+        """
+        Disconnected while the peer watch is pending: the watch is withdrawn.
+        """
+        self.answers.holding = True
+        connecting = self.hub.connect(RecordingSink, make_grant("a"))
+        self.answers.release("admit_connection")
+        self.answers.release("add_connection")
+        self.assertEqual(self.answers.pending, ["watch_peer"])
+        [session] = self.hub.sessions()
+        self.hub.disconnect(session)
+        self.answers.release_all()
+        self.assertIs(self.successResultOf(connecting), session)
+        self.assertReleased()
+
+    def test_failure_after_admission(self) -> None:
+        """
+        If the peer directory fails after the meter admitted the connection,
+        the connection fails and leaves nothing counted or indexed.
+        """
+        self.answers.holding = True
+        connecting = self.hub.connect(RecordingSink, make_grant("a"))
+        self.answers.release("admit_connection")
+        self.answers.fail("add_connection", ConnectionError("presence store down"))
+        self.answers.release_all()
+        self.failureResultOf(connecting, ConnectionError)
+        self.assertReleased()
 
 
 class StartTests(SynchronousTestCase):
