@@ -47,6 +47,9 @@ from meteredrt.turn import credential_lifetime
 
 #: §4.5: JWT connections close this long before C{exp}.
 EXPIRY_LEAD_SECONDS = 0.25
+#: OP-24: a draining node closes each connection 1001 this long after its
+#: C{going_away}, so the client reads the retry hint before the close.
+GOING_AWAY_CLOSE_DELAY = 0.25
 #: Frames that may wait for the welcome or a slow request before the
 #: connection is considered abusive.
 MAX_QUEUED_FRAMES = 1000
@@ -260,7 +263,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._write(frame)
 
     def _write(self, frame: OutboundFrame) -> None:
-        if self._closing:
+        # Autobahn's sendMessage() checks the state; our direct sendData()
+        # must too. Autobahn answers a client's close, sets CLOSED and drops
+        # the TCP before connectionLost reaches onClose, so a broadcast in
+        # between would put data frames after the close frame (RFC 6455
+        # §5.5.1). After our own close the state is CLOSING.
+        if self.state != _STATE_OPEN:
             return
         prepared = frame.prepared
         if prepared is None:
@@ -348,6 +356,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             if call is not None and call.active():
                 call.cancel()
         self._expiry = self._farewell = None
+        # Autobahn keeps its close-handshake timer past connectionLost when
+        # the peer never answered our close (an aborted slow reader).
+        handshake = self.closeHandshakeTimeoutCall
+        if handshake is not None:
+            handshake.cancel()
+            self.closeHandshakeTimeoutCall = None
         self.factory.connections.discard(self)
         session, self._session = self._session, None
         if session is not None:
@@ -448,5 +462,5 @@ class RealtimeServerFactory(WebSocketServerFactory):
 
     def _say_going_away(self, group: list[RealtimeServerProtocol]) -> None:
         for protocol in group:
-            protocol.going_away(1000 + random.randint(0, 2000), EXPIRY_LEAD_SECONDS)
+            protocol.going_away(1000 + random.randint(0, 2000), GOING_AWAY_CLOSE_DELAY)
 

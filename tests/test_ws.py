@@ -593,6 +593,99 @@ class InboundTests(WebSocketTestCase):
         self.assertNoTimers()
 
 
+def frame_opcodes(wire: bytes) -> list[int]:
+    """
+    The opcodes of the unmasked (server-to-client) WebSocket frames in
+    C{wire}, in order.
+    """
+    opcodes = []
+    offset = 0
+    while offset < len(wire):
+        opcodes.append(wire[offset] & 0x0F)
+        length = wire[offset + 1] & 0x7F
+        offset += 2
+        if length == 126:
+            length = int.from_bytes(wire[offset : offset + 2], "big")
+            offset += 2
+        elif length == 127:
+            length = int.from_bytes(wire[offset : offset + 8], "big")
+            offset += 8
+        offset += length
+    return opcodes
+
+
+#: RFC 6455 §5.2 opcodes.
+TEXT, CLOSE = 0x1, 0x8
+
+
+class CloseOrderTests(WebSocketTestCase):
+    """
+    Nothing follows the close frame on the wire (RFC 6455 §5.5.1).
+    """
+
+    def test_nothing_after_client_close(self) -> None:
+        """
+        A message the hub routes to a connection after the server answered
+        its client's close, but before the connection is gone, is not
+        written after the close frame.
+        """
+        bob, _, bob_pump = self.open_token("bob")
+        bob.send_json({"type": "subscribe", "channel": "room"})
+        bob_pump.flush()
+        alice, server, pump = self.open_token("alice")
+        alice.send_json({"type": "subscribe", "channel": "room"})
+        pump.flush()
+        bob_pump.flush()
+        # iosim drops what is written after loseConnection; TCP sends it.
+        wire: list[bytes] = []
+        write = server.transport.write
+
+        def record(data: bytes) -> None:
+            wire.append(data)
+            write(data)
+
+        self.patch(server.transport, "write", record)
+        alice.sendClose(1000)
+        # One round: the server reads the close, answers it and drops the
+        # TCP, whose loss it has not been told of yet.
+        pump.pump()
+        self.assertEqual(server.state, server.STATE_CLOSED)
+        self.assertEqual(self.hub.connection_count, 2)
+        bob.send_json({"type": "publish", "channel": "room", "data": "late"})
+        bob_pump.flush()
+        pump.flush()
+        self.assertEqual(frame_opcodes(b"".join(wire)), [CLOSE])
+        self.assertEqual(alice.close_code, 1000)
+        self.assertEqual(self.hub.connection_count, 1)
+
+    def test_nothing_after_own_close(self) -> None:
+        """
+        After the server's own close (here a kick), frames the hub routes to
+        the connection are not written either.
+        """
+        bob, _, bob_pump = self.open_token("bob")
+        bob.send_json({"type": "subscribe", "channel": "room"})
+        bob_pump.flush()
+        alice, server, pump = self.open_token("alice")
+        alice.send_json({"type": "subscribe", "channel": "room"})
+        pump.flush()
+        bob_pump.flush()
+        wire: list[bytes] = []
+        write = server.transport.write
+
+        def record(data: bytes) -> None:
+            wire.append(data)
+            write(data)
+
+        self.patch(server.transport, "write", record)
+        server.close(4020, "kicked")
+        bob.send_json({"type": "publish", "channel": "room", "data": "late"})
+        bob_pump.flush()
+        self.assertEqual(frame_opcodes(b"".join(wire)), [CLOSE])
+        pump.flush()
+        self.assertClosed(alice, 4020)
+
+
 class ExpiryTests(WebSocketTestCase):
     """
     JWT connections close 4002 about 250 ms before C{exp} (§4.5).
@@ -706,8 +799,10 @@ class SlowReaderTests(WebSocketTestCase):
     def test_abort_if_silent(self) -> None:
         """
         A slow reader that never answers the close is aborted a second
-        later.
+        later, and none of its timers outlives it.
         """
+        # It reads nothing more, so it never sees the close frame.
+        self.patch(self.slow, "dataReceived", lambda data: None)
         self.slow_server._watch.pauseProducing()
         for _ in range(3):
             self.publish(4000)
@@ -715,6 +810,10 @@ class SlowReaderTests(WebSocketTestCase):
         transport = self.slow_server.transport
         self.clock.advance(1.0)
         self.assertTrue(transport.disconnecting)
+        self.slow_pump.flush()
+        self.fast.sendClose(1000)
+        self.fast_pump.flush()
+        self.assertNoTimers()
 
 
 class DrainTests(WebSocketTestCase):
