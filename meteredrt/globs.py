@@ -24,6 +24,13 @@ what existing patterns match.  A run of two or more unescaped stars means C{**}:
 be read as C{**} followed by C{*}, but that matches exactly the same strings, so the simplest rule
 is also the exact one.
 
+A valid pattern holds at most C{MAX_WILDCARDS} (8) wildcards, counting each run of stars once:
+realistic patterns need one or two (C{devices/*/events}, C{fleet/sensor-*/telemetry}, C{a/**}), while
+every wildcard multiplies the work of matching and of deciding inclusion.  Inclusion checks are
+bounded anyway, by a work budget counted in automaton steps (C{_MAX_COVER_WORK}, a few milliseconds
+of CPU); a check that would exceed it answers "not provably included".  This bound holds for
+patterns that never went through L{pattern_error} too, such as keys stored before the limit existed.
+
 Concrete channel names (in C{publish}, C{send}, REST) are never parsed as patterns: they are taken
 literally, so a channel named C{a\\b} is fine even though C{a\\b} is not a valid pattern.
 
@@ -47,6 +54,7 @@ __all__ = [
     "covers",
     "uncovered",
     "GlobTooComplex",
+    "MAX_WILDCARDS",
     "WildcardIndex",
 ]
 
@@ -73,9 +81,22 @@ _REGEX_MAX_WILDCARDS: Final = 2
 # Bound on the transition cache of one pattern's lazily built automaton.
 _MAX_CACHED_STEPS: Final = 4096
 
-# Bound on the number of states L{uncovered} explores.  Realistic patterns need a few dozen;
-# the bound only stops adversarial inputs from turning a subscribe into a CPU sink.
-_MAX_COVER_STATES: Final = 20_000
+#: How many wildcards (runs of unescaped stars) a valid pattern may hold: see L{pattern_error}.
+MAX_WILDCARDS: Final = 8
+
+# Bound on the work of one L{uncovered} search, in automaton steps weighted by the size of the
+# state set each step starts from (what an uncached step costs).  Realistic checks need a few
+# hundred to a few thousand; measured at roughly 0.1-0.2 us a unit, the bound keeps an adversarial
+# check to a few milliseconds.  Counting work rather than states matters: one state of the search
+# costs a step per symbol of the alphabet in every automaton involved, and both grow with the
+# patterns.  The count does not depend on what the step caches hold, so the answer for a given
+# check is always the same.
+_MAX_COVER_WORK: Final = 20_000
+
+# How many L{covers} answers to remember.  The same wildcard subscribe is checked again on every
+# reconnect; an entry holds a pattern and the tuple of allowed patterns (at most 100 of 256 bytes
+# for a token's claim), so the worst case stays in the tens of megabytes.
+_COVERS_CACHE_SIZE: Final = 1024
 
 
 class GlobTooComplex(ValueError):
@@ -153,6 +174,8 @@ class _Glob:
         "start",
         "final",
         "universal",
+        "prefix",
+        "suffix",
         "_closures",
         "_steps",
         "_use_regex",
@@ -187,6 +210,13 @@ class _Glob:
             if has_dstar:
                 universal.add(i)
         self.universal = frozenset(universal)
+
+        # The literal characters every matched channel starts and ends with.
+        wildcard_at = [i for i, t in enumerate(tokens) if not isinstance(t, str)]
+        first = wildcard_at[0] if wildcard_at else len(tokens)
+        last = wildcard_at[-1] + 1 if wildcard_at else 0
+        self.prefix = "".join(t for t in tokens[:first] if isinstance(t, str))
+        self.suffix = "".join(t for t in tokens[last:] if isinstance(t, str))
 
         self._steps: dict[tuple[frozenset[int], _Symbol], frozenset[int]] = {}
         wildcards = sum(1 for t in tokens if not isinstance(t, str))
@@ -288,12 +318,19 @@ def pattern_error(pattern: str) -> str | None:
     """
     Explain why a pattern is invalid, so that configuration, JWT and subscribe errors can say so.
 
+    Besides the syntax, a valid pattern holds at most L{MAX_WILDCARDS} wildcards: each one
+    multiplies the work of matching the pattern on every publish and of checking it against a key's
+    or a token's patterns on every subscribe.  The other functions of this module accept longer
+    patterns (stored keys may predate the limit) and stay bounded without it.
+
     @return: C{None} if the pattern is valid, else a short human-readable reason.
     """
     try:
-        _tokenize(pattern)
+        tokens = _tokenize(pattern)
     except ValueError as e:
         return str(e)
+    if sum(1 for t in tokens if not isinstance(t, str)) > MAX_WILDCARDS:
+        return f"at most {MAX_WILDCARDS} wildcards (runs of *) are allowed"
     return None
 
 
@@ -342,7 +379,20 @@ def _fresh_character(alphabet: Iterable[_Symbol]) -> str:
         cp += 1
 
 
-def uncovered(pattern: str, allowed: Sequence[str]) -> str | None:
+def _compatible(target: _Glob, other: _Glob) -> bool:
+    """
+    Whether C{other} might match some channel C{target} matches, judging by literal ends only.
+
+    Every channel a pattern matches starts with its literal prefix and ends with its literal
+    suffix, so two patterns whose prefixes (or suffixes) disagree match no channel in common: such
+    an allowed pattern cannot help to cover C{target}, and leaving it out of the search is exact.
+    """
+    return (target.prefix.startswith(other.prefix) or other.prefix.startswith(target.prefix)) and (
+        target.suffix.endswith(other.suffix) or other.suffix.endswith(target.suffix)
+    )
+
+
+def uncovered(pattern: str, allowed: Sequence[str], *, budget: int = _MAX_COVER_WORK) -> str | None:
     """
     Find a channel name that C{pattern} matches but none of C{allowed} does.
 
@@ -351,14 +401,21 @@ def uncovered(pattern: str, allowed: Sequence[str]) -> str | None:
     automata of C{allowed}, over an alphabet reduced to the characters named by any of the patterns,
     C{/}, and one symbol for every other character.  The first reachable state where C{pattern}
     accepts and no allowed pattern does spells a shortest counterexample.  A pattern with no
-    wildcard is checked directly against its one string.
+    wildcard is checked directly against its one string, and allowed patterns whose literal prefix
+    or suffix rules out any common channel are left out of the search.
+
+    The search is bounded by C{budget} units of work: expanding one state costs, for each symbol,
+    one step of every automaton in the product, each weighted by one plus the size of the state set
+    it starts from.  A state is expanded only if its whole cost fits in what is left, so the work
+    done never exceeds C{budget}.
 
     To authorize against the intersection of two pattern sets (key and token, OP-13), require
     inclusion in each.
 
+    @param budget: the most work the search may do; the default is what this server allows.
     @return: a shortest counterexample, or C{None} if every channel C{pattern} matches is matched
         by some pattern in C{allowed}.
-    @raise GlobTooComplex: if the search would explore more than C{_MAX_COVER_STATES} states.
+    @raise GlobTooComplex: if the search would need more than C{budget} units of work.
     @raise ValueError: if any pattern is invalid.
     """
     target = _glob(pattern)
@@ -368,6 +425,7 @@ def uncovered(pattern: str, allowed: Sequence[str]) -> str | None:
     if literal is not None:
         return None if any(g.match(literal) for g in others) else literal
 
+    others = [g for g in others if _compatible(target, g)]
     alphabet: set[str] = set(target.alphabet)
     for g in others:
         alphabet |= g.alphabet
@@ -376,6 +434,7 @@ def uncovered(pattern: str, allowed: Sequence[str]) -> str | None:
     initial: _CoverState = (target.start, tuple(g.start for g in others))
     parents: dict[_CoverState, tuple[_CoverState, _Symbol] | None] = {initial: None}
     queue: deque[_CoverState] = deque([initial])
+    spent = 0
     while queue:
         state = queue.popleft()
         mine, theirs = state
@@ -384,18 +443,19 @@ def uncovered(pattern: str, allowed: Sequence[str]) -> str | None:
             continue
         if target.final in mine and not any(g.final in s for g, s in zip(others, theirs, strict=True)):
             return _spell(state, parents, _fresh_character(alphabet))
+        spent += len(symbols) * (len(mine) + 1 + sum(len(s) + 1 for s in theirs))
+        if spent > budget:
+            raise GlobTooComplex(f"checking {pattern!r} against {len(others)} patterns")
         for symbol in symbols:
             mine_next = target.step(mine, target.classify(symbol))
             if not mine_next:
                 continue
             next_state: _CoverState = (
                 mine_next,
-                tuple(g.step(s, g.classify(symbol)) for g, s in zip(others, theirs, strict=True)),
+                tuple(g.step(s, g.classify(symbol)) if s else s for g, s in zip(others, theirs, strict=True)),
             )
             if next_state in parents:
                 continue
-            if len(parents) >= _MAX_COVER_STATES:
-                raise GlobTooComplex(f"checking {pattern!r} against {len(others)} patterns")
             parents[next_state] = (state, symbol)
             queue.append(next_state)
     return None
@@ -427,7 +487,18 @@ def covers(pattern: str, allowed: Sequence[str]) -> bool:
     is too expensive (L{GlobTooComplex}) the answer is C{False}: OP-13 rejects what is not provably
     included.
 
+    Answers are cached, the expensive ones included, since a client repeats the same subscribes
+    on every reconnect.
+
     @raise ValueError: if any pattern is invalid.
+    """
+    return _covers(pattern, tuple(allowed))
+
+
+@lru_cache(maxsize=_COVERS_CACHE_SIZE)
+def _covers(pattern: str, allowed: tuple[str, ...]) -> bool:
+    """
+    L{covers}, on a hashable tuple of allowed patterns so that answers can be cached.
     """
     try:
         return uncovered(pattern, allowed) is None

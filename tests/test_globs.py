@@ -5,13 +5,17 @@ Tests for L{meteredrt.globs}.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from meteredrt import globs
 from meteredrt.globs import (
+    MAX_WILDCARDS,
+    GlobTooComplex,
     WildcardIndex,
     compile_glob,
     covers,
@@ -28,6 +32,40 @@ patterns = st.lists(st.sampled_from(_PIECES), max_size=6).map("".join)
 short_patterns = st.lists(st.sampled_from(_PIECES), max_size=4).map("".join)
 # "c" stands for a character no pattern names.
 channels = st.text(alphabet="ab/*\\c", max_size=8)
+# Patterns with exactly MAX_WILDCARDS wildcards: literal runs (possibly empty only at the ends, so
+# that stars never merge into fewer wildcards) between single and double stars.
+_literal_runs = st.text(alphabet="ab/", min_size=1, max_size=3)
+capped_patterns = st.tuples(
+    st.text(alphabet="ab/", max_size=3),
+    st.lists(st.tuples(st.sampled_from(["*", "**"]), _literal_runs), min_size=MAX_WILDCARDS, max_size=MAX_WILDCARDS),
+).map(lambda parts: parts[0] + "".join(star + run for star, run in parts[1]))
+
+# The pattern from the security review that took seconds to check against ["room-*"].
+_REVIEW_PATTERN = (
+    "room-**FOf***T*wkw*qM**G**R*w*Jg6QRmy*5znox**EVw*OBPk**-H*K*p*uEQh*WKu**jb0*P:*E*_**G4*d*LL*:*T*EA*c2YI*:*t"
+)
+
+
+@contextmanager
+def _counting_work() -> Iterator[list[int]]:
+    """
+    Count, while the block runs, the work of every automaton step as L{uncovered} charges it: one
+    plus the size of the state set the step starts from.
+
+    @return: a one-element list holding the running total.
+    """
+    total = [0]
+    step = globs._Glob.step
+
+    def counting(self: globs._Glob, states: frozenset[int], symbol: str | None) -> frozenset[int]:
+        total[0] += len(states) + 1
+        return step(self, states, symbol)
+
+    globs._Glob.step = counting  # type: ignore[method-assign]
+    try:
+        yield total
+    finally:
+        globs._Glob.step = step  # type: ignore[method-assign]
 
 
 def _brute_force(pairs: set[tuple[str, Hashable]], channel: str) -> set[Hashable]:
@@ -71,6 +109,26 @@ class SyntaxTests(SynchronousTestCase):
         self.assertRaises(ValueError, matches, "a\\b", "a\\b")
         self.assertRaises(ValueError, covers, "a*", ["a\\"])
         self.assertRaises(ValueError, WildcardIndex().add, "\\q*", 1)
+
+    def test_wildcard_limit(self) -> None:
+        """
+        A pattern may hold at most MAX_WILDCARDS wildcards, a run of stars counting once and an
+        escaped star not at all.
+        """
+        self.assertEqual(MAX_WILDCARDS, 8)
+        for pattern in ["devices/*/events", "fleet/sensor-*/telemetry", "a/**", "tasks/**", "*/*/*/**"]:
+            self.assertIsNone(pattern_error(pattern), pattern)
+        self.assertIsNone(pattern_error("a*" * 8))
+        self.assertIsNone(pattern_error("a***" * 8))
+        self.assertIsNone(pattern_error("\\*" * 30 + "*"))
+        self.assertEqual(pattern_error("a*" * 9), "at most 8 wildcards (runs of *) are allowed")
+        self.assertEqual(pattern_error("*a" * 5 + "**b" * 4), "at most 8 wildcards (runs of *) are allowed")
+
+    def test_review_pattern_refused(self) -> None:
+        """
+        The pattern that made an inclusion check take seconds is refused as invalid.
+        """
+        self.assertEqual(pattern_error(_REVIEW_PATTERN), "at most 8 wildcards (runs of *) are allowed")
 
     def test_is_wildcard(self) -> None:
         """
@@ -284,13 +342,82 @@ class CoversTests(SynchronousTestCase):
         self.assertFalse(covers("devices/**/events", ["*/*/*"]))
         self.assertFalse(covers("fleet/sensor-*/telemetry", ["fleet/sensor-1*/**"]))
 
-    def test_long_patterns(self) -> None:
+    def test_patterns_at_limit(self) -> None:
         """
-        Long patterns with many wildcards are decided quickly.
+        Patterns with as many wildcards as a valid pattern may hold are decided exactly.
         """
-        self.assertTrue(covers("*a*b" * 64, ["*a*b" * 30, "**b"]))
-        self.assertTrue(covers("**a**b" * 40, ["**a**b**"]))
+        self.assertTrue(covers("*a*b" * 4, ["*a*b" * 2, "**b"]))
+        self.assertTrue(covers("**a**b" * 4, ["**a**b**"]))
+        self.assertFalse(covers("*a*b" * 4, ["*a*b" * 5]))
+        self.assertEqual(uncovered("*a*b" * 4, ["a/*/b/**", "a/**/c", "*/*/*", "**x**"]), "abababab")
+
+    def test_work_budget_review_pattern(self) -> None:
+        """
+        Checking the review's pattern stops within the work budget and answers not included.
+        """
+        with _counting_work() as work:
+            self.assertRaises(GlobTooComplex, uncovered, _REVIEW_PATTERN, ["room-*"])
+        self.assertGreater(work[0], 0)
+        self.assertLessEqual(work[0], globs._MAX_COVER_WORK)
+        self.assertFalse(covers(_REVIEW_PATTERN, ["room-*"]))
+
+    def test_work_budget_many_wildcards(self) -> None:
+        """
+        Long patterns far beyond the wildcard limit are cut off by the budget, not decided.
+        """
+        with _counting_work() as work:
+            self.assertRaises(GlobTooComplex, uncovered, "*a*b" * 64, ["*a*b" * 30, "**b"])
+        self.assertLessEqual(work[0], globs._MAX_COVER_WORK)
         self.assertFalse(covers("*a*b" * 64, ["a/*/b/**", "a/**/c", "*/*/*", "**x**"]))
+
+    @settings(max_examples=200, deadline=None)
+    @given(capped_patterns, st.lists(patterns, max_size=3), st.integers(0, 3000))
+    def test_work_budget_respected(self, pattern: str, allowed: list[str], budget: int) -> None:
+        """
+        A search never does more work than its budget, and when it finishes within it the answer is
+        the same as with an unlimited budget.
+        """
+        with _counting_work() as work:
+            try:
+                answer = uncovered(pattern, allowed, budget=budget)
+            except GlobTooComplex:
+                self.assertLessEqual(work[0], budget)
+                return
+        self.assertLessEqual(work[0], budget)
+        self.assertEqual(answer, uncovered(pattern, allowed, budget=10**9))
+
+    def test_budget_independent_of_caches(self) -> None:
+        """
+        The work charged for a check is the same whether the automata's step caches are cold or warm.
+        """
+        pattern, allowed = "r**F*f**T*w**q*G**R*A", ["r*", "r*/**F*"]
+        globs._glob.cache_clear()
+        with _counting_work() as cold:
+            first = uncovered(pattern, allowed)
+        with _counting_work() as warm:
+            second = uncovered(pattern, allowed)
+        self.assertEqual((first, cold[0]), (second, warm[0]))
+
+    def test_unrelated_allowed_patterns_skipped(self) -> None:
+        """
+        Allowed patterns whose literal prefix or suffix rules out a common channel cost nothing.
+        """
+        allowed = [f"app_{i}/room-*/**" for i in range(2, 100)] + ["app_1/*/news", "app_1/room-*/**"]
+        with _counting_work() as alone:
+            self.assertIsNone(uncovered("app_1/room-*/chat/*x", ["app_1/room-*/**"]))
+        with _counting_work() as many:
+            self.assertIsNone(uncovered("app_1/room-*/chat/*x", allowed))
+        self.assertEqual(many[0], alone[0])
+
+    def test_covers_cached(self) -> None:
+        """
+        Checking the same pattern against the same allowed patterns again does no search.
+        """
+        self.assertFalse(covers(_REVIEW_PATTERN, ("room-*",)))
+        with _counting_work() as work:
+            self.assertFalse(covers(_REVIEW_PATTERN, ["room-*"]))
+            self.assertFalse(covers(_REVIEW_PATTERN, ("room-*",)))
+        self.assertEqual(work[0], 0)
 
     @settings(max_examples=200, deadline=None)
     @given(short_patterns, st.lists(short_patterns, max_size=3), st.lists(channels, max_size=20))
@@ -433,6 +560,29 @@ class WildcardIndexTests(SynchronousTestCase):
         index.remove("a/*", 2)
         self.assertEqual(index._root.children, {})
         self.assertEqual(len(index), 0)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(capped_patterns, min_size=1, max_size=6), st.lists(channels, max_size=20), st.data())
+    def test_patterns_at_limit(self, held: list[str], samples: list[str], data: st.DataObject) -> None:
+        """
+        Patterns with as many wildcards as a valid pattern may hold are routed as their regular
+        expressions match, including channels built to match them.
+        """
+        index: WildcardIndex[str] = WildcardIndex()
+        for pattern in held:
+            self.assertIsNone(pattern_error(pattern))
+            index.add(pattern, pattern)
+        # A channel matching a held pattern: its literals, with a short filler for each wildcard.
+        chosen = data.draw(st.sampled_from(held))
+        filler = data.draw(st.sampled_from(["", "a", "ab", "ba/"]))
+        built = "".join(
+            token if isinstance(token, str) else (filler.replace("/", "") if token == globs._STAR else filler)
+            for token in globs._tokenize(chosen)
+        )
+        for channel in [*samples, built]:
+            expected = {p for p in held if compile_glob(p).fullmatch(channel) is not None}
+            self.assertEqual(index.match(channel), expected, channel)
+        self.assertIn(chosen, index.match(built))
 
     @settings(max_examples=200, deadline=None)
     @given(
