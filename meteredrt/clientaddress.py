@@ -15,6 +15,10 @@ one of them usually passes the other through from the client unchanged,
 and reading both would let a client choose its address through whichever
 one the proxy does not rewrite.
 
+Per-IP rate limits key IPv6 clients by their /64 (L{rate_limit_key}): one
+subscriber line or host is usually given a whole /64, so counting single
+IPv6 addresses would hand it 2**64 separate budgets.
+
 This module is pure: standard library only.
 """
 
@@ -57,6 +61,22 @@ def client_address(peer_host: str, forwarded_for: Sequence[str] | None, trusted:
         if not _is_trusted(address, trusted):
             break
     return peer_host if client is None else str(client)
+
+
+def rate_limit_key(address: str) -> str:
+    """
+    The bucket a per-IP rate limit counts a client address in.
+
+    :param address: a client address as L{client_address} returns it.
+    :return: for an IPv6 address, its /64 network (``2001:db8:1:2::/64``):
+        a single host commonly holds a whole /64 and can pick any address
+        in it. An IPv4-mapped IPv6 address counts as its IPv4 address. Any
+        other text, an IPv4 address included, is returned unchanged.
+    """
+    parsed = _parse(address)
+    if isinstance(parsed, IPv6Address):
+        return f"{IPv6Address(int(parsed) >> 64 << 64)}/64"
+    return address if parsed is None else str(parsed)
 
 
 def _reversed_entries(headers: Sequence[str]) -> Iterator[str]:

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from meteredrt.clientaddress import TrustedProxies, client_address
+from meteredrt.clientaddress import TrustedProxies, client_address, rate_limit_key
 from meteredrt.ratelimit import KeyedLimiter
 from meteredrt.ws import RealtimeServerFactory
 
@@ -159,7 +159,7 @@ class V1Resource(JsonRoot):
         if self._factory.draining:
             request.setHeader(b"retry-after", b"1")
             return json_response(request, 503, error_body("internal_error", "server is shutting down"))
-        host = client_host(request, self._trusted_proxies)
+        host = rate_limit_key(client_host(request, self._trusted_proxies))
         now = self._clock.seconds()
         if not self._upgrades.take(host, now):
             retry = max(1, int(self._upgrades.retry_after(host, now) + 0.999))

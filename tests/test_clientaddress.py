@@ -9,7 +9,7 @@ from ipaddress import ip_network
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meteredrt.clientaddress import TrustedProxies, client_address
+from meteredrt.clientaddress import TrustedProxies, client_address, rate_limit_key
 
 LOOPBACK: TrustedProxies = (ip_network("127.0.0.1"), ip_network("::1"))
 INTERNAL: TrustedProxies = (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
@@ -147,3 +147,43 @@ class ClientAddressTests(SynchronousTestCase):
         and is returned as it is.
         """
         self.assertClient("-", ["1.2.3.4"], INTERNAL, "-")
+
+
+class RateLimitKeyTests(SynchronousTestCase):
+    """
+    L{rate_limit_key} counts an IPv6 client by its /64 and anything else
+    by itself.
+    """
+
+    def test_ipv6_by_64(self) -> None:
+        """
+        Addresses in the same /64 share a key; another /64 has its own.
+        """
+        self.assertEqual(rate_limit_key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(rate_limit_key("2001:db8:1:2::ffff"), "2001:db8:1:2::/64")
+        self.assertEqual(rate_limit_key("2001:0db8:0001:0002::1"), "2001:db8:1:2::/64")
+        self.assertEqual(rate_limit_key("2001:db8:1:3::1"), "2001:db8:1:3::/64")
+        self.assertEqual(rate_limit_key("::1"), "::/64")
+
+    def test_scoped_ipv6(self) -> None:
+        """
+        A link-local address with a zone counts by its /64, without the zone.
+        """
+        self.assertEqual(rate_limit_key("fe80::1%eth0"), "fe80::/64")
+
+    def test_ipv4(self) -> None:
+        """
+        IPv4 addresses count one by one, IPv4-mapped IPv6 ones as the IPv4
+        address.
+        """
+        self.assertEqual(rate_limit_key("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(rate_limit_key("::ffff:192.0.2.7"), "192.0.2.7")
+
+    def test_not_an_address(self) -> None:
+        """
+        Anything that is not an address, such as the C{-} of a UNIX socket
+        peer, is its own key.
+        """
+        self.assertEqual(rate_limit_key("-"), "-")
+        self.assertEqual(rate_limit_key(""), "")
+        self.assertEqual(rate_limit_key("unix:/run/x.sock"), "unix:/run/x.sock")

@@ -190,3 +190,92 @@ class KeyedLimiterTests(SynchronousTestCase):
         limiter.take("c", 10.0)
         self.assertEqual(len(limiter), 1)
         self.assertEqual([limiter.take("a", 10.0) for _ in range(3)], [True, True, False])
+
+    def _count_scans(self) -> list[int]:
+        """
+        Count every bucket a pruning scan looks at, for the rest of the test.
+
+        @return: a one-element list holding the running count.
+        """
+        scans = [0]
+        full = TokenBucket.full
+
+        def counting(bucket: TokenBucket, now: float) -> bool:
+            scans[0] += 1
+            return full(bucket, now)
+
+        self.patch(TokenBucket, "full", counting)
+        return scans
+
+    def test_flood_scans_amortised(self) -> None:
+        """
+        A flood of distinct keys, none of them refilled, costs a bounded number of bucket scans
+        per key instead of a scan of every bucket per key.
+        """
+        scans = self._count_scans()
+        limiter = KeyedLimiter(60, 1, max_idle_scan=100, max_keys=100_000)
+        for i in range(20_000):
+            self.assertTrue(limiter.take(f"2001:db8:{i:x}::/64", 0.5))
+        self.assertEqual(len(limiter), 20_000)
+        self.assertLessEqual(scans[0], 2 * 20_000)
+
+    def test_scans_amortised_when_some_refill(self) -> None:
+        """
+        A steady stream of new keys, each bucket refilling only after the next thousand keys have
+        arrived, costs amortised O(1) bucket scans per key, and the scans keep memory near the
+        number of keys active within one refill period.
+        """
+        scans = self._count_scans()
+        limiter = KeyedLimiter(1, 1, max_idle_scan=50, max_keys=100_000)
+        sizes = []
+        for i in range(10_000):
+            self.assertTrue(limiter.take(f"k{i}", i / 1000))
+            sizes.append(len(limiter))
+        self.assertLessEqual(scans[0], 3 * 10_000)
+        self.assertLessEqual(max(sizes), 2 * 1001)
+
+    def test_flood_memory_bounded(self) -> None:
+        """
+        However many distinct keys arrive within their refill period, at most C{max_keys}
+        buckets are held.
+        """
+        limiter = KeyedLimiter(5, 1, max_idle_scan=10, max_keys=50)
+        sizes = []
+        for i in range(1000):
+            self.assertTrue(limiter.take(f"flood-{i}", 0.0))
+            sizes.append(len(limiter))
+        self.assertEqual(max(sizes), 50)
+
+    def test_evicts_least_recently_used(self) -> None:
+        """
+        At the bound, the bucket evicted is the one used least recently, so a key in active use
+        keeps its (spent) budget while the flood's oldest keys are forgotten.
+        """
+        limiter = KeyedLimiter(1, 1, max_idle_scan=3, max_keys=3)
+        limiter.take("busy", 0.0)
+        limiter.take("old", 0.0)
+        limiter.take("older", 0.0)
+        self.assertFalse(limiter.take("busy", 0.0))
+        limiter.take("new", 0.0)
+        self.assertEqual(len(limiter), 3)
+        self.assertEqual(limiter.retry_after("busy", 0.0), 1.0)
+        self.assertEqual(limiter.retry_after("old", 0.0), 0.0)
+        self.assertEqual(limiter.retry_after("older", 0.0), 1.0)
+
+    def test_evicted_key_starts_fresh(self) -> None:
+        """
+        A key evicted at the bound gets a full bucket again: eviction only resets its budget.
+        """
+        limiter = KeyedLimiter(2, 1, max_idle_scan=2, max_keys=2)
+        limiter.take("a", 0.0)
+        limiter.take("a", 0.0)
+        self.assertFalse(limiter.take("a", 0.0))
+        limiter.take("b", 0.0)
+        limiter.take("c", 0.0)
+        self.assertEqual([limiter.take("a", 0.0) for _ in range(3)], [True, True, False])
+
+    def test_max_keys_at_least_scan(self) -> None:
+        """
+        A hard bound below the scan threshold is refused.
+        """
+        self.assertRaises(ValueError, KeyedLimiter, 1, 1, max_idle_scan=10, max_keys=9)

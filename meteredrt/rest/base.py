@@ -33,7 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from meteredrt.apps import App, Key, KeyType
-from meteredrt.clientaddress import TrustedProxies
+from meteredrt.clientaddress import TrustedProxies, rate_limit_key
 from meteredrt.interfaces import IKeyStore
 from meteredrt.ratelimit import KeyedLimiter
 from meteredrt.site import MAX_BODY_BYTES, client_host, error_body, json_response
@@ -194,7 +194,7 @@ class RequestGuard:
 
         @raise TooManyRequests: when it is empty.
         """
-        self._take(self._per_ip, client_host(request, self._trusted_proxies))
+        self._take(self._per_ip, rate_limit_key(client_host(request, self._trusted_proxies)))
 
     def authenticate(self, request: Request) -> Caller:
         """
