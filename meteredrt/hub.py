@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Coroutine, Generator, Iterable
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from typing import Any, TypeVar
 
 from attrs import define, field
@@ -565,64 +565,55 @@ class Hub(Service):
 
     def _deliver_message(self, app_id: str, envelope: ChannelMessage) -> int:
         channel = envelope.channel
-        if app_id not in self._patterns:
-            return self._deliver_to_channel(app_id, envelope)
-        # receiver -> whether it wants fromMetadata; dict keeps one
-        # delivery per connection however many subscriptions match.
-        receivers: dict[Session, bool] = {}
-        for conn_id, session in self._channels.get((app_id, channel), {}).items():
-            if conn_id != envelope.sender_conn:
-                receivers[session] = session.subscriptions[channel].include_sender_metadata
-        index = self._patterns.get(app_id)
-        if index is not None:
-            for session, patterns in index.subscribers_matching(channel).items():
-                if session.conn_id == envelope.sender_conn:
-                    continue
-                wants = any(session.subscriptions[p].include_sender_metadata for p in patterns)
-                receivers[session] = receivers.get(session, False) or wants
-        if not receivers:
-            return 0
-        plain = message_frame(channel, envelope.sender, envelope.data, None)
-        rich = (
-            message_frame(channel, envelope.sender, envelope.data, envelope.sender_metadata)
-            if envelope.sender_metadata
-            else plain
-        )
-        for session, wants_metadata in receivers.items():
-            session.sink.send_frame(rich if wants_metadata else plain)
-        return len(receivers)
-
-    def _deliver_to_channel(self, app_id: str, envelope: ChannelMessage) -> int:
-        """
-        L{_deliver_message} for an app with no wildcard subscriptions: the
-        channel's own subscribers are distinct connections already, so no
-        dict is built to merge them with pattern matches.
-        """
-        channel = envelope.channel
-        local = self._channels.get((app_id, channel))
-        if not local:
-            return 0
         sender_conn = envelope.sender_conn
-        if envelope.sender_metadata:
-            receivers = [
+        local = self._channels.get((app_id, channel), {})
+        index = self._patterns.get(app_id)
+        # receiver -> whether it wants fromMetadata
+        wants: Iterable[tuple[Session, bool]]
+        if index is None:
+            if not envelope.sender_metadata:
+                # The common case: concrete subscribers are distinct
+                # connections and all get the same frame.
+                everyone = [session for conn_id, session in local.items() if conn_id != sender_conn]
+                return self._send_message(envelope, everyone, ())
+            wants = (
                 (session, session.subscriptions[channel].include_sender_metadata)
                 for conn_id, session in local.items()
                 if conn_id != sender_conn
-            ]
-            if not receivers:
-                return 0
-            plain = message_frame(channel, envelope.sender, envelope.data, None)
-            rich = message_frame(channel, envelope.sender, envelope.data, envelope.sender_metadata)
-            for session, wants_metadata in receivers:
-                session.sink.send_frame(rich if wants_metadata else plain)
-            return len(receivers)
-        sessions = [session for conn_id, session in local.items() if conn_id != sender_conn]
-        if not sessions:
-            return 0
-        plain = message_frame(channel, envelope.sender, envelope.data, None)
-        for session in sessions:
-            session.sink.send_frame(plain)
-        return len(sessions)
+            )
+        else:
+            # The dict keeps one delivery per connection however many
+            # subscriptions match.
+            merged: dict[Session, bool] = {
+                session: session.subscriptions[channel].include_sender_metadata
+                for conn_id, session in local.items()
+                if conn_id != sender_conn
+            }
+            for session, patterns in index.subscribers_matching(channel).items():
+                if session.conn_id != sender_conn:
+                    flag = any(session.subscriptions[p].include_sender_metadata for p in patterns)
+                    merged[session] = merged.get(session, False) or flag
+            wants = merged.items()
+        plain: list[Session] = []
+        rich: list[Session] = []
+        for session, wants_metadata in wants:
+            (rich if wants_metadata and envelope.sender_metadata else plain).append(session)
+        return self._send_message(envelope, plain, rich)
+
+    def _send_message(
+        self, envelope: ChannelMessage, plain: Sequence[Session], rich: Sequence[Session]
+    ) -> int:
+        """
+        Send a message without C{fromMetadata} to C{plain} and with it to
+        C{rich}: each variant is serialized once, if anyone gets it, and the
+        same frame object goes to every one of its receivers.
+        """
+        for receivers, metadata in ((plain, None), (rich, envelope.sender_metadata)):
+            if receivers:
+                frame = message_frame(envelope.channel, envelope.sender, envelope.data, metadata)
+                for session in receivers:
+                    session.sink.send_frame(frame)
+        return len(plain) + len(rich)
 
     def _deliver_presence(self, app_id: str, envelope: PresenceChange) -> int:
         frame: OutboundFrame | None = None
