@@ -39,6 +39,11 @@ MAX_PERMISSION_CLAIMS = 16
 NBF_LEEWAY_SECONDS = 60
 DEFAULT_TOKEN_LIFETIME = 3600
 MAX_TOKEN_LIFETIME = 86400
+#: The latest C{exp} accepted: 9999-12-31T23:59:59Z. A signed token may
+#: carry any integer, and a larger one (C{10**400}) cannot even become a
+#: float for the expiry timer; this one is exact as a float, as a
+#: JavaScript number in milliseconds, and as a C{datetime}.
+MAX_EXP = 253_402_300_799
 
 
 class Refusal(Exception):
@@ -229,6 +234,8 @@ def verify_token(token: str, keys: KeyLookup, now: float) -> Grant:
         raise _invalid("exp required")
     if exp <= now:
         raise Refusal(CloseCode.TOKEN_EXPIRED, "token_expired")
+    if exp > MAX_EXP:
+        raise _invalid("exp out of range")
     nbf = claims.get("nbf")
     if nbf is not None and (not is_finite_json_number(nbf) or nbf > now + NBF_LEEWAY_SECONDS):
         raise _invalid("token not yet valid")

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt.apps import ACTIONS, App, Key, KeyType
 from meteredrt.auth import (
+    MAX_EXP,
     Grant,
     MintError,
     Refusal,
@@ -254,6 +255,53 @@ class VerifyTokenTests(_AuthAssertions):
         """
         for exp in [str(NOW + 3600), NOW + 3600.5, float(NOW + 3600), True, None, [NOW + 3600]]:
             self.assertRefused(_token(_claims(exp=exp)), 4001)
+
+    def test_exp_absurd(self) -> None:
+        """
+        A correctly signed exp too large for a float, or past the year 9999,
+        closes with 4001 before any arithmetic on it can fail; the largest
+        accepted exp verifies.
+        """
+        for exp in [10**400, 2**64, MAX_EXP + 1]:
+            refusal = self.assertRefused(_token(_claims(exp=exp)), 4001)
+            self.assertEqual(refusal.reason, "exp out of range")
+        self.assertEqual(self.verify(_token(_claims(exp=MAX_EXP))).expires_at, MAX_EXP)
+
+    def test_exp_absurdly_negative(self) -> None:
+        """
+        A hugely negative exp is simply expired: 4002.
+        """
+        for exp in [-(10**400), -1, 0]:
+            self.assertRefused(_token(_claims(exp=exp)), 4002)
+
+    def test_exp_too_many_digits(self) -> None:
+        """
+        An exp with more digits than Python converts is an unparsable token:
+        4001, not a ValueError.
+        """
+        payload = '{"sub":"u_1042","exp":' + "9" * 5000 + "}"
+        self.assertRefused(_hand_token({"alg": "HS256", "kid": "sk_id_main"}, _b64(payload.encode())), 4001)
+
+    def test_nbf_absurd(self) -> None:
+        """
+        An nbf too large for a float is in the future: 4001; a hugely
+        negative one is in the past and accepted; infinity is refused.
+        """
+        self.assertRefused(_token(_claims(nbf=10**400)), 4001)
+        self.assertEqual(self.verify(_token(_claims(nbf=-(10**400)))).peer_id, "u_1042")
+        payload = json.dumps(_claims(), separators=(",", ":"))[:-1] + ',"nbf":1e400}'
+        self.assertRefused(_hand_token({"alg": "HS256", "kid": "sk_id_main"}, _b64(payload.encode())), 4001)
+
+    def test_iat_absurd_ignored(self) -> None:
+        """
+        C{iat} is ignored (OP-3) whatever its value: huge, negative, boolean,
+        fractional or infinite.
+        """
+        for iat in [10**400, -(10**400), -1, True, NOW + 0.5, "soon"]:
+            self.assertEqual(self.verify(_token(_claims(iat=iat))).expires_at, NOW + 3600)
+        payload = json.dumps(_claims(), separators=(",", ":"))[:-1] + ',"iat":1e400}'
+        token = _hand_token({"alg": "HS256", "kid": "sk_id_main"}, _b64(payload.encode()))
+        self.assertEqual(self.verify(token).peer_id, "u_1042")
 
     def test_sub_checked_before_exp(self) -> None:
         """

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import attrs
+import jwt
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
@@ -24,7 +25,7 @@ from txaio.testutil import replace_loop
 from zope.interface import implementer
 
 from meteredrt.apps import ACTIONS, App, Key, KeyType, TurnConfig
-from meteredrt.auth import mint_token
+from meteredrt.auth import MAX_EXP, mint_token
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub
 from meteredrt.interfaces import ITurnProvider
@@ -285,6 +286,60 @@ class HandshakeTests(WebSocketTestCase):
         self.assertTrue(client.opened)
         self.assertClosed(client, 4002)
         self.assertEqual(client.received, [])
+
+    def signed(self, **claims: Any) -> str:
+        """
+        A token signed with the test secret key carrying exactly C{claims}
+        and C{sub}, as a careless or hostile backend could sign it.
+        """
+        assert SECRET_KEY.secret is not None
+        return jwt.encode(
+            {"sub": "alice", **claims}, SECRET_KEY.secret, algorithm="HS256", headers={"kid": SECRET_KEY.key_id}
+        )
+
+    def test_absurd_exp(self) -> None:
+        """
+        A correctly signed exp too large for a float is refused with 4001
+        before admission: no welcome, no hub slot, no timer, no logged
+        error.
+        """
+        for exp in (10**400, MAX_EXP + 1):
+            client, server, pump = self.open("token=" + self.signed(exp=exp))
+            self.assertClosed(client, 4001)
+            self.assertEqual(client.received, [])
+        self.assertEqual(self.hub.connection_count, 0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertNoTimers()
+
+    def test_absurd_nbf_and_iat(self) -> None:
+        """
+        An nbf too large for a float is refused with 4001; an absurd iat is
+        ignored (OP-3) and the connection works.
+        """
+        exp = START + 600
+        refused, _, _ = self.open("token=" + self.signed(exp=exp, nbf=10**400))
+        self.assertClosed(refused, 4001)
+        for iat in (10**400, -(10**400), True, 0.5):
+            client, server, pump = self.open("token=" + self.signed(exp=exp, nbf=-(10**400), iat=iat))
+            self.assertEqual(client.received[0]["type"], "welcome")
+            client.sendClose()
+            pump.flush()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_farthest_exp(self) -> None:
+        """
+        The largest accepted exp, with TURN credentials to inject, is
+        welcomed and its expiry timer armed without overflowing.
+        """
+        self.keys.add_app(App("app_1", turn=TurnConfig("demo", "secret")))
+        self.keys.add_key(attrs.evolve(SECRET_KEY, auto_inject_turn=True))
+        client, server, pump = self.open("token=" + self.signed(exp=MAX_EXP))
+        [waiting] = self.turn.waiting
+        waiting.callback([{"urls": "turn:turn.example:3478"}])
+        pump.flush()
+        self.assertEqual(client.received[0]["expiresAt"], MAX_EXP)
+        self.assertIsNone(client.closed)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_suspended(self) -> None:
         """
