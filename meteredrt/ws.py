@@ -418,6 +418,12 @@ class RealtimeServerFactory(WebSocketServerFactory):
             closeHandshakeTimeout=2,
             # Close frames carry the codes clients branch on (1009 included).
             failByDrop=False,
+            # Origins are checked after the upgrade, per key, so that a
+            # refusal is a close code (OP-6); Autobahn's own check must let
+            # every origin through, "null" (sandboxed iframes, file://
+            # pages) included, or the browser sees only 1006 and retries.
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
             perMessageCompressionAccept=lambda offers: None,
         )
 

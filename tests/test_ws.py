@@ -365,6 +365,35 @@ class HandshakeTests(WebSocketTestCase):
             admitted, _, _ = self.open("key=pk_live_test", origin=origin)
             self.assertEqual(admitted.received[0]["type"], "welcome")
 
+    def test_null_origin(self) -> None:
+        """
+        C{Origin: null} (sandboxed iframes) and C{file://} pages are welcomed
+        when the key allows every origin, token or publishable key alike,
+        instead of failing the HTTP upgrade.
+        """
+        for origin in ("null", "file://"):
+            for query in ("key=pk_live_test", "token=" + self.token("alice")):
+                client, server, pump = self.open(query, origin=origin)
+                self.assertTrue(client.opened, f"{origin} {query[:5]}: upgrade refused")
+                self.assertEqual(client.received[0]["type"], "welcome")
+                client.sendClose()
+                pump.flush()
+
+    def test_null_origin_refused(self) -> None:
+        """
+        A key that lists its origins refuses C{Origin: null} with 4001 after
+        the upgrade, like any other unlisted origin, unless it lists
+        C{null} itself.
+        """
+        self.keys.add_key(attrs.evolve(PUBLISHABLE_KEY, allowed_origins=("https://good.example",)))
+        client, server, pump = self.open("key=pk_live_test", origin="null")
+        self.assertTrue(client.opened)
+        self.assertClosed(client, 4001)
+        self.assertEqual(client.closed[2] if client.closed else None, "origin_not_allowed")
+        self.keys.add_key(attrs.evolve(PUBLISHABLE_KEY, allowed_origins=("null",)))
+        client, server, pump = self.open("key=pk_live_test", origin="null")
+        self.assertEqual(client.received[0]["type"], "welcome")
+
     def test_auto_ping_options(self) -> None:
         """
         The factory pings every 30 s and allows 10 s for the answer (§16).
