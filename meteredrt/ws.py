@@ -108,6 +108,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._early: list[OutboundFrame] | None = []
         self._busy = False
         self._closing = False
+        self._cut_off = False
         self._gone = False
         self._expiry: IDelayedCall | None = None
         self._farewell: IDelayedCall | None = None
@@ -279,17 +280,30 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             self.sendData(cast(PreparedMessage, prepared).payloadHybi)
         else:
             self.sendPreparedMessage(prepared)
+
+    def _count_held(self, size: int) -> None:
+        """
+        Count C{size} bytes just written; past the outbound limit while the
+        transport is paused, cut the reader off.
+
+        Every write goes through L{sendData}, so messages, pongs, the
+        server's own pings and close frames all count: a client that sends
+        pings and never reads cannot make the server queue pongs without
+        bound.
+        """
         watch = self._watch
-        if watch.paused:
-            watch.held += len(frame.payload)
-            if watch.held > self.factory.outbound_limit:
-                self._log.info("Closing slow reader {conn}", conn=self.conn_id)
-                self._close(CloseCode.POLICY_VIOLATION, "slow_consumer")
-                # A reader this far behind will not read the close frame;
-                # this replaces a pending going-away close.
-                if self._farewell is not None and self._farewell.active():
-                    self._farewell.cancel()
-                self._farewell = self.factory.clock.callLater(1.0, self._abort)
+        if not watch.paused:
+            return
+        watch.held += size
+        if watch.held > self.factory.outbound_limit and not self._cut_off:
+            self._cut_off = True
+            self._log.info("Closing slow reader {conn}", conn=self.conn_id)
+            self._close(CloseCode.POLICY_VIOLATION, "slow_consumer")
+            # A reader this far behind will not read the close frame;
+            # this replaces a pending going-away close.
+            if self._farewell is not None and self._farewell.active():
+                self._farewell.cancel()
+            self._farewell = self.factory.clock.callLater(1.0, self._abort)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """
@@ -301,14 +315,17 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         server's CPU in a fan-out), then counts the octets. When the
         speedups are installed and Autobahn's logger drops debug events,
         this does the same write and the same counting without building
-        the event; anything else goes to Autobahn's own C{sendData}.
+        the event; anything else goes to Autobahn's own C{sendData}. Both
+        ways, what a paused transport holds is counted (L{_count_held}).
         C{tests/test_speedups.py} compares the two.
         """
         transport = self.transport
         if sync or chopsize or self.send_queue or transport is None or not debug_skippable(self.log):
             super().sendData(data, sync, chopsize)
+            self._count_held(len(data))
             return
         transport.write(data)
+        self._count_held(len(data))
         state = self.state
         if state == _STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)

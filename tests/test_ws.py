@@ -839,6 +839,32 @@ class SlowReaderTests(WebSocketTestCase):
         self.assertEqual(self.fast.received[-1]["left"], [{"peerId": "slow"}])
         self.assertEqual(self.hub.connection_count, 1)
 
+    def test_pongs_count(self) -> None:
+        """
+        Pongs the server owes a client that sends pings and never reads
+        count against the same limit as messages: the pinger is cut off
+        with 1008 and the server queues no more for it.
+        """
+        self.slow_server._watch.pauseProducing()
+        for _ in range(100):
+            self.slow.sendPing(b"p" * 125)
+        self.slow_pump.flush()
+        self.assertClosed(self.slow, 1008)
+        self.assertEqual(self.slow.closed[2] if self.slow.closed else None, "slow_consumer")
+        self.assertLessEqual(self.slow_server._watch.held, self.factory.outbound_limit + 200)
+
+    def test_every_write_counts(self) -> None:
+        """
+        Whatever the server writes while the transport is paused counts,
+        its own protocol pings too, in wire bytes.
+        """
+        watch = self.slow_server._watch
+        watch.pauseProducing()
+        self.slow_server.sendPing(b"x" * 100)
+        self.assertEqual(watch.held, 102)
+        self.publish(4000)
+        self.assertGreater(watch.held, 4102)
+
     def test_resume_forgives(self) -> None:
         """
         What was written before the transport resumed does not count.
