@@ -113,6 +113,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._expiry: IDelayedCall | None = None
         self._farewell: IDelayedCall | None = None
         self._bucket: TokenBucket | None = None  # set once the socket is open
+        self._frames: TokenBucket | None = None  # likewise
         self._watch = _WriteWatch()
 
     # -- handshake -------------------------------------------------------------
@@ -135,7 +136,9 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         factory = self.factory
         # The bucket starts with the socket: frames held for the welcome
         # draw from it too (OP-18).
-        self._bucket = TokenBucket(factory.message_burst, factory.message_rate, factory.clock.seconds())
+        now = factory.clock.seconds()
+        self._bucket = TokenBucket(factory.message_burst, factory.message_rate, now)
+        self._frames = TokenBucket(factory.frame_burst, factory.frame_rate, now)
         factory.connections.add(self)
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
 
@@ -207,6 +210,43 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._close(CloseCode.TOKEN_EXPIRED, "token_expired")
 
     # -- inbound ---------------------------------------------------------------
+
+    def onFrameBegin(self) -> None:
+        """
+        Charge every frame's header to the frame budget before Autobahn
+        handles it: data, continuation and control frames alike.
+
+        The message bucket only sees complete messages, so a client could
+        otherwise send empty continuation frames or pings without end,
+        each costing the reactor Autobahn's per-frame work. A client over
+        the budget is closed 4011 and what it already sent is dropped
+        unparsed: no more frames from it reach Autobahn.
+        """
+        frames = self._frames
+        if frames is None or frames.take(self.factory.clock.seconds()):
+            super().onFrameBegin()
+            return
+        # Autobahn's loop stops when no frame is open and no bytes are left.
+        self.current_frame = None  # type: ignore[assignment]  # Autobahn's own "no frame"
+        self.data = b""
+        if not self._closing:
+            self._log.info("Closing frame flood from {conn}", conn=self.conn_id)
+            self._cut_off = True
+            self._close(CloseCode.OVER_MESSAGE_RATE, "over_frame_rate")
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        """
+        Read nothing more: write what is queued (the close frame), then
+        drop the connection, or abort it a second later if the peer does
+        not read.
+        """
+        transport = self.transport
+        if transport is not None:
+            transport.loseConnection()
+        if self._farewell is not None and self._farewell.active():
+            self._farewell.cancel()
+        self._farewell = self.factory.clock.callLater(1.0, self._abort)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._closing:
@@ -410,6 +450,8 @@ class RealtimeServerFactory(WebSocketServerFactory):
         turn: ITurnProvider | None = None,
         message_rate: float = 100.0,
         message_burst: float = 200.0,
+        frame_rate: float = 1000.0,
+        frame_burst: float = 2000.0,
         outbound_limit: int = 1024 * 1024,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
@@ -421,6 +463,8 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.turn = turn
         self.message_rate = message_rate
         self.message_burst = message_burst
+        self.frame_rate = frame_rate
+        self.frame_burst = frame_burst
         self.outbound_limit = outbound_limit
         self.connections: set[RealtimeServerProtocol] = set()
         self.draining = False

@@ -926,6 +926,100 @@ class SlowReaderTests(WebSocketTestCase):
         self.assertNoTimers()
 
 
+class FrameFloodTests(WebSocketTestCase):
+    """
+    Every frame a client sends, data, continuation and control alike,
+    draws from a per-connection frame budget; a flood closes 4011 and the
+    rest of it is not parsed.
+    """
+
+    factory_options = {"frame_rate": 10.0, "frame_burst": 50.0}
+
+    def count_frames(self, server: RealtimeServerProtocol) -> list[int]:
+        """
+        Count the frames whose end the server parses from now on.
+        """
+        seen = [0]
+        original = server.onFrameEnd
+
+        def counting() -> bool | None:
+            seen[0] += 1
+            return original()
+
+        self.patch(server, "onFrameEnd", counting)
+        return seen
+
+    def assertFlooded(self, client: RecordingClient, server: RealtimeServerProtocol, pump: IOPump) -> None:
+        """
+        The client was refused with 4011 C{over_frame_rate}, and the server
+        stopped reading from it.
+        """
+        transport = server.transport
+        pump.flush()
+        self.assertClosed(client, 4011)
+        self.assertEqual(client.closed[2] if client.closed else None, "over_frame_rate")
+        self.assertTrue(transport is None or transport.disconnecting)
+        self.assertEqual(self.hub.connection_count, 0)
+
+    def test_empty_continuation_flood(self) -> None:
+        """
+        A message started and continued by empty fragments forever is cut
+        off once the budget is spent; the frames behind it in the same read
+        are dropped unparsed.
+        """
+        client, server, pump = self.open_token()
+        seen = self.count_frames(server)
+        client.sendFrame(opcode=1, payload=b"", fin=False)
+        for _ in range(2000):
+            client.sendFrame(opcode=0, payload=b"", fin=False)
+        self.assertFlooded(client, server, pump)
+        self.assertLessEqual(seen[0], 51)
+        self.assertEqual(server.data, b"")
+
+    def test_ping_flood(self) -> None:
+        """
+        Protocol pings draw from the frame budget.
+        """
+        client, server, pump = self.open_token()
+        for _ in range(100):
+            client.sendPing(b"p")
+        self.assertFlooded(client, server, pump)
+
+    def test_messages_are_frames(self) -> None:
+        """
+        Complete messages count as frames too; the frame budget is checked
+        as they arrive.
+        """
+        client, server, pump = self.open_token()
+        for _ in range(60):
+            client.sendMessage(b'{"type":"ping"}')
+        self.assertFlooded(client, server, pump)
+
+    def test_budget_refills(self) -> None:
+        """
+        A client that stays within the rate sends any number of frames over
+        time.
+        """
+        client, server, pump = self.open_token()
+        for _ in range(10):
+            for _ in range(10):
+                client.sendPing(b"p")
+            client.sendMessage(b'{"type":"ping"}')
+            pump.flush()
+            self.clock.advance(1.1)
+        pump.flush()
+        self.assertIsNone(client.closed)
+        self.assertEqual([f["type"] for f in client.received[1:]], ["pong"] * 10)
+
+    def test_default_budget(self) -> None:
+        """
+        By default a connection may send 1000 frames a second with bursts
+        of 2000: ten times the message rate, so only a flood meets it.
+        """
+        factory = RealtimeServerFactory(self.hub, self.keys, self.clock)
+        self.assertEqual((factory.frame_rate, factory.frame_burst), (1000.0, 2000.0))
+
+
 class DrainTests(WebSocketTestCase):
     """
     Draining sends C{going_away}, then closes 1001 (§17.1).
