@@ -63,6 +63,16 @@ def client_address(peer_host: str, forwarded_for: Sequence[str] | None, trusted:
     return peer_host if client is None else str(client)
 
 
+def is_trusted_proxy(peer_host: str, trusted: TrustedProxies) -> bool:
+    """
+    Whether the TCP peer C{peer_host} is one of the C{trusted} proxies.
+    """
+    if not trusted:
+        return False
+    peer = _parse(peer_host)
+    return peer is not None and _is_trusted(peer, trusted)
+
+
 def rate_limit_key(address: str) -> str:
     """
     The bucket a per-IP rate limit counts a client address in.

@@ -54,6 +54,17 @@ DEFAULT_DATA_DIR = "./meteredrt-data"
 #: WebSocket upgrades accepted per source IP per 60 s.
 DEFAULT_UPGRADE_RATE_LIMIT = 60
 
+#: Seconds a client has to send a whole HTTP request. Upgrade requests are
+#: headers only and REST bodies at most 32 KiB, so this is generous even on
+#: a poor mobile link, and it bounds how long a slowloris client holds a
+#: connection.
+DEFAULT_REQUEST_TIMEOUT = 15.0
+MAX_REQUEST_TIMEOUT = 3600
+
+#: Open connections per client address: room for an office or a carrier's
+#: NAT, far below what exhausts a process's file descriptors.
+DEFAULT_MAX_CONNECTIONS_PER_IP = 256
+
 #: Regions the Metered TURN API accepts (protocol §20.2).
 TURN_REGIONS: frozenset[str] = frozenset(
     {
@@ -124,6 +135,12 @@ class Config:
     :ivar trusted_proxies: the networks of reverse proxies whose
         ``X-Forwarded-For`` names the client
         (L{meteredrt.clientaddress.client_address}); empty trusts nobody.
+    :ivar request_timeout_seconds: the time a client has to send a whole
+        HTTP request (headers and body, the WebSocket upgrade included)
+        from the moment it connects or its previous response ends.
+    :ivar max_connections_per_ip: open connections one client address
+        (an IPv6 /64) may hold; connections from trusted proxies count
+        against the client they forward for.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -131,6 +148,8 @@ class Config:
     apps: tuple[AppDeclaration, ...] = ()
     upgrade_rate_limit: int = DEFAULT_UPGRADE_RATE_LIMIT
     trusted_proxies: TrustedProxies = ()
+    request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
     source: str | None = None
 
 
@@ -386,7 +405,14 @@ class _Table:
 
 
 _TOP_LEVEL = ("server", "apps")
-_SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit", "trusted_proxies")
+_SERVER_KEYS = (
+    "listen",
+    "data_dir",
+    "upgrade_rate_limit",
+    "trusted_proxies",
+    "request_timeout_seconds",
+    "max_connections_per_ip",
+)
 _APP_KEYS = ("id", "plan", "turn", "keys")
 _PLAN_KEYS = (
     "name",
@@ -430,10 +456,24 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             data_dir=server.string("data_dir", config.data_dir),
             upgrade_rate_limit=server.integer("upgrade_rate_limit", config.upgrade_rate_limit, minimum=1),
             trusted_proxies=_read_trusted_proxies(server),
+            request_timeout_seconds=_read_request_timeout(server, config.request_timeout_seconds),
+            max_connections_per_ip=server.integer(
+                "max_connections_per_ip", config.max_connections_per_ip, minimum=1
+            ),
         )
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
     _check_unique(top, declarations)
     return evolve(config, apps=declarations)
+
+
+def _read_request_timeout(server: _Table, default: float) -> float:
+    value: float = server.number("request_timeout_seconds", default, minimum=None)
+    # "not" so that NaN, which compares false with everything, fails too.
+    if not 0 < value <= MAX_REQUEST_TIMEOUT:
+        server.fail(
+            "request_timeout_seconds", f"must be more than 0 and at most {MAX_REQUEST_TIMEOUT} seconds, not {value}"
+        )
+    return value
 
 
 def _read_trusted_proxies(server: _Table) -> TrustedProxies:

@@ -21,7 +21,8 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from meteredrt.clientaddress import TrustedProxies, client_address, rate_limit_key
+from meteredrt.clientaddress import TrustedProxies, client_address, is_trusted_proxy, rate_limit_key
+from meteredrt.guard import connection_cap, hold_client, take_over
 from meteredrt.ratelimit import KeyedLimiter
 from meteredrt.ws import RealtimeServerFactory
 
@@ -159,13 +160,26 @@ class V1Resource(JsonRoot):
         if self._factory.draining:
             request.setHeader(b"retry-after", b"1")
             return json_response(request, 503, error_body("internal_error", "server is shutting down"))
-        host = rate_limit_key(client_host(request, self._trusted_proxies))
+        client = client_host(request, self._trusted_proxies)
+        host = rate_limit_key(client)
         now = self._clock.seconds()
         if not self._upgrades.take(host, now):
             retry = max(1, int(self._upgrades.retry_after(host, now) + 0.999))
             request.setHeader(b"retry-after", str(retry).encode())
             return json_response(request, 429, None)
-        return self._websocket.render(request)
+        # A trusted proxy's connections are not counted when accepted (all
+        # its clients share its address); the WebSocket counts against the
+        # client the proxy names, from now until it closes.
+        peer = getattr(request.getClientAddress(), "host", None)
+        if peer is not None and is_trusted_proxy(peer, self._trusted_proxies) and not hold_client(request, client):
+            request.setHeader(b"retry-after", b"10")
+            cap = connection_cap(request)
+            return json_response(
+                request,
+                429,
+                error_body("too_many_connections", f"at most {cap} connections per client address"),
+            )
+        return take_over(request, self._websocket.render)
 
 
 class Probe(Resource):

@@ -20,11 +20,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from meteredrt.apps import App, Key, KeyType
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
+from meteredrt.guard import ConnectionCap, GuardedSite
 from meteredrt.hub import Hub
 from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
 from meteredrt.metering import Meter
@@ -238,11 +238,19 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api, trusted_proxies=trusted)
     root = build_root(v1, ready=lambda: bool(keys.running) and not factory.draining)
     log_line = partial(access_log_line, trusted_proxies=trusted)
-    site = Site(root, requestFactory=BoundedRequest, logFormatter=log_line)
+    site = GuardedSite(
+        root,
+        request_timeout=config.request_timeout_seconds,
+        requestFactory=BoundedRequest,
+        logFormatter=log_line,
+        reactor=reactor,
+    )
     site.displayTracebacks = False
+    # Every listener counts connections per client address in one table.
+    capped = ConnectionCap(site, config.max_connections_per_ip, trusted)
     gate = StartupGate(keys, meter, reactor)
     gate.setName("listeners")
     for description in config.listen:
-        Listener(description, site, reactor).setServiceParent(gate)
+        Listener(description, capped, reactor).setServiceParent(gate)
     gate.setServiceParent(top)
     return top

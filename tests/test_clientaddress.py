@@ -9,7 +9,7 @@ from ipaddress import ip_network
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meteredrt.clientaddress import TrustedProxies, client_address, rate_limit_key
+from meteredrt.clientaddress import TrustedProxies, client_address, is_trusted_proxy, rate_limit_key
 
 LOOPBACK: TrustedProxies = (ip_network("127.0.0.1"), ip_network("::1"))
 INTERNAL: TrustedProxies = (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
@@ -187,3 +187,27 @@ class RateLimitKeyTests(SynchronousTestCase):
         self.assertEqual(rate_limit_key("-"), "-")
         self.assertEqual(rate_limit_key(""), "")
         self.assertEqual(rate_limit_key("unix:/run/x.sock"), "unix:/run/x.sock")
+
+
+class IsTrustedProxyTests(SynchronousTestCase):
+    """
+    Tests for L{is_trusted_proxy}.
+    """
+
+    def test_trusted(self) -> None:
+        """
+        A peer inside a trusted network is a proxy, an IPv4-mapped one too.
+        """
+        trusted = (ip_network("10.0.0.0/8"), ip_network("2001:db8::/32"))
+        for peer in ("10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1"):
+            self.assertTrue(is_trusted_proxy(peer, trusted), peer)
+
+    def test_untrusted(self) -> None:
+        """
+        Any other peer, text that is no address, and every peer when nothing
+        is trusted, is not.
+        """
+        trusted = (ip_network("10.0.0.0/8"),)
+        for peer in ("192.0.2.1", "-", "", "unix"):
+            self.assertFalse(is_trusted_proxy(peer, trusted), peer)
+        self.assertFalse(is_trusted_proxy("10.1.2.3", ()))

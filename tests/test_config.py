@@ -155,6 +155,8 @@ listen = ["tcp:80", "ssl:443:privateKey=k.pem"]
 data_dir = "/var/lib/meteredrt"
 upgrade_rate_limit = 10
 trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1", "192.0.2.77/24"]
+request_timeout_seconds = 2.5
+max_connections_per_ip = 7
 
 [[apps]]
 id = "a"
@@ -182,6 +184,7 @@ api_base = "http://127.0.0.1:9999"
         self.assertEqual(config.listen, ("tcp:80", "ssl:443:privateKey=k.pem"))
         self.assertEqual(config.data_dir, "/var/lib/meteredrt")
         self.assertEqual(config.upgrade_rate_limit, 10)
+        self.assertEqual((config.request_timeout_seconds, config.max_connections_per_ip), (2.5, 7))
         self.assertEqual(
             config.trusted_proxies,
             (ip_network("127.0.0.1/32"), ip_network("10.0.0.0/8"), ip_network("::1/128"), ip_network("192.0.2.0/24")),
@@ -317,6 +320,31 @@ class ConfigErrorTests(ConfigTestsMixin, SynchronousTestCase):
         The upgrade rate limit is positive.
         """
         self.assertConfigError("[server]\nupgrade_rate_limit = 0\n", "server.upgrade_rate_limit", "at least 1")
+
+    def test_request_timeout_range(self) -> None:
+        """
+        C{request_timeout_seconds} is a number of seconds above 0 and at most
+        an hour; an integer is accepted.
+        """
+        for bad in ("0", "-1", "3601", "inf", "nan"):
+            self.assertConfigError(
+                f"[server]\nrequest_timeout_seconds = {bad}\n",
+                "server.request_timeout_seconds",
+                "must be more than 0 and at most 3600 seconds",
+            )
+        self.assertConfigError(
+            "[server]\nrequest_timeout_seconds = '10'\n", "server.request_timeout_seconds", "must be a number"
+        )
+        self.assertEqual(load_config(self.write("[server]\nrequest_timeout_seconds = 30\n")).request_timeout_seconds, 30.0)
+
+    def test_max_connections_per_ip(self) -> None:
+        """
+        C{max_connections_per_ip} is a positive integer.
+        """
+        self.assertConfigError("[server]\nmax_connections_per_ip = 0\n", "server.max_connections_per_ip", "at least 1")
+        self.assertConfigError(
+            "[server]\nmax_connections_per_ip = 1.5\n", "server.max_connections_per_ip", "must be an integer"
+        )
 
     def test_trusted_proxies_type(self) -> None:
         """
@@ -667,6 +695,8 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.apps, ())
         self.assertEqual(config.upgrade_rate_limit, 60)
         self.assertEqual(config.trusted_proxies, ())
+        self.assertEqual(config.request_timeout_seconds, 15.0)
+        self.assertEqual(config.max_connections_per_ip, 256)
 
     def test_options_replace(self) -> None:
         """

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from meteredrt.guard import ConnectionCap, GuardedSite
 from meteredrt.site import MAX_BODY_BYTES, BoundedRequest, V1Resource, access_log_line, build_root
 from tests.test_ws import CLIENT_ADDRESS, RecordingClient, WebSocketTestCase
 
@@ -261,6 +262,72 @@ class TrustedProxySiteTests(WebSocketTestCase):
             self.assertIn('"GET /v1 HTTP/1.1" 426', line)
             self.assertNotIn("secret", line)
             self.assertNotIn("6.6.6.6", line)
+
+
+class GuardedSiteTests(WebSocketTestCase):
+    """
+    The site as L{meteredrt.tap} composes it: L{GuardedSite} behind a
+    L{ConnectionCap} of two connections per client, with a trusted proxy.
+    """
+
+    trusted = (ip_network("10.0.0.0/8"),)
+
+    def setUp(self) -> None:
+        super().setUp()
+        v1 = V1Resource(self.factory, self.clock, trusted_proxies=self.trusted)
+        self.site = GuardedSite(build_root(v1, lambda: True), request_timeout=5.0, reactor=self.clock)
+        self.cap = ConnectionCap(self.site, 2, self.trusted)
+        self.pumps: dict[RawClient, Any] = {}
+
+    def upgrade(self, host: str, forwarded_for: str) -> RawClient:
+        """
+        Send one upgrade request from C{host} for C{forwarded_for}; the
+        connection stays open.
+        """
+        headers = UPGRADE_HEADERS + b"X-Forwarded-For: " + forwarded_for.encode("ascii") + b"\r\n"
+        client = RawClient(
+            b"GET /v1?token=" + self.token("p").encode() + b" HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n"
+        )
+        _, _, self.pumps[client] = connect_to_site(self.cap, client, self.clock, host)  # type: ignore[arg-type]
+        return client
+
+    def test_forwarded_client_capped(self) -> None:
+        """
+        Behind a trusted proxy, a client's WebSockets count against the cap
+        by its forwarded address: the third is refused with 429 and a
+        message, another client still gets in, and a closed connection
+        makes room.
+        """
+        first, second = self.upgrade("10.0.0.5", "198.51.100.1"), self.upgrade("10.0.0.5", "198.51.100.1")
+        self.assertEqual([first.response()[0], second.response()[0]], [101, 101])
+        refused = self.upgrade("10.0.0.6", "198.51.100.1")
+        status, headers, body = refused.response()
+        self.assertEqual(status, 429)
+        self.assertEqual(json.loads(body)["error"], "too_many_connections")
+        self.assertIn("2 connections", json.loads(body)["message"])
+        self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.2").response()[0], 101)
+        first.transport.loseConnection()
+        self.pumps[first].flush()
+        self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.1").response()[0], 101)
+
+    def test_websocket_outlives_deadline(self) -> None:
+        """
+        The request deadline ends with the upgrade: a WebSocket stays open
+        long past it.
+        """
+        client_factory = WebSocketClientFactory("ws://localhost/v1?token=" + self.token("alice"))
+        client_factory.protocol = RecordingClient
+        client = client_factory.buildProtocol(CLIENT_ADDRESS)
+        _, _, pump = connect_to_site(self.cap, client, self.clock)  # type: ignore[arg-type]
+        self.assertEqual(client.received[0]["type"], "welcome")
+        self.advance(60, pump)
+        self.assertIsNone(client.closed)
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.assertEqual(client.received[-1], {"type": "pong"})
+        client.sendClose(1000)
+        pump.flush()
+        self.assertEqual(self.cap.counts.count("192.0.2.7"), 0)
 
 
 class _BodyProbe(Resource):

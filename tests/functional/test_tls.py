@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from meteredrt.tap import Options, makeService
@@ -56,6 +57,7 @@ def write_self_signed(directory: str) -> tuple[str, str]:
 
 class _Client(WebSocketClientProtocol):
     def onOpen(self) -> None:
+        self.factory.counted_while_open = self.factory.cap.counts.count("127.0.0.1")
         self.sendMessage(json.dumps({"type": "subscribe", "channel": "room", "requestId": "s"}).encode())
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -100,6 +102,8 @@ class TLSTests(TestCase):
         factory.protocol = _Client
         factory.frames = []
         factory.closed = Deferred()
+        # The per-client connection cap, under the TLS layer.
+        factory.cap = port.factory.wrappedFactory
         with open(cert_path, "rb") as f:
             authority = ssl.Certificate.loadPEM(f.read())
         connectWS(factory, ssl.optionsForClientTLS("127.0.0.1", trustRoot=authority))
@@ -108,3 +112,10 @@ class TLSTests(TestCase):
         self.assertEqual([frame["type"] for frame in factory.frames], ["welcome", "ack", "presence"])
         self.assertIsNone(factory.frames[0]["expiresAt"])
         self.assertEqual(code, 1000)
+        # The upgraded connection was counted, and is released when it closes.
+        self.assertEqual(factory.counted_while_open, 1)
+        for _ in range(40):
+            if factory.cap.counts.count("127.0.0.1") == 0:
+                break
+            await deferLater(reactor, 0.05)
+        self.assertEqual(factory.cap.counts.count("127.0.0.1"), 0)
