@@ -41,6 +41,17 @@ class TokenBucket:
             return True
         return False
 
+    def take_up_to(self, now: float, most: int) -> int:
+        """
+        Take as many whole tokens as there are, at most C{most}; for a
+        caller that counts what it took down by itself and reads the
+        clock only when that runs out.
+        """
+        self._refill(now)
+        taken = min(most, int(self._tokens))
+        self._tokens -= taken
+        return taken
+
     def retry_after(self, now: float, cost: float = 1.0) -> float:
         """
         Seconds until C{cost} tokens will be there.

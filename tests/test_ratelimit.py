@@ -84,6 +84,21 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertFalse(bucket.take(100.5))
         self.assertTrue(bucket.take(101.0))
 
+    def test_take_up_to(self) -> None:
+        """
+        C{take_up_to} takes as many whole tokens as there are, at most the
+        number asked for, and none from an empty bucket.
+        """
+        bucket = TokenBucket(10, 2, 0.0)
+        self.assertEqual(bucket.take_up_to(0.0, 4), 4)
+        self.assertEqual(bucket.take_up_to(0.0, 100), 6)
+        self.assertEqual(bucket.take_up_to(0.0, 100), 0)
+        # 1.5 tokens after 0.75 s: one whole one, and half of the next.
+        self.assertEqual(bucket.take_up_to(0.75, 100), 1)
+        self.assertEqual(bucket.take_up_to(0.75, 100), 0)
+        self.assertEqual(bucket.take_up_to(1.0, 100), 1)
+        self.assertEqual(bucket.take_up_to(100.0, 100), 10)
+
     def test_retry_after(self) -> None:
         """
         retry_after is zero with tokens left, and otherwise the time until one token is back.
