@@ -47,7 +47,7 @@ from meteredrt.turn import credential_lifetime
 
 #: §4.5: JWT connections close this long before C{exp}.
 EXPIRY_LEAD_SECONDS = 0.25
-#: OP-24: a draining node closes each connection 1001 this long after its
+#: A draining node closes each connection 1001 this long after its
 #: C{going_away}, so the client reads the retry hint before the close.
 GOING_AWAY_CLOSE_DELAY = 0.25
 #: Frames that may wait for the welcome or a slow request before the
@@ -133,7 +133,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             transport.registerProducer(self._watch, True)
         factory = self.factory
         # The bucket starts with the socket: frames held for the welcome
-        # draw from it too (OP-18).
+        # draw from it too.
         self._bucket = TokenBucket(factory.message_burst, factory.message_rate, factory.clock.seconds())
         factory.connections.add(self)
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
@@ -217,7 +217,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             item: Any = parse_frame(payload)
         except FrameError as error:
             item = error
-        # OP-18: everything but ping draws from the rate bucket, garbage too.
+        # Everything but ping draws from the rate bucket, garbage too.
         if not isinstance(item, Ping):
             bucket = self._bucket
             if bucket is not None and not bucket.take(self.factory.clock.seconds()):
@@ -236,7 +236,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         """
         session = self._session
         if session is None:
-            return  # OP-29: held until the welcome is out
+            return  # held until the welcome is out, then processed in order
         while self._queue and not self._busy and not self._closing:
             item = self._queue.popleft()
             if isinstance(item, Ping):
@@ -442,7 +442,7 @@ class RealtimeServerFactory(WebSocketServerFactory):
         """
         Stop admitting upgrades, send C{going_away} to every connection and
         close each with 1001, in batches so a large node spreads the
-        reconnect burst (OP-24).
+        reconnect burst (§17.1).
 
         @return: fires when every connection is gone, or after C{timeout}.
         """
