@@ -22,7 +22,9 @@ from .readme import ROOT
 #: What is scanned, relative to the repository root.
 _SCANNED = ("README.md", "CHANGELOG.md", "docs", "meteredrt", "tests", "bench", "examples", "contrib", "twisted", ".ci")
 _SUFFIXES = {".md", ".py", ".mjs", ".js", ".html", ".service", ".toml", ".ini", ".cfg", ""}
-_SKIPPED_DIRECTORIES = {"node_modules", "__pycache__", "results", "_trial_temp"}
+# Third-party code and generated output: node_modules, bench/results, and
+# examples/webrtc/sdk (the SDK's build, copied in by hand, not committed).
+_SKIPPED_DIRECTORIES = {"node_modules", "__pycache__", "results", "_trial_temp", "sdk"}
 
 # Built from parts so that this file does not match itself.
 _OUTSIDE = re.compile(r"(?<![\w-])" + "shared" + r"/")
