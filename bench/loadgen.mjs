@@ -104,7 +104,7 @@ function closeAll(sockets) {
   for (const s of sockets) s.terminate();
 }
 
-// A client-side copy of the server's per-connection bucket (OP-18), so the
+// A client-side copy of the server's per-connection bucket (every frame but ping), so the
 // benchmark never trips the server's rate limit; `waits` says whether it
 // capped the offered load.
 class Bucket {

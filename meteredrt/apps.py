@@ -55,7 +55,7 @@ class Plan:
     balance: float = 0.0
     auto_recharge_amount: float = 0.0
     auto_recharge_threshold: float = 0.0
-    #: ``"month"`` (calendar month, UTC) is the only period kind so far (OP-33).
+    #: ``"month"`` (calendar month, UTC) is the only period kind so far.
     period: str = "month"
 
 
@@ -66,7 +66,7 @@ class TurnConfig:
 
     ``api_base`` defaults to the hosted TURN API of ``app_name``
     (``https://<app_name>.metered.live``); tests and air-gapped operators
-    point it elsewhere. ``ttl`` of ``None`` means the OP-25 default.
+    point it elsewhere. ``ttl`` of ``None`` means L{meteredrt.turn.credential_lifetime}.
     """
 
     app_name: str

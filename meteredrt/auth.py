@@ -35,7 +35,7 @@ MAX_PEER_METADATA_BYTES = 4096
 MAX_METADATA_BYTES = 8192
 MAX_CHANNEL_CLAIMS = 100
 MAX_PERMISSION_CLAIMS = 16
-#: OP-3: C{nbf} is honoured with this much clock skew.
+#: C{nbf} is honoured with this much clock skew (no leeway on C{exp}).
 NBF_LEEWAY_SECONDS = 60
 DEFAULT_TOKEN_LIFETIME = 3600
 MAX_TOKEN_LIFETIME = 86400
@@ -114,7 +114,7 @@ class Grant:
     def allows_pattern(self, pattern: str) -> bool:
         """
         Whether every channel a wildcard subscription can match is allowed
-        (OP-13: provable language inclusion, in both pattern sets).
+        (provable language inclusion, in both pattern sets).
         """
         return covers(pattern, self.key_patterns) and (
             self.claim_patterns is None or covers(pattern, self.claim_patterns)
@@ -247,7 +247,7 @@ def verify_token(token: str, keys: KeyLookup, now: float) -> Grant:
     peer_metadata = _bounded_object(claims, "peerMetadata", MAX_PEER_METADATA_BYTES)
     metadata = _bounded_object(claims, "metadata", MAX_METADATA_BYTES)
 
-    # OP-5: unknown permission strings are ignored on the WebSocket.
+    # Unknown permission strings are ignored on the WebSocket (REST refuses them).
     actions = key.actions if permissions is None else key.actions & frozenset(permissions)
     return Grant(
         app_id=key.app_id,

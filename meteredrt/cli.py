@@ -45,19 +45,22 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from meteredrt import auth
+from meteredrt import auth, configinit
 from meteredrt.apps import ACTIONS, PUBLISHABLE_DEFAULT_ACTIONS, App, Key, KeyType, Plan, TurnConfig
 from meteredrt.backend import mint_token_with_turn
 from meteredrt.config import (
     DEFAULT_DATA_DIR,
+    DEFAULT_LISTEN,
     AppDeclaration,
     Config,
     ConfigError,
+    app_id_problem,
     default_config,
     load_config,
 )
 from meteredrt.keystore import (
     BUSY_TIMEOUT_MS,
+    DEFAULT_APP_ID,
     InvalidKeyField,
     KeyStoreError,
     StoredState,
@@ -989,3 +992,46 @@ def _usage(session: Session, args: argparse.Namespace) -> Output:
     row, entries, net = _read_usage_file(usage_database_path(session.data_dir), app.app_id, bounds[0])
     report = usage_report(app, row, bounds, entries, net)
     return Output(report, describe_usage(report, app.plan))
+
+
+@command(
+    "config init",
+    "Write a commented configuration file declaring one app with a fresh secret key and "
+    "publishable key (mode 0600: it holds the secret). Never overwrites an existing file.",
+    argument("path", nargs="?", default="meteredrt.toml", metavar="PATH", help="default: meteredrt.toml"),
+    argument("--app", default=DEFAULT_APP_ID, metavar="APP", help=f"the app's id (default: {DEFAULT_APP_ID})"),
+    argument(
+        "--listen",
+        action="append",
+        metavar="STRPORT",
+        help=f"repeatable endpoint for the file's listen list (default: {DEFAULT_LISTEN[0]})",
+    ),
+)
+def _config_init(session: Session, args: argparse.Namespace) -> Output:
+    problem = app_id_problem(args.app)
+    if problem is not None:
+        raise UsageError(f"--app: {problem}")
+    listen = args.listen or list(DEFAULT_LISTEN)
+    if not all(endpoint.strip() for endpoint in listen):
+        raise UsageError("--listen must not be empty")
+    secret_key, publishable_key = configinit.fresh_keys(args.app, session.now())
+    text = configinit.render_config(
+        args.app, secret_key, publishable_key, listen=listen, data_dir=session.data_dir
+    )
+    try:
+        configinit.write_new_file(args.path, text)
+    except FileExistsError:
+        raise UsageError(f"{args.path} already exists; not overwriting it") from None
+    data = {
+        "path": args.path,
+        "appId": args.app,
+        "secretKeyId": secret_key.key_id,
+        "publishableKey": publishable_key.key_id,
+    }
+    summary = (
+        f"Wrote {args.path} (mode 0600) declaring app {args.app} with\n"
+        f"  secret key:      {secret_key.key_id} (its secret is in the file)\n"
+        f"  publishable key: {publishable_key.key_id}\n"
+        f"Start the server with: twistd -n meteredrt --config {args.path}"
+    )
+    return Output(data, summary)

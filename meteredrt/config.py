@@ -75,7 +75,7 @@ TURN_REGIONS: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
-#: Plan periods meteredrt can meter (OP-33).
+#: Plan periods meteredrt can meter: the calendar month, UTC.
 PLAN_PERIODS: frozenset[str] = frozenset({"month"})
 
 # App ids end up in URLs, logs and (in a cluster) Redis key names: keep them
@@ -88,7 +88,7 @@ _APP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 # An origin as browsers send it: scheme, host, optional port; no path, no
-# trailing slash (OP-6 compares exactly, so anything else never matches).
+# trailing slash (origins compare exactly, so anything else never matches).
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 

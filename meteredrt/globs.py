@@ -6,7 +6,7 @@ wildcard C{subscribe} frames.  This module answers the three questions those use
 
   - does a pattern match a concrete channel (L{matches}, L{matches_any}, L{compile_glob});
   - is every channel a pattern could match authorized by a set of patterns (L{covers},
-    L{uncovered}), which decides whether a wildcard subscription is allowed (OP-13);
+    L{uncovered}), which decides whether a wildcard subscription is allowed (§9.4);
   - which wildcard subscribers does a publish to a concrete channel reach, without testing every
     pattern on the server (L{WildcardIndex}).
 
@@ -103,8 +103,8 @@ class GlobTooComplex(ValueError):
     """
     Deciding inclusion between these patterns would take more work than this server allows.
 
-    Raised by L{uncovered}; L{covers} treats it as "not provably included", which OP-13 says to
-    reject.
+    Raised by L{uncovered}; L{covers} treats it as "not provably included", which the server
+    rejects.
     """
 
 
@@ -296,7 +296,7 @@ def is_wildcard(name: str) -> bool:
     Whether C{name} contains an unescaped C{*}, i.e. is a pattern rather than a concrete name.
 
     Decides whether a C{subscribe} is a wildcard subscription (§9.4) and rejects C{*} where a
-    concrete name is required (OP-14).  It does not validate escapes: C{a\\x*} is a wildcard
+    concrete name is required (C{invalid_channel}).  It does not validate escapes: C{a\\x*} is a wildcard
     (and an invalid pattern).
     """
     if "*" not in name:
@@ -409,7 +409,7 @@ def uncovered(pattern: str, allowed: Sequence[str], *, budget: int = _MAX_COVER_
     it starts from.  A state is expanded only if its whole cost fits in what is left, so the work
     done never exceeds C{budget}.
 
-    To authorize against the intersection of two pattern sets (key and token, OP-13), require
+    To authorize against the intersection of two pattern sets (key and token), require
     inclusion in each.
 
     @param budget: the most work the search may do; the default is what this server allows.
@@ -482,10 +482,10 @@ def covers(pattern: str, allowed: Sequence[str]) -> bool:
     """
     Whether every channel C{pattern} matches is matched by at least one of C{allowed}.
 
-    This authorizes a wildcard subscription (OP-13).  It is exact language inclusion, so it sees
+    This authorizes a wildcard subscription (§9.4).  It is exact language inclusion, so it sees
     that C{x/**} is covered by C{[x/*, x/*/**]} together although by neither alone.  If the check
-    is too expensive (L{GlobTooComplex}) the answer is C{False}: OP-13 rejects what is not provably
-    included.
+    is too expensive (L{GlobTooComplex}) the answer is C{False}: what is not provably included is
+    refused.
 
     Answers are cached, the expensive ones included, since a client repeats the same subscribes
     on every reconnect.
@@ -660,7 +660,7 @@ class WildcardIndex(Generic[_S]):
     def match(self, channel: str) -> set[_S]:
         """
         Everyone with at least one pattern matching C{channel}, each once: a publish is delivered
-        at most once per connection (OP-13).
+        at most once per connection (§9.4).
         """
         found: set[_S] = set()
         for _, entry in self._matching(channel):

@@ -179,7 +179,7 @@ class Hub(Service):
 
     def connect(self, sink_factory: Callable[[str], IConnectionSink], grant: Grant) -> Deferred[Session]:
         """
-        Admit an authenticated connection (OP-38: it counts from here).
+        Admit an authenticated connection (it counts toward concurrency from here).
 
         @param sink_factory: called with the new connection id.
         @return: fires with the L{Session}; fails with L{Refusal} (4010,
@@ -328,8 +328,8 @@ class Hub(Service):
         self._require(session, "send", frame.request_id)
         targets = await self._presence.connections_of(session.app_id, frame.to)
         if not targets - {session.conn_id}:
-            # OP-31 looks the target up before the quota; OP-19 still counts
-            # an authorized send that finds nobody.
+            # The target is looked up before the quota, and an authorized send
+            # that finds nobody still counts as a message.
             app = self._apps(session.app_id)
             if app is not None:
                 await self._meter.count_message(app)
@@ -393,7 +393,7 @@ class Hub(Service):
                     session.app_id, channel, PresenceChange(channel, joined, (), session.conn_id)
                 )
             # Ack, then the snapshot: MeteredPeer drops a snapshot that
-            # arrives before the subscribe resolves (§22.1).
+            # arrives before the subscribe resolves (§7.1).
             self._ack(session, frame.request_id)
             if wants_presence and not session.closed:
                 members = await self._presence.members(session.app_id, channel)

@@ -74,7 +74,7 @@ from meteredrt.usagestore import (
 #: Rounding tolerance for money comparisons, in billing units.
 MONEY_EPSILON = 1e-9
 
-#: The only billing period kind so far: calendar month, UTC (OP-33).
+#: The only billing period kind so far: calendar month, UTC.
 MONTH = "month"
 
 
@@ -357,7 +357,7 @@ class Meter(service.Service):
 
     def admit_connection(self, app: App) -> Deferred[bool]:
         """
-        Decide on and count one authenticated connection (OP-38).
+        Decide on and count one authenticated connection (counted from authentication, before the welcome).
         """
         now = self._clock.seconds()
         usage = self._usage_at(app.app_id, _period_of(app.plan), now)

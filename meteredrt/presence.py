@@ -2,7 +2,7 @@
 Channel membership and the peer directory, in memory.
 
 L{MemoryPresence} implements L{IPresence} for a single node. Membership is
-refcounted per (app, channel, peerId) by connection id (OP-10), so a peer
+refcounted per (app, channel, peerId) by connection id, so a peer
 with two tabs joins once and leaves once. Keying by connection id is what
 will let a cluster implementation (Redis, not written yet) keep the same
 shape per node, so that a crashed node's entries can be reaped by the
@@ -54,7 +54,7 @@ class MemoryPresence:
         if membership is None:
             members[peer_id] = _Membership(metadata, {conn_id})
             return succeed(True)
-        # OP-10: the most recent connection's peerMetadata is shown.
+        # The most recent connection's peerMetadata is shown.
         membership.metadata = metadata
         membership.connections.add(conn_id)
         return succeed(False)

@@ -7,7 +7,7 @@ L{Send}, L{Ping}) or raises L{FrameError} carrying the protocol error code
 of §12; the C{*_frame} builders make the server frames of §8 as
 L{OutboundFrame}s, each serialized once however many connections it goes to.
 
-Validation here covers the first steps of the OP-31 order: JSON and type,
+Validation here covers the first steps of the validation order (§7): JSON and type,
 field shapes (C{invalid_channel}, C{invalid_peer_id}, C{missing_data}) and
 reserved prefixes. Permission and authorization checks need a connection's
 grant and live in L{meteredrt.hub}.
@@ -30,13 +30,13 @@ if TYPE_CHECKING:
 
 #: Advertised in the welcome; the SDK refuses to send larger C{data}.
 MAX_MESSAGE_SIZE = 65536
-#: Inbound frames above this close with 1009 (OP-17: room for the envelope).
+#: Inbound frames above this close with 1009 (1 KiB of room for the envelope around maximal data).
 INBOUND_FRAME_LIMIT = MAX_MESSAGE_SIZE + 1024
 MAX_REQUEST_ID_BYTES = 128
 MAX_CHANNEL_BYTES = 256
 MAX_PEER_ID_BYTES = 128
 MAX_SUBSCRIPTIONS = 100
-#: Presence snapshots are split into frames no larger than this (OP-27).
+#: Presence snapshots are split into frames no larger than this (§10.2).
 SNAPSHOT_FRAME_BUDGET = 512 * 1024
 RESERVED_PREFIXES = ("_metered/", "_internal/", "_system/")
 #: Deeper JSON is refused: the stdlib parser accepts nesting its encoder
@@ -242,7 +242,7 @@ def channel_error(channel: object) -> tuple[str, str] | None:
 def concrete_channel_error(channel: object) -> tuple[str, str] | None:
     """
     Like L{channel_error}, and also refuse wildcards where a concrete
-    channel is needed (publish, REST; OP-14).
+    channel is needed (publish, REST): C{invalid_channel}.
     """
     problem = channel_error(channel)
     if problem is None and is_wildcard(channel):  # type: ignore[arg-type]
@@ -277,7 +277,7 @@ def parse_frame(payload: bytes | str) -> ClientFrame:
     Decode and validate one client text frame.
 
     @raise FrameError: with the §12 code for the first problem found, in
-        the OP-31 order.
+        the protocol's validation order (§7).
     """
     try:
         frame = _loads(payload)
@@ -442,7 +442,7 @@ def snapshot_frames(
 ) -> list[OutboundFrame]:
     """
     A presence snapshot as one frame, or several of at most C{budget} bytes
-    each when it is too large for the SDK's 1 MiB frame cap (OP-27).
+    each when it is too large for the SDK's 1 MiB frame cap; each part has C{left: []}.
 
     Always at least one frame, so an empty channel still gets its snapshot.
     """

@@ -38,7 +38,7 @@ from meteredrt.apps import App, TurnConfig
 from meteredrt.icelist import ice_servers_error
 from meteredrt.interfaces import ITurnProvider
 
-#: OP-25: TURN credentials live within these bounds (seconds)...
+#: Injected TURN credentials live within these bounds (seconds)...
 CREDENTIAL_LIFETIME_MIN, CREDENTIAL_LIFETIME_MAX = 3600, 86400
 #: ...and this long for connections that never expire (publishable keys).
 PUBLISHABLE_CREDENTIAL_LIFETIME = 12 * 3600
@@ -46,7 +46,8 @@ PUBLISHABLE_CREDENTIAL_LIFETIME = 12 * 3600
 
 def credential_lifetime(remaining: float | None) -> int:
     """
-    OP-25: how long a TURN credential should live.
+    How long a TURN credential should live: the token's remaining lifetime
+    within [1 h, 24 h], 12 h when the connection never expires.
 
     @param remaining: the lifetime left to the token that carries the
         credential, in seconds, or C{None} for a connection that never
@@ -360,11 +361,11 @@ class TurnCredentialCache(Service):
     L{FRESH_FRACTION} (a quarter) of the lifetime it was minted with
     remains. After that the next caller starts a refresh, so a list handed
     to a peer is good for at least a quarter of its lifetime (15 minutes at
-    the OP-25 minimum of one hour). Nothing is refreshed on a timer: an app
+    the minimum lifetime of one hour). Nothing is refreshed on a timer: an app
     nobody connects to costs no API calls.
 
     Lifetime: C{app.turn.ttl} if configured, else the C{ttl} of the call
-    that triggers the refresh (the caller applies OP-25). The cache keys on
+    that triggers the refresh (the caller applies L{credential_lifetime}). The cache keys on
     the app alone, so later callers share that credential.
 
     Coalescing: all callers that find the cache stale while a refresh is
@@ -427,7 +428,7 @@ class TurnCredentialCache(Service):
 
         Each caller gets its own copy of the list.
 
-        :param ttl: The credential lifetime OP-25 asks for, in seconds; used
+        :param ttl: The credential lifetime L{credential_lifetime} chose, in seconds; used
             unless the app configures its own.
         """
         config = app.turn

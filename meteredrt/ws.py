@@ -47,7 +47,7 @@ from meteredrt.turn import credential_lifetime
 
 #: §4.5: JWT connections close this long before C{exp}.
 EXPIRY_LEAD_SECONDS = 0.25
-#: OP-24: a draining node closes each connection 1001 this long after its
+#: A draining node closes each connection 1001 this long after its
 #: C{going_away}, so the client reads the retry hint before the close.
 GOING_AWAY_CLOSE_DELAY = 0.25
 #: Frames that may wait for the welcome or a slow request before the
@@ -138,7 +138,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             transport.registerProducer(self._watch, True)
         factory = self.factory
         # The bucket starts with the socket: frames held for the welcome
-        # draw from it too (OP-18).
+        # draw from it too.
         now = factory.clock.seconds()
         self._bucket = TokenBucket(factory.message_burst, factory.message_rate, now)
         self._frames = TokenBucket(factory.frame_burst, factory.frame_rate, now)
@@ -276,7 +276,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             item: Any = parse_frame(payload)
         except FrameError as error:
             item = error
-        # OP-18: everything but ping draws from the rate bucket, garbage too.
+        # Everything but ping draws from the rate bucket, garbage too.
         if not isinstance(item, Ping):
             bucket = self._bucket
             if bucket is not None and not bucket.take(self.factory.clock.seconds()):
@@ -295,7 +295,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         """
         session = self._session
         if session is None:
-            return  # OP-29: held until the welcome is out
+            return  # held until the welcome is out, then processed in order
         while self._queue and not self._busy and not self._closing:
             item = self._queue.popleft()
             if isinstance(item, Ping):
@@ -498,7 +498,7 @@ class RealtimeServerFactory(WebSocketServerFactory):
             # Close frames carry the codes clients branch on (1009 included).
             failByDrop=False,
             # Origins are checked after the upgrade, per key, so that a
-            # refusal is a close code (OP-6); Autobahn's own check must let
+            # refusal is a close code; Autobahn's own check must let
             # every origin through, "null" (sandboxed iframes, file://
             # pages) included, or the browser sees only 1006 and retries.
             allowedOrigins=["*"],
@@ -527,7 +527,7 @@ class RealtimeServerFactory(WebSocketServerFactory):
         """
         Stop admitting upgrades, send C{going_away} to every connection and
         close each with 1001, in batches so a large node spreads the
-        reconnect burst (OP-24).
+        reconnect burst (§17.1).
 
         @return: fires when every connection is gone, or after C{timeout}.
         """

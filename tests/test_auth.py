@@ -1,6 +1,6 @@
 """
 Tests for L{meteredrt.auth}: the JWT verification matrix of protocol §4.3,
-publishable keys (§3.2, OP-6, OP-7), effective authorization (§4.4) and
+publishable keys (§3.2, §5.3), effective authorization (§4.4) and
 token minting (§19.2).
 """
 
@@ -208,7 +208,7 @@ class VerifyTokenTests(_AuthAssertions):
 
     def test_ignored_claims(self) -> None:
         """
-        C{iat}, C{iss}, C{aud} and C{jti} of any shape are ignored (OP-3), as is C{typ}.
+        C{iat}, C{iss}, C{aud} and C{jti} of any shape are ignored, as is C{typ}.
         """
         token = _hand_token(
             {"alg": "HS256", "typ": "weird", "kid": "sk_id_main"},
@@ -245,7 +245,7 @@ class VerifyTokenTests(_AuthAssertions):
 
     def test_exp_missing(self) -> None:
         """
-        A token without exp closes with 4001 (OP-2).
+        A token without exp closes with 4001.
         """
         self.assertRefused(_token(_claims(exp=...)), 4001)
 
@@ -294,7 +294,7 @@ class VerifyTokenTests(_AuthAssertions):
 
     def test_iat_absurd_ignored(self) -> None:
         """
-        C{iat} is ignored (OP-3) whatever its value: huge, negative, boolean,
+        C{iat} is ignored whatever its value: huge, negative, boolean,
         fractional or infinite.
         """
         for iat in [10**400, -(10**400), -1, True, NOW + 0.5, "soon"]:
@@ -317,7 +317,7 @@ class VerifyTokenTests(_AuthAssertions):
 
     def test_nbf_within_leeway(self) -> None:
         """
-        An nbf up to 60 s in the future is accepted, and one in the past too (OP-3).
+        An nbf up to 60 s in the future is accepted, and one in the past too.
         """
         for nbf in [NOW + 59, NOW + 60, NOW - 1000, NOW + 59.5]:
             self.assertEqual(self.verify(_token(_claims(nbf=nbf))).peer_id, "u_1042")
@@ -544,7 +544,7 @@ class VerifyTokenTests(_AuthAssertions):
 
     def test_unknown_permissions_ignored(self) -> None:
         """
-        Unknown permission strings are ignored (OP-5).
+        Unknown permission strings are ignored on the WebSocket.
         """
         grant = self.verify(_token(_claims(permissions=["subscribe", "fly", "admin", "PUBLISH"])))
         self.assertEqual(grant.actions, frozenset({"subscribe"}))
@@ -569,7 +569,7 @@ class VerifyTokenTests(_AuthAssertions):
     def test_channels_outside_key_accepted(self) -> None:
         """
         Channel claims outside the key's patterns do not refuse the connection
-        (OP-4) but authorize nothing outside the key.
+        but authorize nothing outside the key.
         """
         token = _token(_claims(channels=["zeta/**", "app/room-*"]), kid="sk_id_narrow", secret=OTHER_SECRET)
         grant = self.verify(token)
@@ -638,7 +638,7 @@ class VerifyTokenTests(_AuthAssertions):
 
 class GrantTests(SynchronousTestCase):
     """
-    Tests for L{Grant}'s channel authorization (§4.4, OP-13).
+    Tests for L{Grant}'s channel authorization (§4.4, §9.4).
     """
 
     def _grant(self, claim_patterns: tuple[str, ...] | None) -> Grant:
@@ -703,7 +703,7 @@ class GrantTests(SynchronousTestCase):
 
 class AuthenticateTests(_AuthAssertions):
     """
-    Tests for L{authenticate}: credential choice (OP-7), app checks and publishable keys.
+    Tests for L{authenticate}: credential choice, app checks and publishable keys.
     """
 
     def authenticate(self, params: dict, origin: str | None = None, **kwargs: Any) -> Grant:
@@ -849,7 +849,7 @@ class AuthenticateTests(_AuthAssertions):
     def test_origin_not_listed(self) -> None:
         """
         An unlisted Origin closes with 4001 and reason C{origin_not_allowed}
-        (OP-6: exact match on scheme, host and port).
+        (exact match on scheme, host and port).
         """
         for origin in [
             "https://evil.example",
@@ -864,7 +864,7 @@ class AuthenticateTests(_AuthAssertions):
 
     def test_no_origin(self) -> None:
         """
-        A client without an Origin header (not a browser) is allowed (OP-6).
+        A client without an Origin header (not a browser) is allowed.
         """
         self.assertEqual(self.authenticate({"key": ["pk_live_origins"]}, None).key_id, "pk_live_origins")
 
@@ -1032,7 +1032,7 @@ class MintTokenTests(SynchronousTestCase):
 
     def test_permissions_unknown(self) -> None:
         """
-        An unknown permission is C{invalid_request} (OP-5, REST side).
+        An unknown permission is C{invalid_request} on the REST side.
         """
         for permissions in [["fly"], ["Publish"], [5]]:
             self.assertMintError("permissions", "invalid_request", permissions=permissions)

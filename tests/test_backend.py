@@ -41,7 +41,7 @@ class TurnCredentialLifetimeTests(SynchronousTestCase):
 
     def test_follows_token(self) -> None:
         """
-        Within the OP-25 bounds the credential lives as long as the token.
+        Within the [1 h, 24 h] bounds the credential lives as long as the token.
         """
         self.assertEqual(credential_lifetime(2 * HOUR), 2 * HOUR)
 
@@ -97,7 +97,7 @@ class MintTokenWithTurnTests(SynchronousTestCase):
 
     def test_credential_request(self) -> None:
         """
-        One credential is created with the OP-25 lifetime of the token and
+        One credential is created with the remaining lifetime of the token and
         the peerId as its label, and its list is fetched with its apiKey.
         """
         self.successResultOf(self.mint(expires_in=2 * HOUR))

@@ -217,7 +217,7 @@ class MatchesTests(SynchronousTestCase):
 
     def test_non_ascii(self) -> None:
         """
-        Non-ASCII channel names and patterns match character by character (OP-34).
+        Non-ASCII channel names and patterns match character by character.
         """
         self.assertTrue(matches("salle/é*", "salle/été"))
         self.assertTrue(matches("频道/*", "频道/一"))

@@ -250,8 +250,8 @@ class ErrorCodeTests(HubTestCase):
 
     def test_peer_not_found_before_quota(self) -> None:
         """
-        A send to an absent peer is C{peer_not_found} even over quota (OP-31
-        looks the target up first), and it still counts (OP-19).
+        A send to an absent peer is C{peer_not_found} even over quota (the
+        target is looked up first), and it still counts as a message.
         """
         self.apps["app_1"] = App("app_1", Plan(max_messages_per_period=1))
         session, sink = self.connect("a")
@@ -372,7 +372,7 @@ class AuthorizationTests(HubTestCase):
 class WildcardTests(HubTestCase):
     """
     Wildcard subscriptions receive publishes on every matching concrete
-    channel (§9.4, OP-13).
+    channel (§9.4).
     """
 
     def test_concrete_name_delivered(self) -> None:

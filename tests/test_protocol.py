@@ -178,7 +178,7 @@ class ParseFrameMalformedTests(_ParseAssertions):
 
     def test_request_id_too_long(self) -> None:
         """
-        A requestId of 129 bytes is C{malformed_message} and is not echoed (OP-32).
+        A requestId of 129 bytes is C{malformed_message} and is not echoed.
         """
         self.assertRefused(
             _frame(type="subscribe", channel="a", requestId="r" * 129), ErrorCode.MALFORMED_MESSAGE
@@ -368,7 +368,7 @@ class ParseSubscribeTests(_ParseAssertions):
 
 class ChannelErrorTests(SynchronousTestCase):
     """
-    Tests for L{channel_error} and L{concrete_channel_error} (§9.1, OP-14, OP-34).
+    Tests for L{channel_error} and L{concrete_channel_error} (§9.1).
     """
 
     def test_valid(self) -> None:
@@ -416,7 +416,7 @@ class ChannelErrorTests(SynchronousTestCase):
 
     def test_lone_surrogate(self) -> None:
         """
-        A lone surrogate is C{invalid_channel} (OP-34).
+        A lone surrogate is C{invalid_channel}.
         """
         self.assertEqual(_code(channel_error("a\ud800")), ErrorCode.INVALID_CHANNEL)
 
@@ -484,7 +484,7 @@ class ParseChannelFieldTests(_ParseAssertions):
 
 class ParseUnsubscribeTests(_ParseAssertions):
     """
-    C{unsubscribe} field shapes (§7.2, OP-35).
+    C{unsubscribe} field shapes (§7.2: syntax only).
     """
 
     def test_valid(self) -> None:
@@ -514,7 +514,7 @@ class ParseUnsubscribeTests(_ParseAssertions):
 
 class ParsePublishTests(_ParseAssertions):
     """
-    C{publish} field shapes (§7.3, OP-14, OP-31).
+    C{publish} field shapes (§7.3).
     """
 
     def test_valid(self) -> None:
@@ -547,7 +547,7 @@ class ParsePublishTests(_ParseAssertions):
 
     def test_wildcard(self) -> None:
         """
-        Publishing to a pattern is C{invalid_channel} (OP-14).
+        Publishing to a pattern is C{invalid_channel}.
         """
         for channel in ["a/*", "a/**", "*"]:
             self.assertRefused(
@@ -575,7 +575,7 @@ class ParsePublishTests(_ParseAssertions):
 
     def test_invalid_channel_before_missing_data(self) -> None:
         """
-        A bad channel is reported before missing data (OP-31).
+        A bad channel is reported before missing data (validation order, §7).
         """
         self.assertRefused(_frame(type="publish", channel="", requestId="r"), ErrorCode.INVALID_CHANNEL, "r")
 
@@ -590,7 +590,7 @@ class ParsePublishTests(_ParseAssertions):
 
     def test_missing_data_before_reserved(self) -> None:
         """
-        Missing data is a field-shape error and comes before the reserved-prefix check (OP-31).
+        Missing data is a field-shape error and comes before the reserved-prefix check (§7).
         """
         self.assertRefused(_frame(type="publish", channel="_system/x", requestId="r"), ErrorCode.MISSING_DATA, "r")
 
@@ -708,7 +708,7 @@ class BuilderTests(SynchronousTestCase):
 
     def test_welcome_empty_metadata_omitted(self) -> None:
         """
-        An empty metadata object is omitted from the welcome (OP-37).
+        An empty metadata object is omitted from the welcome.
         """
         self.assertNotIn("metadata", _decode(welcome_frame("p", 1, 0, {})))
 
@@ -853,7 +853,7 @@ class BuilderTests(SynchronousTestCase):
 
 class SnapshotFramesTests(SynchronousTestCase):
     """
-    Tests for L{snapshot_frames} (OP-27).
+    Tests for L{snapshot_frames} (§10.2).
     """
 
     def _entries(self, count: int) -> list[dict]:

@@ -1,7 +1,7 @@
 """
 Tests for L{meteredrt.ratelimit}: the per-connection token bucket (close
 4011, protocol §14) and the keyed limiter behind the per-IP upgrade limit
-(HTTP 429, §5.2) and REST rate limits (OP-22).
+(HTTP 429, §5.2) and REST rate limits (§14).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class RateLimitTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """
-        The defaults are OP-22's: per key 50/s burst 100, per IP 100/s burst
+        The defaults: per key 50/s burst 100, per IP 100/s burst
         200.
         """
         limits = RestLimits()

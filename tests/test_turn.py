@@ -27,7 +27,7 @@ from meteredrt.turn import MAX_BODY_BYTES, TurnApiClient, TurnApiError, TurnCred
 #: The account secret the fake API accepts; its characters need URL quoting.
 SECRET = "sk+s3cr3t/=&?"
 
-#: An hour, the OP-25 minimum credential lifetime.
+#: An hour, the minimum credential lifetime.
 HOUR = 3600
 
 CREATE_PATH = b"/api/v1/turn/credential"

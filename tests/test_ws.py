@@ -314,7 +314,7 @@ class HandshakeTests(WebSocketTestCase):
     def test_absurd_nbf_and_iat(self) -> None:
         """
         An nbf too large for a float is refused with 4001; an absurd iat is
-        ignored (OP-3) and the connection works.
+        ignored and the connection works.
         """
         exp = START + 600
         refused, _, _ = self.open("token=" + self.signed(exp=exp, nbf=10**400))

@@ -47,7 +47,7 @@ UNAUTHORIZED_MESSAGE = "missing or invalid credentials; send Authorization: Bear
 @frozen
 class RestLimits:
     """
-    Request rate limits and the handler timeout (OP-22 defaults).
+    Request rate limits and the handler timeout (defaults: per key 50/s, per IP 100/s).
     """
 
     per_key_rate: float = 50.0

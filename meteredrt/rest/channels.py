@@ -7,8 +7,8 @@ C{/v1/channels/{channel}/publish}. The channel is everything between
 C{/v1/channels/} and the final C{/peers} or C{/publish}: the raw path is
 split on C{/} before each segment is percent-decoded, so an encoded C{%2F}
 stays inside the name and the unencoded form printed in the docs works too.
-Checks follow OP-31: shapes, reserved prefix, action, channel authorization,
-then quota.
+Checks run in the protocol's validation order: shapes, reserved prefix,
+action, channel authorization, then quota.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from meteredrt.rest.base import ApiError, Call, JsonResource, RequestGuard, Rout
 PEERS_PATH = "/v1/channels/{channel}/peers"
 PUBLISH_PATH = "/v1/channels/{channel}/publish"
 
-#: OP-20: what C{message.from} says when the backend does not choose.
+#: What C{message.from} says when the backend does not choose one.
 DEFAULT_SENDER = "system"
 
 ROUTES = (
@@ -99,7 +99,7 @@ class ChannelsResource(JsonResource):
 
     async def peers(self, call: Call) -> Mapping[str, Any]:
         """
-        The channel's members in the presence-entry shape (§19.3, OP-21).
+        The channel's members in the presence-entry shape (§19.3), one entry per peerId.
         """
         channel = _checked_channel(call)
         _authorize(call.key, channel, "presence")
@@ -108,8 +108,7 @@ class ChannelsResource(JsonResource):
 
     async def publish(self, call: Call) -> Mapping[str, Any]:
         """
-        Publish like a WebSocket C{publish}, counted as one message (§19.4,
-        OP-20).
+        Publish like a WebSocket C{publish}, counted as one message (§19.4).
         """
         channel = _checked_channel(call)
         body = call.body or {}

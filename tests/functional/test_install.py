@@ -1,6 +1,7 @@
 """
-The operator's first five minutes, for real: install the package into a
-fresh virtualenv, run C{twistd -n meteredrt} from an empty directory, connect
+The operator's first five minutes, for real: run the README's install
+command as written in a copy of the source tree (it makes a fresh
+virtualenv), start C{twistd -n meteredrt} the way the command does, connect
 with the publishable key it prints, and stop it with SIGTERM.
 """
 
@@ -9,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
-import sys
 from pathlib import Path
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
@@ -19,9 +21,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.readme import ROOT, setup_commands
+
 from .support import TwistdProcess
 
-ROOT = Path(__file__).resolve().parents[2]
+#: Never copied with the source tree: local state, caches, build output.
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", ".tox", "node_modules", "_trial_temp*", "meteredrt-data",
+    "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".mypy_cache",
+    ".ruff_cache", "results", "twistd.pid", "twistd.log",
+)
 PUBLISHABLE = re.compile(rb"publishable key:\s+(pk_live_\S+)")
 
 
@@ -50,38 +59,43 @@ async def _run(*command: str, cwd: str | None = None) -> str:
 
 class FreshInstallTests(TestCase):
     """
-    C{pip install .} then C{twistd -n meteredrt} with no options.
+    The README's install-and-run command, from a copy of the source tree.
     """
 
     timeout = 600
 
     async def test_install_run_connect_and_drain(self) -> None:
         """
-        A fresh install starts on the embedded default, prints a publishable
-        key a client can connect with, and on SIGTERM sends going_away and
-        closes with 1001.
+        The README's command installs into a fresh C{.venv} and starts on the
+        embedded default, prints a publishable key a client can connect
+        with, and on SIGTERM sends going_away and closes with 1001.
         """
+        server_command, _ = setup_commands()
+        *install, run = [step.strip() for step in server_command.split("&&")]
+        self.assertEqual(shlex.split(run)[:3], [".venv/bin/twistd", "-n", "meteredrt"])
         base = Path(self.mktemp()).resolve()
-        venv, workdir = base / "venv", base / "empty"
-        workdir.mkdir(parents=True)
-        await _run(sys.executable, "-m", "venv", str(venv))
-        await _run(str(venv / "bin" / "pip"), "install", "--quiet", str(ROOT))
+        clone = base / "meteredrt"
+        shutil.copytree(ROOT, clone, ignore=_NOT_SOURCE)
+        # Everything before the server start, through a shell, as written;
+        # `python3` is whichever one PATH names, as for a user.
+        await _run("/bin/sh", "-c", " && ".join(install), cwd=str(clone))
+        venv = clone / ".venv"
 
         twistd = TwistdProcess()
         # The embedded default (tcp:8080) may be taken on a shared machine, so
-        # this is the one option given: an ephemeral loopback port.
+        # this is the one option added: an ephemeral loopback port.
         process = reactor.spawnProcess(
             twistd,
-            str(venv / "bin" / "twistd"),
-            ["twistd", "--pidfile=", "-n", "meteredrt", "--listen", "tcp:0:interface=127.0.0.1"],
+            str(clone / shlex.split(run)[0]),
+            [*shlex.split(run), "--listen", "tcp:0:interface=127.0.0.1"],
             env={"PATH": os.environ.get("PATH", ""), "HOME": str(base)},
-            path=str(workdir),
+            path=str(clone),
         )
         self.addCleanup(lambda: twistd.ended if process.pid is None else _kill(process, twistd))
         port = await twistd.listening
         key = PUBLISHABLE.search(twistd.output)
         self.assertIsNotNone(key, twistd.output.decode(errors="replace"))
-        self.assertTrue((workdir / "meteredrt-data").is_dir())
+        self.assertTrue((clone / "meteredrt-data").is_dir())
 
         factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/v1?key={key.group(1).decode()}")  # type: ignore[union-attr]
         factory.protocol = _Client
@@ -102,7 +116,7 @@ class FreshInstallTests(TestCase):
         self.assertIn(b"Server Shut Down.", twistd.output)
 
         listed = await _run(
-            str(venv / "bin" / "meteredrt"), "keys", "list", "--app", "default", "--json", cwd=str(workdir)
+            str(venv / "bin" / "meteredrt"), "keys", "list", "--app", "default", "--json", cwd=str(clone)
         )
         self.assertIn(key.group(1).decode(), listed)  # type: ignore[union-attr]
         self.assertNotIn("sk_secret_", listed)
