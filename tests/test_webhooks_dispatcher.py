@@ -232,14 +232,16 @@ class DispatcherTests(SynchronousTestCase):
 
     def test_replayed_events_go_again(self) -> None:
         """
-        After a replay, failed events go out again with the same ids.
+        After a replay (by another process: nobody wakes the dispatcher),
+        failed events go out again with the same ids within a poll.
         """
         self.add(1)
         receiver = Receiver(self.clock, [400])
-        dispatcher = self.start(receiver)
+        self.start(receiver)
+        self.flushLoggedErrors()
         first_id = json.loads(receiver.received[0][1])["events"][0]["id"]
         self.assertEqual(self.successResultOf(self.outbox.replay_failed("a")), 1)
-        dispatcher.wake("a")
+        self.clock.advance(5)
         self.assertEqual(json.loads(receiver.received[1][1])["events"][0]["id"], first_id)
         self.assertEqual(self.pending(), 0)
 

@@ -29,7 +29,7 @@ from treq import content
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
@@ -49,6 +49,10 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 
 #: An app with more pending events than this is logged as backing up.
 BACKLOG_WARNING = 1_000
+
+#: How often the outbox is checked for events nobody woke the dispatcher
+#: for (replayed with the CLI, or stored by another process).
+POLL_SECONDS = 5.0
 
 #: Answers that mean "try again later" rather than "never".
 _RETRIED_STATUSES = frozenset({408, 429})
@@ -89,6 +93,8 @@ class WebhookDispatcher(Service):
     @param http: a treq-like client (C{post}); tests pass
         L{treq.testing.StubTreq}.
     @param rand: the jitter source (L{random.random} by default).
+    @param poll_seconds: how often to look for pending events nobody
+        announced (L{POLL_SECONDS}).
     """
 
     log = Logger()
@@ -102,6 +108,7 @@ class WebhookDispatcher(Service):
         *,
         rand: Callable[[], float] = random.random,
         timeout: float = REQUEST_TIMEOUT_SECONDS,
+        poll_seconds: float = POLL_SECONDS,
     ) -> None:
         self._configs = configs
         self._outbox = outbox
@@ -112,10 +119,20 @@ class WebhookDispatcher(Service):
         self._loops: dict[str, Deferred[None]] = {}
         self._again: set[str] = set()
         self._backlogged: set[str] = set()
+        self._poll = LoopingCall(self._check)
+        self._poll.clock = clock
+        self._poll_seconds = poll_seconds
 
     def startService(self) -> None:
         super().startService()
-        self._outbox.pending_apps().addCallbacks(self._wake_all, self._log_failure)
+        self._poll.start(self._poll_seconds, now=True)
+
+    def _check(self) -> Deferred[None]:
+        """
+        Wake the loop of every app with pending events (cheap for apps
+        whose loop runs already).
+        """
+        return self._outbox.pending_apps().addCallbacks(self._wake_all, self._log_failure)
 
     def _wake_all(self, app_ids: list[str]) -> None:
         for app_id in app_ids:
@@ -130,6 +147,8 @@ class WebhookDispatcher(Service):
         batch stays pending in the outbox for the next start.
         """
         super().stopService()
+        if self._poll.running:
+            self._poll.stop()
         loops, self._loops = self._loops, {}
         for loop in loops.values():
             loop.cancel()
