@@ -9,6 +9,7 @@ the only one that may import the global reactor.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TextIO
 
@@ -196,16 +197,16 @@ class StartupGate(MultiService):
 
 class _Closing(Service):
     """
-    Calls C{close} when stopped: a store that must close after everything
-    added after it has stopped.
+    Calls C{close} when stopped: something (a store, a connection pool)
+    that must close after everything added after it has stopped.
     """
 
-    def __init__(self, close: Any) -> None:
+    def __init__(self, close: Callable[[], object]) -> None:
         self._close = close
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
-        self._close()
+        return maybeDeferred(self._close)
 
 
 def _webhooks_of(keys: SQLiteKeyStore, app_id: str) -> WebhookConfig | None:
@@ -244,7 +245,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     # note of anything, and stops after every connection has drained.
     outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
     top.addService(_Closing(outbox.close))
-    webhook_http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True)))
+    # Batches go out back to back while a backlog drains: keep connections.
+    webhook_pool = HTTPConnectionPool(reactor, persistent=True)
+    top.addService(_Closing(webhook_pool.closeCachedConnections))
+    webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
     webhook_configs = partial(_webhooks_of, keys)
     dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
     dispatcher.setServiceParent(top)
