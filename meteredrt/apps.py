@@ -83,6 +83,45 @@ class TurnConfig:
         return self.api_base or f"https://{self.app_name}.metered.live"
 
 
+#: The presence webhook event types (docs/webhooks.md), in documentation order.
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    "peer.online",
+    "peer.offline",
+    "channel.occupied",
+    "channel.vacated",
+    "presence.joined",
+    "presence.left",
+)
+
+
+@frozen
+class WebhookConfig:
+    """
+    Where and how an app's presence webhooks go (docs/webhooks.md).
+
+    @ivar url: an C{http://} or C{https://} URL the batches are POSTed to.
+    @ivar secret: the HMAC-SHA256 key the backend checks signatures with.
+    @ivar events: the event types the app wants; others are never stored.
+    @ivar offline_grace_seconds: how long a peer (or a channel) must stay
+        gone before C{peer.offline} (C{channel.vacated}) is emitted; coming
+        back inside it cancels both events.
+    @ivar retry_seconds: how long one batch is retried before it is set
+        aside as failed (C{meteredrt webhooks replay} sends it again).
+    """
+
+    url: str
+    secret: str
+    events: frozenset[str] = frozenset(WEBHOOK_EVENTS)
+    offline_grace_seconds: float = 3.0
+    retry_seconds: float = 86400.0
+
+    def wants(self, event_type: str) -> bool:
+        """
+        Whether events of this type go to this app's backend.
+        """
+        return event_type in self.events
+
+
 @frozen
 class App:
     """
@@ -96,6 +135,8 @@ class App:
     #: Per-app TURN configuration, or ``None`` when the app does not mint
     #: TURN credentials.
     turn: TurnConfig | None = None
+    #: Per-app presence webhooks, or ``None`` when the app has none.
+    webhooks: WebhookConfig | None = None
 
 
 @frozen

@@ -8,16 +8,61 @@ fetches that credential's ICE server list, and mints the connect JWT with
 the list at C{metadata.iceServers}, where the SDK looks for it in the
 welcome (§20.1). The TURN C{secretKey} never leaves the backend.
 
-Main name: L{mint_token_with_turn}.
+It also checks the signature of the presence webhooks the server sends
+(L{verify_webhook}).
+
+Main names: L{mint_token_with_turn}, L{verify_webhook}.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from meteredrt.apps import Key, TurnConfig
 from meteredrt.auth import DEFAULT_TOKEN_LIFETIME, mint_token
 from meteredrt.turn import TurnApiClient, credential_lifetime
+from meteredrt.webhooks.signing import DEFAULT_TOLERANCE_SECONDS, SignatureError, verify_signature
+
+__all__ = ["SignatureError", "mint_token_with_turn", "verify_webhook"]
+
+
+def verify_webhook(
+    secret: str,
+    signature: str | None,
+    body: bytes,
+    *,
+    now: float,
+    tolerance: float = DEFAULT_TOLERANCE_SECONDS,
+) -> list[dict]:
+    """
+    Check a webhook request and return its events.
+
+    Call it with the raw request body (before any JSON parsing) and the
+    C{Metered-Signature} header::
+
+        events = verify_webhook(secret, request.headers["Metered-Signature"],
+                                raw_body, now=time.time())
+
+    :param secret: The app's webhook secret (C{[apps.webhooks] secret}).
+    :param now: Your clock, in Unix seconds.
+    :param tolerance: The replay window in seconds: a request signed
+        further from C{now} is refused, so a captured request cannot be
+        replayed later.
+    :return: The batch's events, oldest first. Each has a stable C{id}:
+        delivery is at least once, so de-duplicate by it.
+    :raise SignatureError: When the header is missing, malformed, outside
+        the window or does not match the body.
+    """
+    verify_signature(secret, signature, body, now, tolerance)
+    try:
+        document = json.loads(body)
+        events = document["events"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise SignatureError(f"signed body is not a webhook batch: {e}") from None
+    if not isinstance(events, list):
+        raise SignatureError("signed body is not a webhook batch: events is not a list")
+    return events
 
 
 async def mint_token_with_turn(

@@ -27,6 +27,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime, time
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from attrs import evolve, frozen
 
@@ -35,11 +36,13 @@ from meteredrt.apps import (
     KEY_ID_PREFIX,
     MAX_KEYS_PER_APP,
     SECRET_PREFIX,
+    WEBHOOK_EVENTS,
     App,
     Key,
     KeyType,
     Plan,
     TurnConfig,
+    WebhookConfig,
 )
 from meteredrt.clientaddress import TrustedProxies
 from meteredrt.globs import pattern_error
@@ -77,6 +80,19 @@ TURN_REGIONS: frozenset[str] = frozenset(
 
 #: Plan periods meteredrt can meter: the calendar month, UTC.
 PLAN_PERIODS: frozenset[str] = frozenset({"month"})
+
+# An http(s) URL with a host and no white space or control characters.
+_WEBHOOK_URL = re.compile(r"https?://[^/?#\s@\x00-\x1f\x7f]+(?:[/?#][^\s\x00-\x1f\x7f]*)?")
+
+#: A webhook secret shorter than this is refused (HMAC-SHA256 keys want
+#: at least 32 bytes of entropy; the generated ones have more).
+MIN_WEBHOOK_SECRET_LENGTH = 32
+
+#: The longest debounce an app may ask for: an hour.
+MAX_WEBHOOK_GRACE_SECONDS = 3600
+
+#: The longest an app's batches may be retried: a week.
+MAX_WEBHOOK_RETRY_SECONDS = 7 * 86400
 
 # App ids end up in URLs, logs and (in a cluster) Redis key names: keep them
 # to a conservative alphabet.
@@ -404,7 +420,8 @@ class _Table:
         ]
 
 
-_TOP_LEVEL = ("server", "apps")
+_TOP_LEVEL = ("server", "webhooks", "apps")
+_WEBHOOKS_SERVER_KEYS = ("refuse_private_addresses",)
 _SERVER_KEYS = (
     "listen",
     "data_dir",
@@ -413,7 +430,8 @@ _SERVER_KEYS = (
     "request_timeout_seconds",
     "max_connections_per_ip",
 )
-_APP_KEYS = ("id", "plan", "turn", "keys")
+_APP_KEYS = ("id", "plan", "turn", "webhooks", "keys")
+_WEBHOOK_KEYS = ("url", "secret", "events", "offline_grace_seconds", "retry_seconds")
 _PLAN_KEYS = (
     "name",
     "max_concurrent_connections",
@@ -462,6 +480,9 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             ),
         )
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
+    webhooks = top.table("webhooks", _WEBHOOKS_SERVER_KEYS)
+    if webhooks is not None and webhooks.boolean("refuse_private_addresses", False):
+        _refuse_private_webhooks(top, declarations)
     _check_unique(top, declarations)
     return evolve(config, apps=declarations)
 
@@ -513,6 +534,7 @@ def _read_app(table: _Table) -> AppDeclaration:
         table.fail("id", problem)
     plan_table = table.table("plan", _PLAN_KEYS)
     turn_table = table.table("turn", _TURN_KEYS)
+    webhooks_table = table.table("webhooks", _WEBHOOK_KEYS)
     key_tables = table.tables("keys", _KEY_KEYS)
     if len(key_tables) > MAX_KEYS_PER_APP:
         table.fail("keys", f"declares {len(key_tables)} keys; an app may have at most {MAX_KEYS_PER_APP}")
@@ -520,6 +542,7 @@ def _read_app(table: _Table) -> AppDeclaration:
         app_id=app_id,
         plan=None if plan_table is None else _read_plan(plan_table),
         turn=None if turn_table is None else _read_turn(turn_table),
+        webhooks=None if webhooks_table is None else _read_webhooks(webhooks_table),
     )
     return AppDeclaration(app=app, keys=tuple(_read_key(app_id, key) for key in key_tables))
 
@@ -564,6 +587,70 @@ def _read_turn(table: _Table) -> TurnConfig:
         region=region,
         ttl=table.integer("ttl", None, minimum=1),
         api_base=api_base,
+    )
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """
+    What is wrong with a webhook target URL, or ``None``: it must be an
+    absolute ``http://`` or ``https://`` URL with a host, and nothing a
+    header could be smuggled through.
+    """
+    match = _WEBHOOK_URL.fullmatch(url)
+    if match is None:
+        return "must be an absolute http:// or https:// URL with a host"
+    return None
+
+
+def _refuse_private_webhooks(top: _Table, declarations: tuple[AppDeclaration, ...]) -> None:
+    """
+    For multi-tenant operators: no app may aim its webhooks at this
+    machine or a private network. Host names are taken as they are (they
+    are not resolved here).
+    """
+    for index, declaration in enumerate(declarations):
+        webhooks = declaration.app.webhooks
+        if webhooks is None:
+            continue
+        host = urlsplit(webhooks.url).hostname or ""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            private = host == "localhost" or host.endswith(".localhost")
+        else:
+            private = not address.is_global
+        if private:
+            top.fail(
+                f"apps[{index}].webhooks.url",
+                f"{host!r} is a private or local address ([webhooks] refuse_private_addresses is on)",
+            )
+
+
+def _read_webhooks(table: _Table) -> WebhookConfig:
+    url = table.string("url")
+    problem = webhook_url_problem(url)
+    if problem is not None:
+        table.fail("url", problem)
+    secret = table.string("secret")
+    if len(secret) < MIN_WEBHOOK_SECRET_LENGTH:
+        table.fail("secret", f"must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters (a random string)")
+    events = table.strings("events", WEBHOOK_EVENTS)
+    for index, event in enumerate(events):
+        if event not in WEBHOOK_EVENTS:
+            table.fail(f"events[{index}]", f"unknown event {event!r} (expected one of {_listing(WEBHOOK_EVENTS)})")
+    defaults = WebhookConfig(url=url, secret=secret)
+    grace = table.number("offline_grace_seconds", defaults.offline_grace_seconds)
+    if grace > MAX_WEBHOOK_GRACE_SECONDS:
+        table.fail("offline_grace_seconds", f"must be at most {MAX_WEBHOOK_GRACE_SECONDS}, not {grace:g}")
+    retry = table.number("retry_seconds", defaults.retry_seconds)
+    if not 1 <= retry <= MAX_WEBHOOK_RETRY_SECONDS:
+        table.fail("retry_seconds", f"must be between 1 and {MAX_WEBHOOK_RETRY_SECONDS}, not {retry:g}")
+    return WebhookConfig(
+        url=url,
+        secret=secret,
+        events=frozenset(events),
+        offline_grace_seconds=grace,
+        retry_seconds=retry,
     )
 
 

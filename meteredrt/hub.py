@@ -31,7 +31,14 @@ from meteredrt.apps import App
 from meteredrt.auth import Grant, Refusal
 from meteredrt.envelopes import ChannelMessage, DirectMessage, Disconnect, PresenceChange
 from meteredrt.globs import WildcardIndex
-from meteredrt.interfaces import IBroker, IConnectionSink, IDeliveryTarget, IMeter, IPresence
+from meteredrt.interfaces import (
+    IBroker,
+    IConnectionSink,
+    IDeliveryTarget,
+    IMeter,
+    IPresence,
+    IPresenceObserver,
+)
 from meteredrt.presence import Member
 from meteredrt.protocol import (
     MAX_SUBSCRIPTIONS,
@@ -144,6 +151,25 @@ def _entry(member: Member) -> dict:
     return presence_entry(member.peer_id, member.metadata)
 
 
+@implementer(IPresenceObserver)
+class _Unobserved:
+    """
+    The observer of a hub nobody watches: takes no note of anything.
+    """
+
+    def peer_connected(self, app_id: str, peer_id: str) -> None:
+        pass
+
+    def peer_disconnected(self, app_id: str, peer_id: str) -> None:
+        pass
+
+    def member_joined(self, app_id: str, channel: str, peer_id: str, metadata: dict[str, Any] | None) -> None:
+        pass
+
+    def member_left(self, app_id: str, channel: str, peer_id: str, metadata: dict[str, Any] | None) -> None:
+        pass
+
+
 @implementer(IDeliveryTarget)
 class Hub(Service):
     """
@@ -151,6 +177,8 @@ class Hub(Service):
 
     @param apps: looks up the current L{App} of an id; plans change at run
         time, so the hub never caches them.
+    @param observer: told of peers coming and going and of the presence
+        deltas (the presence webhooks).
     """
 
     log = Logger()
@@ -162,8 +190,10 @@ class Hub(Service):
         meter: IMeter,
         apps: Callable[[str], App | None],
         node_id: str | None = None,
+        observer: IPresenceObserver | None = None,
     ) -> None:
         self._broker = broker
+        self._observer = observer or _Unobserved()
         self._presence = presence
         self._meter = meter
         self._apps = apps
@@ -205,6 +235,8 @@ class Hub(Service):
             # session was indexed before the wait), so only stop here.
             if len(local) == 1 and not session.closed:
                 await self._broker.watch_peer(grant.app_id, grant.peer_id)
+                if not session.closed:
+                    self._observer.peer_connected(grant.app_id, grant.peer_id)
         except BaseException:
             # The connection is counted and indexed, but the caller gets no
             # session to disconnect: release it here.
@@ -243,6 +275,7 @@ class Hub(Service):
         await self._presence.remove_connection(session.app_id, session.peer_id, session.conn_id)
         if not local:
             del self._peers[peer_key]
+            self._observer.peer_disconnected(session.app_id, session.peer_id)
             await self._broker.unwatch_peer(session.app_id, session.peer_id)
 
     @property
@@ -389,6 +422,7 @@ class Hub(Service):
                 return
             if first:
                 joined = (presence_entry(session.peer_id, session.grant.peer_metadata),)
+                self._observer.member_joined(session.app_id, channel, session.peer_id, session.grant.peer_metadata)
                 await self._broker.publish(
                     session.app_id, channel, PresenceChange(channel, joined, (), session.conn_id)
                 )
@@ -423,9 +457,18 @@ class Hub(Service):
         gone = await self._presence.remove_member(app_id, channel, session.peer_id, session.conn_id)
         if first and gone is None:
             joined = (presence_entry(session.peer_id, session.grant.peer_metadata),)
+            self._observer.member_joined(app_id, channel, session.peer_id, session.grant.peer_metadata)
             await self._broker.publish(app_id, channel, PresenceChange(channel, joined, (), session.conn_id))
         elif not first and gone is not None:
-            await self._broker.publish(app_id, channel, PresenceChange(channel, (), (_entry(gone),), None))
+            await self._member_left(app_id, channel, gone)
+
+    async def _member_left(self, app_id: str, channel: str, gone: Member) -> None:
+        """
+        Tell the channel (and the observer) that a peer's last connection
+        left it.
+        """
+        self._observer.member_left(app_id, channel, gone.peer_id, gone.metadata)
+        await self._broker.publish(app_id, channel, PresenceChange(channel, (), (_entry(gone),), None))
 
     async def _watch(self, session: Session, channel: str, wildcard: bool) -> None:
         app_id = session.app_id
@@ -465,7 +508,7 @@ class Hub(Service):
             return
         gone = await self._presence.remove_member(app_id, channel, session.peer_id, session.conn_id)
         if gone is not None:
-            await self._broker.publish(app_id, channel, PresenceChange(channel, (), (_entry(gone),), None))
+            await self._member_left(app_id, channel, gone)
 
     # -- backend (REST) operations -------------------------------------------
 

@@ -13,6 +13,8 @@ outside this process goes through one of these:
   - L{IMeter}: concurrent-connection admission and message counting.
   - L{ITurnProvider}: TURN credentials for the welcome frame.
   - L{IConnectionSink}: what the hub sees of one client connection.
+  - L{IPresenceObserver}: presence transitions, for webhooks.
+  - L{IWebhookOutbox}: the durable queue of webhook events.
 
 Methods that may have to cross the network in some implementation return
 Deferreds even when today's implementation answers at once; the hub awaits
@@ -29,11 +31,15 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     # Annotations only, never evaluated: meteredrt.presence imports this
     # module, so importing it back at run time would be circular.
+    from collections.abc import Sequence
+
     from twisted.internet.defer import Deferred
 
     from meteredrt.apps import App, Key, KeyType, Plan
     from meteredrt.presence import Member
     from meteredrt.protocol import OutboundFrame
+    from meteredrt.webhooks.events import WebhookEvent
+    from meteredrt.webhooks.outbox import OnlineMark, OutboxStatus, StoredEvent
 
 
 class IKeyStore(Interface):
@@ -271,4 +277,90 @@ class ITurnProvider(Interface):
         """
         Fires with a list of RTCIceServer dicts, or ``None`` when none could
         be had in time (the welcome then goes out without them).
+        """
+
+
+class IPresenceObserver(Interface):
+    """
+    Told of the presence transitions the hub makes, for webhooks.
+
+    Called on the hub's path (connect, subscribe, close), so an
+    implementation must only take note and return at once.
+    """
+
+    def peer_connected(app_id: str, peer_id: str) -> None:
+        """
+        The peer's first connection is up.
+        """
+
+    def peer_disconnected(app_id: str, peer_id: str) -> None:
+        """
+        The peer's last connection has closed.
+        """
+
+    def member_joined(app_id: str, channel: str, peer_id: str, metadata: dict[str, Any] | None) -> None:
+        """
+        A C{joined} delta went out for this peer in this channel.
+        """
+
+    def member_left(app_id: str, channel: str, peer_id: str, metadata: dict[str, Any] | None) -> None:
+        """
+        A C{left} delta went out for this peer in this channel.
+        """
+
+
+class IWebhookOutbox(Interface):
+    """
+    The durable queue of webhook events, per app in emission order, and the
+    marks of which peers and channels the backend was told are online.
+
+    An event counts as emitted once L{append} has fired.
+    """
+
+    def append(events: Sequence[WebhookEvent], marks: Sequence[OnlineMark]) -> Deferred[None]:
+        """
+        Store events (in this order, after every earlier one) and set or
+        clear online marks, in one transaction.
+        """
+
+    def pending_apps() -> Deferred[list[str]]:
+        """
+        Fires with the ids of the apps that have pending events.
+        """
+
+    def next_batch(app_id: str, limit: int) -> Deferred[list[StoredEvent]]:
+        """
+        Fires with at most C{limit} of the app's oldest pending events.
+        """
+
+    def delivered(app_id: str, seqs: Sequence[int], at: float) -> Deferred[None]:
+        """
+        The backend accepted these events: forget them.
+        """
+
+    def failed(app_id: str, seqs: Sequence[int], error: str, at: float) -> Deferred[None]:
+        """
+        These events could not be delivered in the retry time: set them
+        aside (L{replay_failed} brings them back).
+        """
+
+    def attempted(app_id: str, error: str, at: float) -> Deferred[None]:
+        """
+        A delivery attempt failed with this error (for the status).
+        """
+
+    def replay_failed(app_id: str) -> Deferred[int]:
+        """
+        Make the app's failed events pending again, in their original order.
+        Fires with how many.
+        """
+
+    def status(app_id: str) -> Deferred[OutboxStatus]:
+        """
+        Fires with the app's L{meteredrt.webhooks.outbox.OutboxStatus}.
+        """
+
+    def online_marks() -> Deferred[list[OnlineMark]]:
+        """
+        Fires with every set online mark (all apps).
         """

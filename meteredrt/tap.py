@@ -9,6 +9,7 @@ the only one that may import the global reactor.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TextIO
 
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from meteredrt.apps import App, Key, KeyType
+from meteredrt.apps import App, Key, KeyType, WebhookConfig
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
 from meteredrt.guard import ConnectionCap, GuardedSite
@@ -34,6 +35,9 @@ from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_ro
 from meteredrt.speedups import install_speedups
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
 from meteredrt.usagestore import UsageStore, usage_database_path
+from meteredrt.webhooks.dispatcher import WebhookDispatcher
+from meteredrt.webhooks.emitter import WebhookEmitter
+from meteredrt.webhooks.outbox import SQLiteOutbox, webhooks_database_path
 from meteredrt.ws import RealtimeServerFactory
 
 
@@ -191,6 +195,25 @@ class StartupGate(MultiService):
         self._reactor.stop()
 
 
+class _Closing(Service):
+    """
+    Calls C{close} when stopped: something (a store, a connection pool)
+    that must close after everything added after it has stopped.
+    """
+
+    def __init__(self, close: Callable[[], object]) -> None:
+        self._close = close
+
+    def stopService(self) -> Deferred[object]:
+        super().stopService()
+        return maybeDeferred(self._close)
+
+
+def _webhooks_of(keys: SQLiteKeyStore, app_id: str) -> WebhookConfig | None:
+    app = keys.app(app_id)
+    return None if app is None else app.webhooks
+
+
 def makeService(options: Options | dict, reactor: Any = None) -> IService:
     """
     Build the whole server as one service.
@@ -218,7 +241,21 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     meter = Meter(reactor, UsageStore(usage_database_path(config.data_dir), reactor))
     meter.setServiceParent(top)
 
-    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
+    # Presence webhooks: the outbox is written before the hub can take
+    # note of anything, and stops after every connection has drained.
+    outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
+    top.addService(_Closing(outbox.close))
+    # Batches go out back to back while a backlog drains: keep connections.
+    webhook_pool = HTTPConnectionPool(reactor, persistent=True)
+    top.addService(_Closing(webhook_pool.closeCachedConnections))
+    webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
+    webhook_configs = partial(_webhooks_of, keys)
+    dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
+    dispatcher.setServiceParent(top)
+    emitter = WebhookEmitter(webhook_configs, outbox, reactor, on_stored=dispatcher.wake)
+    emitter.setServiceParent(top)
+
+    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app, observer=emitter)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.

@@ -1,0 +1,265 @@
+"""
+Tests for L{meteredrt.webhooks.emitter.WebhookEmitter}: debouncing,
+ordering, recovery after a crash, and writing to the outbox.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from meteredrt.apps import WebhookConfig
+from meteredrt.interfaces import IPresenceObserver
+from meteredrt.webhooks.emitter import MAX_UNWRITTEN, WebhookEmitter
+from meteredrt.webhooks.events import WebhookEvent
+from meteredrt.webhooks.outbox import CHANNEL, PEER, MemoryOutbox, OnlineMark
+
+CONFIG = WebhookConfig(url="http://127.0.0.1:1/hooks", secret="s" * 32, offline_grace_seconds=3.0)
+
+
+class HeldOutbox(MemoryOutbox):
+    """
+    A memory outbox whose appends wait until released (or fail), to see
+    what the emitter does while a write is on its way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[Deferred[None], list[WebhookEvent], list[OnlineMark]]] = []
+
+    def append(self, events, marks):  # type: ignore[no-untyped-def]
+        held: Deferred[None] = Deferred()
+        self.waiting.append((held, list(events), list(marks)))
+        return held
+
+    def release(self) -> None:
+        held, events, marks = self.waiting.pop(0)
+        MemoryOutbox.append(self, events, marks)
+        held.callback(None)
+
+
+class EmitterTests(SynchronousTestCase):
+    """
+    Presence transitions in, stored events out.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000)
+        self.outbox = MemoryOutbox()
+        self.configs = {"a": CONFIG}
+        self.woken: list[str] = []
+        self.emitter = self._emitter(self.outbox)
+
+    def _emitter(self, outbox: MemoryOutbox) -> WebhookEmitter:
+        emitter = WebhookEmitter(self.configs.get, outbox, self.clock, on_stored=self.woken.append)
+        emitter.startService()
+        self.successResultOf(emitter.loaded)
+        return emitter
+
+    def stored(self, app_id: str = "a") -> list[tuple[str, str | None, str | None]]:
+        batch = self.successResultOf(self.outbox.next_batch(app_id, 1000))
+        return [(s.event.type, s.event.peer_id, s.event.channel) for s in batch]
+
+    def test_interface(self) -> None:
+        """
+        The emitter is what the hub calls.
+        """
+        self.assertTrue(verifyObject(IPresenceObserver, self.emitter))
+
+    def test_online_then_offline_after_grace(self) -> None:
+        """
+        A first connection sends C{peer.online} at once; the last close sends
+        C{peer.offline} exactly once, only when the grace has passed.
+        """
+        self.emitter.peer_connected("a", "alice")
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+        self.assertEqual(self.woken, ["a"])
+        self.emitter.peer_disconnected("a", "alice")
+        self.clock.advance(2.9)
+        self.assertEqual(len(self.stored()), 1)
+        self.clock.advance(0.2)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None), ("peer.offline", "alice", None)])
+        self.emitter.peer_disconnected("a", "alice")
+        self.clock.advance(10)
+        self.assertEqual(len(self.stored()), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timestamps(self) -> None:
+        """
+        Events carry the time of the transition in milliseconds, and the
+        offline one the time the grace ran out.
+        """
+        self.emitter.peer_connected("a", "alice")
+        self.emitter.peer_disconnected("a", "alice")
+        self.clock.advance(3)
+        batch = self.successResultOf(self.outbox.next_batch("a", 10))
+        self.assertEqual([s.event.timestamp_ms for s in batch], [1_000_000, 1_003_000])
+
+    def test_reconnect_inside_grace(self) -> None:
+        """
+        A reload (close, then connect inside the grace) sends nothing.
+        """
+        self.emitter.peer_connected("a", "alice")
+        self.emitter.peer_disconnected("a", "alice")
+        self.clock.advance(2.5)
+        self.emitter.peer_connected("a", "alice")
+        self.clock.advance(100)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+        self.assertEqual(self.successResultOf(self.outbox.online_marks()), [OnlineMark("a", PEER, "alice")])
+
+    def test_reconnect_after_grace(self) -> None:
+        """
+        Coming back after the grace is a new C{peer.online}.
+        """
+        self.emitter.peer_connected("a", "alice")
+        self.emitter.peer_disconnected("a", "alice")
+        self.clock.advance(3)
+        self.emitter.peer_connected("a", "alice")
+        self.assertEqual([t for t, _, _ in self.stored()], ["peer.online", "peer.offline", "peer.online"])
+
+    def test_channel_occupied_and_vacated(self) -> None:
+        """
+        The first member of a channel sends C{channel.occupied}; the last
+        one leaving sends C{channel.vacated} after the grace; presence
+        deltas are mirrored at once with the member's metadata.
+        """
+        self.emitter.member_joined("a", "room", "alice", {"n": 1})
+        self.emitter.member_joined("a", "room", "bob", None)
+        self.emitter.member_left("a", "room", "alice", {"n": 1})
+        self.emitter.member_left("a", "room", "bob", None)
+        self.clock.advance(3)
+        self.assertEqual(
+            self.stored(),
+            [
+                ("channel.occupied", None, "room"),
+                ("presence.joined", "alice", "room"),
+                ("presence.joined", "bob", "room"),
+                ("presence.left", "alice", "room"),
+                ("presence.left", "bob", "room"),
+                ("channel.vacated", None, "room"),
+            ],
+        )
+        batch = self.successResultOf(self.outbox.next_batch("a", 10))
+        self.assertEqual(batch[1].event.metadata, {"n": 1})
+
+    def test_channel_refilled_inside_grace(self) -> None:
+        """
+        A channel that empties and fills again inside the grace is never
+        reported vacated.
+        """
+        self.emitter.member_joined("a", "room", "alice", None)
+        self.emitter.member_left("a", "room", "alice", None)
+        self.emitter.member_joined("a", "room", "alice", None)
+        self.clock.advance(10)
+        self.assertNotIn("channel.vacated", [t for t, _, _ in self.stored()])
+        self.assertEqual([t for t, _, _ in self.stored()].count("channel.occupied"), 1)
+
+    def test_event_filter(self) -> None:
+        """
+        Only the event types an app asked for are stored, but the marks are
+        kept for all, so an unwanted online still gets its wanted offline.
+        """
+        self.configs["a"] = WebhookConfig(url=CONFIG.url, secret=CONFIG.secret, events=frozenset({"peer.offline"}))
+        self.emitter.peer_connected("a", "alice")
+        self.emitter.member_joined("a", "room", "alice", None)
+        self.assertEqual(self.stored(), [])
+        self.emitter.peer_disconnected("a", "alice")
+        self.clock.advance(3)
+        self.assertEqual(self.stored(), [("peer.offline", "alice", None)])
+
+    def test_app_without_webhooks(self) -> None:
+        """
+        Apps without webhooks leave no trace: no events, marks or timers.
+        """
+        self.emitter.peer_connected("z", "alice")
+        self.emitter.member_joined("z", "room", "alice", None)
+        self.emitter.member_left("z", "room", "alice", None)
+        self.emitter.peer_disconnected("z", "alice")
+        self.assertEqual(self.successResultOf(self.outbox.online_marks()), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.woken, [])
+
+    def test_recovery_after_crash(self) -> None:
+        """
+        Marks an earlier run left are announced gone after the grace, once,
+        unless the peer or channel comes back first.
+        """
+        self.outbox.append([], [OnlineMark("a", PEER, "alice"), OnlineMark("a", PEER, "bob"),
+                                OnlineMark("a", CHANNEL, "room")])
+        emitter = self._emitter(self.outbox)
+        emitter.peer_connected("a", "bob")
+        self.clock.advance(3)
+        self.assertEqual(sorted(self.stored()), [("channel.vacated", None, "room"), ("peer.offline", "alice", None)])
+        self.assertEqual(self.successResultOf(self.outbox.online_marks()), [OnlineMark("a", PEER, "bob")])
+
+    def test_stop_keeps_marks(self) -> None:
+        """
+        A graceful stop inside the grace sends nothing and keeps the mark,
+        so the next start announces the peer gone unless it comes back.
+        """
+        self.emitter.peer_connected("a", "alice")
+        self.emitter.peer_disconnected("a", "alice")
+        self.successResultOf(self.emitter.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        restarted = self._emitter(self.outbox)
+        restarted.peer_connected("a", "alice")
+        self.clock.advance(10)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+
+    def test_one_write_at_a_time_in_order(self) -> None:
+        """
+        While a write is on its way, later events wait and go in the next
+        write, in order; stop waits for both.
+        """
+        outbox = HeldOutbox()
+        emitter = WebhookEmitter(self.configs.get, outbox, self.clock, on_stored=self.woken.append)
+        emitter.peer_connected("a", "alice")
+        emitter.peer_connected("a", "bob")
+        emitter.peer_connected("a", "carol")
+        self.assertEqual(len(outbox.waiting), 1)
+        stopped = emitter.stopService()
+        outbox.release()
+        self.assertNoResult(stopped)
+        self.assertEqual([e.peer_id for e in outbox.waiting[0][1]], ["bob", "carol"])
+        outbox.release()
+        self.successResultOf(stopped)
+        batch = self.successResultOf(outbox.next_batch("a", 10))
+        self.assertEqual([s.event.peer_id for s in batch], ["alice", "bob", "carol"])
+        self.assertEqual(self.woken, ["a", "a"])
+
+    def test_failed_write_retried(self) -> None:
+        """
+        A failed write is logged and retried a second later with the same
+        events first, then the newer ones.
+        """
+        outbox = HeldOutbox()
+        emitter = WebhookEmitter(self.configs.get, outbox, self.clock, on_stored=self.woken.append)
+        emitter.startService()
+        emitter.peer_connected("a", "alice")
+        held, _, _ = outbox.waiting.pop(0)
+        held.errback(OSError("disk full"))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        emitter.peer_connected("a", "bob")
+        self.assertEqual(outbox.waiting, [])
+        self.clock.advance(1)
+        self.assertEqual([e.peer_id for e in outbox.waiting[0][1]], ["alice", "bob"])
+
+    def test_bounded(self) -> None:
+        """
+        With the store stuck, at most C{max_unwritten} events wait (by
+        default L{MAX_UNWRITTEN}); more are dropped and counted, with an
+        error in the log.
+        """
+        self.assertEqual(MAX_UNWRITTEN, 100_000)
+        outbox = HeldOutbox()
+        emitter = WebhookEmitter(self.configs.get, outbox, self.clock, on_stored=self.woken.append, max_unwritten=10)
+        for i in range(16):
+            emitter.peer_connected("a", f"p{i}")
+        # One is being written, ten wait, five are dropped.
+        self.assertEqual(emitter.dropped, 5)
+        self.assertEqual(len(outbox.waiting), 1)
+
+
