@@ -8,13 +8,24 @@ from __future__ import annotations
 import os
 
 from twisted.application.service import IServiceMaker, Service
-from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt.metering import Meter
-from meteredrt.tap import ConnectionDrain, Options, OrderedServices, StartupGate, makeService
+from meteredrt.tap import (
+    ConnectionDrain,
+    Listener,
+    Options,
+    OrderedServices,
+    StartupError,
+    StartupGate,
+    makeService,
+)
 
 
 class PluginTests(SynchronousTestCase):
@@ -38,9 +49,10 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_composition(self) -> None:
         """
-        The stores come first and the listeners last, so that stopping in
-        reverse closes the listeners first and the stores last; nothing
-        listens before the service starts.
+        The data directory and the stores come first and the listeners
+        last, so that stopping in reverse closes the listeners first and the
+        stores last; nothing listens and nothing is created on disk before
+        the service starts.
         """
         options = Options()
         data_dir = os.path.join(self.mktemp(), "data")
@@ -49,12 +61,12 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(options, reactor)
         self.assertIsInstance(service, OrderedServices)
         kinds = [type(child).__name__ for child in service]
-        self.assertEqual(kinds[0], "SQLiteKeyStore")
-        self.assertIsInstance(list(service)[1], Meter)
+        self.assertEqual(kinds[:2], ["DataDirectory", "SQLiteKeyStore"])
+        self.assertIsInstance(list(service)[2], Meter)
         self.assertIsInstance(list(service)[-2], ConnectionDrain)
         self.assertIsInstance(list(service)[-1], StartupGate)
         self.assertEqual(reactor.tcpServers, [])
-        self.assertTrue(os.path.isdir(data_dir))
+        self.assertFalse(os.path.exists(data_dir))
 
 
 class _Recorder(Service):
@@ -115,3 +127,91 @@ class OrderedServicesTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(log, ["stop meter", "stop stores"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    L{Options} refuses a bad configuration with one line, before anything
+    is created.
+    """
+
+    def parse_failure(self, *argv: str) -> str:
+        """
+        Parse C{argv}, expecting the process to be told to exit; return the
+        message it would print.
+        """
+        with self.assertRaises(SystemExit) as caught:
+            Options().parseOptions(list(argv))
+        return str(caught.exception.code)
+
+    def test_bad_endpoint_on_command_line(self) -> None:
+        """
+        An endpoint string that does not parse names the option.
+        """
+        message = self.parse_failure("--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:backlog=x")
+        self.assertTrue(message.startswith("meteredrt: <command line>: --listen[1]: not a usable endpoint"), message)
+
+    def test_bad_endpoint_in_file(self) -> None:
+        """
+        An endpoint string in the file names the file and the key.
+        """
+        path = os.path.join(self.mktemp())
+        with open(path, "w") as f:
+            f.write('[server]\nlisten = ["nope:1"]\n')
+        message = self.parse_failure("--config", path)
+        self.assertEqual(
+            message, f"meteredrt: {path}: server.listen[0]: not a usable endpoint 'nope:1': Unknown endpoint type: 'nope'"
+        )
+
+    def test_missing_certificate(self) -> None:
+        """
+        A TLS endpoint whose key file is missing is refused while parsing.
+        """
+        message = self.parse_failure("--listen", "ssl:0:privateKey=/nonexistent/key.pem")
+        self.assertIn("--listen[0]: not a usable endpoint", message)
+
+    def test_good_options(self) -> None:
+        """
+        Valid options give the parsed configuration.
+        """
+        options = Options()
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--listen", "unix:/tmp/x.sock"])
+        self.assertEqual(options["parsed"].listen, ("tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock"))
+
+
+class ListenerTests(SynchronousTestCase):
+    """
+    L{Listener} binds at start and accepts only when told to.
+    """
+
+    def test_refused_at_once(self) -> None:
+        """
+        An endpoint that refuses while binding raises a L{StartupError}
+        naming the endpoint and the reason, and logs it.
+        """
+        reactor = MemoryReactorClock()
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise CannotListenError("127.0.0.1", 80, PermissionError(13, "Permission denied"))
+
+        reactor.listenTCP = refuse  # type: ignore[method-assign]
+        listener = Listener("tcp:80:interface=127.0.0.1", Factory(), reactor)
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        with self.assertRaises(StartupError) as caught:
+            listener.privilegedStartService()
+        self.assertEqual(str(caught.exception), "cannot listen on tcp:80:interface=127.0.0.1: Permission denied")
+        self.assertEqual([e["log_level"] for e in observed], [LogLevel.critical])
+
+    def test_binds_once(self) -> None:
+        """
+        Binding in C{privilegedStartService} is not repeated by
+        C{startService}; accepting fires with the port.
+        """
+        reactor = MemoryReactorClock()
+        listener = Listener("tcp:0:interface=127.0.0.1", Factory(), reactor)
+        listener.privilegedStartService()
+        listener.startService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+        port = self.successResultOf(Deferred.fromCoroutine(listener.accept()))
+        self.assertEqual(port.getHost().port, 0)
+        self.successResultOf(maybeDeferred(listener.stopService))
