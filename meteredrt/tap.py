@@ -8,6 +8,7 @@ the only one that may import the global reactor.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from functools import partial
@@ -159,13 +160,15 @@ def show_startup_errors_in_one_line() -> None:
     sys.excepthook = hook
 
 
-def print_bootstrap(app: App, keys: tuple[Key, ...], out: TextIO | None = None) -> None:
+#: The file in the data directory that receives the keys made on the first
+#: start, for a daemon whose standard output goes nowhere.
+FIRST_KEYS_FILE = "first-start-keys.txt"
+
+
+def bootstrap_text(app: App, keys: tuple[Key, ...]) -> str:
     """
-    Show the keys of a freshly bootstrapped app once: the only time the
-    secret is shown. Written to the terminal, never to the log.
+    The keys of a freshly bootstrapped app as the operator reads them.
     """
-    out = out or sys.__stdout__
-    assert out is not None, "no stdout to show the new keys on"
     lines = [f"meteredrt: created app {app.app_id!r} with these keys (the secret is shown only now):"]
     for key in keys:
         if key.type is KeyType.SECRET:
@@ -173,8 +176,52 @@ def print_bootstrap(app: App, keys: tuple[Key, ...], out: TextIO | None = None) 
             lines.append(f"  secret key secret: {key.secret}")
         else:
             lines.append(f"  publishable key:   {key.key_id}")
-    out.write("\n".join(lines) + "\n")
-    out.flush()
+    return "\n".join(lines) + "\n"
+
+
+def write_private_file(path: str, text: str) -> None:
+    """
+    Write C{text} to a file only its owner can read or write, replacing any
+    file of that name (but never following a symbolic link there).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        # A file that was already there keeps its old mode otherwise.
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def show_bootstrap(data_dir: str, app: App, keys: tuple[Key, ...], out: TextIO | None = None) -> None:
+    """
+    Show the keys of a freshly bootstrapped app once: on the terminal
+    (C{twistd -n}) and in L{FIRST_KEYS_FILE} in the data directory, mode
+    0600, because a daemon's standard output is discarded. The log gets the
+    file's path, never the secret.
+
+    The file holds nothing the key database beside it does not (it stores
+    the secret to verify signatures with), under the same permissions; it
+    is written once, at the first start, before any connection is
+    accepted, so this small synchronous write does not hold up clients.
+    """
+    text = bootstrap_text(app, keys)
+    path = os.path.abspath(os.path.join(data_dir, FIRST_KEYS_FILE))
+    try:
+        write_private_file(path, text)
+    except OSError as e:
+        _startup_log.error("Could not write the new keys to {path}: {problem}", path=path, problem=e.strerror)
+    else:
+        _startup_log.info(
+            "The keys of the new app {app_id}, secret included, are in {path} (readable by this user only)",
+            app_id=app.app_id,
+            path=path,
+        )
+        text += f"  (also saved in {path}: copy the secret somewhere safe, then delete the file)\n"
+    out = out or sys.__stdout__
+    if out is not None:
+        out.write(text)
+        out.flush()
 
 
 class OrderedServices(MultiService):
@@ -405,7 +452,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
         open_pool(database_path(config.data_dir), reactor),
         clock=reactor,
         declarations=config.apps,
-        on_bootstrap=print_bootstrap,
+        on_bootstrap=partial(show_bootstrap, config.data_dir),
     )
     keys.setServiceParent(top)
     meter = Meter(reactor, UsageStore(usage_database_path(config.data_dir), reactor))

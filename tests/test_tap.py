@@ -6,25 +6,31 @@ the order in which the server stops.
 from __future__ import annotations
 
 import os
+import stat
+from io import StringIO
 
 from twisted.application.service import IServiceMaker, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
+from meteredrt.apps import App, Key, KeyType
 from meteredrt.metering import Meter
 from meteredrt.tap import (
+    FIRST_KEYS_FILE,
     ConnectionDrain,
     Listener,
     Options,
     OrderedServices,
     StartupError,
     StartupGate,
+    bootstrap_text,
     makeService,
+    show_bootstrap,
 )
 
 
@@ -215,3 +221,56 @@ class ListenerTests(SynchronousTestCase):
         port = self.successResultOf(Deferred.fromCoroutine(listener.accept()))
         self.assertEqual(port.getHost().port, 0)
         self.successResultOf(maybeDeferred(listener.stopService))
+
+
+class ShowBootstrapTests(SynchronousTestCase):
+    """
+    L{show_bootstrap} shows the first keys on the terminal and in a private
+    file, and logs only the file's path.
+    """
+
+    def setUp(self) -> None:
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir)
+        self.app = App(app_id="default")
+        self.keys = (
+            Key(key_id="sk_id_x", app_id="default", type=KeyType.SECRET, secret="sk_secret_shh", channel_patterns=("**",), actions=frozenset()),
+            Key(key_id="pk_live_x", app_id="default", type=KeyType.PUBLISHABLE, channel_patterns=("**",), actions=frozenset()),
+        )
+        self.observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def logged_text(self) -> str:
+        return "\n".join(formatEvent(e) for e in self.observed)
+
+    def test_file_and_terminal(self) -> None:
+        """
+        The file is mode 0600 even if one with a wider mode was there; the
+        terminal gets the keys and the path; the log never the secret.
+        """
+        path = os.path.join(self.data_dir, FIRST_KEYS_FILE)
+        with open(path, "w") as f:
+            f.write("old")
+        os.chmod(path, 0o644)
+        out = StringIO()
+        show_bootstrap(self.data_dir, self.app, self.keys, out)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            self.assertEqual(f.read(), bootstrap_text(self.app, self.keys))
+        self.assertIn("sk_secret_shh", out.getvalue())
+        self.assertIn(os.path.abspath(path), out.getvalue())
+        self.assertIn(os.path.abspath(path), self.logged_text())
+        self.assertNotIn("sk_secret_shh", self.logged_text())
+
+    def test_symlink_not_followed(self) -> None:
+        """
+        A symbolic link in the file's place is not written through; the
+        keys still reach the terminal and the failure is logged.
+        """
+        target = os.path.join(self.data_dir, "elsewhere")
+        os.symlink(target, os.path.join(self.data_dir, FIRST_KEYS_FILE))
+        out = StringIO()
+        show_bootstrap(self.data_dir, self.app, self.keys, out)
+        self.assertFalse(os.path.exists(target))
+        self.assertIn("sk_secret_shh", out.getvalue())
+        self.assertEqual([e["log_level"] for e in self.observed], [LogLevel.error])
+        self.assertNotIn("sk_secret_shh", self.logged_text())
