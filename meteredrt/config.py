@@ -54,6 +54,10 @@ DEFAULT_DATA_DIR = "./meteredrt-data"
 #: WebSocket upgrades accepted per source IP per 60 s.
 DEFAULT_UPGRADE_RATE_LIMIT = 60
 
+#: Seconds between SIGTERM (``/readyz`` turns 503) and the start of the
+#: drain: time for load balancers to take the node out of rotation.
+DEFAULT_DRAIN_GRACE_SECONDS = 5.0
+
 #: Regions the Metered TURN API accepts (protocol §20.2).
 TURN_REGIONS: frozenset[str] = frozenset(
     {
@@ -124,6 +128,9 @@ class Config:
     :ivar trusted_proxies: the networks of reverse proxies whose
         ``X-Forwarded-For`` names the client
         (L{meteredrt.clientaddress.client_address}); empty trusts nobody.
+    :ivar drain_grace_seconds: on shutdown, how long ``/readyz`` answers
+        503 (and upgrades are refused) while everything else keeps working,
+        before connections are drained and the listeners close.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -131,6 +138,7 @@ class Config:
     apps: tuple[AppDeclaration, ...] = ()
     upgrade_rate_limit: int = DEFAULT_UPGRADE_RATE_LIMIT
     trusted_proxies: TrustedProxies = ()
+    drain_grace_seconds: float = DEFAULT_DRAIN_GRACE_SECONDS
     source: str | None = None
 
 
@@ -386,7 +394,7 @@ class _Table:
 
 
 _TOP_LEVEL = ("server", "apps")
-_SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit", "trusted_proxies")
+_SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit", "trusted_proxies", "drain_grace_seconds")
 _APP_KEYS = ("id", "plan", "turn", "keys")
 _PLAN_KEYS = (
     "name",
@@ -430,6 +438,7 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             data_dir=server.string("data_dir", config.data_dir),
             upgrade_rate_limit=server.integer("upgrade_rate_limit", config.upgrade_rate_limit, minimum=1),
             trusted_proxies=_read_trusted_proxies(server),
+            drain_grace_seconds=server.number("drain_grace_seconds", config.drain_grace_seconds),
         )
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
     _check_unique(top, declarations)

@@ -21,7 +21,8 @@ from twisted.internet import endpoints
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -250,16 +251,39 @@ class OrderedServices(MultiService):
 
 class ConnectionDrain(Service):
     """
-    On shutdown, after the listeners have stopped, tell every connection to
-    go away and wait for them to close (§17.1).
+    The first step of shutdown, before the listeners close (§17.1).
+
+     1. At once: the node stops being ready. C{/readyz} answers 503 and
+        WebSocket upgrades are refused with 503 and C{Retry-After}, while
+        the listeners stay open and REST calls and live connections carry
+        on, for C{grace} seconds, so that a load balancer's health check
+        sees the 503 and takes the node out of rotation before its port
+        closes.
+     2. Then every connection gets C{going_away} and is closed with 1001
+        (L{RealtimeServerFactory.drain}, at most 10 s).
+
+    The listeners close after this service has stopped (L{makeService}).
     """
 
-    def __init__(self, factory: RealtimeServerFactory) -> None:
+    def __init__(self, factory: RealtimeServerFactory, clock: IReactorTime, grace: float) -> None:
         self._factory = factory
+        self._clock = clock
+        self._grace = grace
+        self._waiting: Deferred[None] | None = None
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self._factory.drain()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        self._factory.draining = True
+        if self._grace > 0:
+            self._waiting = deferLater(self._clock, self._grace)
+            try:
+                await self._waiting
+            finally:
+                self._waiting = None
+        await self._factory.drain()
 
 
 class DataDirectory(Service):
@@ -433,9 +457,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     any of these steps before the reactor runs is a L{StartupError}.
 
     Children stop one after the other, in the reverse of the order they are
-    added (L{OrderedServices}): listeners stop accepting first, then
-    connections drain, then the meter writes its last counts, then the
-    stores close.
+    added (L{OrderedServices}): the node stops being ready and, after the
+    drain grace, drains its connections (L{ConnectionDrain}); then the
+    listeners close, then the meter writes its last counts, then the stores
+    close.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -471,7 +496,6 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     turn = TurnCredentialCache(turn_api, reactor)
     turn.setServiceParent(top)
     factory = RealtimeServerFactory(hub, keys, reactor, turn=turn)
-    ConnectionDrain(factory).setServiceParent(top)
 
     trusted = config.trusted_proxies
     v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit, trusted_proxies=trusted)
@@ -485,4 +509,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     for description in config.listen:
         Listener(description, site, reactor).setServiceParent(gate)
     gate.setServiceParent(top)
+    # Added last, so it stops first: not ready, grace, drain; then the
+    # listeners close.
+    ConnectionDrain(factory, reactor, config.drain_grace_seconds).setServiceParent(top)
     return top

@@ -155,6 +155,7 @@ listen = ["tcp:80", "ssl:443:privateKey=k.pem"]
 data_dir = "/var/lib/meteredrt"
 upgrade_rate_limit = 10
 trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1", "192.0.2.77/24"]
+drain_grace_seconds = 2
 
 [[apps]]
 id = "a"
@@ -182,6 +183,7 @@ api_base = "http://127.0.0.1:9999"
         self.assertEqual(config.listen, ("tcp:80", "ssl:443:privateKey=k.pem"))
         self.assertEqual(config.data_dir, "/var/lib/meteredrt")
         self.assertEqual(config.upgrade_rate_limit, 10)
+        self.assertEqual(config.drain_grace_seconds, 2.0)
         self.assertEqual(
             config.trusted_proxies,
             (ip_network("127.0.0.1/32"), ip_network("10.0.0.0/8"), ip_network("::1/128"), ip_network("192.0.2.0/24")),
@@ -317,6 +319,20 @@ class ConfigErrorTests(ConfigTestsMixin, SynchronousTestCase):
         The upgrade rate limit is positive.
         """
         self.assertConfigError("[server]\nupgrade_rate_limit = 0\n", "server.upgrade_rate_limit", "at least 1")
+
+    def test_drain_grace_negative(self) -> None:
+        """
+        The drain grace is not negative.
+        """
+        self.assertConfigError("[server]\ndrain_grace_seconds = -1\n", "server.drain_grace_seconds", "at least 0")
+
+    def test_drain_grace_type(self) -> None:
+        """
+        The drain grace is a number of seconds.
+        """
+        self.assertConfigError(
+            '[server]\ndrain_grace_seconds = "5s"\n', "server.drain_grace_seconds", "must be a number, not a string"
+        )
 
     def test_trusted_proxies_type(self) -> None:
         """
@@ -667,6 +683,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.apps, ())
         self.assertEqual(config.upgrade_rate_limit, 60)
         self.assertEqual(config.trusted_proxies, ())
+        self.assertEqual(config.drain_grace_seconds, 5.0)
 
     def test_options_replace(self) -> None:
         """

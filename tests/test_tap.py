@@ -13,13 +13,16 @@ from twisted.application.service import IServiceMaker, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
 from meteredrt.apps import App, Key, KeyType
 from meteredrt.metering import Meter
+from meteredrt.site import V1Resource, build_root
 from meteredrt.tap import (
     FIRST_KEYS_FILE,
     ConnectionDrain,
@@ -32,6 +35,8 @@ from meteredrt.tap import (
     makeService,
     show_bootstrap,
 )
+from tests.test_site import UPGRADE_HEADERS, RawClient, connect_to_site
+from tests.test_ws import WebSocketTestCase
 
 
 class PluginTests(SynchronousTestCase):
@@ -55,10 +60,10 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_composition(self) -> None:
         """
-        The data directory and the stores come first and the listeners
-        last, so that stopping in reverse closes the listeners first and the
-        stores last; nothing listens and nothing is created on disk before
-        the service starts.
+        The data directory and the stores come first, then the listeners,
+        then the drain, so that stopping in reverse drains first, then
+        closes the listeners, and closes the stores last; nothing listens
+        and nothing is created on disk before the service starts.
         """
         options = Options()
         data_dir = os.path.join(self.mktemp(), "data")
@@ -69,8 +74,8 @@ class MakeServiceTests(SynchronousTestCase):
         kinds = [type(child).__name__ for child in service]
         self.assertEqual(kinds[:2], ["DataDirectory", "SQLiteKeyStore"])
         self.assertIsInstance(list(service)[2], Meter)
-        self.assertIsInstance(list(service)[-2], ConnectionDrain)
-        self.assertIsInstance(list(service)[-1], StartupGate)
+        self.assertIsInstance(list(service)[-2], StartupGate)
+        self.assertIsInstance(list(service)[-1], ConnectionDrain)
         self.assertEqual(reactor.tcpServers, [])
         self.assertFalse(os.path.exists(data_dir))
 
@@ -274,3 +279,64 @@ class ShowBootstrapTests(SynchronousTestCase):
         self.assertIn("sk_secret_shh", out.getvalue())
         self.assertEqual([e["log_level"] for e in self.observed], [LogLevel.error])
         self.assertNotIn("sk_secret_shh", self.logged_text())
+
+
+class DrainGraceTests(WebSocketTestCase):
+    """
+    L{ConnectionDrain}: not ready at once, drain after the grace.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.site = Site(
+            build_root(V1Resource(self.factory, self.clock), lambda: not self.factory.draining), reactor=Clock()
+        )
+        self.drain = ConnectionDrain(self.factory, self.clock, grace=5.0)
+        self.drain.startService()
+
+    def http(self, path: bytes, headers: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+        """
+        Send one GET to the site and return the response.
+        """
+        client = RawClient(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n")
+        connect_to_site(self.site, client, self.clock)
+        return client.response()
+
+    def test_not_ready_during_grace(self) -> None:
+        """
+        From the moment the drain starts, /readyz answers 503 and upgrades
+        are refused with 503, while /healthz and live connections carry on
+        until the grace is over; then connections get C{going_away} and
+        close 1001, and the stop fires.
+        """
+        self.assertEqual(self.http(b"/readyz")[0], 200)
+        client, _, pump = self.open_token("alice")
+        pump.flush()
+        stopped = self.drain.stopService()
+
+        self.assertEqual(self.http(b"/readyz")[0], 503)
+        self.assertEqual(self.http(b"/healthz")[0], 200)
+        status, headers, _ = self.http(b"/v1?key=pk_live_test", UPGRADE_HEADERS)
+        self.assertEqual((status, headers.get("retry-after")), (503, "1"))
+        client.send_json({"type": "ping"})
+        self.advance(4.9, pump, step=0.1)
+        self.assertEqual([f["type"] for f in client.received], ["welcome", "pong"])
+        self.assertNoResult(stopped)
+
+        self.advance(0.2, pump, step=0.1)
+        self.assertEqual(client.received[-1]["type"], "going_away")
+        self.advance(0.5, pump, step=0.1)
+        self.assertClosed(client, 1001)
+        self.successResultOf(stopped)
+        self.assertEqual(self.http(b"/readyz")[0], 503)
+        self.assertNoTimers()
+
+    def test_no_grace(self) -> None:
+        """
+        With a grace of 0 the drain starts at once.
+        """
+        drain = ConnectionDrain(self.factory, self.clock, grace=0)
+        drain.startService()
+        self.successResultOf(drain.stopService())
+        self.assertTrue(self.factory.draining)
+        self.assertNoTimers()
