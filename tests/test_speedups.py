@@ -455,8 +455,10 @@ class DirectSendTests(WebSocketTestCase):
         if installed:
             self.assertEqual(fast_calls, [])
         else:
-            # Stock Autobahn (a release that fails the check) keeps its sendData.
-            self.assertEqual(len(fast_calls), len(plain_calls))
+            # Stock Autobahn (a release that fails the check) keeps its
+            # sendData for every write (the count differs: the first
+            # session's subscriber also gets the second one's message).
+            self.assertGreater(len(fast_calls), len(plain_calls))
 
     def test_debug_logging_uses_autobahn(self) -> None:
         """
