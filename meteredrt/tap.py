@@ -21,7 +21,7 @@ from twisted.internet import endpoints
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
@@ -333,6 +333,13 @@ class Listener(Service):
         self._factory = factory
         self._binding: Deferred[IListeningPort] | None = None
         self._port: IListeningPort | None = None
+
+    @property
+    def address(self) -> IAddress | None:
+        """
+        The address the socket is bound to, once it is.
+        """
+        return None if self._port is None else self._port.getHost()
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

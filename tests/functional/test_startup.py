@@ -11,9 +11,14 @@ import sys
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
+
+from meteredrt.tap import Listener
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,3 +163,48 @@ class StartupFailureTests(TestCase):
         self.assertNotIn("Traceback", out)
         self.assertEqual(sorted(os.listdir(self.data_dir)), ["meteredrt.sqlite3"])
         self.assertFalse(self.pidfile.exists(), "the pid file was left behind")
+
+
+class _RecordingFactory(Factory):
+    """
+    Records the address of every connection it builds a protocol for.
+    """
+
+    def __init__(self) -> None:
+        self.built: list[IAddress] = []
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        self.built.append(addr)
+        return Protocol()
+
+
+class PausedListenerTests(TestCase):
+    """
+    A bound L{Listener} leaves connections waiting until it accepts: the
+    server binds before creating its stores and accepts after loading them.
+    """
+
+    async def test_accepts_only_when_told(self) -> None:
+        """
+        A client can connect to a bound listener (the kernel queues it), but
+        no protocol is built before L{Listener.accept}; then it is.
+        """
+        factory = _RecordingFactory()
+        listener = Listener("tcp:0:interface=127.0.0.1", factory, reactor)
+        listener.bind()
+        self.addCleanup(listener.stopService)
+        address = listener.address
+        assert address is not None
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", address.port).connect(  # type: ignore[attr-defined]
+            Factory.forProtocol(Protocol)
+        )
+        self.addCleanup(client.transport.loseConnection)
+        await deferLater(reactor, 0.3)
+        self.assertEqual(factory.built, [])
+
+        await listener.accept()
+        for _ in range(100):
+            if factory.built:
+                break
+            await deferLater(reactor, 0.05)
+        self.assertEqual(len(factory.built), 1)
