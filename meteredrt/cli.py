@@ -88,6 +88,7 @@ from meteredrt.usagestore import (
     read_usage,
     usage_database_path,
 )
+from meteredrt.version import package_version
 from meteredrt.webhooks.outbox import OutboxStatus, read_status, replay_failed, webhooks_database_path
 
 _T = TypeVar("_T")
@@ -157,12 +158,28 @@ class Session:
     def tenancy(self) -> Tenancy:
         """
         The effective apps and keys. Does not create a missing database.
+
+        :raises UsageError: naming the path looked at, if there is neither
+            a database nor a declared app: a mistyped C{--data-dir}, or a
+            command run from another directory, must not look like a server
+            without apps.
         """
-        if not os.path.exists(database_path(self.data_dir)):
+        path = database_path(self.data_dir)
+        if not os.path.exists(path):
+            if not self.declarations:
+                raise UsageError(self._no_data_here(path))
             return Tenancy.overlay(StoredState(apps={}, keys={}), self.declarations)
         with self.connection() as connection:
             state = read_state(connection.cursor())
         return Tenancy.overlay(state, self.declarations)
+
+    def _no_data_here(self, path: str) -> str:
+        directory = os.path.abspath(self.data_dir)
+        missing = f"no {os.path.basename(path)} in {directory}" if os.path.isdir(directory) else f"{directory} does not exist"
+        return (
+            f"no meteredrt data: {missing} (give the server's data directory with --data-dir, "
+            "or its configuration with --config)"
+        )
 
     def write(self, operation: Callable[..., _T], *args: Any) -> _T:
         """
@@ -245,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meteredrt", description="Manage meteredrt apps, keys and tokens.", parents=[common]
     )
+    parser.add_argument("--version", action="version", version=f"meteredrt {package_version()}")
     groups: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(metavar="COMMAND", required=True)}
     for entry in _COMMANDS:
         for depth in range(1, len(entry.words)):

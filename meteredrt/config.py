@@ -67,6 +67,9 @@ MAX_REQUEST_TIMEOUT = 3600
 #: Open connections per client address: room for an office or a carrier's
 #: NAT, far below what exhausts a process's file descriptors.
 DEFAULT_MAX_CONNECTIONS_PER_IP = 256
+#: Seconds between SIGTERM (``/readyz`` turns 503) and the start of the
+#: drain: time for load balancers to take the node out of rotation.
+DEFAULT_DRAIN_GRACE_SECONDS = 5.0
 
 #: Regions the Metered TURN API accepts (protocol §20.2).
 TURN_REGIONS: frozenset[str] = frozenset(
@@ -157,6 +160,9 @@ class Config:
     :ivar max_connections_per_ip: open connections one client address
         (an IPv6 /64) may hold; connections from trusted proxies count
         against the client they forward for.
+    :ivar drain_grace_seconds: on shutdown, how long ``/readyz`` answers
+        503 (and upgrades are refused) while everything else keeps working,
+        before connections are drained and the listeners close.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -166,6 +172,7 @@ class Config:
     trusted_proxies: TrustedProxies = ()
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
     max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
+    drain_grace_seconds: float = DEFAULT_DRAIN_GRACE_SECONDS
     source: str | None = None
 
 
@@ -429,6 +436,7 @@ _SERVER_KEYS = (
     "trusted_proxies",
     "request_timeout_seconds",
     "max_connections_per_ip",
+    "drain_grace_seconds",
 )
 _APP_KEYS = ("id", "plan", "turn", "webhooks", "keys")
 _WEBHOOK_KEYS = ("url", "secret", "events", "offline_grace_seconds", "retry_seconds")
@@ -478,6 +486,7 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             max_connections_per_ip=server.integer(
                 "max_connections_per_ip", config.max_connections_per_ip, minimum=1
             ),
+            drain_grace_seconds=server.number("drain_grace_seconds", config.drain_grace_seconds),
         )
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
     webhooks = top.table("webhooks", _WEBHOOKS_SERVER_KEYS)

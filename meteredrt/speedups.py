@@ -28,10 +28,24 @@ Autobahn's plain write without it when L{debug_skippable} says the logger
 would drop it (speedups installed, Autobahn's logger not at C{debug}).
 
 Nothing else changes: not the frames, not the text of a rendered log event.
-The patch is checked against the Autobahn release it was written for
-(L{VERIFIED_AUTOBAHN}); C{tests/test_speedups.py} fails when Autobahn is
-upgraded, moves these names, or calls them anywhere but inside a log call,
-so the call sites are re-read on every upgrade.
+That holds only for the Autobahn code the patch was written against, so
+L{install_speedups} checks, once per process, what it relies on
+(L{autobahn_problems}) and installs nothing, with one warning, when any of
+it changed:
+
+ - every replaced name is still Autobahn's helper, imported into the module
+   that calls it;
+ - the Autobahn functions whose behaviour is copied or wrapped (C{hltype}
+   itself, C{WebSocketProtocol.sendData}, C{Timings.__str__}) have the
+   code that was read (L{VERIFIED_FINGERPRINTS}: fingerprints that ignore
+   formatting, docstrings and annotations);
+ - every call of a replaced name in those modules builds an argument of a
+   log call, apart from the uses accounted for (L{KNOWN_OTHER_USES}): a
+   check of the modules' syntax trees, so releases that only add or move
+   log calls keep the speedups.
+
+Autobahn is therefore allowed a range of releases (C{setup.cfg}); one the
+check refuses runs stock, and the warning says what to re-read.
 
 Main entry points: L{install_speedups}, L{uninstall_speedups},
 L{speedups_installed}.
@@ -39,17 +53,44 @@ L{speedups_installed}.
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import inspect
 import os
 import pprint
+import textwrap
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+import txaio.tx
 from twisted.logger import Logger
-from txaio.tx import _no_op as _dropped_level
 
-#: The Autobahn release whose call sites were read for this patch.
-VERIFIED_AUTOBAHN = "26.10.2"
+# What txaio binds a disabled log level to; if a txaio release renames it,
+# nothing is ever skippable (L{debug_skippable}) and Autobahn logs as usual.
+_dropped_level: Any = getattr(txaio.tx, "_no_op", object())
+
+#: The Autobahn functions whose behaviour the patch copies or wraps, by
+#: L{code_fingerprint} of their code as read. C{sendData}'s plain path is
+#: copied by L{meteredrt.ws.RealtimeServerProtocol.sendData}; C{hltype}'s
+#: output must depend only on the function it names for memoising to be
+#: right; C{Timings.__str__} is wrapped. Read in Autobahn 24.4.2 and
+#: 26.10.2 (the same code in both). Add a fingerprint only after reading
+#: the new code against those uses.
+VERIFIED_FINGERPRINTS: dict[str, frozenset[str]] = {
+    "autobahn.util.hltype": frozenset({"30a12302e8da2e3d"}),
+    "autobahn.websocket.protocol.WebSocketProtocol.sendData": frozenset({"58eca4f77ba8709a"}),
+    "autobahn.websocket.protocol.Timings.__str__": frozenset({"9e42a2647514fe13"}),
+}
+
+#: Log levels whose calls may take the patched helpers as arguments.
+LOG_METHODS = frozenset({"trace", "debug", "info", "warn", "warning", "error", "critical", "failure"})
+
+#: Uses of a patched name outside a log call that the patch accounts for,
+#: as (module, name) -> enclosing "Class.function" names.
+KNOWN_OTHER_USES: dict[tuple[str, str], frozenset[str]] = {
+    ("autobahn.websocket.protocol", "pformat"): frozenset({"Timings.__str__"}),
+}
 
 #: Setting this environment variable to C{1} turns the speedups off, for
 #: benchmarks that compare against the unpatched server.
@@ -67,13 +108,6 @@ _log = Logger()
 _originals: dict[tuple[str, str], Any] = {}
 # The Timings class whose __str__ was wrapped, and its original __str__.
 _timings: tuple[type, Callable[[Any], Any]] | None = None
-
-
-class SpeedupError(Exception):
-    """
-    The installed Autobahn does not look like the one the patch was written
-    for: a name moved or is no longer the helper it replaces.
-    """
 
 
 class DeferredPformat:
@@ -138,26 +172,156 @@ def memoised_hltype(original: Callable[[Any], str]) -> Callable[[Any], str]:
     return hltype
 
 
-def _check(modules: Mapping[str, ModuleType]) -> type:
+def code_fingerprint(function: Callable[..., Any]) -> str:
     """
-    Make sure every name to replace is still Autobahn's helper.
+    The first 16 hex digits of the SHA-256 of what a function does: its
+    syntax tree without docstrings, type annotations or empty fields.
 
-    @return: the C{Timings} class of L{autobahn.websocket.protocol}.
-    @raise SpeedupError: naming what moved.
+    Reformatting, quoting style, comments, docstrings and annotations leave
+    it alone (Autobahn releases differ in those), and so does the Python
+    version, unlike bytecode; any change to the code itself changes it.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    return hashlib.sha256(_canonical(tree).encode()).hexdigest()[:16]
+
+
+def _canonical(node: Any) -> str:
+    if isinstance(node, list):
+        return "[" + ",".join(_canonical(item) for item in node) + "]"
+    if not isinstance(node, ast.AST):
+        return repr(node)
+    body = getattr(node, "body", None)
+    fields = []
+    for name, value in ast.iter_fields(node):
+        if name in ("annotation", "returns", "type_comment", "type_params") or value is None or value == []:
+            continue
+        if name == "body" and _has_docstring(body):
+            value = value[1:]
+        fields.append(f"{name}={_canonical(value)}")
+    return f"{type(node).__name__}({','.join(fields)})"
+
+
+def _has_docstring(body: Any) -> bool:
+    return (
+        isinstance(body, list)
+        and bool(body)
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    )
+
+
+def uses_outside_log_calls(source: str, names: tuple[str, ...]) -> set[tuple[str, str]]:
+    """
+    Every use of one of C{names} in a module's C{source} that is not part of
+    the arguments of a C{<something>.log.<level>(...)} call, as
+    C{(name, enclosing "Class.function")} pairs; a name passed around
+    rather than called is reported with C{" (not called)"}.
+    """
+    tree = ast.parse(source)
+    inside_log: set[int] = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in LOG_METHODS
+            and isinstance(node.func.value, ast.Attribute)
+            and node.func.value.attr == "log"
+        ):
+            for argument in [*node.args, *(k.value for k in node.keywords)]:
+                inside_log.update(id(n) for n in ast.walk(argument))
+
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    found: set[tuple[str, str]] = set()
+
+    def visit(node: ast.AST, where: tuple[str, ...]) -> None:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            where = (*where, node.name)
+        if isinstance(node, ast.Name) and node.id in names and isinstance(node.ctx, ast.Load):
+            if id(node) not in called:
+                # Passed around rather than called: it could escape a log call.
+                found.add((node.id, ".".join(where) + " (not called)"))
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in names
+            and id(node) not in inside_log
+        ):
+            found.add((node.func.id, ".".join(where)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, where)
+
+    visit(tree, ())
+    return found
+
+
+def module_source(module: ModuleType) -> str:
+    """
+    The source of a module, read from its file.
+    """
+    return inspect.getsource(module)
+
+
+# (module name, source) -> the problems found in it: parsing Autobahn's
+# protocol module takes a fifth of a second, and every makeService asks.
+_call_site_verdicts: dict[tuple[str, str], list[str]] = {}
+
+
+def _call_site_problems(module_name: str, source: str) -> list[str]:
+    key = (module_name, source)
+    if key not in _call_site_verdicts:
+        names = TARGETS[module_name]
+        allowed = {(name, where) for name in names for where in KNOWN_OTHER_USES.get((module_name, name), ())}
+        _call_site_verdicts[key] = [
+            f"{module_name} uses {name} outside a log call in {where}"
+            for name, where in sorted(uses_outside_log_calls(source, names) - allowed)
+        ]
+    return _call_site_verdicts[key]
+
+
+def autobahn_problems(modules: Mapping[str, ModuleType] | None = None) -> list[str]:
+    """
+    What differs, in the installed Autobahn, from the code the patch was
+    written against (see the module docstring); empty if nothing does.
     """
     from autobahn import util
 
+    modules = _import_targets() if modules is None else modules
+    problems = []
     expected = {"hltype": util.hltype, "pformat": pprint.pformat}
     for module_name, names in TARGETS.items():
         module = modules[module_name]
         for name in names:
             current = getattr(module, name, None)
             if current is not expected[name]:
-                raise SpeedupError(f"{module_name}.{name} is {current!r}, not {expected[name]!r}")
-    timings = getattr(modules["autobahn.websocket.protocol"], "Timings", None)
-    if not isinstance(timings, type) or "__str__" not in vars(timings):
-        raise SpeedupError("autobahn.websocket.protocol.Timings.__str__ has moved")
-    return timings
+                problems.append(f"{module_name}.{name} is {current!r}, not {expected[name]!r}")
+    protocol = modules["autobahn.websocket.protocol"]
+    functions = {
+        "autobahn.util.hltype": util.hltype,
+        "autobahn.websocket.protocol.WebSocketProtocol.sendData": vars(
+            getattr(protocol, "WebSocketProtocol", object)
+        ).get("sendData"),
+        "autobahn.websocket.protocol.Timings.__str__": vars(getattr(protocol, "Timings", object)).get("__str__"),
+    }
+    for qualified, function in functions.items():
+        if function is None:
+            problems.append(f"{qualified} has moved")
+            continue
+        try:
+            digest = code_fingerprint(function)
+        except (OSError, TypeError):
+            problems.append(f"{qualified} has no readable source")
+            continue
+        if digest not in VERIFIED_FINGERPRINTS[qualified]:
+            problems.append(f"{qualified} changed (fingerprint {digest})")
+    for module_name, module in modules.items():
+        try:
+            source = module_source(module)
+        except (OSError, TypeError):
+            problems.append(f"{module_name} has no readable source")
+            continue
+        problems.extend(_call_site_problems(module_name, source))
+    return problems
 
 
 def _import_targets() -> dict[str, ModuleType]:
@@ -178,9 +342,10 @@ def install_speedups(enabled: bool | None = None, environ: Mapping[str, str] | N
     @param enabled: C{False} removes the patch; C{None} means "on unless
         C{METEREDRT_NO_SPEEDUPS=1} is set in C{environ}".
     @param environ: defaults to C{os.environ}.
-    @return: whether the patch is in place. When Autobahn no longer has the
-        expected names the server still starts, unpatched, with a warning;
-        the tests fail in that case.
+    @return: whether the patch is in place. When the installed Autobahn
+        differs from the code the patch was checked against
+        (L{autobahn_problems}), nothing is patched and one warning says
+        why.
     """
     global _timings
     if enabled is None:
@@ -192,11 +357,18 @@ def install_speedups(enabled: bool | None = None, environ: Mapping[str, str] | N
     if _originals:
         return True
     modules = _import_targets()
-    try:
-        timings = _check(modules)
-    except SpeedupError as e:
-        _log.warn("Autobahn speedups not installed: {problem}", problem=str(e))
+    problems = autobahn_problems(modules)
+    if problems:
+        import autobahn
+
+        _log.warn(
+            "Autobahn {version} differs from the code meteredrt's speedups were checked against, "
+            "so stock Autobahn runs (correct, a little slower): {problems}",
+            version=autobahn.__version__,
+            problems="; ".join(problems),
+        )
         return False
+    timings: type = modules["autobahn.websocket.protocol"].Timings
     for module_name, names in TARGETS.items():
         module = modules[module_name]
         for name in names:

@@ -8,18 +8,25 @@ the only one that may import the global reactor.
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TextIO
+from types import TracebackType
+from typing import Any, NoReturn, TextIO
 
 from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from meteredrt.apps import App, Key, KeyType, WebhookConfig
@@ -27,7 +34,7 @@ from meteredrt.broker.memory import MemoryBroker
 from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
 from meteredrt.guard import ConnectionCap, GuardedSite
 from meteredrt.hub import Hub
-from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
+from meteredrt.keystore import SQLiteKeyStore, connect, create_schema, database_path, open_pool, prepare_database
 from meteredrt.metering import Meter
 from meteredrt.presence import MemoryPresence
 from meteredrt.rest import install_rest
@@ -67,20 +74,106 @@ class Options(usage.Options):
     opt_l = opt_listen
 
     def postOptions(self) -> None:
+        """
+        Read the configuration and check every endpoint string.
+
+        A problem ends the process with one line on standard error and exit
+        status 1 (C{SystemExit}), rather than as a C{UsageError}, after
+        which twistd would print its whole usage text first: the command
+        line was well formed, the configuration it names is not.
+        """
         try:
             config = load_config(self["config"]) if self["config"] else default_config()
-            self["parsed"] = apply_options(config, listen=self["listen"], data_dir=self["data-dir"])
+            parsed = apply_options(config, listen=self["listen"], data_dir=self["data-dir"])
+            check_endpoints(parsed, from_command_line=bool(self["listen"]))
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SystemExit(f"meteredrt: {e}") from None
+        self["parsed"] = parsed
 
 
-def print_bootstrap(app: App, keys: tuple[Key, ...], out: TextIO | None = None) -> None:
+def check_endpoints(config: Config, *, from_command_line: bool) -> None:
     """
-    Show the keys of a freshly bootstrapped app once: the only time the
-    secret is shown. Written to the terminal, never to the log.
+    Parse every endpoint string without listening, so that a typo stops the
+    server before anything is created.
+
+    Twisted's parsers only build endpoint objects (the C{ssl:} one also
+    reads its certificate and key files), so no reactor is needed.
+
+    :raises ConfigError: naming the option or file key of the first
+        endpoint that does not parse.
     """
-    out = out or sys.__stdout__
-    assert out is not None, "no stdout to show the new keys on"
+    for index, description in enumerate(config.listen):
+        try:
+            endpoints.serverFromString(None, description)
+        except Exception as e:
+            # Parsers raise ValueError, TypeError, KeyError, OSError or
+            # OpenSSL errors; each says what is wrong in its message.
+            if from_command_line:
+                source, where = "<command line>", f"--listen[{index}]"
+            else:
+                source, where = config.source or "<defaults>", f"server.listen[{index}]"
+            reason = str(e) or type(e).__name__
+            raise ConfigError(source, where, f"not a usable endpoint {description!r}: {reason}") from None
+
+
+class StartupError(Exception):
+    """
+    The server cannot start. C{str()} is the one line shown to the operator.
+
+    Raised while twistd starts the services, before the reactor runs: twistd
+    then removes its pid file, reports the error (in daemon mode, through
+    the parent process) and exits with status 1.
+    """
+
+
+_startup_log = Logger(namespace="meteredrt.tap")
+
+
+def refuse_to_start(problem: str) -> NoReturn:
+    """
+    Log why the server cannot start (a daemon's log file is where its
+    operator looks) and raise it as a L{StartupError}.
+    """
+    _startup_log.critical("meteredrt cannot start: {problem}", problem=problem)
+    raise StartupError(problem)
+
+
+def show_startup_errors_in_one_line() -> None:
+    """
+    Make an uncaught L{StartupError} print as C{meteredrt: <problem>}
+    instead of a traceback through twistd.
+
+    twistd lets an exception from starting the services propagate to the
+    interpreter, whose hook prints the traceback; only ours are shortened,
+    anything else still gets its traceback.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "shows_startup_errors", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        # twistd -n sends sys.stderr into its log; the terminal's own
+        # stderr is where the operator looks for why the start failed.
+        err = sys.__stderr__ or sys.stderr
+        if isinstance(value, StartupError):
+            err.write(f"meteredrt: {value}\n")
+            err.flush()
+        else:
+            previous(kind, value, tb)
+
+    hook.shows_startup_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+#: The file in the data directory that receives the keys made on the first
+#: start, for a daemon whose standard output goes nowhere.
+FIRST_KEYS_FILE = "first-start-keys.txt"
+
+
+def bootstrap_text(app: App, keys: tuple[Key, ...]) -> str:
+    """
+    The keys of a freshly bootstrapped app as the operator reads them.
+    """
     lines = [f"meteredrt: created app {app.app_id!r} with these keys (the secret is shown only now):"]
     for key in keys:
         if key.type is KeyType.SECRET:
@@ -88,8 +181,52 @@ def print_bootstrap(app: App, keys: tuple[Key, ...], out: TextIO | None = None) 
             lines.append(f"  secret key secret: {key.secret}")
         else:
             lines.append(f"  publishable key:   {key.key_id}")
-    out.write("\n".join(lines) + "\n")
-    out.flush()
+    return "\n".join(lines) + "\n"
+
+
+def write_private_file(path: str, text: str) -> None:
+    """
+    Write C{text} to a file only its owner can read or write, replacing any
+    file of that name (but never following a symbolic link there).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        # A file that was already there keeps its old mode otherwise.
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def show_bootstrap(data_dir: str, app: App, keys: tuple[Key, ...], out: TextIO | None = None) -> None:
+    """
+    Show the keys of a freshly bootstrapped app once: on the terminal
+    (C{twistd -n}) and in L{FIRST_KEYS_FILE} in the data directory, mode
+    0600, because a daemon's standard output is discarded. The log gets the
+    file's path, never the secret.
+
+    The file holds nothing the key database beside it does not (it stores
+    the secret to verify signatures with), under the same permissions; it
+    is written once, at the first start, before any connection is
+    accepted, so this small synchronous write does not hold up clients.
+    """
+    text = bootstrap_text(app, keys)
+    path = os.path.abspath(os.path.join(data_dir, FIRST_KEYS_FILE))
+    try:
+        write_private_file(path, text)
+    except OSError as e:
+        _startup_log.error("Could not write the new keys to {path}: {problem}", path=path, problem=e.strerror)
+    else:
+        _startup_log.info(
+            "The keys of the new app {app_id}, secret included, are in {path} (readable by this user only)",
+            app_id=app.app_id,
+            path=path,
+        )
+        text += f"  (also saved in {path}: copy the secret somewhere safe, then delete the file)\n"
+    out = out or sys.__stdout__
+    if out is not None:
+        out.write(text)
+        out.flush()
 
 
 class OrderedServices(MultiService):
@@ -118,51 +255,172 @@ class OrderedServices(MultiService):
 
 class ConnectionDrain(Service):
     """
-    On shutdown, after the listeners have stopped, tell every connection to
-    go away and wait for them to close (§17.1).
+    The first step of shutdown, before the listeners close (§17.1).
+
+     1. At once: the node stops being ready. C{/readyz} answers 503 and
+        WebSocket upgrades are refused with 503 and C{Retry-After}, while
+        the listeners stay open and REST calls and live connections carry
+        on, for C{grace} seconds, so that a load balancer's health check
+        sees the 503 and takes the node out of rotation before its port
+        closes.
+     2. Then every connection gets C{going_away} and is closed with 1001
+        (L{RealtimeServerFactory.drain}, at most 10 s).
+
+    The listeners close after this service has stopped (L{makeService}).
     """
 
-    def __init__(self, factory: RealtimeServerFactory) -> None:
+    def __init__(self, factory: RealtimeServerFactory, clock: IReactorTime, grace: float) -> None:
         self._factory = factory
+        self._clock = clock
+        self._grace = grace
+        self._waiting: Deferred[None] | None = None
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self._factory.drain()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        self._factory.draining = True
+        if self._grace > 0:
+            self._waiting = deferLater(self._clock, self._grace)
+            try:
+                await self._waiting
+            finally:
+                self._waiting = None
+        await self._factory.drain()
+
+
+class DataDirectory(Service):
+    """
+    Creates the data directory and the key database when the server starts,
+    not when it is composed: by then every listener is bound, so a server
+    that cannot listen leaves no empty data directory behind, and the files
+    belong to the user twistd switched to (C{-u}/C{-g}), not to root.
+
+    Opening the database once here, synchronously and before the reactor
+    runs, turns an unusable file (no permission, not a database) into a
+    L{StartupError} instead of a failure after the reactor has started.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            connection = connect(prepare_database(self.path))
+            try:
+                with connection:
+                    create_schema(connection.cursor())
+            finally:
+                connection.close()
+        except OSError as e:
+            refuse_to_start(f"cannot use data directory {self.path!r}: {e.strerror or e}")
+        except sqlite3.Error as e:
+            refuse_to_start(f"cannot use {database_path(self.path)!r}: {e}")
 
 
 class Listener(Service):
     """
     Listens on one Twisted endpoint string while running.
+
+    The socket is bound as soon as the service starts (in
+    C{privilegedStartService} under twistd, so ports below 1024 work with
+    C{-u}/C{-g}), but connections wait in the kernel's backlog until
+    L{accept} is called: the server binds first, then opens its stores, then
+    accepts.
     """
 
     def __init__(self, description: str, factory: Any, reactor: Any) -> None:
         self.description = description
         self._endpoint = endpoints.serverFromString(reactor, description)
         self._factory = factory
+        self._binding: Deferred[IListeningPort] | None = None
         self._port: IListeningPort | None = None
 
-    async def listen(self) -> IListeningPort:
+    @property
+    def address(self) -> IAddress | None:
         """
-        Start listening; fires with the bound port.
+        The address the socket is bound to, once it is.
         """
+        return None if self._port is None else self._port.getHost()
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.bind()
+
+    def startService(self) -> None:
+        super().startService()
+        self.bind()
+
+    def bind(self) -> None:
+        """
+        Bind the socket, without accepting yet; does nothing if bound.
+
+        :raises StartupError: if the endpoint refuses at once, as TCP, TLS,
+            UNIX and systemd endpoints do.
+        """
+        if self._binding is not None:
+            return
+        binding = self._endpoint.listen(self._factory)
+        binding.addCallback(self._bound)
+        self._binding = binding
+        if binding.called:
+            refused: list[Failure] = []
+            binding.addErrback(refused.append)
+            if refused:
+                self._binding = None
+                refuse_to_start(self._describe(refused[0].value or Exception()))
+
+    def _bound(self, port: IListeningPort) -> IListeningPort:
+        self._port = port
+        if isinstance(port, FileDescriptor):
+            port.stopReading()
+        return port
+
+    def _describe(self, error: BaseException) -> str:
+        if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+            reason = error.socketError.strerror or str(error.socketError)
+        else:
+            reason = str(error) or type(error).__name__
+        return f"cannot listen on {self.description}: {reason}"
+
+    async def accept(self) -> IListeningPort:
+        """
+        Start accepting connections; fires with the port.
+
+        :raises StartupError: if an endpoint that binds later failed.
+        """
+        self.bind()
+        assert self._binding is not None
+        try:
+            port = await self._binding
+        except Exception as e:
+            raise StartupError(self._describe(e)) from None
+        if isinstance(port, FileDescriptor):
+            port.startReading()
         self.running = True
-        self._port = await self._endpoint.listen(self._factory)
-        return self._port
+        return port
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        binding, self._binding = self._binding, None
         port, self._port = self._port, None
-        return None if port is None else port.stopListening()
+        if port is not None:
+            return port.stopListening()
+        if binding is not None:
+            binding.cancel()
+        return None
 
 
 class StartupGate(MultiService):
     """
     Holds back the listeners until the key store and the meter have
     loaded, so the first client never meets an empty store or a quota that
-    forgot earlier runs; stops the process if it cannot listen.
+    forgot earlier runs; stops the process if that fails.
 
     @ivar listening: fires with the bound L{IListeningPort}s once every
-        listener is up.
+        listener accepts.
     """
 
     log = Logger()
@@ -176,6 +434,8 @@ class StartupGate(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
+        for listener in self:
+            listener.bind()
         ensureDeferred(self._open()).addCallbacks(self.listening.callback, self._failed)
 
     async def _open(self) -> list[IListeningPort]:
@@ -184,13 +444,16 @@ class StartupGate(MultiService):
         await self._meter.loaded
         ports = []
         for listener in self:
-            port = await listener.listen()
+            port = await listener.accept()
             self.log.info("meteredrt listening on {where}", where=port.getHost())
             ports.append(port)
         return ports
 
     def _failed(self, failure: Any) -> None:
-        self.log.failure("meteredrt could not start", failure)
+        if failure.check(StartupError):
+            self.log.critical("meteredrt: {problem}", problem=str(failure.value))
+        else:
+            self.log.failure("meteredrt could not start", failure)
         self.listening.errback(failure)
         self._reactor.stop()
 
@@ -218,10 +481,16 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     """
     Build the whole server as one service.
 
+    Starting binds every listener first (C{privilegedStartService}), then
+    creates the data directory and opens the stores, then accepts
+    connections once the stores have loaded (L{StartupGate}); a failure at
+    any of these steps before the reactor runs is a L{StartupError}.
+
     Children stop one after the other, in the reverse of the order they are
-    added (L{OrderedServices}): listeners stop accepting first, then
-    connections drain, then the meter writes its last counts, then the
-    stores close.
+    added (L{OrderedServices}): the node stops being ready and, after the
+    drain grace, drains its connections (L{ConnectionDrain}); then the
+    listeners close, then the meter writes its last counts, then the stores
+    close.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -230,12 +499,15 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     config: Config = options["parsed"]
     install_speedups()
 
+    show_startup_errors_in_one_line()
+
     top = OrderedServices()
+    DataDirectory(config.data_dir).setServiceParent(top)
     keys = SQLiteKeyStore(
-        open_pool(prepare_database(config.data_dir), reactor),
+        open_pool(database_path(config.data_dir), reactor),
         clock=reactor,
         declarations=config.apps,
-        on_bootstrap=print_bootstrap,
+        on_bootstrap=partial(show_bootstrap, config.data_dir),
     )
     keys.setServiceParent(top)
     meter = Meter(reactor, UsageStore(usage_database_path(config.data_dir), reactor))
@@ -268,7 +540,6 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     turn = TurnCredentialCache(turn_api, reactor)
     turn.setServiceParent(top)
     factory = RealtimeServerFactory(hub, keys, reactor, turn=turn)
-    ConnectionDrain(factory).setServiceParent(top)
 
     trusted = config.trusted_proxies
     v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit, trusted_proxies=trusted)
@@ -290,4 +561,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     for description in config.listen:
         Listener(description, capped, reactor).setServiceParent(gate)
     gate.setServiceParent(top)
+    # Added last, so it stops first: not ready, grace, drain; then the
+    # listeners close.
+    ConnectionDrain(factory, reactor, config.drain_grace_seconds).setServiceParent(top)
     return top

@@ -93,11 +93,11 @@ class AppsCommandTests(CommandLineMixin, SynchronousTestCase):
 
     def test_list_empty(self) -> None:
         """
-        Listing a missing data directory shows no apps and creates nothing.
+        A data directory whose database holds no apps lists none.
         """
+        prepare_database(self.data_dir)
         self.assertEqual(self.cli("apps", "list"), ("No apps.\n", ""))
         self.assertEqual(self.json("apps", "list"), [])
-        self.assertFalse(os.path.exists(self.data_dir))
 
     def test_create_and_list(self) -> None:
         """

@@ -157,6 +157,7 @@ upgrade_rate_limit = 10
 trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1", "192.0.2.77/24"]
 request_timeout_seconds = 2.5
 max_connections_per_ip = 7
+drain_grace_seconds = 2
 
 [[apps]]
 id = "a"
@@ -185,6 +186,7 @@ api_base = "http://127.0.0.1:9999"
         self.assertEqual(config.data_dir, "/var/lib/meteredrt")
         self.assertEqual(config.upgrade_rate_limit, 10)
         self.assertEqual((config.request_timeout_seconds, config.max_connections_per_ip), (2.5, 7))
+        self.assertEqual(config.drain_grace_seconds, 2.0)
         self.assertEqual(
             config.trusted_proxies,
             (ip_network("127.0.0.1/32"), ip_network("10.0.0.0/8"), ip_network("::1/128"), ip_network("192.0.2.0/24")),
@@ -344,6 +346,20 @@ class ConfigErrorTests(ConfigTestsMixin, SynchronousTestCase):
         self.assertConfigError("[server]\nmax_connections_per_ip = 0\n", "server.max_connections_per_ip", "at least 1")
         self.assertConfigError(
             "[server]\nmax_connections_per_ip = 1.5\n", "server.max_connections_per_ip", "must be an integer"
+        )
+
+    def test_drain_grace_negative(self) -> None:
+        """
+        The drain grace is not negative.
+        """
+        self.assertConfigError("[server]\ndrain_grace_seconds = -1\n", "server.drain_grace_seconds", "at least 0")
+
+    def test_drain_grace_type(self) -> None:
+        """
+        The drain grace is a number of seconds.
+        """
+        self.assertConfigError(
+            '[server]\ndrain_grace_seconds = "5s"\n', "server.drain_grace_seconds", "must be a number, not a string"
         )
 
     def test_trusted_proxies_type(self) -> None:
@@ -697,6 +713,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.trusted_proxies, ())
         self.assertEqual(config.request_timeout_seconds, 15.0)
         self.assertEqual(config.max_connections_per_ip, 256)
+        self.assertEqual(config.drain_grace_seconds, 5.0)
 
     def test_options_replace(self) -> None:
         """

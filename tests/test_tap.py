@@ -6,15 +6,37 @@ the order in which the server stops.
 from __future__ import annotations
 
 import os
+import stat
+from io import StringIO
 
 from twisted.application.service import IServiceMaker, Service
-from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
+from meteredrt.apps import App, Key, KeyType
 from meteredrt.metering import Meter
-from meteredrt.tap import ConnectionDrain, Options, OrderedServices, StartupGate, makeService
+from meteredrt.site import V1Resource, build_root
+from meteredrt.tap import (
+    FIRST_KEYS_FILE,
+    ConnectionDrain,
+    Listener,
+    Options,
+    OrderedServices,
+    StartupError,
+    StartupGate,
+    bootstrap_text,
+    makeService,
+    show_bootstrap,
+)
+from tests.test_site import UPGRADE_HEADERS, RawClient, connect_to_site
+from tests.test_ws import WebSocketTestCase
 
 
 class PluginTests(SynchronousTestCase):
@@ -38,9 +60,10 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_composition(self) -> None:
         """
-        The stores come first and the listeners last, so that stopping in
-        reverse closes the listeners first and the stores last; nothing
-        listens before the service starts.
+        The data directory and the stores come first, then the listeners,
+        then the drain, so that stopping in reverse drains first, then
+        closes the listeners, and closes the stores last; nothing listens
+        and nothing is created on disk before the service starts.
         """
         options = Options()
         data_dir = os.path.join(self.mktemp(), "data")
@@ -49,12 +72,12 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(options, reactor)
         self.assertIsInstance(service, OrderedServices)
         kinds = [type(child).__name__ for child in service]
-        self.assertEqual(kinds[0], "SQLiteKeyStore")
-        self.assertIsInstance(list(service)[1], Meter)
-        self.assertIsInstance(list(service)[-2], ConnectionDrain)
-        self.assertIsInstance(list(service)[-1], StartupGate)
+        self.assertEqual(kinds[:2], ["DataDirectory", "SQLiteKeyStore"])
+        self.assertIsInstance(list(service)[2], Meter)
+        self.assertIsInstance(list(service)[-2], StartupGate)
+        self.assertIsInstance(list(service)[-1], ConnectionDrain)
         self.assertEqual(reactor.tcpServers, [])
-        self.assertTrue(os.path.isdir(data_dir))
+        self.assertFalse(os.path.exists(data_dir))
 
 
 class _Recorder(Service):
@@ -115,3 +138,205 @@ class OrderedServicesTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(log, ["stop meter", "stop stores"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    L{Options} refuses a bad configuration with one line, before anything
+    is created.
+    """
+
+    def parse_failure(self, *argv: str) -> str:
+        """
+        Parse C{argv}, expecting the process to be told to exit; return the
+        message it would print.
+        """
+        with self.assertRaises(SystemExit) as caught:
+            Options().parseOptions(list(argv))
+        return str(caught.exception.code)
+
+    def test_bad_endpoint_on_command_line(self) -> None:
+        """
+        An endpoint string that does not parse names the option.
+        """
+        message = self.parse_failure("--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:backlog=x")
+        self.assertTrue(message.startswith("meteredrt: <command line>: --listen[1]: not a usable endpoint"), message)
+
+    def test_bad_endpoint_in_file(self) -> None:
+        """
+        An endpoint string in the file names the file and the key.
+        """
+        path = os.path.join(self.mktemp())
+        with open(path, "w") as f:
+            f.write('[server]\nlisten = ["nope:1"]\n')
+        message = self.parse_failure("--config", path)
+        self.assertEqual(
+            message, f"meteredrt: {path}: server.listen[0]: not a usable endpoint 'nope:1': Unknown endpoint type: 'nope'"
+        )
+
+    def test_missing_certificate(self) -> None:
+        """
+        A TLS endpoint whose key file is missing is refused while parsing.
+        """
+        message = self.parse_failure("--listen", "ssl:0:privateKey=/nonexistent/key.pem")
+        self.assertIn("--listen[0]: not a usable endpoint", message)
+
+    def test_good_options(self) -> None:
+        """
+        Valid options give the parsed configuration.
+        """
+        options = Options()
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--listen", "unix:/tmp/x.sock"])
+        self.assertEqual(options["parsed"].listen, ("tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock"))
+
+
+class ListenerTests(SynchronousTestCase):
+    """
+    L{Listener} binds at start and accepts only when told to.
+    """
+
+    def test_refused_at_once(self) -> None:
+        """
+        An endpoint that refuses while binding raises a L{StartupError}
+        naming the endpoint and the reason, and logs it.
+        """
+        reactor = MemoryReactorClock()
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise CannotListenError("127.0.0.1", 80, PermissionError(13, "Permission denied"))
+
+        reactor.listenTCP = refuse  # type: ignore[method-assign]
+        listener = Listener("tcp:80:interface=127.0.0.1", Factory(), reactor)
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        with self.assertRaises(StartupError) as caught:
+            listener.privilegedStartService()
+        self.assertEqual(str(caught.exception), "cannot listen on tcp:80:interface=127.0.0.1: Permission denied")
+        self.assertEqual([e["log_level"] for e in observed], [LogLevel.critical])
+
+    def test_binds_once(self) -> None:
+        """
+        Binding in C{privilegedStartService} is not repeated by
+        C{startService}; accepting fires with the port.
+        """
+        reactor = MemoryReactorClock()
+        listener = Listener("tcp:0:interface=127.0.0.1", Factory(), reactor)
+        listener.privilegedStartService()
+        listener.startService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+        port = self.successResultOf(Deferred.fromCoroutine(listener.accept()))
+        self.assertEqual(port.getHost().port, 0)
+        self.successResultOf(maybeDeferred(listener.stopService))
+
+
+class ShowBootstrapTests(SynchronousTestCase):
+    """
+    L{show_bootstrap} shows the first keys on the terminal and in a private
+    file, and logs only the file's path.
+    """
+
+    def setUp(self) -> None:
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir)
+        self.app = App(app_id="default")
+        self.keys = (
+            Key(key_id="sk_id_x", app_id="default", type=KeyType.SECRET, secret="sk_secret_shh", channel_patterns=("**",), actions=frozenset()),
+            Key(key_id="pk_live_x", app_id="default", type=KeyType.PUBLISHABLE, channel_patterns=("**",), actions=frozenset()),
+        )
+        self.observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def logged_text(self) -> str:
+        return "\n".join(formatEvent(e) for e in self.observed)
+
+    def test_file_and_terminal(self) -> None:
+        """
+        The file is mode 0600 even if one with a wider mode was there; the
+        terminal gets the keys and the path; the log never the secret.
+        """
+        path = os.path.join(self.data_dir, FIRST_KEYS_FILE)
+        with open(path, "w") as f:
+            f.write("old")
+        os.chmod(path, 0o644)
+        out = StringIO()
+        show_bootstrap(self.data_dir, self.app, self.keys, out)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            self.assertEqual(f.read(), bootstrap_text(self.app, self.keys))
+        self.assertIn("sk_secret_shh", out.getvalue())
+        self.assertIn(os.path.abspath(path), out.getvalue())
+        self.assertIn(os.path.abspath(path), self.logged_text())
+        self.assertNotIn("sk_secret_shh", self.logged_text())
+
+    def test_symlink_not_followed(self) -> None:
+        """
+        A symbolic link in the file's place is not written through; the
+        keys still reach the terminal and the failure is logged.
+        """
+        target = os.path.join(self.data_dir, "elsewhere")
+        os.symlink(target, os.path.join(self.data_dir, FIRST_KEYS_FILE))
+        out = StringIO()
+        show_bootstrap(self.data_dir, self.app, self.keys, out)
+        self.assertFalse(os.path.exists(target))
+        self.assertIn("sk_secret_shh", out.getvalue())
+        self.assertEqual([e["log_level"] for e in self.observed], [LogLevel.error])
+        self.assertNotIn("sk_secret_shh", self.logged_text())
+
+
+class DrainGraceTests(WebSocketTestCase):
+    """
+    L{ConnectionDrain}: not ready at once, drain after the grace.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.site = Site(
+            build_root(V1Resource(self.factory, self.clock), lambda: not self.factory.draining), reactor=Clock()
+        )
+        self.drain = ConnectionDrain(self.factory, self.clock, grace=5.0)
+        self.drain.startService()
+
+    def http(self, path: bytes, headers: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+        """
+        Send one GET to the site and return the response.
+        """
+        client = RawClient(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n")
+        connect_to_site(self.site, client, self.clock)
+        return client.response()
+
+    def test_not_ready_during_grace(self) -> None:
+        """
+        From the moment the drain starts, /readyz answers 503 and upgrades
+        are refused with 503, while /healthz and live connections carry on
+        until the grace is over; then connections get C{going_away} and
+        close 1001, and the stop fires.
+        """
+        self.assertEqual(self.http(b"/readyz")[0], 200)
+        client, _, pump = self.open_token("alice")
+        pump.flush()
+        stopped = self.drain.stopService()
+
+        self.assertEqual(self.http(b"/readyz")[0], 503)
+        self.assertEqual(self.http(b"/healthz")[0], 200)
+        status, headers, _ = self.http(b"/v1?key=pk_live_test", UPGRADE_HEADERS)
+        self.assertEqual((status, headers.get("retry-after")), (503, "1"))
+        client.send_json({"type": "ping"})
+        self.advance(4.9, pump, step=0.1)
+        self.assertEqual([f["type"] for f in client.received], ["welcome", "pong"])
+        self.assertNoResult(stopped)
+
+        self.advance(0.2, pump, step=0.1)
+        self.assertEqual(client.received[-1]["type"], "going_away")
+        self.advance(0.5, pump, step=0.1)
+        self.assertClosed(client, 1001)
+        self.successResultOf(stopped)
+        self.assertEqual(self.http(b"/readyz")[0], 503)
+        self.assertNoTimers()
+
+    def test_no_grace(self) -> None:
+        """
+        With a grace of 0 the drain starts at once.
+        """
+        drain = ConnectionDrain(self.factory, self.clock, grace=0)
+        drain.startService()
+        self.successResultOf(drain.stopService())
+        self.assertTrue(self.factory.draining)
+        self.assertNoTimers()

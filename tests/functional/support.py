@@ -37,6 +37,10 @@ OTHER_SECRET_KEY_ID = "sk_id_other"
 OTHER_SECRET = "sk_secret_other_0123456789abcdef"
 
 CONFIG = f"""
+[server]
+# Tests stop servers often; none of them has a load balancer to wait for.
+drain_grace_seconds = 0
+
 [[apps]]
 id = "{APP_ID}"
 

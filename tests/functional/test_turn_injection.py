@@ -47,6 +47,9 @@ def config(api_base: str) -> str:
     auto-injection.
     """
     return f"""
+[server]
+drain_grace_seconds = 0
+
 [[apps]]
 id = "{APP_ID}"
 
