@@ -85,6 +85,13 @@ upgrade_rate_limit = 60
 # Reverse proxies whose X-Forwarded-For names the client, e.g. ["127.0.0.1"].
 # Empty: nobody is trusted and the TCP peer is the client.
 trusted_proxies = []
+# Seconds a client has to send a whole HTTP request (then 408 and close).
+request_timeout_seconds = 15
+# Open connections one client address may hold (IPv6: per /64).
+max_connections_per_ip = 256
+# On SIGTERM, /readyz answers 503 this long before connections are drained,
+# so a load balancer takes the node out of rotation first.
+drain_grace_seconds = 5
 
 [[apps]]
 id = {toml_string(app_id)}
@@ -101,6 +108,12 @@ id = {toml_string(app_id)}
 # [apps.turn]
 # app_name = "myapp"
 # secret_key = "..."
+
+# Optional: tell your backend who is online (docs/webhooks.md).
+# [apps.webhooks]
+# url = "https://backend.example/metered-hooks"
+# secret = "..."                  # at least 32 characters: openssl rand -hex 32
+# offline_grace_seconds = 3
 
 # The secret key pair: your backend signs JWTs with the secret (or mints
 # them with POST /v1/tokens or `meteredrt token mint`) and authenticates
