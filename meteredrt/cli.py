@@ -31,8 +31,6 @@ import argparse
 import calendar
 import contextlib
 import json
-import os
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,38 +51,29 @@ from meteredrt.config import (
     AppDeclaration,
     Config,
     ConfigError,
+    apply_options,
     default_config,
     load_config,
 )
-from meteredrt.keystore import (
-    BUSY_TIMEOUT_MS,
+from meteredrt.metering import CONNECTION_OVERAGE, MESSAGE_OVERAGE, MONTH, period_bounds
+from meteredrt.store import keys as key_tables
+from meteredrt.store import usage as usage_tables
+from meteredrt.store.database import Database, driver_errors
+from meteredrt.store.dialect import DialectCursor
+from meteredrt.store.keys import (
     InvalidKeyField,
     KeyStoreError,
-    StoredState,
-    Tenancy,
-    connect,
-    create_schema,
-    database_path,
-    prepare_database,
     read_state,
     store_app,
     store_key,
-    store_plan,
+    store_plan_changes,
     store_revocation,
     store_suspension,
 )
-from meteredrt.metering import CONNECTION_OVERAGE, MESSAGE_OVERAGE, MONTH, period_bounds
+from meteredrt.store.schema import Migration, SchemaTooNew
+from meteredrt.store.tenancy import StoredState, Tenancy
+from meteredrt.store.usage import CHARGE, RECHARGE, LedgerEntry, UsageRow, read_report
 from meteredrt.turn import TurnApiClient, TurnApiError
-from meteredrt.usagestore import (
-    CHARGE,
-    RECHARGE,
-    LedgerEntry,
-    UsageRow,
-    read_balance_changes,
-    read_ledger,
-    read_usage,
-    usage_database_path,
-)
 
 _T = TypeVar("_T")
 
@@ -108,19 +97,26 @@ class Output:
 
 class Session:
     """
-    The data directory and configuration one command works on.
+    The store and configuration one command works on.
 
     Reads see the stored apps and keys overlaid by the configuration file,
-    as the server sees them; writes run in one transaction each.
+    as the server sees them; writes run in one transaction each, through
+    the same table functions the server uses (L{meteredrt.store.keys}).
 
     :ivar data_dir: the data directory (``--data-dir``, else the
         configuration's ``data_dir``, else C{DEFAULT_DATA_DIR}).
     :ivar config: the configuration (defaults without ``--config``).
+    :ivar database: where apps, keys and usage are: ``--database``, else
+        the configuration's ``[storage] database``, else SQLite in the data
+        directory.
     """
 
-    def __init__(self, data_dir: str, config: Config, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, data_dir: str, config: Config, clock: Callable[[], float], database_url: str | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.config = config
+        self.database = Database(data_dir, database_url if database_url is not None else config.database)
         self._clock = clock
 
     @property
@@ -137,27 +133,27 @@ class Session:
         return self._clock()
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, component: str, migrations: Sequence[Migration]) -> Iterator[DialectCursor]:
         """
-        A connection to the key database, created if need be; committed if
-        the block succeeds, rolled back if it raises.
+        A cursor on one component of the store (created and upgraded if
+        need be), in one transaction: committed if the block succeeds,
+        rolled back if it raises.
         """
-        connection = connect(prepare_database(self.data_dir))
+        connection = self.database.connect(component, migrations)
         try:
             with connection:
-                create_schema(connection.cursor())
-                yield connection
+                yield DialectCursor(connection.cursor(), self.database.dialect)
         finally:
             connection.close()
 
     def tenancy(self) -> Tenancy:
         """
-        The effective apps and keys. Does not create a missing database.
+        The effective apps and keys. Does not create a missing SQLite file.
         """
-        if not os.path.exists(database_path(self.data_dir)):
+        if not self.database.exists(key_tables.COMPONENT):
             return Tenancy.overlay(StoredState(apps={}, keys={}), self.declarations)
-        with self.connection() as connection:
-            state = read_state(connection.cursor())
+        with self.transaction(key_tables.COMPONENT, key_tables.MIGRATIONS) as cursor:
+            state = read_state(cursor)
         return Tenancy.overlay(state, self.declarations)
 
     def write(self, operation: Callable[..., _T], *args: Any) -> _T:
@@ -165,8 +161,19 @@ class Session:
         Run one of the key store's write functions (C{store_*}) in its own
         transaction.
         """
-        with self.connection() as connection:
-            return operation(connection.cursor(), self.declarations, *args)
+        with self.transaction(key_tables.COMPONENT, key_tables.MIGRATIONS) as cursor:
+            return operation(cursor, self.declarations, *args)
+
+    def usage(self, app_id: str, period_start: int) -> tuple[UsageRow | None, list[LedgerEntry], float]:
+        """
+        One app's stored counters and ledger entries for one period and its
+        net ledger total (L{meteredrt.store.usage.read_report}). Nothing if
+        no server has written usage yet; does not create a missing file.
+        """
+        if not self.database.exists(usage_tables.COMPONENT):
+            return None, [], 0.0
+        with self.transaction(usage_tables.COMPONENT, usage_tables.MIGRATIONS) as cursor:
+            return read_report(cursor, app_id, period_start)
 
 
 @frozen
@@ -229,6 +236,12 @@ def _common_options() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="TOML configuration file; the apps and keys it declares are included",
     )
+    common.add_argument(
+        "--database",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="PostgreSQL URL of the store (default: the config's [storage] database, else SQLite in the data dir)",
+    )
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     return common
 
@@ -278,15 +291,17 @@ def main(
     except SystemExit as e:
         # --help (0) or a usage error (2), already printed by argparse.
         return e.code if isinstance(e.code, int) else 2
+    storage_errors: tuple[type[Exception], ...] = (OSError, *driver_errors())
     try:
         config_path = getattr(args, "config", None)
         config = default_config() if config_path is None else load_config(config_path)
+        config = apply_options(config, database=getattr(args, "database", None))
         data_dir = getattr(args, "data_dir", None) or config.data_dir
         output = args.run(Session(data_dir, config, clock), args)
-    except (UsageError, ConfigError, KeyStoreError, auth.MintError) as e:
+    except (UsageError, ConfigError, KeyStoreError, auth.MintError, SchemaTooNew) as e:
         print(f"meteredrt: error: {_describe_error(e)}", file=stderr)
         return 2
-    except (sqlite3.Error, OSError) as e:
+    except storage_errors as e:
         print(f"meteredrt: error: {_describe_storage_error(e)}", file=stderr)
         return 2
     if getattr(args, "json", False):
@@ -717,29 +732,6 @@ def _month(text: str) -> int:
     return calendar.timegm((int(year), int(month), 1, 0, 0, 0, 0, 0, 0))
 
 
-def _replace_plan(
-    cursor: Any,
-    declarations: Sequence[AppDeclaration],
-    app_id: str,
-    changes: dict[str, Any],
-    unmetered: bool,
-    now: float,
-) -> App:
-    """
-    In one transaction: the app's stored plan with ``changes`` applied (a
-    fresh L{Plan} when it has none), or no plan if ``unmetered``.
-    """
-    # Hold the write lock from the read to the write, so a concurrent
-    # set-plan cannot be lost between them.
-    if not cursor.connection.in_transaction:
-        cursor.execute("BEGIN IMMEDIATE")
-    current = Tenancy.overlay(read_state(cursor), declarations).app(app_id)
-    if current is None:
-        raise UsageError(f"no app {app_id!r}")
-    plan = None if unmetered else attrs.evolve(current.plan or Plan(), **changes)
-    return store_plan(cursor, declarations, app_id, plan, now)
-
-
 def describe_plan(plan: Plan | None) -> str:
     """
     A plan as a few indented lines for humans.
@@ -852,42 +844,12 @@ def _apps_set_plan(session: Session, args: argparse.Namespace) -> Output:
     if not args.unmetered and not given:
         raise UsageError("give at least one plan option, or --unmetered")
     changes = {field: getattr(args, field) for field in given}
-    app = session.write(_replace_plan, args.app_id, changes, args.unmetered, session.now())
+    app = session.write(store_plan_changes, args.app_id, changes, args.unmetered, session.now())
     text = (
         f"Plan of app {app.app_id}:\n{describe_plan(app.plan)}\n"
         "A running server applies it within about 2 s."
     )
     return Output(_app_json(app, session.tenancy()), text)
-
-
-def _read_usage_file(
-    path: str, app_id: str, period_start: int
-) -> tuple[UsageRow | None, list[LedgerEntry], float]:
-    """
-    One app's counters and ledger entries for one period, and its net ledger
-    total over all periods, read with plain C{sqlite3} in one read
-    transaction (one snapshot, so the counters and the ledger agree even
-    while a server flushes). A missing file holds nothing.
-    """
-    if not os.path.exists(path):
-        return None, [], 0.0
-    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
-    try:
-        cursor = connection.cursor()
-        cursor.execute("BEGIN")
-        cursor.execute(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('usage', 'ledger')"
-        )
-        if cursor.fetchone()[0] < 2:
-            # The server creates both tables before its first flush.
-            return None, [], 0.0
-        row = read_usage(cursor, app_id, period_start)
-        entries = read_ledger(cursor, app_id, period_start)
-        net = read_balance_changes(cursor).get(app_id, 0.0)
-    finally:
-        connection.rollback()
-        connection.close()
-    return row, entries, net
 
 
 def usage_report(
@@ -986,6 +948,6 @@ def _usage(session: Session, args: argparse.Namespace) -> Output:
         bounds = period_bounds(session.now(), app.plan.period if app.plan else MONTH)
     else:
         bounds = period_bounds(args.period, MONTH)
-    row, entries, net = _read_usage_file(usage_database_path(session.data_dir), app.app_id, bounds[0])
+    row, entries, net = session.usage(app.app_id, bounds[0])
     report = usage_report(app, row, bounds, entries, net)
     return Output(report, describe_usage(report, app.plan))

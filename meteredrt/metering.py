@@ -7,7 +7,7 @@ periods, and L{decide_connection} / L{decide_message} turn a L{Plan} and the
 current L{Counters} into a L{Decision}, following the table of protocol
 §15.3. The bottom half is L{Meter}, the L{IMeter} service: it keeps the
 counters of every app in memory, answers the hub from them in O(1), and
-flushes them to a L{meteredrt.usagestore.UsageStore} once a second.
+flushes them to a L{meteredrt.store.usage.UsageStore} once a second.
 
 Decision rules (one new connection or one message at a time):
 
@@ -48,6 +48,7 @@ from __future__ import annotations
 import calendar
 import math
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -62,7 +63,7 @@ from zope.interface import implementer
 
 from meteredrt.apps import App, Plan
 from meteredrt.interfaces import IMeter
-from meteredrt.usagestore import (
+from meteredrt.store.usage import (
     CHARGE,
     RECHARGE,
     FlushBatch,
@@ -207,6 +208,9 @@ class _PeriodUsage:
     messages_used: int = 0
     overage_messages: int = 0
     overage_connections: int = 0
+    #: The part of the three counts above that is written (or being
+    #: written): loaded, or taken into a batch.
+    taken: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -215,31 +219,43 @@ class _PeriodUsage:
         """
         return (self.app_id, self.start)
 
-    def row(self) -> UsageRow:
+    def take(self) -> UsageRow:
         """
-        The absolute values to persist.
+        The increments counted since the last batch, and this process's
+        peak, to add to the stored row; from now on they count as written.
         """
+        counts = (self.messages_used, self.overage_messages, self.overage_connections)
+        messages, overage_messages, overage_connections = (
+            count - taken for count, taken in zip(counts, self.taken, strict=True)
+        )
+        self.taken = counts
         return UsageRow(
             app_id=self.app_id,
             period_start=self.start,
             period_end=self.end,
             peak_concurrent=self.peak_concurrent,
-            messages_used=self.messages_used,
-            overage_messages=self.overage_messages,
-            overage_connections=self.overage_connections,
+            messages_used=messages,
+            overage_messages=overage_messages,
+            overage_connections=overage_connections,
         )
 
     def add_persisted(self, row: UsageRow) -> None:
         """
-        Fold in what an earlier process counted in this period.
+        Fold in what other processes (earlier ones, or others writing now)
+        counted in this period: stored already, so not to be written again.
 
-        The counts of this process started from zero, so they add up; the
-        peak of two processes is the larger one.
+        The peak of two processes is the larger one.
         """
         self.peak_concurrent = max(self.peak_concurrent, row.peak_concurrent)
         self.messages_used += row.messages_used
         self.overage_messages += row.overage_messages
         self.overage_connections += row.overage_connections
+        messages, overage_messages, overage_connections = self.taken
+        self.taken = (
+            messages + row.messages_used,
+            overage_messages + row.overage_messages,
+            overage_connections + row.overage_connections,
+        )
 
 
 @define
@@ -305,6 +321,13 @@ class Meter(service.Service):
         self._charges: dict[tuple[str, int, str], _PendingCharge] = {}
         #: Ledger entries awaiting a flush, other than aggregated charges.
         self._entries: list[LedgerEntry] = []
+        #: This process's writer id and last batch number (see
+        #: L{meteredrt.store.usage.FlushBatch}).
+        self._writer = uuid.uuid4().hex
+        self._sequence = 0
+        #: A batch whose write failed: written again, unchanged, before
+        #: anything newer, so that it counts exactly once.
+        self._unconfirmed: FlushBatch | None = None
         self._loaded = False
         self._load_waiters: list[Deferred[None]] = []
         self._lock = DeferredLock()
@@ -537,27 +560,29 @@ class Meter(service.Service):
     async def _sync(self) -> None:
         """
         Write a batch of what changed, after loading if that has not
-        succeeded yet: absolute counters must never be written over counts
-        of an earlier process this one has not read.
+        succeeded yet (what this process writes must not be loaded back and
+        counted twice), and after the batch that failed last time, if any.
         """
         if not self._loaded:
             await self._load()
+        if self._unconfirmed is not None:
+            await self._store.flush(self._unconfirmed)
+            self._forget_finished(self._unconfirmed)
+            self._unconfirmed = None
         batch = self._take_batch()
         if not batch.usage and not batch.ledger:
             return
-        try:
-            await self._store.flush(batch)
-        except BaseException:
-            self._dirty.update((row.app_id, row.period_start) for row in batch.usage)
-            self._entries[:0] = batch.ledger
-            raise
+        self._unconfirmed = batch
+        await self._store.flush(batch)
+        self._unconfirmed = None
         self._forget_finished(batch)
 
     def _take_batch(self) -> FlushBatch:
         """
-        Everything changed since the last batch; it is pending no more.
+        Everything changed since the last batch, numbered; it is pending no
+        more.
         """
-        usage = tuple(self._periods[key].row() for key in sorted(self._dirty))
+        usage = tuple(self._periods[key].take() for key in sorted(self._dirty))
         charges = [
             LedgerEntry(
                 app_id=app_id,
@@ -574,7 +599,12 @@ class Meter(service.Service):
         self._dirty.clear()
         self._charges.clear()
         self._entries = []
-        return FlushBatch(usage=usage, ledger=ledger)
+        if not usage and not ledger:
+            return FlushBatch()
+        self._sequence += 1
+        return FlushBatch(
+            usage=usage, ledger=ledger, writer=self._writer, sequence=self._sequence, at=self._clock.seconds()
+        )
 
     def _forget_finished(self, batch: FlushBatch) -> None:
         """

@@ -1,9 +1,9 @@
 """
 The composition root: C{twistd meteredrt} options and L{makeService}.
 
-This is the only module that picks implementations (SQLite key store,
-in-memory broker and presence, SQLite-backed meter, treq TURN client) and
-the only one that may import the global reactor.
+This is the only module that picks implementations (the key store and the
+meter's usage store on SQLite or PostgreSQL, in-memory broker and presence,
+treq TURN client) and the only one that may import the global reactor.
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ from meteredrt.apps import App, Key, KeyType
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
 from meteredrt.hub import Hub
-from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
 from meteredrt.metering import Meter
 from meteredrt.presence import MemoryPresence
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
+from meteredrt.store import keys as key_tables
+from meteredrt.store import usage as usage_tables
+from meteredrt.store.database import Database
+from meteredrt.store.keystore import KeyStore
+from meteredrt.store.usage import UsageStore
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
-from meteredrt.usagestore import UsageStore, usage_database_path
 from meteredrt.ws import RealtimeServerFactory
 
 
@@ -47,6 +50,13 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file (apps, keys, plans, listen, data_dir)."],
         ["data-dir", "d", None, "Directory for persistent state (SQLite). Default ./meteredrt-data."],
+        [
+            "database",
+            None,
+            None,
+            "PostgreSQL URL for apps, keys and usage (postgresql://user@host:5432/db); "
+            "overrides [storage] database. Default: SQLite in the data directory.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -65,7 +75,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = load_config(self["config"]) if self["config"] else default_config()
-            self["parsed"] = apply_options(config, listen=self["listen"], data_dir=self["data-dir"])
+            self["parsed"] = apply_options(
+                config, listen=self["listen"], data_dir=self["data-dir"], database=self["database"]
+            )
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -163,7 +175,7 @@ class StartupGate(MultiService):
 
     log = Logger()
 
-    def __init__(self, keys: SQLiteKeyStore, meter: Meter, reactor: Any) -> None:
+    def __init__(self, keys: KeyStore, meter: Meter, reactor: Any) -> None:
         super().__init__()
         self._keys = keys
         self._meter = meter
@@ -208,14 +220,18 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     install_speedups()
 
     top = OrderedServices()
-    keys = SQLiteKeyStore(
-        open_pool(prepare_database(config.data_dir), reactor),
+    database = Database(config.data_dir, config.database)
+    Logger().info("Keeping apps, keys and usage in {where}", where=database.describe())
+    keys = KeyStore(
+        database.open_pool(key_tables.COMPONENT, key_tables.MIGRATIONS, reactor, connections=2),
         clock=reactor,
+        dialect=database.dialect,
         declarations=config.apps,
         on_bootstrap=print_bootstrap,
     )
     keys.setServiceParent(top)
-    meter = Meter(reactor, UsageStore(usage_database_path(config.data_dir), reactor))
+    usage_pool = database.open_pool(usage_tables.COMPONENT, usage_tables.MIGRATIONS, reactor)
+    meter = Meter(reactor, UsageStore.with_pool(usage_pool, database.dialect))
     meter.setServiceParent(top)
 
     hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
@@ -223,6 +239,9 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.
     keys.on_apps_changed(hub.close_suspended)
+    # A key revoked while running closes its sessions with 4001 at the key
+    # store's next re-read.
+    keys.on_keys_revoked(hub.close_revoked)
     # An API call may outlive the 2 s a welcome waits: a late answer still
     # fills the cache for the next connection.
     # TURN calls are rare (credentials are cached), so no connection is kept.

@@ -49,7 +49,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(options, reactor)
         self.assertIsInstance(service, OrderedServices)
         kinds = [type(child).__name__ for child in service]
-        self.assertEqual(kinds[0], "SQLiteKeyStore")
+        self.assertEqual(kinds[0], "KeyStore")
         self.assertIsInstance(list(service)[1], Meter)
         self.assertIsInstance(list(service)[-2], ConnectionDrain)
         self.assertIsInstance(list(service)[-1], StartupGate)
