@@ -11,6 +11,7 @@ from twisted.application.service import IServiceMaker, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt.metering import Meter
@@ -55,6 +56,18 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(list(service)[-1], StartupGate)
         self.assertEqual(reactor.tcpServers, [])
         self.assertTrue(os.path.isdir(data_dir))
+
+
+    def test_database_option(self) -> None:
+        """
+        C{--database} puts apps, keys and usage in PostgreSQL; a URL that is
+        not one is a usage error.
+        """
+        options = Options()
+        url = "postgresql://meteredrt@127.0.0.1:1/meteredrt"
+        options.parseOptions(["--database", url])
+        self.assertEqual(options["parsed"].database, url)
+        self.assertRaises(UsageError, Options().parseOptions, ["--database", "redis://x/0"])
 
 
 class _Recorder(Service):
