@@ -328,6 +328,8 @@ class Meter(service.Service):
         #: A batch whose write failed: written again, unchanged, before
         #: anything newer, so that it counts exactly once.
         self._unconfirmed: FlushBatch | None = None
+        #: Whether the last flush of the loop failed.
+        self._failing = False
         self._loaded = False
         self._load_waiters: list[Deferred[None]] = []
         self._lock = DeferredLock()
@@ -524,10 +526,26 @@ class Meter(service.Service):
     def _tick(self) -> Deferred[None]:
         """
         One iteration of the flush loop; never fails, so the loop goes on.
+
+        The first failure of a run of them is logged with its traceback,
+        the rest briefly (a database outage would otherwise log one
+        traceback a second), and the first success after them says so.
         """
         d = self.flush()
-        d.addErrback(self._log_failure, "Flushing usage counters failed; retrying")
+        d.addCallbacks(self._flushed, self._flush_failed)
         return d
+
+    def _flushed(self, _: object) -> None:
+        if self._failing:
+            self._failing = False
+            self._log.info("Usage counters are flushed again")
+
+    def _flush_failed(self, failure: Failure) -> None:
+        if self._failing:
+            self._log.debug("Flushing usage counters failed again: {error}", error=failure.getErrorMessage())
+            return
+        self._failing = True
+        self._log_failure(failure, "Flushing usage counters failed; retrying every flush interval, counts kept")
 
     def _run_exclusively(self, work: _Coroutine) -> Deferred[None]:
         """

@@ -22,7 +22,7 @@ from zope.interface.verify import verifyObject
 
 from meteredrt.apps import ACTIONS, MAX_KEYS_PER_APP, PUBLISHABLE_DEFAULT_ACTIONS, App, Key, KeyType, Plan
 from meteredrt.config import AppDeclaration
-from meteredrt.interfaces import IKeyStore
+from meteredrt.interfaces import IKeyStore, StoreUnavailable
 from meteredrt.keystore import connect, prepare_database
 from meteredrt.store.database import Database
 from meteredrt.store.dialect import SQLITE, DialectCursor
@@ -523,6 +523,28 @@ class KeyStoreConformanceMixin(_MixinBase):
         self.clock.advance(2)
         await self.barrier()
         self.assertFalse(store.key(key.key_id).active)  # type: ignore[union-attr]
+
+    async def test_unreachable(self) -> None:
+        """
+        After a failed re-read, known keys are still served but an unknown
+        one raises L{StoreUnavailable} (it may have been created since);
+        the next re-read that works ends that.
+        """
+        pool = _FlakyPool(self.open_pool())
+        store = await self.start(pool=pool)
+        self.pool = pool._pool
+        key = store.keys_of("default")[0]
+        self.assertTrue(store.reachable)
+        pool.fail_next = True
+        self.clock.advance(2)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.assertFalse(store.reachable)
+        self.assertEqual(store.key(key.key_id), key)
+        self.assertRaises(StoreUnavailable, store.key, "pk_live_unknown")
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertTrue(store.reachable)
+        self.assertIsNone(store.key("pk_live_unknown"))
 
     async def test_stop(self) -> None:
         """

@@ -670,6 +670,29 @@ class MeterDurabilityTests(MeterTestCase):
         ledger = [(e.units, e.amount) for e in self.persisted_ledger()]
         self.assertEqual(ledger, [(1, 1.0), (1, 1.0)])
 
+    def test_outage_logged_once(self) -> None:
+        """
+        A run of failed flushes (a database outage) logs one traceback, not
+        one a second; the counts are written once the store is back.
+        """
+        meter, clock, store = self.start_meter()
+        app = App("app_a")
+        self.send(meter, app, 2)
+        store.failures = 3
+        for _ in range(3):
+            self.send(meter, app)
+            clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        clock.advance(1)
+        row = self.persisted()
+        assert row is not None
+        self.assertEqual(row.messages_used, 5)
+        # A new outage logs again.
+        self.send(meter, app)
+        store.failures = 1
+        clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+
     def test_lost_commit_counted_once(self) -> None:
         """
         A flush that was written but whose answer was lost is retried

@@ -12,9 +12,13 @@ closes a newly suspended app's connections) and which keys stopped
 authenticating (L{KeyStore.on_keys_revoked}; the server closes their
 sessions with 4001).
 
-While the database is unreachable the last state read keeps serving:
-connections and keys known before the outage go on working, and the first
-re-read that succeeds catches up with every change made meanwhile.
+While the database is unreachable (a re-read failed, and none succeeded
+since) the last state read keeps serving: connections and keys known before
+the outage go on working. Only a key it does not know cannot be answered
+(it may have been created since): L{KeyStore.key} raises
+L{StoreUnavailable}, which the WebSocket answers with close 1011 and REST
+with 503, both retried by clients. The first re-read that succeeds catches
+up with every change made meanwhile.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from zope.interface import implementer
 
 from meteredrt.apps import App, Key, KeyType, Plan
 from meteredrt.config import AppDeclaration
-from meteredrt.interfaces import IKeyStore
+from meteredrt.interfaces import IKeyStore, StoreUnavailable
 from meteredrt.store.dialect import SQLITE, Dialect, DialectCursor, in_dialect
 from meteredrt.store.keys import (
     bootstrap_default_app,
@@ -122,6 +126,8 @@ class KeyStore(service.Service):
         self._loaded = False
         self._observers: list[AppsChangedObserver] = []
         self._revocation_observers: list[KeysRevokedObserver] = []
+        #: Whether the last round trip to the database worked.
+        self._reachable = True
         # Every database round trip gets a ticket when it starts; state read
         # by an older one never replaces state read by a newer one.
         self._tickets = 0
@@ -242,7 +248,18 @@ class KeyStore(service.Service):
         """
         self._revocation_observers.append(observer)
 
+    @property
+    def reachable(self) -> bool:
+        """
+        Whether the last round trip to the database worked (after a failed
+        one, until one works again, unknown keys raise L{StoreUnavailable}).
+        """
+        return self._reachable
+
     def _apply(self, ticket: int, state: StoredState) -> None:
+        if not self._reachable:
+            self._log.info("The database is reachable again: apps and keys are up to date")
+        self._reachable = True
         if ticket <= self._applied:
             return
         self._applied = ticket
@@ -270,9 +287,18 @@ class KeyStore(service.Service):
     def _reload(self) -> Deferred[None]:
         # A failed re-read (say, a lock held for longer than the busy
         # timeout) is logged and the next tick tries again.
-        return Deferred.fromCoroutine(self._read()).addErrback(
-            lambda failure: self._log.failure("Could not re-read apps and keys", failure)
-        )
+        return Deferred.fromCoroutine(self._read()).addErrback(self._unreachable)
+
+    def _unreachable(self, failure: Failure) -> None:
+        if self._reachable:
+            self._log.failure(
+                "Could not re-read apps and keys; serving the last state read, "
+                "and refusing unknown keys with a transient error until the database is back",
+                failure,
+            )
+        else:
+            self._log.debug("Database still unreachable: {error}", error=failure.getErrorMessage())
+        self._reachable = False
 
     async def _read(self) -> None:
         ticket = self._ticket()
@@ -288,8 +314,14 @@ class KeyStore(service.Service):
     def key(self, key_id: str) -> Key | None:
         """
         The key with this id, revoked or not, or ``None``.
+
+        :raises StoreUnavailable: for a key not in memory while the database
+            is unreachable.
         """
-        return self._tenancy.key(key_id)
+        key = self._tenancy.key(key_id)
+        if key is None and not self._reachable:
+            raise StoreUnavailable("the key store cannot reach its database")
+        return key
 
     def app(self, app_id: str) -> App | None:
         """
