@@ -56,7 +56,7 @@ from attrs import define, frozen
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -187,6 +187,10 @@ _Coroutine = Callable[[], Coroutine[Any, Any, None]]
 
 #: Seconds between two flushes; also the most a C{SIGKILL} can lose.
 FLUSH_INTERVAL = 1.0
+
+#: How many times a graceful stop tries the final flush, one flush interval
+#: apart, before it gives the unwritten counts up.
+FINAL_FLUSH_ATTEMPTS = 10
 
 #: Ledger reasons.
 MESSAGE_OVERAGE = "message overage"
@@ -370,15 +374,34 @@ class Meter(service.Service):
         Stop the flush loop and write everything counted so far.
 
         The returned Deferred fires once the final flush is done, so a
-        graceful shutdown loses no count.
+        graceful shutdown loses no count. A failing final flush (the
+        database is down) is retried every flush interval for at most
+        L{FINAL_FLUSH_ATTEMPTS} attempts, so that a short outage during a
+        shutdown loses nothing either; after that the counts are given up
+        and logged.
         """
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        final = self._run_exclusively(self._sync)
-        final.addErrback(self._log_failure, "The final flush of usage counters failed")
+        final = Deferred.fromCoroutine(self._final_flush())
+        final.addErrback(self._log_failure, "The final flush of usage counters failed; unwritten counts are lost")
         return final
+
+    async def _final_flush(self) -> None:
+        for attempt in range(1, FINAL_FLUSH_ATTEMPTS + 1):
+            try:
+                await self._run_exclusively(self._sync)
+                return
+            except Exception:
+                if attempt == FINAL_FLUSH_ATTEMPTS:
+                    raise
+                self._log.warn(
+                    "The final flush of usage counters failed (attempt {attempt} of {attempts}); retrying",
+                    attempt=attempt,
+                    attempts=FINAL_FLUSH_ATTEMPTS,
+                )
+                await deferLater(self._clock, self._flush_interval, lambda: None)
 
     def admit_connection(self, app: App) -> Deferred[bool]:
         """

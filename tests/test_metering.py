@@ -21,6 +21,7 @@ from meteredrt.metering import (
     ACCEPT,
     AUTO_RECHARGE,
     CONNECTION_OVERAGE,
+    FINAL_FLUSH_ATTEMPTS,
     MESSAGE_OVERAGE,
     REFUSE,
     Counters,
@@ -692,6 +693,42 @@ class MeterDurabilityTests(MeterTestCase):
         store.failures = 1
         clock.advance(1)
         self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+
+    def test_final_flush_retried(self) -> None:
+        """
+        A graceful stop during a short outage retries the final flush every
+        flush interval and loses nothing.
+        """
+        meter, clock, store = self.start_meter()
+        app = App("app_a")
+        self.send(meter, app, 4)
+        store.failures = 2
+        stopped = meter.stopService()
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        row = self.persisted()
+        assert row is not None
+        self.assertEqual(row.messages_used, 4)
+        self.assertEqual(self.flushLoggedErrors(sqlite3.OperationalError), [])
+
+    def test_final_flush_gives_up(self) -> None:
+        """
+        When the store stays down, the stop ends after
+        L{FINAL_FLUSH_ATTEMPTS} attempts and says what was lost.
+        """
+        meter, clock, store = self.start_meter()
+        self.send(meter, App("app_a"), 4)
+        store.failures = FINAL_FLUSH_ATTEMPTS
+        stopped = meter.stopService()
+        clock.pump([1.0] * (FINAL_FLUSH_ATTEMPTS - 2))
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.assertIsNone(self.persisted())
 
     def test_lost_commit_counted_once(self) -> None:
         """

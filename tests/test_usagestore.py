@@ -25,6 +25,7 @@ from meteredrt.store.usage import (
     COMPONENT,
     MIGRATIONS,
     RECHARGE,
+    WRITER_RETENTION,
     FlushBatch,
     LedgerEntry,
     UsageRow,
@@ -305,6 +306,28 @@ class SynchronousPoolUsageStoreTests(UsageStoreTestsMixin, TestCase):
         store = UsageStore.with_pool(SynchronousPool(self.mktemp()))
         self.addCleanup(store.close)
         return store
+
+
+class WriterRetentionTests(TestCase):
+    """
+    The writers' sequence numbers do not pile up forever.
+    """
+
+    def test_old_writers_forgotten(self) -> None:
+        """
+        A batch removes the sequence numbers of writers silent for longer
+        than L{WRITER_RETENTION}; recent ones stay.
+        """
+        pool = SynchronousPool(self.mktemp())
+        self.addCleanup(pool.close)
+        store = UsageStore.with_pool(pool)
+        now = 1_800_000_000.0
+        for writer, at in (("gone", now - WRITER_RETENTION - 1), ("recent", now - 60), ("me", now)):
+            self.successResultOf(store.flush(FlushBatch(usage=(usage_row(messages_used=1),), writer=writer, sequence=1, at=at)))
+        writers = self.successResultOf(
+            pool.runInteraction(lambda cursor: cursor.execute("SELECT writer FROM usage_writers ORDER BY writer").fetchall())
+        )
+        self.assertEqual(writers, [("me",), ("recent",)])
 
 
 class PostgreSQLUsageStoreTests(UsageStoreTestsMixin, TestCase):

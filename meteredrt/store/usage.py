@@ -54,6 +54,9 @@ from meteredrt.store.schema import Migration, statements
 #: The component name of these tables (L{meteredrt.store.schema}).
 COMPONENT = "usage"
 
+#: Seconds a writer's last sequence number is kept after its last batch.
+WRITER_RETENTION = 7 * 24 * 3600.0
+
 #: The two kinds of ledger row.
 CHARGE = "charge"
 RECHARGE = "recharge"
@@ -301,6 +304,9 @@ def _claim_sequence(cursor: DialectCursor, batch: FlushBatch) -> bool:
         "ON CONFLICT (writer) DO UPDATE SET sequence = excluded.sequence, at = excluded.at",
         (batch.writer, batch.sequence, batch.at),
     )
+    # Every process start adds a writer; forget those long gone. A retry
+    # comes within seconds of its first attempt, never weeks later.
+    cursor.execute("DELETE FROM usage_writers WHERE at < ?", (batch.at - WRITER_RETENTION,))
     return True
 
 
