@@ -47,7 +47,7 @@ from meteredrt.commands import apps, keys, tokens, usage  # noqa: F401
 from meteredrt.commands.registry import COMMANDS, UsageError
 from meteredrt.commands.session import Session
 from meteredrt.config import DEFAULT_DATA_DIR, ConfigError, apply_options, default_config, load_config
-from meteredrt.store.database import driver_errors
+from meteredrt.store.database import DriverMissing, driver_errors
 from meteredrt.store.keys import InvalidKeyField, KeyStoreError
 from meteredrt.store.schema import SchemaTooNew
 
@@ -129,7 +129,7 @@ def main(
         config = apply_options(config, database=getattr(args, "database", None))
         data_dir = getattr(args, "data_dir", None) or config.data_dir
         output = args.run(Session(data_dir, config, clock), args)
-    except (UsageError, ConfigError, KeyStoreError, auth.MintError, SchemaTooNew) as e:
+    except (UsageError, ConfigError, KeyStoreError, auth.MintError, SchemaTooNew, DriverMissing) as e:
         print(f"meteredrt: error: {_describe_error(e)}", file=stderr)
         return 2
     except storage_errors as e:

@@ -33,7 +33,7 @@ from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_ro
 from meteredrt.speedups import install_speedups
 from meteredrt.store import keys as key_tables
 from meteredrt.store import usage as usage_tables
-from meteredrt.store.database import Database
+from meteredrt.store.database import Database, DriverMissing, require_driver
 from meteredrt.store.keystore import KeyStore
 from meteredrt.store.usage import UsageStore
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
@@ -78,7 +78,8 @@ class Options(usage.Options):
             self["parsed"] = apply_options(
                 config, listen=self["listen"], data_dir=self["data-dir"], database=self["database"]
             )
-        except ConfigError as e:
+            require_driver(Database(self["parsed"].data_dir, self["parsed"].database))
+        except (ConfigError, DriverMissing) as e:
             raise usage.UsageError(str(e)) from None
 
 

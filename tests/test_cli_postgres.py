@@ -23,6 +23,7 @@ from meteredrt.store.keystore import KeyStore
 from meteredrt.store.usage import UsageStore
 from tests.postgres_server import fresh_database
 from tests.test_cli import NOW, CommandLineMixin
+from tests.test_tap import hide_module
 
 
 class PostgreSQLCommandLineTests(CommandLineMixin, TestCase):
@@ -97,6 +98,14 @@ class PostgreSQLCommandLineTests(CommandLineMixin, TestCase):
         await meter.stopService()
         report = self.json("usage", "--app", "shop", "--database", self.url)
         self.assertEqual(report["messagesUsed"], 3)
+
+    def test_driver_missing(self) -> None:
+        """
+        Without psycopg2, a PostgreSQL URL is one line saying what to
+        install.
+        """
+        hide_module(self, "psycopg2")
+        self.fail_with("pip install 'meteredrt[postgresql]'", "apps", "list", "--database", self.url)
 
     def test_unreachable(self) -> None:
         """

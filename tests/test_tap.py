@@ -6,6 +6,7 @@ the order in which the server stops.
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.application.service import IServiceMaker, Service
 from twisted.internet.defer import Deferred
@@ -68,6 +69,34 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions(["--database", url])
         self.assertEqual(options["parsed"].database, url)
         self.assertRaises(UsageError, Options().parseOptions, ["--database", "redis://x/0"])
+
+    def test_database_without_driver(self) -> None:
+        """
+        Without psycopg2 installed, a PostgreSQL URL is a usage error that
+        says what to install.
+        """
+        hide_module(self, "psycopg2")
+        error = self.assertRaises(
+            UsageError, Options().parseOptions, ["--database", "postgresql://u@127.0.0.1:1/db"]
+        )
+        self.assertIn("meteredrt[postgresql]", str(error))
+
+
+def hide_module(case: SynchronousTestCase, name: str) -> None:
+    """
+    Make C{import name} fail with L{ImportError} until the test ends, as
+    when the package is not installed.
+    """
+    saved = sys.modules.get(name)
+    sys.modules[name] = None  # type: ignore[assignment]
+
+    def restore() -> None:
+        if saved is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved
+
+    case.addCleanup(restore)
 
 
 class _Recorder(Service):

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from meteredrt.config import AppDeclaration, Config
 from meteredrt.store import keys as key_tables
 from meteredrt.store import usage as usage_tables
-from meteredrt.store.database import Database
+from meteredrt.store.database import Database, require_driver
 from meteredrt.store.dialect import DialectCursor
 from meteredrt.store.keys import read_state
 from meteredrt.store.schema import Migration
@@ -65,6 +65,7 @@ class Session:
         need be), in one transaction: committed if the block succeeds,
         rolled back if it raises.
         """
+        require_driver(self.database)
         connection = self.database.connect(component, migrations)
         try:
             with connection:

@@ -50,6 +50,30 @@ LOCK_TIMEOUT_MS = 4000
 #: The SQLite file of each component inside the data directory.
 SQLITE_FILES = {"keys": "meteredrt.sqlite3", "usage": "usage.sqlite3"}
 
+class DriverMissing(RuntimeError):
+    """
+    PostgreSQL is configured but its driver is not installed.
+    """
+
+
+def require_driver(database: Database) -> None:
+    """
+    Check that the database's driver can be imported, before anything
+    starts.
+
+    :raises DriverMissing: with the command that installs it.
+    """
+    if database.url is None:
+        return
+    try:
+        import psycopg2  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        raise DriverMissing(
+            "[storage] database is a PostgreSQL URL, but psycopg2 is not installed: "
+            "pip install 'meteredrt[postgresql]'"
+        ) from None
+
+
 def _sqlite_pragmas(connection: sqlite3.Connection) -> None:
     """
     A database shared by processes: WAL journal (readers never wait for the
@@ -217,7 +241,7 @@ class Database:
             connection: Any = sqlite
             _sqlite_pragmas(sqlite)
         else:
-            import psycopg2  # type: ignore[import-untyped]
+            import psycopg2
 
             connection = psycopg2.connect(self.url, **_postgresql_options())
         try:
