@@ -140,6 +140,36 @@ def sqlite_pool(
     )
 
 
+class _QuietConnection(adbapi.Connection):
+    """
+    A pooled connection whose failed rollback (the database went away)
+    drops the connection without logging: the interaction's own error
+    reaches the caller, which logs an outage once rather than adbapi
+    logging a traceback per query.
+    """
+
+    def rollback(self) -> None:
+        connection = self._connection
+        assert connection is not None
+        try:
+            connection.rollback()
+            cursor = connection.cursor()
+            cursor.execute(self._pool.good_sql)
+            cursor.close()
+            connection.commit()
+        except Exception:
+            # The next interaction on this thread connects afresh.
+            self._pool.disconnect(connection)
+
+
+class _ReconnectingPool(adbapi.ConnectionPool):
+    """
+    The PostgreSQL pool: reconnects after a lost connection, quietly.
+    """
+
+    connectionFactory = _QuietConnection
+
+
 @frozen
 class Database:
     """
@@ -218,7 +248,7 @@ class Database:
         def open_postgresql(connection: Any) -> None:
             _migrated(connection, POSTGRESQL, component, migrations)
 
-        return adbapi.ConnectionPool(
+        return _ReconnectingPool(
             "psycopg2",
             self.url,
             cp_min=1,

@@ -152,6 +152,9 @@ class PostgreSQLOutageTests(TestCase):
         self.assertEqual([answer["type"] for answer in after], ["ack"] * 3)
         process.signalProcess("TERM")
         self.assertIn(await child.ended, [(0, None), (None, 15)], child.text)
+        # One line per outage and service, not a traceback per query.
+        self.assertNotIn("Rollback failed", child.text)
+        self.assertLessEqual(child.text.count("Traceback"), 4, child.text)
         report = self.operator("usage", "--app", APP_ID)
         self.assertEqual(report["messagesUsed"], 15)
 
