@@ -224,7 +224,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     database = Database(config.data_dir, config.database)
     Logger().info("Keeping apps, keys and usage in {where}", where=database.describe())
     keys = KeyStore(
-        database.open_pool(key_tables.COMPONENT, key_tables.MIGRATIONS, reactor, connections=2),
+        database.open_pool(key_tables.COMPONENT, key_tables.MIGRATIONS, reactor),
         clock=reactor,
         dialect=database.dialect,
         declarations=config.apps,

@@ -229,7 +229,7 @@ class Database:
         return self.url is not None or os.path.exists(self.sqlite_path(component))
 
     def open_pool(
-        self, component: str, migrations: Sequence[Migration], reactor: IReactorCore, *, connections: int = 1
+        self, component: str, migrations: Sequence[Migration], reactor: IReactorCore
     ) -> adbapi.ConnectionPool:
         """
         An C{adbapi} pool for the server; each new connection brings the
@@ -237,10 +237,11 @@ class Database:
         L{meteredrt.store.schema.SchemaTooNew} when it is newer than this
         release).
 
-        SQLite gets one connection on one thread, whatever C{connections}
-        says: it serialises writers anyway, and one thread keeps the order
-        in which interactions finish the order in which they were started.
-        PostgreSQL reconnects after a lost connection (C{cp_reconnect}).
+        One connection on one thread, for either database: the key store
+        and the meter each need little, and one thread keeps the order in
+        which interactions finish the order in which they were started
+        (SQLite serialises writers anyway). PostgreSQL reconnects after a
+        lost connection (C{cp_reconnect}).
         """
         if self.url is None:
             return sqlite_pool(self.prepare_sqlite(component), component, migrations, reactor)
@@ -252,7 +253,7 @@ class Database:
             "psycopg2",
             self.url,
             cp_min=1,
-            cp_max=connections,
+            cp_max=1,
             cp_reconnect=True,
             cp_noisy=False,
             cp_openfun=open_postgresql,
