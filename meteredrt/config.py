@@ -163,10 +163,14 @@ class Config:
     :ivar drain_grace_seconds: on shutdown, how long ``/readyz`` answers
         503 (and upgrades are refused) while everything else keeps working,
         before connections are drained and the listeners close.
+    :ivar database: ``[storage] database``, the PostgreSQL URL apps, keys
+        and usage are kept in; ``None`` keeps them in SQLite files in
+        ``data_dir``.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
     data_dir: str = DEFAULT_DATA_DIR
+    database: str | None = None
     apps: tuple[AppDeclaration, ...] = ()
     upgrade_rate_limit: int = DEFAULT_UPGRADE_RATE_LIMIT
     trusted_proxies: TrustedProxies = ()
@@ -186,15 +190,21 @@ def default_config() -> Config:
 
 
 def apply_options(
-    config: Config, *, listen: Sequence[str] = (), data_dir: str | None = None
+    config: Config,
+    *,
+    listen: Sequence[str] = (),
+    data_dir: str | None = None,
+    database: str | None = None,
 ) -> Config:
     """
     Lay command-line options over a configuration.
 
     ``--listen`` given at least once replaces the file's whole ``listen``
-    list (it does not add to it); ``--data-dir`` replaces ``data_dir``.
+    list (it does not add to it); ``--data-dir`` replaces ``data_dir``;
+    ``--database`` replaces ``[storage] database``.
 
-    :raises ConfigError: for an empty endpoint or data directory.
+    :raises ConfigError: for an empty endpoint or data directory, or a
+        database URL that is not a PostgreSQL URL.
     """
     where = "<command line>"
     for index, endpoint in enumerate(listen):
@@ -202,10 +212,15 @@ def apply_options(
             raise ConfigError(where, f"--listen[{index}]", "must not be empty")
     if data_dir is not None and not data_dir.strip():
         raise ConfigError(where, "--data-dir", "must not be empty")
+    if database is not None:
+        problem = database_url_problem(database)
+        if problem is not None:
+            raise ConfigError(where, "--database", problem)
     return evolve(
         config,
         listen=tuple(listen) if listen else config.listen,
         data_dir=config.data_dir if data_dir is None else data_dir,
+        database=config.database if database is None else database,
     )
 
 
@@ -227,6 +242,26 @@ def load_config(path: str) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(path, "", f"not UTF-8 (byte {e.start})") from None
     return _read_document(path, document)
+
+
+#: URL schemes of a PostgreSQL database.
+POSTGRESQL_SCHEMES = ("postgresql", "postgres")
+
+
+def database_url_problem(url: str) -> str | None:
+    """
+    What is wrong with a C{[storage] database} URL, or ``None``.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        return f"not a URL: {e}"
+    if parts.scheme not in POSTGRESQL_SCHEMES:
+        return "must be a postgresql:// URL (leave it out to use SQLite in data_dir)"
+    if not parts.path.strip("/"):
+        return "must name a database, as in postgresql://user@host:5432/meteredrt"
+    return None
+
 
 
 def app_id_problem(app_id: str) -> str | None:
@@ -427,7 +462,8 @@ class _Table:
         ]
 
 
-_TOP_LEVEL = ("server", "webhooks", "apps")
+_TOP_LEVEL = ("server", "storage", "webhooks", "apps")
+_STORAGE_KEYS = ("database",)
 _WEBHOOKS_SERVER_KEYS = ("refuse_private_addresses",)
 _SERVER_KEYS = (
     "listen",
@@ -488,6 +524,14 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             ),
             drain_grace_seconds=server.number("drain_grace_seconds", config.drain_grace_seconds),
         )
+    storage = top.table("storage", _STORAGE_KEYS)
+    if storage is not None:
+        database = storage.string("database", None)
+        if database is not None:
+            problem = database_url_problem(database)
+            if problem is not None:
+                storage.fail("database", problem)
+            config = evolve(config, database=database)
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
     webhooks = top.table("webhooks", _WEBHOOKS_SERVER_KEYS)
     if webhooks is not None and webhooks.boolean("refuse_private_addresses", False):

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 
 from meteredrt.apps import ACTIONS, PUBLISHABLE_DEFAULT_ACTIONS, Key, KeyType
-from meteredrt.keystore import new_key
+from meteredrt.store.keys import new_key
 
 #: File mode of a generated configuration: it holds a secret.
 CONFIG_FILE_MODE = 0o600

@@ -571,7 +571,7 @@ class Hub(Service):
         that are suspended now; the others are left alone.
 
         The key store's observer of changed apps
-        (L{meteredrt.keystore.SQLiteKeyStore.on_apps_changed}), so that a
+        (L{meteredrt.store.keystore.KeyStore.on_apps_changed}), so that a
         suspension reaches live connections within one re-read; new
         connections are refused at authentication.
 
@@ -586,6 +586,31 @@ class Hub(Service):
             self.log.info("App {app_id} is suspended: closed {count} connections", app_id=app_id, count=count)
             closed += count
         return closed
+
+    def close_revoked(self, key_ids: Iterable[str]) -> int:
+        """
+        Close with 4001 (§5.3) the local connections authenticated with
+        these keys: publishable-key sessions of the key itself and JWT
+        sessions whose token that secret key signed.
+
+        The key store's observer of revoked keys
+        (L{meteredrt.store.keystore.KeyStore.on_keys_revoked}), so that a
+        revocation reaches live connections within one re-read; new
+        connections are refused at authentication.
+
+        @return: how many connections were closed.
+        """
+        revoked = frozenset(key_ids)
+        sessions = [session for session in self._sessions.values() if session.grant.key_id in revoked]
+        for session in sessions:
+            session.sink.close(CloseCode.INVALID_TOKEN, "key_revoked")
+        if sessions:
+            self.log.info(
+                "Keys {key_ids} are revoked: closed {count} connections",
+                key_ids=", ".join(sorted(revoked)),
+                count=len(sessions),
+            )
+        return len(sessions)
 
     # -- IDeliveryTarget -----------------------------------------------------
 

@@ -42,6 +42,15 @@ if TYPE_CHECKING:
     from meteredrt.webhooks.outbox import OnlineMark, OutboxStatus, StoredEvent
 
 
+class StoreUnavailable(Exception):
+    """
+    A look-up the store could not answer from memory while its database is
+    unreachable: a key it does not know may have been created since. The
+    caller answers with a transient error (close 1011, HTTP 503), never as
+    for a key that does not exist.
+    """
+
+
 class IKeyStore(Interface):
     """
     Apps, plans and signalling keys.
@@ -53,6 +62,9 @@ class IKeyStore(Interface):
     def key(key_id: str) -> Key | None:
         """
         The active or revoked L{meteredrt.apps.Key} with this id, or ``None``.
+
+        @raise StoreUnavailable: for a key not in memory while the database
+            cannot be reached.
         """
 
     def app(app_id: str) -> App | None:

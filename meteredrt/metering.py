@@ -7,7 +7,7 @@ periods, and L{decide_connection} / L{decide_message} turn a L{Plan} and the
 current L{Counters} into a L{Decision}, following the table of protocol
 §15.3. The bottom half is L{Meter}, the L{IMeter} service: it keeps the
 counters of every app in memory, answers the hub from them in O(1), and
-flushes them to a L{meteredrt.usagestore.UsageStore} once a second.
+flushes them to a L{meteredrt.store.usage.UsageStore} once a second.
 
 Decision rules (one new connection or one message at a time):
 
@@ -48,6 +48,7 @@ from __future__ import annotations
 import calendar
 import math
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -55,14 +56,14 @@ from attrs import define, frozen
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meteredrt.apps import App, Plan
 from meteredrt.interfaces import IMeter
-from meteredrt.usagestore import (
+from meteredrt.store.usage import (
     CHARGE,
     RECHARGE,
     FlushBatch,
@@ -187,6 +188,10 @@ _Coroutine = Callable[[], Coroutine[Any, Any, None]]
 #: Seconds between two flushes; also the most a C{SIGKILL} can lose.
 FLUSH_INTERVAL = 1.0
 
+#: How many times a graceful stop tries the final flush, one flush interval
+#: apart, before it gives the unwritten counts up.
+FINAL_FLUSH_ATTEMPTS = 10
+
 #: Ledger reasons.
 MESSAGE_OVERAGE = "message overage"
 CONNECTION_OVERAGE = "connection overage"
@@ -207,6 +212,9 @@ class _PeriodUsage:
     messages_used: int = 0
     overage_messages: int = 0
     overage_connections: int = 0
+    #: The part of the three counts above that is written (or being
+    #: written): loaded, or taken into a batch.
+    taken: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -215,31 +223,43 @@ class _PeriodUsage:
         """
         return (self.app_id, self.start)
 
-    def row(self) -> UsageRow:
+    def take(self) -> UsageRow:
         """
-        The absolute values to persist.
+        The increments counted since the last batch, and this process's
+        peak, to add to the stored row; from now on they count as written.
         """
+        counts = (self.messages_used, self.overage_messages, self.overage_connections)
+        messages, overage_messages, overage_connections = (
+            count - taken for count, taken in zip(counts, self.taken, strict=True)
+        )
+        self.taken = counts
         return UsageRow(
             app_id=self.app_id,
             period_start=self.start,
             period_end=self.end,
             peak_concurrent=self.peak_concurrent,
-            messages_used=self.messages_used,
-            overage_messages=self.overage_messages,
-            overage_connections=self.overage_connections,
+            messages_used=messages,
+            overage_messages=overage_messages,
+            overage_connections=overage_connections,
         )
 
     def add_persisted(self, row: UsageRow) -> None:
         """
-        Fold in what an earlier process counted in this period.
+        Fold in what other processes (earlier ones, or others writing now)
+        counted in this period: stored already, so not to be written again.
 
-        The counts of this process started from zero, so they add up; the
-        peak of two processes is the larger one.
+        The peak of two processes is the larger one.
         """
         self.peak_concurrent = max(self.peak_concurrent, row.peak_concurrent)
         self.messages_used += row.messages_used
         self.overage_messages += row.overage_messages
         self.overage_connections += row.overage_connections
+        messages, overage_messages, overage_connections = self.taken
+        self.taken = (
+            messages + row.messages_used,
+            overage_messages + row.overage_messages,
+            overage_connections + row.overage_connections,
+        )
 
 
 @define
@@ -305,6 +325,15 @@ class Meter(service.Service):
         self._charges: dict[tuple[str, int, str], _PendingCharge] = {}
         #: Ledger entries awaiting a flush, other than aggregated charges.
         self._entries: list[LedgerEntry] = []
+        #: This process's writer id and last batch number (see
+        #: L{meteredrt.store.usage.FlushBatch}).
+        self._writer = uuid.uuid4().hex
+        self._sequence = 0
+        #: A batch whose write failed: written again, unchanged, before
+        #: anything newer, so that it counts exactly once.
+        self._unconfirmed: FlushBatch | None = None
+        #: Whether the last flush of the loop failed.
+        self._failing = False
         self._loaded = False
         self._load_waiters: list[Deferred[None]] = []
         self._lock = DeferredLock()
@@ -345,15 +374,34 @@ class Meter(service.Service):
         Stop the flush loop and write everything counted so far.
 
         The returned Deferred fires once the final flush is done, so a
-        graceful shutdown loses no count.
+        graceful shutdown loses no count. A failing final flush (the
+        database is down) is retried every flush interval for at most
+        L{FINAL_FLUSH_ATTEMPTS} attempts, so that a short outage during a
+        shutdown loses nothing either; after that the counts are given up
+        and logged.
         """
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        final = self._run_exclusively(self._sync)
-        final.addErrback(self._log_failure, "The final flush of usage counters failed")
+        final = Deferred.fromCoroutine(self._final_flush())
+        final.addErrback(self._log_failure, "The final flush of usage counters failed; unwritten counts are lost")
         return final
+
+    async def _final_flush(self) -> None:
+        for attempt in range(1, FINAL_FLUSH_ATTEMPTS + 1):
+            try:
+                await self._run_exclusively(self._sync)
+                return
+            except Exception:
+                if attempt == FINAL_FLUSH_ATTEMPTS:
+                    raise
+                self._log.warn(
+                    "The final flush of usage counters failed (attempt {attempt} of {attempts}); retrying",
+                    attempt=attempt,
+                    attempts=FINAL_FLUSH_ATTEMPTS,
+                )
+                await deferLater(self._clock, self._flush_interval, lambda: None)
 
     def admit_connection(self, app: App) -> Deferred[bool]:
         """
@@ -501,10 +549,26 @@ class Meter(service.Service):
     def _tick(self) -> Deferred[None]:
         """
         One iteration of the flush loop; never fails, so the loop goes on.
+
+        The first failure of a run of them is logged with its traceback,
+        the rest briefly (a database outage would otherwise log one
+        traceback a second), and the first success after them says so.
         """
         d = self.flush()
-        d.addErrback(self._log_failure, "Flushing usage counters failed; retrying")
+        d.addCallbacks(self._flushed, self._flush_failed)
         return d
+
+    def _flushed(self, _: object) -> None:
+        if self._failing:
+            self._failing = False
+            self._log.info("Usage counters are flushed again")
+
+    def _flush_failed(self, failure: Failure) -> None:
+        if self._failing:
+            self._log.debug("Flushing usage counters failed again: {error}", error=failure.getErrorMessage())
+            return
+        self._failing = True
+        self._log_failure(failure, "Flushing usage counters failed; retrying every flush interval, counts kept")
 
     def _run_exclusively(self, work: _Coroutine) -> Deferred[None]:
         """
@@ -537,27 +601,29 @@ class Meter(service.Service):
     async def _sync(self) -> None:
         """
         Write a batch of what changed, after loading if that has not
-        succeeded yet: absolute counters must never be written over counts
-        of an earlier process this one has not read.
+        succeeded yet (what this process writes must not be loaded back and
+        counted twice), and after the batch that failed last time, if any.
         """
         if not self._loaded:
             await self._load()
+        if self._unconfirmed is not None:
+            await self._store.flush(self._unconfirmed)
+            self._forget_finished(self._unconfirmed)
+            self._unconfirmed = None
         batch = self._take_batch()
         if not batch.usage and not batch.ledger:
             return
-        try:
-            await self._store.flush(batch)
-        except BaseException:
-            self._dirty.update((row.app_id, row.period_start) for row in batch.usage)
-            self._entries[:0] = batch.ledger
-            raise
+        self._unconfirmed = batch
+        await self._store.flush(batch)
+        self._unconfirmed = None
         self._forget_finished(batch)
 
     def _take_batch(self) -> FlushBatch:
         """
-        Everything changed since the last batch; it is pending no more.
+        Everything changed since the last batch, numbered; it is pending no
+        more.
         """
-        usage = tuple(self._periods[key].row() for key in sorted(self._dirty))
+        usage = tuple(self._periods[key].take() for key in sorted(self._dirty))
         charges = [
             LedgerEntry(
                 app_id=app_id,
@@ -574,7 +640,12 @@ class Meter(service.Service):
         self._dirty.clear()
         self._charges.clear()
         self._entries = []
-        return FlushBatch(usage=usage, ledger=ledger)
+        if not usage and not ledger:
+            return FlushBatch()
+        self._sequence += 1
+        return FlushBatch(
+            usage=usage, ledger=ledger, writer=self._writer, sequence=self._sequence, at=self._clock.seconds()
+        )
 
     def _forget_finished(self, batch: FlushBatch) -> None:
         """

@@ -1,9 +1,9 @@
 """
 The composition root: C{twistd meteredrt} options and L{makeService}.
 
-This is the only module that picks implementations (SQLite key store,
-in-memory broker and presence, SQLite-backed meter, treq TURN client) and
-the only one that may import the global reactor.
+This is the only module that picks implementations (the key store and the
+meter's usage store on SQLite or PostgreSQL, in-memory broker and presence,
+treq TURN client) and the only one that may import the global reactor.
 """
 
 from __future__ import annotations
@@ -34,14 +34,18 @@ from meteredrt.broker.memory import MemoryBroker
 from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
 from meteredrt.guard import ConnectionCap, GuardedSite
 from meteredrt.hub import Hub
-from meteredrt.keystore import SQLiteKeyStore, connect, create_schema, database_path, open_pool, prepare_database
 from meteredrt.metering import Meter
 from meteredrt.presence import MemoryPresence
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
+from meteredrt.store import keys as key_tables
+from meteredrt.store import usage as usage_tables
+from meteredrt.store.database import Database, DriverMissing, require_driver
+from meteredrt.store.keystore import KeyStore
+from meteredrt.store.schema import SchemaTooNew
+from meteredrt.store.usage import UsageStore
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
-from meteredrt.usagestore import UsageStore, usage_database_path
 from meteredrt.webhooks.dispatcher import WebhookDispatcher
 from meteredrt.webhooks.emitter import WebhookEmitter
 from meteredrt.webhooks.outbox import SQLiteOutbox, webhooks_database_path
@@ -58,6 +62,13 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file (apps, keys, plans, listen, data_dir)."],
         ["data-dir", "d", None, "Directory for persistent state (SQLite). Default ./meteredrt-data."],
+        [
+            "database",
+            None,
+            None,
+            "PostgreSQL URL for apps, keys and usage (postgresql://user@host:5432/db); "
+            "overrides [storage] database. Default: SQLite in the data directory.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -84,9 +95,12 @@ class Options(usage.Options):
         """
         try:
             config = load_config(self["config"]) if self["config"] else default_config()
-            parsed = apply_options(config, listen=self["listen"], data_dir=self["data-dir"])
+            parsed = apply_options(
+                config, listen=self["listen"], data_dir=self["data-dir"], database=self["database"]
+            )
             check_endpoints(parsed, from_command_line=bool(self["listen"]))
-        except ConfigError as e:
+            require_driver(Database(parsed.data_dir, parsed.database))
+        except (ConfigError, DriverMissing) as e:
             raise SystemExit(f"meteredrt: {e}") from None
         self["parsed"] = parsed
 
@@ -292,32 +306,33 @@ class ConnectionDrain(Service):
 
 class DataDirectory(Service):
     """
-    Creates the data directory and the key database when the server starts,
-    not when it is composed: by then every listener is bound, so a server
-    that cannot listen leaves no empty data directory behind, and the files
-    belong to the user twistd switched to (C{-u}/C{-g}), not to root.
+    Creates the SQLite store (the data directory and its databases, schemas
+    brought up to date) when the server starts, not when it is composed: by
+    then every listener is bound, so a server that cannot listen leaves no
+    empty data directory behind, and the files belong to the user twistd
+    switched to (C{-u}/C{-g}), not to root.
 
-    Opening the database once here, synchronously and before the reactor
-    runs, turns an unusable file (no permission, not a database) into a
-    L{StartupError} instead of a failure after the reactor has started.
+    Opening each database once here, synchronously and before the reactor
+    runs, turns an unusable file (no permission, not a database, a schema
+    newer than this release) into a L{StartupError} instead of a failure
+    after the reactor has started. A PostgreSQL store is left to its pools,
+    which ride out an outage at start as at any other time.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     def startService(self) -> None:
         super().startService()
-        try:
-            connection = connect(prepare_database(self.path))
+        if self.database.url is not None:
+            return
+        for tables in (key_tables, usage_tables):
             try:
-                with connection:
-                    create_schema(connection.cursor())
-            finally:
-                connection.close()
-        except OSError as e:
-            refuse_to_start(f"cannot use data directory {self.path!r}: {e.strerror or e}")
-        except sqlite3.Error as e:
-            refuse_to_start(f"cannot use {database_path(self.path)!r}: {e}")
+                self.database.connect(tables.COMPONENT, tables.MIGRATIONS).close()
+            except OSError as e:
+                refuse_to_start(f"cannot use data directory {self.database.data_dir!r}: {e.strerror or e}")
+            except (sqlite3.Error, SchemaTooNew) as e:
+                refuse_to_start(f"cannot use {self.database.sqlite_path(tables.COMPONENT)!r}: {e}")
 
 
 class Listener(Service):
@@ -425,7 +440,7 @@ class StartupGate(MultiService):
 
     log = Logger()
 
-    def __init__(self, keys: SQLiteKeyStore, meter: Meter, reactor: Any) -> None:
+    def __init__(self, keys: KeyStore, meter: Meter, reactor: Any) -> None:
         super().__init__()
         self._keys = keys
         self._meter = meter
@@ -472,7 +487,7 @@ class _Closing(Service):
         return maybeDeferred(self._close)
 
 
-def _webhooks_of(keys: SQLiteKeyStore, app_id: str) -> WebhookConfig | None:
+def _webhooks_of(keys: KeyStore, app_id: str) -> WebhookConfig | None:
     app = keys.app(app_id)
     return None if app is None else app.webhooks
 
@@ -502,15 +517,19 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     show_startup_errors_in_one_line()
 
     top = OrderedServices()
-    DataDirectory(config.data_dir).setServiceParent(top)
-    keys = SQLiteKeyStore(
-        open_pool(database_path(config.data_dir), reactor),
+    database = Database(config.data_dir, config.database)
+    Logger().info("Keeping apps, keys and usage in {where}", where=database.describe())
+    DataDirectory(database).setServiceParent(top)
+    keys = KeyStore(
+        database.open_pool(key_tables.COMPONENT, key_tables.MIGRATIONS, reactor, create=False),
         clock=reactor,
+        dialect=database.dialect,
         declarations=config.apps,
         on_bootstrap=partial(show_bootstrap, config.data_dir),
     )
     keys.setServiceParent(top)
-    meter = Meter(reactor, UsageStore(usage_database_path(config.data_dir), reactor))
+    usage_pool = database.open_pool(usage_tables.COMPONENT, usage_tables.MIGRATIONS, reactor, create=False)
+    meter = Meter(reactor, UsageStore.with_pool(usage_pool, database.dialect))
     meter.setServiceParent(top)
 
     # Presence webhooks: the outbox is written before the hub can take
@@ -532,6 +551,9 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.
     keys.on_apps_changed(hub.close_suspended)
+    # A key revoked while running closes its sessions with 4001 at the key
+    # store's next re-read.
+    keys.on_keys_revoked(hub.close_revoked)
     # An API call may outlive the 2 s a welcome waits: a late answer still
     # fills the cache for the next connection.
     # TURN calls are rare (credentials are cached), so no connection is kept.

@@ -31,6 +31,7 @@ from meteredrt.interfaces import (
     IKeyStore,
     IMeter,
     IPresence,
+    StoreUnavailable,
 )
 from meteredrt.presence import Member
 from meteredrt.protocol import OutboundFrame
@@ -89,6 +90,9 @@ class MemoryKeyStore:
     def __init__(self) -> None:
         self._apps: dict[str, App] = {}
         self._keys: dict[str, Key] = {}
+        #: Set to C{False} to act like a store whose database is down:
+        #: unknown keys then raise L{StoreUnavailable}.
+        self.reachable = True
 
     def add_app(self, app: App) -> App:
         """
@@ -105,7 +109,10 @@ class MemoryKeyStore:
         return key
 
     def key(self, key_id: str) -> Key | None:
-        return self._keys.get(key_id)
+        key = self._keys.get(key_id)
+        if key is None and not self.reachable:
+            raise StoreUnavailable("the key store cannot reach its database")
+        return key
 
     def app(self, app_id: str) -> App | None:
         return self._apps.get(app_id)

@@ -28,7 +28,7 @@ from zope.interface import implementer
 from meteredrt.apps import App
 from meteredrt.auth import Grant, Refusal, authenticate
 from meteredrt.hub import Hub, Session
-from meteredrt.interfaces import IConnectionSink, IKeyStore, ITurnProvider
+from meteredrt.interfaces import IConnectionSink, IKeyStore, ITurnProvider, StoreUnavailable
 from meteredrt.protocol import (
     INBOUND_FRAME_LIMIT,
     PONG,
@@ -154,6 +154,11 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             session = await factory.hub.connect(self._sink_for, grant)
         except Refusal as refusal:
             self._close(refusal.code, refusal.reason)
+            return
+        except StoreUnavailable:
+            # Transient (closed 1011): the SDK reconnects, and the key may well be
+            # valid once the database is back.
+            self._close(CloseCode.INTERNAL_ERROR, "store_unavailable")
             return
         if self._gone:
             await factory.hub.disconnect(session)

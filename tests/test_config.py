@@ -768,3 +768,39 @@ class KeyRulesTests(SynchronousTestCase):
         self.assertIsNotNone(app_id_problem(""))
         self.assertIsNotNone(app_id_problem("-a"))
         self.assertIsNotNone(app_id_problem("a" * 65))
+
+
+class StorageConfigTests(ConfigTestsMixin, SynchronousTestCase):
+    """
+    Tests for C{[storage]} and C{--database}.
+    """
+
+    def test_default_sqlite(self) -> None:
+        """
+        Without C{[storage] database} the store is SQLite in C{data_dir}.
+        """
+        self.assertIsNone(load_config(self.write("")).database)
+        self.assertIsNone(load_config(self.write("[storage]\n")).database)
+
+    def test_postgresql_url(self) -> None:
+        """
+        A PostgreSQL URL is taken as given; C{--database} replaces it.
+        """
+        url = "postgresql://meteredrt@db.internal:5432/meteredrt"
+        config = load_config(self.write(f'[storage]\ndatabase = "{url}"\n'))
+        self.assertEqual(config.database, url)
+        other = "postgres://other@127.0.0.1/x"
+        self.assertEqual(apply_options(config, database=other).database, other)
+        self.assertEqual(apply_options(config).database, url)
+
+    def test_not_postgresql(self) -> None:
+        """
+        Anything but a PostgreSQL URL naming a database is refused, in the
+        file and on the command line.
+        """
+        self.assertConfigError('[storage]\ndatabase = "mysql://x/y"\n', "storage.database", "postgresql://")
+        self.assertConfigError('[storage]\ndatabase = "postgresql://host"\n', "storage.database", "name a database")
+        self.assertConfigError("[storage]\ndatabase = 5\n", "storage.database", "must be a string")
+        self.assertConfigError('[storage]\ndb = "x"\n', "storage.db", "unknown key")
+        error = self.assertRaises(ConfigError, apply_options, Config(), database="sqlite:///x")
+        self.assertEqual(error.where, "--database")

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
@@ -22,25 +22,32 @@ from zope.interface.verify import verifyObject
 
 from meteredrt.apps import ACTIONS, MAX_KEYS_PER_APP, PUBLISHABLE_DEFAULT_ACTIONS, App, Key, KeyType, Plan
 from meteredrt.config import AppDeclaration
-from meteredrt.interfaces import IKeyStore
-from meteredrt.keystore import (
+from meteredrt.interfaces import IKeyStore, StoreUnavailable
+from meteredrt.keystore import connect, prepare_database
+from meteredrt.store.database import Database
+from meteredrt.store.dialect import SQLITE, DialectCursor
+from meteredrt.store.keys import (
+    COMPONENT,
+    MIGRATIONS,
     AppExists,
     DeclaredInConfig,
     InvalidKeyField,
     KeyLimitReached,
     NoSuchApp,
-    SQLiteKeyStore,
-    StoredState,
-    Tenancy,
-    connect,
-    create_schema,
-    open_pool,
-    prepare_database,
     store_app,
     store_key,
     store_revocation,
     store_suspension,
 )
+from meteredrt.store.keystore import KeyStore
+from meteredrt.store.schema import SchemaTooNew
+from meteredrt.store.tenancy import StoredState, Tenancy
+from tests.postgres_server import fresh_database
+
+if TYPE_CHECKING:
+    _MixinBase = TestCase
+else:
+    _MixinBase = object
 
 CONFIG_SECRET = Key(
     key_id="sk_id_conf",
@@ -76,33 +83,61 @@ class _FlakyPool:
         self._pool.close()
 
 
-class SQLiteKeyStoreTests(TestCase):
+class KeyStoreConformanceMixin(_MixinBase):
     """
-    Tests for L{SQLiteKeyStore}.
+    What every database must give L{KeyStore}: mixed into one test case
+    per database, which provides L{make_database}, L{broken_database} and
+    L{driver_error}.
     """
 
+    #: The exception class the database's driver raises.
+    driver_error: type[Exception]
+
+    def make_database(self) -> Database:
+        """
+        A new, empty database.
+        """
+        raise NotImplementedError()
+
+    def broken_database(self) -> Database:
+        """
+        A database that cannot be opened.
+        """
+        raise NotImplementedError()
+
     def setUp(self) -> None:
-        self.data_dir = self.mktemp()
-        self.path = prepare_database(self.data_dir)
+        self.db = self.make_database()
         self.clock = Clock()
         self.bootstrapped: list[tuple[App, tuple[Key, ...]]] = []
 
-    async def start(self, declarations: Sequence[AppDeclaration] = (), pool: Any = None) -> SQLiteKeyStore:
+    def open_pool(self, db: Database | None = None) -> Any:
+        """
+        A one-connection pool on the test's database: interactions finish
+        in the order they started.
+        """
+        return (db or self.db).open_pool(COMPONENT, MIGRATIONS, reactor)
+
+    def make_store(self, pool: Any, declarations: Sequence[AppDeclaration] = (), **kwargs: Any) -> KeyStore:
+        """
+        A store (not started) on ``pool``, in the test database's dialect.
+        """
+        return KeyStore(pool, clock=self.clock, dialect=self.db.dialect, declarations=declarations, **kwargs)
+
+    async def start(self, declarations: Sequence[AppDeclaration] = (), pool: Any = None) -> KeyStore:
         """
         Start a store on the test's database and stop it at clean-up.
         """
-        self.pool = open_pool(self.path, reactor) if pool is None else pool
-        store = SQLiteKeyStore(
+        self.pool = self.open_pool() if pool is None else pool
+        store = self.make_store(
             self.pool,
-            clock=self.clock,
-            declarations=declarations,
+            declarations,
             on_bootstrap=lambda app, keys: self.bootstrapped.append((app, keys)),
         )
         self.addCleanup(self.stop, store)
         await store.startService()
         return store
 
-    async def stop(self, store: SQLiteKeyStore) -> None:
+    async def stop(self, store: KeyStore) -> None:
         if store.running:
             await store.stopService()
 
@@ -117,11 +152,10 @@ class SQLiteKeyStoreTests(TestCase):
         """
         Write like the CLI does: synchronously, on a connection of its own.
         """
-        connection = connect(self.path)
+        connection = self.db.connect(COMPONENT, MIGRATIONS)
         try:
             with connection:
-                create_schema(connection.cursor())
-                return operation(connection.cursor(), *args)
+                return operation(DialectCursor(connection.cursor(), self.db.dialect), *args)
         finally:
             connection.close()
 
@@ -170,8 +204,8 @@ class SQLiteKeyStoreTests(TestCase):
         A failure to show the bootstrapped keys is logged; the store starts
         with them anyway.
         """
-        self.pool = open_pool(self.path, reactor)
-        store = SQLiteKeyStore(self.pool, clock=self.clock, on_bootstrap=lambda app, keys: 1 / 0)
+        self.pool = self.open_pool()
+        store = self.make_store(self.pool, on_bootstrap=lambda app, keys: 1 / 0)
         self.addCleanup(self.stop, store)
         await store.startService()
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
@@ -200,18 +234,14 @@ class SQLiteKeyStoreTests(TestCase):
         A declared key replaces a stored key of the same id, and a declared
         plan a stored one; a stored suspension stays.
         """
-        connection = connect(self.path)
-        with connection:
-            cursor = connection.cursor()
-            create_schema(cursor)
-            cursor.execute(
-                "INSERT INTO apps VALUES ('app_conf', ?, 1, 0)", ('{"name": "STORED"}',)
-            )
+        def insert(cursor: DialectCursor) -> None:
+            cursor.execute("INSERT INTO apps VALUES ('app_conf', ?, 1, 0)", ('{"name": "STORED"}',))
             cursor.execute(
                 "INSERT INTO keys VALUES ('sk_id_conf', 'app_conf', 'secret', 'sk_secret_old',"
                 " '[\"**\"]', '[\"send\"]', '[]', 1, 1, 0)"
             )
-        connection.close()
+
+        self.other_process(insert)
         store = await self.start(DECLARATIONS)
         self.assertEqual(store.key("sk_id_conf"), CONFIG_SECRET)
         self.assertEqual(store.app("app_conf"), App(app_id="app_conf", plan=Plan(name="CONF"), suspended=True))
@@ -481,7 +511,7 @@ class SQLiteKeyStoreTests(TestCase):
         """
         A failed re-read is logged and the next one happens anyway.
         """
-        pool = _FlakyPool(open_pool(self.path, reactor))
+        pool = _FlakyPool(self.open_pool())
         store = await self.start(pool=pool)
         self.pool = pool._pool
         key = store.keys_of("default")[0]
@@ -493,6 +523,28 @@ class SQLiteKeyStoreTests(TestCase):
         self.clock.advance(2)
         await self.barrier()
         self.assertFalse(store.key(key.key_id).active)  # type: ignore[union-attr]
+
+    async def test_unreachable(self) -> None:
+        """
+        After a failed re-read, known keys are still served but an unknown
+        one raises L{StoreUnavailable} (it may have been created since);
+        the next re-read that works ends that.
+        """
+        pool = _FlakyPool(self.open_pool())
+        store = await self.start(pool=pool)
+        self.pool = pool._pool
+        key = store.keys_of("default")[0]
+        self.assertTrue(store.reachable)
+        pool.fail_next = True
+        self.clock.advance(2)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.assertFalse(store.reachable)
+        self.assertEqual(store.key(key.key_id), key)
+        self.assertRaises(StoreUnavailable, store.key, "pk_live_unknown")
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertTrue(store.reachable)
+        self.assertIsNone(store.key("pk_live_unknown"))
 
     async def test_stop(self) -> None:
         """
@@ -515,11 +567,11 @@ class SQLiteKeyStoreTests(TestCase):
 
     async def test_ready(self) -> None:
         """
-        L{SQLiteKeyStore.ready} fires for every caller, before and after the
+        L{KeyStore.ready} fires for every caller, before and after the
         load.
         """
-        self.pool = open_pool(self.path, reactor)
-        store = SQLiteKeyStore(self.pool, clock=self.clock)
+        self.pool = self.open_pool()
+        store = self.make_store(self.pool)
         early = store.ready
         self.addCleanup(self.stop, store)
         await store.startService()
@@ -528,17 +580,170 @@ class SQLiteKeyStoreTests(TestCase):
 
     async def test_load_failure(self) -> None:
         """
-        When the database cannot be opened, L{SQLiteKeyStore.ready} fails
+        When the database cannot be opened, L{KeyStore.ready} fails
         with the reason, it is logged, and the store still stops cleanly.
         """
-        self.pool = open_pool(os.path.join(self.mktemp(), "missing", "db"), reactor)
-        store = SQLiteKeyStore(self.pool, clock=self.clock)
+        self.pool = self.broken_pool()
+        store = self.make_store(self.pool)
         started = store.startService()
-        await self.assertFailure(started, sqlite3.OperationalError)
-        await self.assertFailure(store.ready, sqlite3.OperationalError)
-        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        await self.assertFailure(started, self.driver_error)
+        await self.assertFailure(store.ready, self.driver_error)
+        self.assertEqual(len(self.flushLoggedErrors(self.driver_error)), 1)
         await store.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def broken_pool(self) -> Any:
+        """
+        A pool on a database that cannot be opened.
+        """
+        raise NotImplementedError()
+
+    async def test_schema_too_new(self) -> None:
+        """
+        A database upgraded by a newer release is refused with a clear
+        error naming both versions; nothing is loaded.
+        """
+        self.other_process(
+            lambda cursor: cursor.execute("UPDATE schema_versions SET version = 99 WHERE component = 'keys'")
+        )
+        self.pool = self.open_pool()
+        store = self.make_store(self.pool)
+        started = store.startService()
+        error = await self.assertFailure(started, SchemaTooNew)
+        self.assertIn("keys schema version 99", str(error))
+        self.assertIn(f"versions up to {MIGRATIONS[-1].version}", str(error))
+        self.flushLoggedErrors(SchemaTooNew)
+        await store.stopService()
+        with self.assertRaises(SchemaTooNew):
+            self.db.connect(COMPONENT, MIGRATIONS)
+
+    async def test_schema_version_recorded(self) -> None:
+        """
+        A new database records the newest version of the key tables.
+        """
+        await self.start()
+        connection = self.db.connect(COMPONENT, MIGRATIONS)
+        try:
+            cursor = DialectCursor(connection.cursor(), self.db.dialect)
+            cursor.execute("SELECT version FROM schema_versions WHERE component = ?", (COMPONENT,))
+            self.assertEqual(cursor.fetchone()[0], MIGRATIONS[-1].version)
+        finally:
+            connection.close()
+
+    async def test_revoked_keys_reported(self) -> None:
+        """
+        Observers of revoked keys hear the ids of keys that stopped
+        authenticating, whether revoked through the store or by another
+        process (at the next re-read); not on start, and not for keys that
+        were revoked already.
+        """
+        store = await self.start()
+        revoked: list[frozenset[str]] = []
+        store.on_keys_revoked(revoked.append)
+        first, second = (key.key_id for key in store.keys_of("default"))
+        await store.revoke_key(first)
+        self.assertEqual(revoked, [frozenset({first})])
+        await store.revoke_key(first)
+        self.other_process(store_revocation, (), second)
+        self.assertEqual(revoked, [frozenset({first})])
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertEqual(revoked, [frozenset({first}), frozenset({second})])
+
+
+class SQLiteKeyStoreTests(KeyStoreConformanceMixin, TestCase):
+    """
+    L{KeyStore} on SQLite files in a data directory.
+    """
+
+    driver_error = sqlite3.OperationalError
+
+    def make_database(self) -> Database:
+        return Database(self.mktemp())
+
+    def broken_pool(self) -> Any:
+        from meteredrt.store.database import sqlite_pool
+
+        return sqlite_pool(os.path.join(self.mktemp(), "missing", "db"), COMPONENT, MIGRATIONS, reactor)
+
+    async def test_upgrade_previous_release(self) -> None:
+        """
+        A data directory made by the release before schema versioning (its
+        tables, no C{schema_versions}) is adopted in place: its apps and
+        keys are served, and the version is recorded.
+        """
+        path = self.db.prepare_sqlite(COMPONENT)
+        connection = sqlite3.connect(path)
+        with connection:
+            for statement in PREVIOUS_RELEASE_KEY_SCHEMA:
+                connection.execute(statement)
+            connection.execute("INSERT INTO apps VALUES ('old', NULL, 0, 1.0)")
+            connection.execute(
+                "INSERT INTO keys VALUES ('pk_live_old', 'old', 'publishable', NULL,"
+                " '[\"**\"]', '[\"subscribe\"]', '[]', 1, 0, 1.0)"
+            )
+        connection.close()
+        store = await self.start()
+        self.assertEqual(self.bootstrapped, [])
+        self.assertEqual([key.key_id for key in store.keys_of("old")], ["pk_live_old"])
+        connection = sqlite3.connect(path)
+        self.addCleanup(connection.close)
+        self.assertEqual(
+            connection.execute("SELECT component, version FROM schema_versions").fetchall(), [("keys", 1)]
+        )
+
+
+class PostgreSQLKeyStoreTests(KeyStoreConformanceMixin, TestCase):
+    """
+    L{KeyStore} on a PostgreSQL database of its own.
+    """
+
+    @property
+    def driver_error(self) -> type[Exception]:  # type: ignore[override]
+        import psycopg2
+
+        return psycopg2.OperationalError  # type: ignore[no-any-return]
+
+    def make_database(self) -> Database:
+        return Database(self.mktemp(), fresh_database())
+
+    def broken_pool(self) -> Any:
+        # A port nothing listens on: connecting is refused at once.
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return self.open_pool(Database(self.mktemp(), f"postgresql://nobody@127.0.0.1:{port}/none"))
+
+
+#: The key tables exactly as the release before schema versioning created
+#: them.
+PREVIOUS_RELEASE_KEY_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS apps (
+        app_id TEXT PRIMARY KEY,
+        plan_json TEXT,
+        suspended INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS keys (
+        key_id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        secret TEXT,
+        channel_patterns_json TEXT NOT NULL,
+        actions_json TEXT NOT NULL,
+        allowed_origins_json TEXT NOT NULL,
+        auto_inject_turn INTEGER NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS keys_by_app ON keys (app_id)",
+)
 
 
 class DatabaseFileTests(SynchronousTestCase):
@@ -572,8 +777,7 @@ class DatabaseFileTests(SynchronousTestCase):
         """
         connection = connect(prepare_database(self.mktemp()))
         self.addCleanup(connection.close)
-        cursor = connection.cursor()
-        create_schema(cursor)
+        cursor = DialectCursor(connection.cursor(), SQLITE)
         with connection:
             store_app(cursor, (), "a", None, 0.0)
         with self.assertRaises(KeyLimitReached), connection:
@@ -590,8 +794,7 @@ class StoreSuspensionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.connection = connect(prepare_database(self.mktemp()))
         self.addCleanup(self.connection.close)
-        self.cursor = self.connection.cursor()
-        create_schema(self.cursor)
+        self.cursor = DialectCursor(self.connection.cursor(), SQLITE)
 
     def write(self, *args: Any) -> App:
         with self.connection:

@@ -21,6 +21,7 @@ from meteredrt.metering import (
     ACCEPT,
     AUTO_RECHARGE,
     CONNECTION_OVERAGE,
+    FINAL_FLUSH_ATTEMPTS,
     MESSAGE_OVERAGE,
     REFUSE,
     Counters,
@@ -236,17 +237,25 @@ class FlakyStore(UsageStore):
     failures = 0
     #: How many of the next loads fail.
     load_failures = 0
+    #: How many of the next flushes are written but report a failure (the
+    #: connection dropped after the commit, before its answer).
+    lost_answers = 0
     #: When set, loads wait for it to fire.
     held_load: Deferred[None] | None = None
 
     def flush(self, batch: FlushBatch) -> Deferred[None]:
         """
-        Fail while C{failures} says so, else write the batch.
+        Fail while C{failures} says so, else write the batch (and perhaps
+        report a failure anyway).
         """
         if self.failures:
             self.failures -= 1
             return fail(sqlite3.OperationalError("disk I/O error"))
-        return super().flush(batch)
+        written = super().flush(batch)
+        if self.lost_answers:
+            self.lost_answers -= 1
+            return written.addCallback(lambda _: fail(sqlite3.OperationalError("connection lost")))
+        return written
 
     def load_period(self, period_start: int) -> Deferred[list[UsageRow]]:
         """
@@ -661,6 +670,104 @@ class MeterDurabilityTests(MeterTestCase):
         self.assertEqual((row.messages_used, row.overage_messages), (4, 2))
         ledger = [(e.units, e.amount) for e in self.persisted_ledger()]
         self.assertEqual(ledger, [(1, 1.0), (1, 1.0)])
+
+    def test_outage_logged_once(self) -> None:
+        """
+        A run of failed flushes (a database outage) logs one traceback, not
+        one a second; the counts are written once the store is back.
+        """
+        meter, clock, store = self.start_meter()
+        app = App("app_a")
+        self.send(meter, app, 2)
+        store.failures = 3
+        for _ in range(3):
+            self.send(meter, app)
+            clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        clock.advance(1)
+        row = self.persisted()
+        assert row is not None
+        self.assertEqual(row.messages_used, 5)
+        # A new outage logs again.
+        self.send(meter, app)
+        store.failures = 1
+        clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+
+    def test_final_flush_retried(self) -> None:
+        """
+        A graceful stop during a short outage retries the final flush every
+        flush interval and loses nothing.
+        """
+        meter, clock, store = self.start_meter()
+        app = App("app_a")
+        self.send(meter, app, 4)
+        store.failures = 2
+        stopped = meter.stopService()
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        row = self.persisted()
+        assert row is not None
+        self.assertEqual(row.messages_used, 4)
+        self.assertEqual(self.flushLoggedErrors(sqlite3.OperationalError), [])
+
+    def test_final_flush_gives_up(self) -> None:
+        """
+        When the store stays down, the stop ends after
+        L{FINAL_FLUSH_ATTEMPTS} attempts and says what was lost.
+        """
+        meter, clock, store = self.start_meter()
+        self.send(meter, App("app_a"), 4)
+        store.failures = FINAL_FLUSH_ATTEMPTS
+        stopped = meter.stopService()
+        clock.pump([1.0] * (FINAL_FLUSH_ATTEMPTS - 2))
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.assertIsNone(self.persisted())
+
+    def test_lost_commit_counted_once(self) -> None:
+        """
+        A flush that was written but whose answer was lost is retried
+        unchanged and counts once; what was counted meanwhile goes in the
+        next batch.
+        """
+        meter, clock, store = self.start_meter()
+        app = App("app_a", overage(balance=10.0))
+        self.send(meter, app, 3)
+        store.lost_answers = 1
+        clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.send(meter, app)
+        clock.advance(1)
+        row = self.persisted()
+        assert row is not None
+        self.assertEqual((row.messages_used, row.overage_messages), (4, 2))
+        self.assertEqual([(e.units, e.amount) for e in self.persisted_ledger()], [(1, 1.0), (1, 1.0)])
+
+    def test_two_writers_add_up(self) -> None:
+        """
+        Two meters counting into one database at the same time add up, and
+        the stored peak is the larger of their own peaks.
+        """
+        first, clock, _ = self.start_meter()
+        second, other_clock, _ = self.start_meter()
+        app = App("app_a")
+        self.send(first, app, 3)
+        self.send(second, app, 4)
+        self.admit(first, app, 2)
+        self.admit(second, app, 1)
+        clock.advance(1)
+        other_clock.advance(1)
+        self.send(first, app, 1)
+        clock.advance(1)
+        row = self.persisted()
+        assert row is not None
+        self.assertEqual((row.messages_used, row.peak_concurrent), (8, 2))
 
     def test_failed_load_retried(self) -> None:
         """

@@ -61,6 +61,18 @@ class AuthenticationTests(SynchronousTestCase):
         """
         self.assertEqual(self.world.get("/v1/usage").status, 200)
 
+    def test_store_unavailable(self) -> None:
+        """
+        While the key store cannot reach its database, an unknown key id is
+        answered 503 (retry shortly), not 401; a known key still works.
+        """
+        self.world.keys.reachable = False
+        reply = self.world.get("/v1/usage", authorization="Bearer sk_id_new:sk_secret_new")
+        self.assertEqual(reply.status, 503)
+        self.assertEqual(reply.json["error"], "internal_error")
+        self.assertIn("cannot reach its database", reply.json["message"])
+        self.assertEqual(self.world.get("/v1/usage").status, 200)
+
     def test_scheme_is_case_insensitive(self) -> None:
         """
         C{bearer} in lower case is accepted, as HTTP auth schemes are.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from io import StringIO
 
 from twisted.application.service import IServiceMaker, Service
@@ -72,12 +73,53 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(options, reactor)
         self.assertIsInstance(service, OrderedServices)
         kinds = [type(child).__name__ for child in service]
-        self.assertEqual(kinds[:2], ["DataDirectory", "SQLiteKeyStore"])
+        self.assertEqual(kinds[:2], ["DataDirectory", "KeyStore"])
         self.assertIsInstance(list(service)[2], Meter)
         self.assertIsInstance(list(service)[-2], StartupGate)
         self.assertIsInstance(list(service)[-1], ConnectionDrain)
         self.assertEqual(reactor.tcpServers, [])
         self.assertFalse(os.path.exists(data_dir))
+
+
+    def test_database_option(self) -> None:
+        """
+        C{--database} puts apps, keys and usage in PostgreSQL; a URL that is
+        not one ends the process with one line naming the option.
+        """
+        options = Options()
+        url = "postgresql://meteredrt@127.0.0.1:1/meteredrt"
+        options.parseOptions(["--database", url])
+        self.assertEqual(options["parsed"].database, url)
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--database", "redis://x/0"])
+        self.assertIn("meteredrt: ", str(error.code))
+
+    def test_database_without_driver(self) -> None:
+        """
+        Without psycopg2 installed, a PostgreSQL URL ends the process with
+        one line that says what to install.
+        """
+        hide_module(self, "psycopg2")
+        error = self.assertRaises(
+            SystemExit, Options().parseOptions, ["--database", "postgresql://u@127.0.0.1:1/db"]
+        )
+        self.assertIn("meteredrt[postgresql]", str(error.code))
+
+
+def hide_module(case: SynchronousTestCase, name: str) -> None:
+    """
+    Make C{import name} fail with L{ImportError} until the test ends, as
+    when the package is not installed.
+    """
+    saved = sys.modules.get(name)
+    sys.modules[name] = None  # type: ignore[assignment]
+
+    def restore() -> None:
+        if saved is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved
+
+    case.addCleanup(restore)
 
 
 class _Recorder(Service):

@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meteredrt.usagestore import (
+from meteredrt.store.database import Database
+from meteredrt.store.dialect import POSTGRESQL
+from meteredrt.store.schema import SchemaTooNew
+from meteredrt.store.usage import (
     CHARGE,
+    COMPONENT,
+    MIGRATIONS,
     RECHARGE,
+    WRITER_RETENTION,
     FlushBatch,
     LedgerEntry,
     UsageRow,
@@ -27,8 +33,9 @@ from meteredrt.usagestore import (
     prepare_connection,
     read_ledger,
     read_usage,
-    usage_database_path,
 )
+from meteredrt.usagestore import usage_database_path
+from tests.postgres_server import fresh_database
 
 _T = TypeVar("_T")
 
@@ -128,25 +135,41 @@ class UsageStoreTestsMixin(_MixinBase):
         await store.flush(FlushBatch(usage=(row,)))
         self.assertEqual(await store.load("app_a", NOV), row)
 
-    async def test_flush_is_idempotent(self) -> None:
+    async def test_flush_adds_increments(self) -> None:
         """
-        Writing the same absolute counters twice leaves them as written once.
+        A later flush adds its counts to the row (two writers add up instead
+        of overwriting each other); the peak becomes the larger of the two,
+        never their sum.
         """
         store = self.make_store()
-        row = usage_row(messages_used=10)
-        await store.flush(FlushBatch(usage=(row,)))
-        await store.flush(FlushBatch(usage=(row,)))
-        self.assertEqual(await store.periods("app_a"), [row])
+        await store.flush(
+            FlushBatch(usage=(usage_row(messages_used=10, peak_concurrent=4, overage_messages=1),))
+        )
+        await store.flush(
+            FlushBatch(usage=(usage_row(messages_used=2, peak_concurrent=3, overage_connections=2),))
+        )
+        self.assertEqual(
+            await store.load("app_a", NOV),
+            usage_row(messages_used=12, peak_concurrent=4, overage_messages=1, overage_connections=2),
+        )
+        await store.flush(FlushBatch(usage=(usage_row(peak_concurrent=6),)))
+        self.assertEqual((await store.load("app_a", NOV)).peak_concurrent, 6)  # type: ignore[union-attr]
 
-    async def test_flush_overwrites_with_absolute_values(self) -> None:
+    async def test_retried_batch_counts_once(self) -> None:
         """
-        A later flush replaces the counters rather than adding to them.
+        A batch written again by its writer with the same sequence number
+        (a retry after a commit whose answer was lost) changes nothing;
+        the writer's next batch and other writers' batches count.
         """
         store = self.make_store()
-        await store.flush(FlushBatch(usage=(usage_row(messages_used=10, peak_concurrent=4),)))
-        later = usage_row(messages_used=12, peak_concurrent=4)
-        await store.flush(FlushBatch(usage=(later,)))
-        self.assertEqual(await store.load("app_a", NOV), later)
+        batch = FlushBatch(usage=(usage_row(messages_used=10),), ledger=(charge(1.0),), writer="w1", sequence=1)
+        await store.flush(batch)
+        await store.flush(batch)
+        self.assertEqual(await store.periods("app_a"), [usage_row(messages_used=10)])
+        self.assertEqual(len(await store.ledger("app_a")), 1)
+        await store.flush(FlushBatch(usage=(usage_row(messages_used=1),), writer="w1", sequence=2))
+        await store.flush(FlushBatch(usage=(usage_row(messages_used=5),), writer="w2", sequence=1))
+        self.assertEqual(await store.periods("app_a"), [usage_row(messages_used=16)])
 
     async def test_load_period(self) -> None:
         """
@@ -220,8 +243,10 @@ class UsageStoreTestsMixin(_MixinBase):
         store = self.make_store()
         bad = LedgerEntry("app_a", 1.0, NOV, "refund", 1, 1.0, "not a kind")
         batch = FlushBatch(usage=(usage_row(messages_used=5),), ledger=(charge(1.0), bad))
-        with self.assertRaises(sqlite3.IntegrityError):
+        with self.assertRaises(Exception) as raised:
             await store.flush(batch)
+        # sqlite3.IntegrityError or psycopg2's CheckViolation.
+        self.assertIn("IntegrityError", [kind.__name__ for kind in type(raised.exception).__mro__])
         self.assertIsNone(await store.load("app_a", NOV))
         self.assertEqual(await store.ledger("app_a"), [])
 
@@ -281,6 +306,133 @@ class SynchronousPoolUsageStoreTests(UsageStoreTestsMixin, TestCase):
         store = UsageStore.with_pool(SynchronousPool(self.mktemp()))
         self.addCleanup(store.close)
         return store
+
+
+class WriterRetentionTests(TestCase):
+    """
+    The writers' sequence numbers do not pile up forever.
+    """
+
+    def test_old_writers_forgotten(self) -> None:
+        """
+        A batch removes the sequence numbers of writers silent for longer
+        than L{WRITER_RETENTION}; recent ones stay.
+        """
+        pool = SynchronousPool(self.mktemp())
+        self.addCleanup(pool.close)
+        store = UsageStore.with_pool(pool)
+        now = 1_800_000_000.0
+        for writer, at in (("gone", now - WRITER_RETENTION - 1), ("recent", now - 60), ("me", now)):
+            self.successResultOf(store.flush(FlushBatch(usage=(usage_row(messages_used=1),), writer=writer, sequence=1, at=at)))
+        writers = self.successResultOf(
+            pool.runInteraction(lambda cursor: cursor.execute("SELECT writer FROM usage_writers ORDER BY writer").fetchall())
+        )
+        self.assertEqual(writers, [("me",), ("recent",)])
+
+
+class PostgreSQLUsageStoreTests(UsageStoreTestsMixin, TestCase):
+    """
+    L{UsageStore} over an C{adbapi} pool on a PostgreSQL database of its
+    own.
+    """
+
+    def make_store(self) -> UsageStore:
+        from twisted.internet import reactor
+
+        database = Database(self.mktemp(), fresh_database())
+        store = UsageStore.with_pool(database.open_pool(COMPONENT, MIGRATIONS, reactor), POSTGRESQL)
+        self.addCleanup(store.close)
+        return store
+
+
+class UsageSchemaTests(TestCase):
+    """
+    Versioning of the usage tables.
+    """
+
+    def test_upgrade_previous_release(self) -> None:
+        """
+        A usage file written by the release before versioning (absolute
+        rows, no C{schema_versions}) is upgraded in place: its counts stay
+        and later flushes add to them.
+        """
+        path = os.path.join(self.mktemp())
+        connection = sqlite3.connect(path)
+        with connection:
+            for statement in PREVIOUS_RELEASE_USAGE_SCHEMA:
+                connection.execute(statement)
+            connection.execute(f"INSERT INTO usage VALUES ('app_a', {NOV}, {DEC}, 3, 40, 0, 0)")
+        connection.close()
+        store = UsageStore.with_pool(SynchronousPool(path))
+        self.addCleanup(store.close)
+        self.successResultOf(store.flush(FlushBatch(usage=(usage_row(messages_used=2, peak_concurrent=1),))))
+        self.assertEqual(
+            self.successResultOf(store.load("app_a", NOV)), usage_row(messages_used=42, peak_concurrent=3)
+        )
+        connection = sqlite3.connect(path)
+        self.addCleanup(connection.close)
+        self.assertEqual(
+            connection.execute("SELECT component, version FROM schema_versions").fetchall(),
+            [("usage", MIGRATIONS[-1].version)],
+        )
+
+    def test_too_new_refused(self) -> None:
+        """
+        A usage file upgraded by a newer release cannot be opened.
+        """
+        path = self.mktemp()
+        SynchronousPool(path).close()
+        connection = sqlite3.connect(path)
+        with connection:
+            connection.execute("UPDATE schema_versions SET version = 7 WHERE component = 'usage'")
+        connection.close()
+        with self.assertRaises(SchemaTooNew) as raised:
+            SynchronousPool(path)
+        self.assertIn("usage schema version 7", str(raised.exception))
+
+    def test_too_new_refused_postgresql(self) -> None:
+        """
+        The same on PostgreSQL.
+        """
+        database = Database(self.mktemp(), fresh_database())
+        database.connect(COMPONENT, MIGRATIONS).close()
+        connection = database.connect(COMPONENT, MIGRATIONS)
+        with connection, connection.cursor() as cursor:
+            cursor.execute("UPDATE schema_versions SET version = 7 WHERE component = 'usage'")
+        connection.close()
+        with self.assertRaises(SchemaTooNew):
+            database.connect(COMPONENT, MIGRATIONS)
+
+
+#: The usage tables exactly as the release before schema versioning
+#: created them.
+PREVIOUS_RELEASE_USAGE_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS usage (
+        app_id TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        period_end INTEGER NOT NULL,
+        peak_concurrent INTEGER NOT NULL DEFAULT 0,
+        messages_used INTEGER NOT NULL DEFAULT 0,
+        overage_messages INTEGER NOT NULL DEFAULT 0,
+        overage_connections INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (app_id, period_start)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS ledger (
+        id INTEGER PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        period_start INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('charge', 'recharge')),
+        units INTEGER NOT NULL,
+        amount REAL NOT NULL,
+        reason TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS ledger_app_period ON ledger (app_id, period_start)",
+)
 
 
 class SynchronousPoolTests(SynchronousTestCase):

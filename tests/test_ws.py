@@ -277,6 +277,21 @@ class HandshakeTests(WebSocketTestCase):
         self.assertClosed(client, 4001)
         self.assertEqual(client.received, [])
 
+    def test_store_unavailable(self) -> None:
+        """
+        While the key store cannot reach its database, a key it does not
+        know is refused with 1011 (transient: it may exist by now) rather
+        than 4001; a known key still connects.
+        """
+        self.keys.reachable = False
+        client, server, pump = self.open("key=pk_live_created_during_outage")
+        self.assertTrue(client.opened)
+        self.assertClosed(client, 1011)
+        self.assertEqual(client.received, [])
+        self.assertEqual(self.hub.connection_count, 0)
+        known, _, _ = self.open("key=pk_live_test")
+        self.assertEqual(known.received[0]["type"], "welcome")
+
     def test_expired_token(self) -> None:
         """
         A token already expired is refused with 4002 after the upgrade.

@@ -34,7 +34,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from meteredrt.apps import App, Key, KeyType
 from meteredrt.clientaddress import TrustedProxies, rate_limit_key
-from meteredrt.interfaces import IKeyStore
+from meteredrt.interfaces import IKeyStore, StoreUnavailable
 from meteredrt.ratelimit import KeyedLimiter
 from meteredrt.site import MAX_BODY_BYTES, client_host, error_body, json_response
 
@@ -315,6 +315,10 @@ class JsonResource(Resource):
             return json_response(request, e.status, error_body(e.code, e.message))
         except TooManyRequests as e:
             return self._too_many(request, e.retry_after)
+        except StoreUnavailable:
+            return json_response(
+                request, 503, _internal(request_id, "the key store cannot reach its database")
+            )
         except Exception:
             self.log.failure("REST request {request_id} failed before its handler", request_id=request_id)
             return json_response(request, 503, _internal(request_id))
