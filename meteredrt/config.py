@@ -67,6 +67,18 @@ TURN_REGIONS: frozenset[str] = frozenset(
 #: Plan periods meteredrt can meter (OP-33).
 PLAN_PERIODS: frozenset[str] = frozenset({"month"})
 
+#: ``[log] format`` values: lines for people, or one JSON object per line.
+LOG_FORMATS = ("text", "json")
+#: ``[log] level`` values, least severe first.
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+#: A ``[metrics] token`` shorter than this is refused: it guards the
+#: endpoint on a public listener.
+MIN_METRICS_TOKEN_LENGTH = 16
+
+# A bearer token travels in an HTTP header: visible ASCII, no spaces.
+_METRICS_TOKEN = re.compile(r"[\x21-\x7e]+")
+
 # App ids end up in URLs, logs and (in a cluster) Redis key names: keep them
 # to a conservative alphabet.
 _APP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -114,6 +126,44 @@ class AppDeclaration:
 
 
 @frozen
+class MetricsConfig:
+    """
+    The ``[metrics]`` table: where ``/metrics`` is served. Both ``None``
+    (the default) serves it nowhere.
+
+    :ivar token: serve ``/metrics`` on the main listeners, to requests
+        carrying ``Authorization: Bearer <token>``.
+    :ivar listen: a Twisted endpoint (``tcp:9100:interface=127.0.0.1``)
+        serving only ``/metrics``, without a token.
+    """
+
+    token: str | None = None
+    listen: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """
+        Whether ``/metrics`` is served anywhere.
+        """
+        return self.token is not None or self.listen is not None
+
+
+@frozen
+class LogConfig:
+    """
+    The ``[log]`` table.
+
+    :ivar format: ``"text"`` (twistd's lines) or ``"json"`` (one object per
+        line, for log shippers).
+    :ivar level: the least severe level written: ``"debug"``, ``"info"``,
+        ``"warn"`` or ``"error"``.
+    """
+
+    format: str = "text"
+    level: str = "info"
+
+
+@frozen
 class Config:
     """
     Everything the server reads from its configuration file.
@@ -131,6 +181,8 @@ class Config:
     apps: tuple[AppDeclaration, ...] = ()
     upgrade_rate_limit: int = DEFAULT_UPGRADE_RATE_LIMIT
     trusted_proxies: TrustedProxies = ()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
     source: str | None = None
 
 
@@ -385,7 +437,9 @@ class _Table:
         ]
 
 
-_TOP_LEVEL = ("server", "apps")
+_TOP_LEVEL = ("server", "apps", "metrics", "log")
+_METRICS_KEYS = ("token", "listen")
+_LOG_KEYS = ("format", "level")
 _SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit", "trusted_proxies")
 _APP_KEYS = ("id", "plan", "turn", "keys")
 _PLAN_KEYS = (
@@ -431,9 +485,42 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             upgrade_rate_limit=server.integer("upgrade_rate_limit", config.upgrade_rate_limit, minimum=1),
             trusted_proxies=_read_trusted_proxies(server),
         )
+    metrics = top.table("metrics", _METRICS_KEYS)
+    if metrics is not None:
+        config = evolve(config, metrics=_read_metrics(metrics))
+    log = top.table("log", _LOG_KEYS)
+    if log is not None:
+        config = evolve(config, log=_read_log(log))
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
     _check_unique(top, declarations)
     return evolve(config, apps=declarations)
+
+
+def _read_metrics(table: _Table) -> MetricsConfig:
+    token = table.string("token", None)
+    if token is not None:
+        if not _METRICS_TOKEN.fullmatch(token):
+            table.fail("token", "may contain only visible ASCII characters, no spaces")
+        if len(token) < MIN_METRICS_TOKEN_LENGTH:
+            table.fail(
+                "token",
+                f"must be at least {MIN_METRICS_TOKEN_LENGTH} characters "
+                "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            )
+    listen = table.string("listen", None)
+    if listen is not None and not listen.strip():
+        table.fail("listen", "must not be empty")
+    return MetricsConfig(token=token, listen=listen)
+
+
+def _read_log(table: _Table) -> LogConfig:
+    log_format = table.string("format", "text")
+    if log_format not in LOG_FORMATS:
+        table.fail("format", f"unknown format {log_format!r} (expected one of {', '.join(LOG_FORMATS)})")
+    level = table.string("level", "info")
+    if level not in LOG_LEVELS:
+        table.fail("level", f"unknown level {level!r} (expected one of {', '.join(LOG_LEVELS)})")
+    return LogConfig(format=log_format, level=level)
 
 
 def _read_trusted_proxies(server: _Table) -> TrustedProxies:

@@ -309,6 +309,24 @@ class Meter(service.Service):
         self._load_waiters: list[Deferred[None]] = []
         self._lock = DeferredLock()
         self._loop: LoopingCall | None = None
+        self._last_flush = clock.seconds()
+        self._flush_failures = 0
+
+    @property
+    def last_flush(self) -> float:
+        """
+        When the counts in memory were last all written (or this meter was
+        made): C{now - last_flush} is the flush lag an operator watches,
+        the most a C{SIGKILL} would lose, in seconds.
+        """
+        return self._last_flush
+
+    @property
+    def flush_failures(self) -> int:
+        """
+        How many flushes (and loads before them) have failed so far.
+        """
+        return self._flush_failures
 
     @property
     def loaded(self) -> Deferred[None]:
@@ -540,17 +558,25 @@ class Meter(service.Service):
         succeeded yet: absolute counters must never be written over counts
         of an earlier process this one has not read.
         """
-        if not self._loaded:
-            await self._load()
+        started = self._clock.seconds()
+        try:
+            if not self._loaded:
+                await self._load()
+        except BaseException:
+            self._flush_failures += 1
+            raise
         batch = self._take_batch()
         if not batch.usage and not batch.ledger:
+            self._last_flush = started
             return
         try:
             await self._store.flush(batch)
         except BaseException:
+            self._flush_failures += 1
             self._dirty.update((row.app_id, row.period_start) for row in batch.usage)
             self._entries[:0] = batch.ledger
             raise
+        self._last_flush = started
         self._forget_finished(batch)
 
     def _take_batch(self) -> FlushBatch:

@@ -28,7 +28,9 @@ from meteredrt.config import Config, ConfigError, apply_options, default_config,
 from meteredrt.hub import Hub
 from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
 from meteredrt.metering import Meter
+from meteredrt.metrics import Metrics
 from meteredrt.presence import MemoryPresence
+from meteredrt.prometheus import MetricsResource, build_registry, metrics_root
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
@@ -217,8 +219,12 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     keys.setServiceParent(top)
     meter = Meter(reactor, UsageStore(usage_database_path(config.data_dir), reactor))
     meter.setServiceParent(top)
+    # Counted whether or not [metrics] serves them: counting is cheaper
+    # than asking whether to.
+    metrics = Metrics()
+    metrics.watch(meter=meter)
 
-    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
+    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app, metrics=metrics)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.
@@ -227,16 +233,21 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     # fills the cache for the next connection.
     # TURN calls are rare (credentials are cached), so no connection is kept.
     turn_http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-    turn_api = TurnApiClient(turn_http, reactor, timeout=10.0)
+    turn_api = TurnApiClient(turn_http, reactor, timeout=10.0, metrics=metrics)
     turn = TurnCredentialCache(turn_api, reactor)
     turn.setServiceParent(top)
-    factory = RealtimeServerFactory(hub, keys, reactor, turn=turn)
+    trusted = config.trusted_proxies
+    factory = RealtimeServerFactory(hub, keys, reactor, turn=turn, metrics=metrics, trusted_proxies=trusted)
     ConnectionDrain(factory).setServiceParent(top)
 
-    trusted = config.trusted_proxies
     v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit, trusted_proxies=trusted)
-    install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api, trusted_proxies=trusted)
+    install_rest(
+        v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api, trusted_proxies=trusted, metrics=metrics
+    )
     root = build_root(v1, ready=lambda: bool(keys.running) and not factory.draining)
+    registry = build_registry(metrics, reactor)
+    if config.metrics.token is not None:
+        root.putChild(b"metrics", MetricsResource(registry, config.metrics.token))
     log_line = partial(access_log_line, trusted_proxies=trusted)
     site = Site(root, requestFactory=BoundedRequest, logFormatter=log_line)
     site.displayTracebacks = False
@@ -244,5 +255,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     gate.setName("listeners")
     for description in config.listen:
         Listener(description, site, reactor).setServiceParent(gate)
+    if config.metrics.listen is not None:
+        metrics_site = Site(metrics_root(MetricsResource(registry)), requestFactory=BoundedRequest)
+        metrics_site.displayTracebacks = False
+        metrics_site.noisy = False
+        Listener(config.metrics.listen, metrics_site, reactor).setServiceParent(gate)
     gate.setServiceParent(top)
     return top

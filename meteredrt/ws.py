@@ -8,6 +8,11 @@ client can read, §5.3), sends the welcome, then feeds each parsed frame to
 the hub one at a time. It is also the hub's L{IConnectionSink}: frames the
 hub hands it are framed once (L{OutboundFrame.prepared}) and written, and a
 reader too slow to take them is cut off instead of growing memory.
+
+Each connection counts its frames in and out by type (plain lists indexed
+by kind, L{meteredrt.metrics}) and, when it ends, writes one log line for
+the operator: app, peer, connection id, remote address, duration, close
+code and reason, frames in and out. Never the token.
 """
 
 from __future__ import annotations
@@ -27,10 +32,15 @@ from zope.interface import implementer
 
 from meteredrt.apps import App
 from meteredrt.auth import Grant, Refusal, authenticate
+from meteredrt.clientaddress import TrustedProxies, client_address
 from meteredrt.hub import Hub, Session
 from meteredrt.interfaces import IConnectionSink, IKeyStore, ITurnProvider
+from meteredrt.metrics import Metrics
 from meteredrt.protocol import (
     INBOUND_FRAME_LIMIT,
+    INBOUND_TYPES,
+    INVALID,
+    OUTBOUND_TYPES,
     PONG,
     CloseCode,
     FrameError,
@@ -55,6 +65,8 @@ GOING_AWAY_CLOSE_DELAY = 0.25
 MAX_QUEUED_FRAMES = 1000
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
+#: RFC 6455 §7.4.1: no status code was present in the close frame.
+_NO_STATUS = 1005
 _STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
 
@@ -113,6 +125,13 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._farewell: IDelayedCall | None = None
         self._bucket: TokenBucket | None = None  # set once the socket is open
         self._watch = _WriteWatch()
+        self._grant: Grant | None = None
+        self._remote = "-"
+        self._upgraded_at = 0.0
+        self._opened_at: float | None = None
+        #: Frames by kind (L{meteredrt.metrics.FrameSource}).
+        self.frames_in = [0] * len(INBOUND_TYPES)
+        self.frames_out = [0] * len(OUTBOUND_TYPES)
 
     # -- handshake -------------------------------------------------------------
 
@@ -121,6 +140,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         # HTTP status, but they can read a close code (§5.2).
         self._params = request.params
         self._origin = request.headers.get("origin")
+        self._upgraded_at = self.factory.clock.seconds()
+        peer = None if self.transport is None else getattr(self.transport.getPeer(), "host", None)
+        forwarded_for = request.headers.get("x-forwarded-for")
+        self._remote = client_address(
+            peer or "-", None if forwarded_for is None else [forwarded_for], self.factory.trusted_proxies
+        )
 
     def onOpen(self) -> None:
         # Autobahn types the transport as ITransport; under a WebSocket it is
@@ -136,6 +161,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         # draw from it too (OP-18).
         self._bucket = TokenBucket(factory.message_burst, factory.message_rate, factory.clock.seconds())
         factory.connections.add(self)
+        self._opened_at = factory.clock.seconds()
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
 
     async def _admit(self) -> None:
@@ -144,11 +170,16 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             grant = authenticate(
                 self._params, self._origin, factory.keys.key, factory.keys.app, factory.clock.seconds()
             )
+            self._grant = grant
             session = await factory.hub.connect(self._sink_for, grant)
         except Refusal as refusal:
+            factory.metrics.handshakes["refused"] += 1
+            if refusal.code == CloseCode.OVER_CONCURRENT_LIMIT:
+                factory.metrics.drops["connection_quota"] += 1
             self._close(refusal.code, refusal.reason)
             return
         if self._gone:
+            factory.metrics.handshakes["abandoned"] += 1
             await factory.hub.disconnect(session)
             return
         try:
@@ -159,9 +190,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             await factory.hub.disconnect(session)
             raise
         if self._gone:
+            factory.metrics.handshakes["abandoned"] += 1
             await factory.hub.disconnect(session)
             return
         self._session = session
+        factory.metrics.handshakes["welcomed"] += 1
+        factory.metrics.handshake_seconds.observe(factory.clock.seconds() - self._upgraded_at)
         self._write(welcome_frame(grant.peer_id, grant.expires_at, int(factory.clock.seconds()), metadata))
         early, self._early = self._early, None
         for frame in early or ():
@@ -176,6 +210,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         return self
 
     def _admission_failed(self, failure: Any) -> None:
+        self.factory.metrics.handshakes["failed"] += 1
         self._log.failure("Handshake failed", failure)
         self._close(CloseCode.INTERNAL_ERROR, "internal_error")
 
@@ -215,12 +250,15 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             return
         try:
             item: Any = parse_frame(payload)
+            self.frames_in[item.kind] += 1
         except FrameError as error:
             item = error
+            self.frames_in[INVALID] += 1
         # OP-18: everything but ping draws from the rate bucket, garbage too.
         if not isinstance(item, Ping):
             bucket = self._bucket
             if bucket is not None and not bucket.take(self.factory.clock.seconds()):
+                self.factory.metrics.drops["message_rate"] += 1
                 self._close(CloseCode.OVER_MESSAGE_RATE, "over_message_rate")
                 return
         if len(self._queue) >= MAX_QUEUED_FRAMES:
@@ -242,6 +280,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             if isinstance(item, Ping):
                 self.send_frame(PONG)
             elif isinstance(item, FrameError):
+                self.factory.metrics.errors[item.code] += 1
                 self.send_frame(error_frame(item.code, item.message, item.request_id))
             else:
                 done = self.factory.hub.handle(session, item)
@@ -270,6 +309,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         # §5.5.1). After our own close the state is CLOSING.
         if self.state != _STATE_OPEN:
             return
+        self.frames_out[frame.kind] += 1
         prepared = frame.prepared
         if prepared is None:
             prepared = frame.prepared = self.factory.prepareMessage(frame.payload)
@@ -284,6 +324,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             watch.held += len(frame.payload)
             if watch.held > self.factory.outbound_limit:
                 self._log.info("Closing slow reader {conn}", conn=self.conn_id)
+                self.factory.metrics.drops["slow_reader"] += 1
                 self._close(CloseCode.POLICY_VIOLATION, "slow_consumer")
                 # A reader this far behind will not read the close frame;
                 # this replaces a pending going-away close.
@@ -368,7 +409,46 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             self.factory.hub.disconnect(session).addErrback(
                 lambda f: self._log.failure("Failed to clean up {conn}", f, conn=self.conn_id)
             )
+        if self._opened_at is not None:
+            self._report_end(code, reason)
         self.factory.closed_one()
+
+    def _report_end(self, code: int | None, reason: str | None) -> None:
+        """
+        Count the closed session and write its one log line.
+
+        The close code is the one this server sent when it closed first (a
+        refusal, a slow reader, a drain), else the client's; 1006 when
+        nobody sent one.
+        """
+        if self.closedByMe:
+            side = "server"
+            code = self.localCloseCode
+            reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+        else:
+            side = "server" if self.droppedByMe and self.remoteCloseCode is None else "client"
+        code = _NO_STATUS if code is None else code
+        metrics = self.factory.metrics
+        metrics.closes[(code, side)] += 1
+        metrics.connection_closed(self)
+        grant = self._grant
+        opened_at = self._opened_at or 0.0
+        self._log.info(
+            "WebSocket session ended: app={app} peer={peer} conn={conn} remote={remote} "
+            "duration={duration:.3f}s code={code} by={closed_by} reason={reason!r} "
+            "frames_in={frames_in} frames_out={frames_out}",
+            event="session_end",
+            app=grant.app_id if grant is not None else "-",
+            peer=grant.peer_id if grant is not None else "-",
+            conn=self.conn_id or "-",
+            remote=self._remote,
+            duration=self.factory.clock.seconds() - opened_at,
+            code=code,
+            closed_by=side,
+            reason=reason or "",
+            frames_in=sum(self.frames_in),
+            frames_out=sum(self.frames_out),
+        )
 
 
 class RealtimeServerFactory(WebSocketServerFactory):
@@ -396,7 +476,15 @@ class RealtimeServerFactory(WebSocketServerFactory):
         outbound_limit: int = 1024 * 1024,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
+        metrics: Metrics | None = None,
+        trusted_proxies: TrustedProxies = (),
     ) -> None:
+        """
+        @param metrics: where connections count what they do; the node's
+            totals are read from it at scrape time.
+        @param trusted_proxies: the proxies whose C{X-Forwarded-For} names
+            the client that a session's log line shows.
+        """
         super().__init__()
         self.hub = hub
         self.keys = keys
@@ -406,6 +494,9 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.message_burst = message_burst
         self.outbound_limit = outbound_limit
         self.connections: set[RealtimeServerProtocol] = set()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch(connections=lambda: self.connections)
+        self.trusted_proxies = trusted_proxies
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self._drain_calls: list[IDelayedCall] = []

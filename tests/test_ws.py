@@ -29,6 +29,7 @@ from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub
 from meteredrt.interfaces import ITurnProvider
 from meteredrt.metering import Meter
+from meteredrt.metrics import Metrics
 from meteredrt.presence import MemoryPresence
 from meteredrt.protocol import INBOUND_FRAME_LIMIT, MAX_MESSAGE_SIZE
 from meteredrt.testing import MemoryKeyStore
@@ -130,10 +131,11 @@ class WebSocketTestCase(SynchronousTestCase):
         self.keys.add_key(SECRET_KEY)
         self.keys.add_key(PUBLISHABLE_KEY)
         self.meter = Meter(self.clock, UsageStore(self.mktemp(), MemoryReactorClock()))
-        self.hub = Hub(MemoryBroker(), MemoryPresence(), self.meter, self.keys.app, node_id="n1")
+        self.metrics = Metrics()
+        self.hub = Hub(MemoryBroker(), MemoryPresence(), self.meter, self.keys.app, node_id="n1", metrics=self.metrics)
         self.turn = PendingTurn()
         self.factory = RealtimeServerFactory(
-            self.hub, self.keys, self.clock, turn=self.turn, **self.factory_options
+            self.hub, self.keys, self.clock, turn=self.turn, metrics=self.metrics, **self.factory_options
         )
 
     def token(self, peer_id: str = "alice", expires_in: int = 3600, **claims: Any) -> str:
