@@ -7,7 +7,9 @@ Where apps and keys live: SQLite, overlaid by the configuration file.
     revoked with the CLI in another process stops authenticating within a few
     seconds. Observers registered with L{SQLiteKeyStore.on_apps_changed}
     hear which apps a load changed (the server closes the connections of a
-    newly suspended app that way).
+    newly suspended app that way). Every change a load brings (an app
+    created, suspended or resumed, its plan changed; a key created or
+    revoked; L{admin_changes}) is logged, one line each, whoever made it.
   - L{Tenancy}: the effective apps and keys, stored ones overlaid by those
     the configuration file declares (config wins).
   - The table functions (L{create_schema}, L{read_state}, L{store_app},
@@ -357,6 +359,49 @@ class Tenancy:
             for app_id in self._apps.keys() | other._apps.keys()
             if self._apps.get(app_id) != other._apps.get(app_id)
         )
+
+
+@frozen
+class AdminChange:
+    """
+    One change an operator made, as two loads of the key store show it.
+
+    :ivar event: C{app_created}, C{app_suspended}, C{app_resumed},
+        C{plan_changed}, C{key_created} or C{key_revoked}.
+    :ivar key_id: the key's id (never its secret) for key events.
+    """
+
+    event: str
+    app_id: str
+    key_id: str | None = None
+
+
+def admin_changes(before: Tenancy, after: Tenancy) -> list[AdminChange]:
+    """
+    What changed between two loads, apps first, each list ordered by id.
+    """
+    changes: list[AdminChange] = []
+    for app in after.apps():
+        old = before.app(app.app_id)
+        if old is None:
+            changes.append(AdminChange("app_created", app.app_id))
+            if app.suspended:
+                changes.append(AdminChange("app_suspended", app.app_id))
+            continue
+        if app.suspended != old.suspended:
+            changes.append(AdminChange("app_suspended" if app.suspended else "app_resumed", app.app_id))
+        if app.plan != old.plan:
+            changes.append(AdminChange("plan_changed", app.app_id))
+    for app in after.apps():
+        for key in after.keys_of(app.app_id):
+            old_key = before.key(key.key_id)
+            if old_key is None:
+                changes.append(AdminChange("key_created", key.app_id, key.key_id))
+                if key.revoked:
+                    changes.append(AdminChange("key_revoked", key.app_id, key.key_id))
+            elif key.revoked and not old_key.revoked:
+                changes.append(AdminChange("key_revoked", key.app_id, key.key_id))
+    return changes
 
 
 def _begin_immediate(cursor: Any) -> None:
@@ -796,6 +841,13 @@ class SQLiteKeyStore(service.Service):
         if not self._loaded:
             self._loaded = True
             return
+        for change in admin_changes(previous, self._tenancy):
+            self._log.info(
+                "Admin change: {event} app={app} key={key}",
+                event=change.event,
+                app=change.app_id,
+                key=change.key_id or "-",
+            )
         changed = self._tenancy.changed_apps(previous)
         if not changed:
             return

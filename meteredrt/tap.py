@@ -17,8 +17,9 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
@@ -27,6 +28,7 @@ from meteredrt.broker.memory import MemoryBroker
 from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
 from meteredrt.hub import Hub
 from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
+from meteredrt.logs import build_observer, twistd_destination
 from meteredrt.metering import Meter
 from meteredrt.metrics import Metrics
 from meteredrt.presence import MemoryPresence
@@ -98,9 +100,27 @@ class OrderedServices(MultiService):
     C{MultiService} stops them all at once, which here would let the
     meter's final flush run while connections are still draining (and still
     counting messages), and close the stores under them.
+
+    @ivar log_observer: handed to twistd as the application's
+        C{ILogObserver} when this service joins the application, so that
+        the C{[log]} format and level apply to everything twistd logs; see
+        L{meteredrt.logs}.
     """
 
     log = Logger()
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        # twistd builds its log observer after makeService, from the
+        # application's ILogObserver component when it has one (the
+        # mechanism a .tac file uses); its --logger option still wins.
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -210,6 +230,11 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     install_speedups()
 
     top = OrderedServices()
+    twistd_options = getattr(options, "parent", None)
+    if twistd_options is not None:
+        destination = twistd_destination(twistd_options)
+        if destination is not None:
+            top.log_observer = build_observer(config.log, destination)
     keys = SQLiteKeyStore(
         open_pool(prepare_database(config.data_dir), reactor),
         clock=reactor,
