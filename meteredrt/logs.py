@@ -8,7 +8,8 @@ twistd's usual lines, C{"json"} one JSON object per line for log shippers
 L{twistd_destination} picks the file twistd itself would have written to
 (C{--logfile}, C{-n}), so that the composition root can hand the observer
 to twistd as the application's C{ILogObserver} without changing where logs
-go. twistd's own C{--logger} and C{--syslog} still take precedence.
+go; L{rotate_on_sigusr1} keeps twistd's C{SIGUSR1} rotation of that file.
+twistd's own C{--logger} and C{--syslog} still take precedence.
 
 Log events in meteredrt carry their facts as fields (C{app}, C{peer},
 C{conn}, ...); the JSON line keeps every field whose value is a string,
@@ -19,10 +20,12 @@ message. No event here ever carries a token or a secret.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -100,3 +103,22 @@ def twistd_destination(twistd_options: Any) -> IO[str] | None:
     if path == "-" or (nodaemon and not path):
         return sys.stdout if nodaemon else None
     return LogFile.fromFullPath(path or "twistd.log")
+
+
+def rotate_on_sigusr1(log_file: LogFile, reactor: IReactorThreads) -> bool:
+    """
+    Rotate C{log_file} when the process gets C{SIGUSR1}, as twistd does for
+    the log file it opens itself, unless something else already handles
+    that signal.
+
+    @return: whether the handler was installed.
+    """
+    if signal.getsignal(signal.SIGUSR1) not in (None, signal.SIG_DFL):
+        return False
+
+    def rotate(signum: int, frame: object) -> None:
+        reactor.callFromThread(log_file.rotate)
+
+    signal.signal(signal.SIGUSR1, rotate)
+    return True
+

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.python.logfile import LogFile
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
@@ -28,7 +29,7 @@ from meteredrt.broker.memory import MemoryBroker
 from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
 from meteredrt.hub import Hub
 from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
-from meteredrt.logs import build_observer, twistd_destination
+from meteredrt.logs import build_observer, rotate_on_sigusr1, twistd_destination
 from meteredrt.metering import Meter
 from meteredrt.metrics import Metrics
 from meteredrt.presence import MemoryPresence
@@ -235,6 +236,8 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
         destination = twistd_destination(twistd_options)
         if destination is not None:
             top.log_observer = build_observer(config.log, destination)
+        if isinstance(destination, LogFile):
+            rotate_on_sigusr1(destination, reactor)
     keys = SQLiteKeyStore(
         open_pool(prepare_database(config.data_dir), reactor),
         clock=reactor,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
@@ -17,7 +19,7 @@ from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt.config import LogConfig
-from meteredrt.logs import build_observer, json_line, twistd_destination
+from meteredrt.logs import build_observer, json_line, rotate_on_sigusr1, twistd_destination
 from meteredrt.tap import Options, OrderedServices, makeService
 
 
@@ -187,6 +189,8 @@ class CompositionTests(SynchronousTestCase):
             f.write('[log]\nformat = "json"\nlevel = "warn"\n')
         from twisted.internet.testing import MemoryReactorClock
 
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         options = Options()
         options.parseOptions(["--config", config, "--data-dir", os.path.join(directory, "data")])
         self.assertIsNone(makeService(options, MemoryReactorClock()).log_observer)  # type: ignore[attr-defined]
@@ -199,3 +203,59 @@ class CompositionTests(SynchronousTestCase):
         with open(os.path.join(directory, "out.log")) as f:
             [line] = f.read().splitlines()
         self.assertEqual(json.loads(line)["message"], "hello Ada")
+        # twistd's SIGUSR1 rotation of the file it would have opened.
+        self.assertNotEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_DFL)
+
+
+class _ThreadCalls:
+    """
+    Records what is handed to C{callFromThread}.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], object]] = []
+
+    def callFromThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
+        self.calls.append(lambda: f(*args, **kwargs))
+
+
+class RotationTests(SynchronousTestCase):
+    """
+    Tests for L{rotate_on_sigusr1}.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.path = os.path.abspath(self.mktemp())
+        self.log_file = LogFile.fromFullPath(self.path)
+        self.addCleanup(self.log_file.close)
+
+    def test_rotates(self) -> None:
+        """
+        C{SIGUSR1} rotates the file, through the reactor thread.
+        """
+        reactor = _ThreadCalls()
+        self.assertTrue(rotate_on_sigusr1(self.log_file, reactor))  # type: ignore[arg-type]
+        self.log_file.write("before\n")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        [rotate] = reactor.calls
+        rotate()
+        self.log_file.write("after\n")
+        self.log_file.flush()
+        with open(self.path + ".1") as f:
+            self.assertEqual(f.read(), "before\n")
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "after\n")
+
+    def test_taken(self) -> None:
+        """
+        A signal someone else handles is left to them.
+        """
+
+        def theirs(signum: int, frame: object) -> None:
+            pass
+
+        signal.signal(signal.SIGUSR1, theirs)
+        self.assertFalse(rotate_on_sigusr1(self.log_file, _ThreadCalls()))  # type: ignore[arg-type]
+        self.assertIs(signal.getsignal(signal.SIGUSR1), theirs)
