@@ -9,11 +9,12 @@ scraped. Nothing here imports Prometheus or Twisted: counting stays a
 plain integer addition, so the hot path pays the same whether or not
 anyone scrapes, and tests read the numbers directly.
 
-Per-frame counts are lists indexed by the frame's kind
-(L{meteredrt.protocol.INBOUND_TYPES}, L{meteredrt.protocol.OUTBOUND_TYPES}):
-each connection keeps its own (L{FrameTally}), added to the node's totals
-when it closes, so a frame costs one index and one addition, never a
-look-up by label.
+Per-frame counts are node-wide lists indexed by the frame's kind
+(L{meteredrt.protocol.INBOUND_TYPES}, L{meteredrt.protocol.OUTBOUND_TYPES}),
+so a frame costs one index and one addition into a list every connection
+shares (and so stays in the CPU's cache), never a look-up by label. A
+per-connection list cost about 5% of the fan-out CPU in a profile: one
+more object per receiver to fetch from memory (C{docs/performance.md}).
 
 In a cluster the Redis broker will record its calls here too (latency per
 operation in a L{LatencyHistogram}, failures in a counter by operation),
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from meteredrt.protocol import INBOUND_TYPES, OUTBOUND_TYPES
@@ -81,15 +82,6 @@ class LatencyHistogram:
         return result
 
 
-class FrameSource(Protocol):
-    """
-    A live connection's frame counts, as L{Metrics.watch} reads them.
-    """
-
-    frames_in: list[int]
-    frames_out: list[int]
-
-
 class HubView(Protocol):
     """
     What L{Metrics.watch} reads from the hub: its live sessions' apps.
@@ -114,10 +106,9 @@ class Metrics:
     """
     One node's counters, histograms and the live state read at scrape time.
 
-    @ivar frames_in: client frames of closed connections, by
-        L{meteredrt.protocol.INBOUND_TYPES} index; live connections are
-        added at scrape time (L{frame_totals}).
-    @ivar frames_out: server frames of closed connections, by
+    @ivar frames_in: client frames received, by
+        L{meteredrt.protocol.INBOUND_TYPES} index.
+    @ivar frames_out: server frames written, by
         L{meteredrt.protocol.OUTBOUND_TYPES} index.
     @ivar deliveries: connections handed a routed envelope, by
         L{DELIVERY_KINDS} index.
@@ -143,49 +134,18 @@ class Metrics:
         self.drops: Counter[str] = Counter()
         self.rest_requests: Counter[tuple[str, int]] = Counter()
         self.turn_calls: Counter[tuple[str, str]] = Counter()
-        self._live_frames: Callable[[], Iterable[FrameSource]] = tuple
         self._hub: HubView | None = None
         self._meter: MeterView | None = None
 
-    def watch(
-        self,
-        *,
-        connections: Callable[[], Iterable[FrameSource]] | None = None,
-        hub: HubView | None = None,
-        meter: MeterView | None = None,
-    ) -> None:
+    def watch(self, *, hub: HubView | None = None, meter: MeterView | None = None) -> None:
         """
-        Read these at scrape time: the live connections (their frame
-        counts), the hub (connections by app), the meter (flush lag).
+        Read these at scrape time: the hub (connections by app), the meter
+        (flush lag).
         """
-        if connections is not None:
-            self._live_frames = connections
         if hub is not None:
             self._hub = hub
         if meter is not None:
             self._meter = meter
-
-    def connection_closed(self, connection: FrameSource) -> None:
-        """
-        Keep a closing connection's frame counts in the node's totals.
-        """
-        for kind, count in enumerate(connection.frames_in):
-            self.frames_in[kind] += count
-        for kind, count in enumerate(connection.frames_out):
-            self.frames_out[kind] += count
-
-    def frame_totals(self) -> tuple[list[int], list[int]]:
-        """
-        Frames in and out by kind, closed and live connections together.
-        """
-        frames_in = list(self.frames_in)
-        frames_out = list(self.frames_out)
-        for connection in self._live_frames():
-            for kind, count in enumerate(connection.frames_in):
-                frames_in[kind] += count
-            for kind, count in enumerate(connection.frames_out):
-                frames_out[kind] += count
-        return frames_in, frames_out
 
     def connections_by_app(self) -> dict[str, int]:
         """

@@ -75,7 +75,7 @@ class MetricsCollector(Collector):
         )
         yield latency
 
-        frames_in, frames_out = metrics.frame_totals()
+        frames_in, frames_out = metrics.frames_in, metrics.frames_out
         received = CounterMetricFamily(
             "meteredrt_frames_received", "Client frames received, by type (invalid: refused).", labels=["type"]
         )

@@ -9,10 +9,11 @@ the hub one at a time. It is also the hub's L{IConnectionSink}: frames the
 hub hands it are framed once (L{OutboundFrame.prepared}) and written, and a
 reader too slow to take them is cut off instead of growing memory.
 
-Each connection counts its frames in and out by type (plain lists indexed
-by kind, L{meteredrt.metrics}) and, when it ends, writes one log line for
-the operator: app, peer, connection id, remote address, duration, close
-code and reason, frames in and out. Never the token.
+Frames in and out are counted by type in the node's L{Metrics} (lists
+indexed by kind) and in total per connection; when a connection ends it
+writes one log line for the operator: app, peer, connection id, remote
+address, duration, close code and reason, frames in and out. Never the
+token.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from meteredrt.interfaces import IConnectionSink, IKeyStore, ITurnProvider
 from meteredrt.metrics import Metrics
 from meteredrt.protocol import (
     INBOUND_FRAME_LIMIT,
-    INBOUND_TYPES,
     INVALID,
     OUTBOUND_TYPES,
     PONG,
@@ -65,9 +65,9 @@ GOING_AWAY_CLOSE_DELAY = 0.25
 MAX_QUEUED_FRAMES = 1000
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
+_STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 #: RFC 6455 §7.4.1: no status code was present in the close frame.
 _NO_STATUS = 1005
-_STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
 
 @implementer(IPushProducer)
@@ -76,11 +76,22 @@ class _WriteWatch:
     Registered as the transport's producer so that Twisted tells us when
     its write buffer is full; what we write while paused is what a slow
     reader makes us hold in memory.
+
+    It also counts the frames written: every write reads L{paused}
+    anyway, so counting here touches no other memory per frame.
+
+    @ivar sent: frames written to this connection.
+    @ivar sent_by_kind: the node's frames written by kind
+        (L{Metrics.frames_out}), shared by every connection.
     """
+
+    __slots__ = ("paused", "held", "sent", "sent_by_kind")
 
     def __init__(self) -> None:
         self.paused = False
         self.held = 0
+        self.sent = 0
+        self.sent_by_kind = [0] * len(OUTBOUND_TYPES)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -129,9 +140,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._remote = "-"
         self._upgraded_at = 0.0
         self._opened_at: float | None = None
-        #: Frames by kind (L{meteredrt.metrics.FrameSource}).
-        self.frames_in = [0] * len(INBOUND_TYPES)
-        self.frames_out = [0] * len(OUTBOUND_TYPES)
+        self._received = 0
 
     # -- handshake -------------------------------------------------------------
 
@@ -162,6 +171,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._bucket = TokenBucket(factory.message_burst, factory.message_rate, factory.clock.seconds())
         factory.connections.add(self)
         self._opened_at = factory.clock.seconds()
+        self._watch.sent_by_kind = factory.metrics.frames_out
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
 
     async def _admit(self) -> None:
@@ -248,12 +258,13 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         if isBinary:
             self._close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
             return
+        self._received += 1
         try:
             item: Any = parse_frame(payload)
-            self.frames_in[item.kind] += 1
+            self.factory.metrics.frames_in[item.kind] += 1
         except FrameError as error:
             item = error
-            self.frames_in[INVALID] += 1
+            self.factory.metrics.frames_in[INVALID] += 1
         # OP-18: everything but ping draws from the rate bucket, garbage too.
         if not isinstance(item, Ping):
             bucket = self._bucket
@@ -309,7 +320,9 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         # §5.5.1). After our own close the state is CLOSING.
         if self.state != _STATE_OPEN:
             return
-        self.frames_out[frame.kind] += 1
+        watch = self._watch
+        watch.sent += 1
+        watch.sent_by_kind[frame.kind] += 1
         prepared = frame.prepared
         if prepared is None:
             prepared = frame.prepared = self.factory.prepareMessage(frame.payload)
@@ -319,7 +332,6 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             self.sendData(cast(PreparedMessage, prepared).payloadHybi)
         else:
             self.sendPreparedMessage(prepared)
-        watch = self._watch
         if watch.paused:
             watch.held += len(frame.payload)
             if watch.held > self.factory.outbound_limit:
@@ -430,7 +442,6 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         code = _NO_STATUS if code is None else code
         metrics = self.factory.metrics
         metrics.closes[(code, side)] += 1
-        metrics.connection_closed(self)
         grant = self._grant
         opened_at = self._opened_at or 0.0
         self._log.info(
@@ -446,8 +457,8 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             code=code,
             closed_by=side,
             reason=reason or "",
-            frames_in=sum(self.frames_in),
-            frames_out=sum(self.frames_out),
+            frames_in=self._received,
+            frames_out=self._watch.sent,
         )
 
 
@@ -495,7 +506,6 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.outbound_limit = outbound_limit
         self.connections: set[RealtimeServerProtocol] = set()
         self.metrics = metrics if metrics is not None else Metrics()
-        self.metrics.watch(connections=lambda: self.connections)
         self.trusted_proxies = trusted_proxies
         self.draining = False
         self._drained: list[Deferred[None]] = []

@@ -66,31 +66,6 @@ class LatencyHistogramTests(SynchronousTestCase):
         self.assertAlmostEqual(histogram.sum, 3.65)
 
 
-@define
-class _Connection:
-    frames_in: list[int]
-    frames_out: list[int]
-
-
-class FrameTotalsTests(SynchronousTestCase):
-    """
-    Frame counts of closed and live connections add up.
-    """
-
-    def test_closed_and_live(self) -> None:
-        """
-        L{Metrics.frame_totals} is what closed connections left behind
-        plus what the watched live ones hold now.
-        """
-        metrics = Metrics()
-        live = [_Connection([1] * len(INBOUND_TYPES), [2] * len(OUTBOUND_TYPES))]
-        metrics.watch(connections=lambda: live)
-        metrics.connection_closed(_Connection([3] * len(INBOUND_TYPES), [4] * len(OUTBOUND_TYPES)))
-        self.assertEqual(metrics.frame_totals(), ([4] * len(INBOUND_TYPES), [6] * len(OUTBOUND_TYPES)))
-        live.clear()
-        self.assertEqual(metrics.frame_totals(), ([3] * len(INBOUND_TYPES), [4] * len(OUTBOUND_TYPES)))
-
-
 class ScrapeTests(WebSocketTestCase):
     """
     What a scrape shows after clients talked through the WebSocket adapter
