@@ -174,6 +174,8 @@ class Config:
     :ivar trusted_proxies: the networks of reverse proxies whose
         ``X-Forwarded-For`` names the client
         (L{meteredrt.clientaddress.client_address}); empty trusts nobody.
+    :ivar metrics: where ``/metrics`` is served (``[metrics]``).
+    :ivar log: the log format and level (``[log]``).
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
