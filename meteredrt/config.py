@@ -96,6 +96,17 @@ MAX_WEBHOOK_GRACE_SECONDS = 3600
 
 #: The longest an app's batches may be retried: a week.
 MAX_WEBHOOK_RETRY_SECONDS = 7 * 86400
+#: ``[log] format`` values: lines for people, or one JSON object per line.
+LOG_FORMATS = ("text", "json")
+#: ``[log] level`` values, least severe first.
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+#: A ``[metrics] token`` shorter than this is refused: it guards the
+#: endpoint on a public listener.
+MIN_METRICS_TOKEN_LENGTH = 16
+
+# A bearer token travels in an HTTP header: visible ASCII, no spaces.
+_METRICS_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 # App ids end up in URLs, logs and (in a cluster) Redis key names: keep them
 # to a conservative alphabet.
@@ -144,6 +155,44 @@ class AppDeclaration:
 
 
 @frozen
+class MetricsConfig:
+    """
+    The ``[metrics]`` table: where ``/metrics`` is served. Both ``None``
+    (the default) serves it nowhere.
+
+    :ivar token: serve ``/metrics`` on the main listeners, to requests
+        carrying ``Authorization: Bearer <token>``.
+    :ivar listen: a Twisted endpoint (``tcp:9100:interface=127.0.0.1``)
+        serving only ``/metrics``, without a token.
+    """
+
+    token: str | None = None
+    listen: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """
+        Whether ``/metrics`` is served anywhere.
+        """
+        return self.token is not None or self.listen is not None
+
+
+@frozen
+class LogConfig:
+    """
+    The ``[log]`` table.
+
+    :ivar format: ``"text"`` (twistd's lines) or ``"json"`` (one object per
+        line, for log shippers).
+    :ivar level: the least severe level written: ``"debug"``, ``"info"``,
+        ``"warn"`` or ``"error"``.
+    """
+
+    format: str = "text"
+    level: str = "info"
+
+
+@frozen
 class Config:
     """
     Everything the server reads from its configuration file.
@@ -166,6 +215,8 @@ class Config:
     :ivar database: ``[storage] database``, the PostgreSQL URL apps, keys
         and usage are kept in; ``None`` keeps them in SQLite files in
         ``data_dir``.
+    :ivar metrics: where ``/metrics`` is served (``[metrics]``).
+    :ivar log: the log format and level (``[log]``).
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -177,6 +228,8 @@ class Config:
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
     max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
     drain_grace_seconds: float = DEFAULT_DRAIN_GRACE_SECONDS
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
     source: str | None = None
 
 
@@ -462,9 +515,11 @@ class _Table:
         ]
 
 
-_TOP_LEVEL = ("server", "storage", "webhooks", "apps")
+_TOP_LEVEL = ("server", "storage", "webhooks", "metrics", "log", "apps")
 _STORAGE_KEYS = ("database",)
 _WEBHOOKS_SERVER_KEYS = ("refuse_private_addresses",)
+_METRICS_KEYS = ("token", "listen")
+_LOG_KEYS = ("format", "level")
 _SERVER_KEYS = (
     "listen",
     "data_dir",
@@ -532,6 +587,12 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             if problem is not None:
                 storage.fail("database", problem)
             config = evolve(config, database=database)
+    metrics = top.table("metrics", _METRICS_KEYS)
+    if metrics is not None:
+        config = evolve(config, metrics=_read_metrics(metrics))
+    log = top.table("log", _LOG_KEYS)
+    if log is not None:
+        config = evolve(config, log=_read_log(log))
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
     webhooks = top.table("webhooks", _WEBHOOKS_SERVER_KEYS)
     if webhooks is not None and webhooks.boolean("refuse_private_addresses", False):
@@ -548,6 +609,31 @@ def _read_request_timeout(server: _Table, default: float) -> float:
             "request_timeout_seconds", f"must be more than 0 and at most {MAX_REQUEST_TIMEOUT} seconds, not {value}"
         )
     return value
+def _read_metrics(table: _Table) -> MetricsConfig:
+    token = table.string("token", None)
+    if token is not None:
+        if not _METRICS_TOKEN.fullmatch(token):
+            table.fail("token", "may contain only visible ASCII characters, no spaces")
+        if len(token) < MIN_METRICS_TOKEN_LENGTH:
+            table.fail(
+                "token",
+                f"must be at least {MIN_METRICS_TOKEN_LENGTH} characters "
+                "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            )
+    listen = table.string("listen", None)
+    if listen is not None and not listen.strip():
+        table.fail("listen", "must not be empty")
+    return MetricsConfig(token=token, listen=listen)
+
+
+def _read_log(table: _Table) -> LogConfig:
+    log_format = table.string("format", "text")
+    if log_format not in LOG_FORMATS:
+        table.fail("format", f"unknown format {log_format!r} (expected one of {', '.join(LOG_FORMATS)})")
+    level = table.string("level", "info")
+    if level not in LOG_LEVELS:
+        table.fail("level", f"unknown level {level!r} (expected one of {', '.join(LOG_LEVELS)})")
+    return LogConfig(format=log_format, level=level)
 
 
 def _read_trusted_proxies(server: _Table) -> TrustedProxies:

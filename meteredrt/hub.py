@@ -12,12 +12,17 @@ once, which keeps everything one sender causes in its original order.
 The hub also implements L{IDeliveryTarget}: the broker hands it envelopes
 (L{meteredrt.envelopes}) to turn into frames for local connections, each
 frame serialized once per variant and shared by every receiver.
+
+What the hub does is counted in a L{Metrics} (deliveries per envelope, not
+per receiver; error frames by code; messages refused for quota), and
+L{Hub.connections_by_app} answers the scrape's connections gauge.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections import Counter
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -39,6 +44,7 @@ from meteredrt.interfaces import (
     IPresence,
     IPresenceObserver,
 )
+from meteredrt.metrics import DELIVERY_KINDS, Metrics
 from meteredrt.presence import Member
 from meteredrt.protocol import (
     MAX_SUBSCRIPTIONS,
@@ -147,6 +153,11 @@ def _resume(coro: Coroutine[Any, Any, _T], awaited: Any) -> Generator[Any, Any, 
                 return done.value
 
 
+_MESSAGE, _PRESENCE, _DIRECT, _DISCONNECT = (
+    DELIVERY_KINDS.index(kind) for kind in ("message", "presence", "direct", "disconnect")
+)
+
+
 def _entry(member: Member) -> dict:
     return presence_entry(member.peer_id, member.metadata)
 
@@ -179,6 +190,7 @@ class Hub(Service):
         time, so the hub never caches them.
     @param observer: told of peers coming and going and of the presence
         deltas (the presence webhooks).
+    @param metrics: where the hub counts deliveries, errors and drops.
     """
 
     log = Logger()
@@ -191,6 +203,7 @@ class Hub(Service):
         apps: Callable[[str], App | None],
         node_id: str | None = None,
         observer: IPresenceObserver | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._broker = broker
         self._observer = observer or _Unobserved()
@@ -203,6 +216,9 @@ class Hub(Service):
         self._channels: dict[tuple[str, str], dict[str, Session]] = {}
         self._patterns: dict[str, WildcardIndex[Session]] = {}
         self._peers: dict[tuple[str, str], dict[str, Session]] = {}
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch(hub=self)
+        self._deliveries = self.metrics.deliveries
         broker.attach(self)
 
     # -- connection lifecycle ------------------------------------------------
@@ -291,6 +307,13 @@ class Hub(Service):
         """
         return list(self._sessions.values())
 
+    def connections_by_app(self) -> dict[str, int]:
+        """
+        How many connections this node holds per app id; for the metrics
+        scrape, not the hot path (it walks every session).
+        """
+        return dict(Counter(session.grant.app_id for session in self._sessions.values()))
+
     # -- client requests -----------------------------------------------------
 
     def handle(self, session: Session, frame: object) -> Deferred[None]:
@@ -319,10 +342,12 @@ class Hub(Service):
                 raise AssertionError("pings are answered by the adapter")
         except FrameError as e:
             if not session.closed:
+                self.metrics.errors[e.code] += 1
                 session.sink.send_frame(error_frame(e.code, e.message, e.request_id))
         except Exception:
             self.log.failure("Failed to handle {frame!r} from {conn}", frame=frame, conn=session.conn_id)
             if not session.closed:
+                self.metrics.errors[ErrorCode.INTERNAL_ERROR] += 1
                 session.sink.send_frame(
                     error_frame(ErrorCode.INTERNAL_ERROR, "internal error, retry with backoff", request_id)
                 )
@@ -338,6 +363,7 @@ class Hub(Service):
     async def _count(self, app_id: str, request_id: str | None) -> None:
         app = self._apps(app_id)
         if app is None or not await self._meter.count_message(app):
+            self.metrics.drops["message_quota"] += 1
             raise FrameError(ErrorCode.OVER_MESSAGE_QUOTA, "message quota exhausted", request_id)
 
     # A publish or send whose connection closes while it waits carries on:
@@ -622,14 +648,20 @@ class Hub(Service):
         @return: how many local connections received it.
         """
         if isinstance(envelope, ChannelMessage):
-            return self._deliver_message(app_id, envelope)
-        if isinstance(envelope, PresenceChange):
-            return self._deliver_presence(app_id, envelope)
-        if isinstance(envelope, DirectMessage):
-            return self._deliver_direct(app_id, envelope)
-        if isinstance(envelope, Disconnect):
-            return self._deliver_disconnect(app_id, envelope)
-        raise TypeError(f"unknown envelope {envelope!r}")
+            count = self._deliver_message(app_id, envelope)
+            self._deliveries[_MESSAGE] += count
+        elif isinstance(envelope, PresenceChange):
+            count = self._deliver_presence(app_id, envelope)
+            self._deliveries[_PRESENCE] += count
+        elif isinstance(envelope, DirectMessage):
+            count = self._deliver_direct(app_id, envelope)
+            self._deliveries[_DIRECT] += count
+        elif isinstance(envelope, Disconnect):
+            count = self._deliver_disconnect(app_id, envelope)
+            self._deliveries[_DISCONNECT] += count
+        else:
+            raise TypeError(f"unknown envelope {envelope!r}")
+        return count
 
     def _deliver_message(self, app_id: str, envelope: ChannelMessage) -> int:
         channel = envelope.channel

@@ -338,6 +338,24 @@ class Meter(service.Service):
         self._load_waiters: list[Deferred[None]] = []
         self._lock = DeferredLock()
         self._loop: LoopingCall | None = None
+        self._last_flush = clock.seconds()
+        self._flush_failures = 0
+
+    @property
+    def last_flush(self) -> float:
+        """
+        When the counts in memory were last all written (or this meter was
+        made): C{now - last_flush} is the flush lag an operator watches,
+        the most a C{SIGKILL} would lose, in seconds.
+        """
+        return self._last_flush
+
+    @property
+    def flush_failures(self) -> int:
+        """
+        How many flushes (and loads before them) have failed so far.
+        """
+        return self._flush_failures
 
     @property
     def loaded(self) -> Deferred[None]:
@@ -604,18 +622,29 @@ class Meter(service.Service):
         succeeded yet (what this process writes must not be loaded back and
         counted twice), and after the batch that failed last time, if any.
         """
-        if not self._loaded:
-            await self._load()
-        if self._unconfirmed is not None:
-            await self._store.flush(self._unconfirmed)
-            self._forget_finished(self._unconfirmed)
-            self._unconfirmed = None
+        started = self._clock.seconds()
+        try:
+            if not self._loaded:
+                await self._load()
+            if self._unconfirmed is not None:
+                await self._store.flush(self._unconfirmed)
+                self._forget_finished(self._unconfirmed)
+                self._unconfirmed = None
+        except BaseException:
+            self._flush_failures += 1
+            raise
         batch = self._take_batch()
         if not batch.usage and not batch.ledger:
+            self._last_flush = started
             return
         self._unconfirmed = batch
-        await self._store.flush(batch)
+        try:
+            await self._store.flush(batch)
+        except BaseException:
+            self._flush_failures += 1
+            raise
         self._unconfirmed = None
+        self._last_flush = started
         self._forget_finished(batch)
 
     def _take_batch(self) -> FlushBatch:

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from attrs import frozen
 
@@ -42,6 +42,17 @@ RESERVED_PREFIXES = ("_metered/", "_internal/", "_system/")
 #: Deeper JSON is refused: the stdlib parser accepts nesting its encoder
 #: cannot write back out, and nothing real nests this far.
 MAX_JSON_DEPTH = 128
+
+#: The client frames a connection counts, by C{kind} (the index here): the
+#: parsed requests' L{Subscribe.kind} and the like, and C{INVALID} for a
+#: frame L{parse_frame} refused. Small ints, so that counting a frame is an
+#: index into a list rather than a look-up by name.
+INBOUND_TYPES = ("subscribe", "unsubscribe", "publish", "send", "ping", "invalid")
+INVALID = INBOUND_TYPES.index("invalid")
+
+#: The server frames, by L{OutboundFrame.kind} (the index here).
+OUTBOUND_TYPES = ("welcome", "ack", "error", "message", "direct", "presence", "pong", "going_away")
+_OUTBOUND_KIND = {name: kind for kind, name in enumerate(OUTBOUND_TYPES)}
 
 
 class ErrorCode:
@@ -101,6 +112,7 @@ class FrameError(Exception):
 
 @frozen
 class Subscribe:
+    kind: ClassVar[int] = 0
     channel: str
     include_sender_metadata: bool
     request_id: str | None
@@ -109,6 +121,7 @@ class Subscribe:
 
 @frozen
 class Unsubscribe:
+    kind: ClassVar[int] = 1
     channel: str
     request_id: str | None
     wildcard: bool
@@ -116,6 +129,7 @@ class Unsubscribe:
 
 @frozen
 class Publish:
+    kind: ClassVar[int] = 2
     channel: str
     data: Any
     request_id: str | None
@@ -123,6 +137,7 @@ class Publish:
 
 @frozen
 class Send:
+    kind: ClassVar[int] = 3
     to: str
     data: Any
     request_id: str | None
@@ -130,7 +145,7 @@ class Send:
 
 @frozen
 class Ping:
-    pass
+    kind: ClassVar[int] = 4
 
 
 ClientFrame = Subscribe | Unsubscribe | Publish | Send | Ping
@@ -359,12 +374,16 @@ class OutboundFrame:
     The same instance is handed to every connection that receives it; the
     WebSocket adapter caches its framed form in L{prepared} on first use,
     so a fan-out to a thousand subscribers frames the payload once.
+
+    @ivar kind: the frame's type as an index into L{OUTBOUND_TYPES}, for
+        counting frames sent by type.
     """
 
-    __slots__ = ("payload", "prepared")
+    __slots__ = ("kind", "payload", "prepared")
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, kind: int) -> None:
         self.payload = payload
+        self.kind = kind
         self.prepared: PreparedMessage | None = None
 
     def __repr__(self) -> str:
@@ -376,7 +395,7 @@ def encode(frame: dict) -> OutboundFrame:
     Serialize a server frame. ASCII-only output keeps lone surrogates that
     arrived escaped in client JSON representable.
     """
-    return OutboundFrame(_ENCODER.encode(frame).encode("ascii"))
+    return OutboundFrame(_ENCODER.encode(frame).encode("ascii"), _OUTBOUND_KIND[frame["type"]])
 
 
 def json_size(value: object) -> int:
@@ -451,7 +470,8 @@ def snapshot_frames(
     batch: list[dict] = []
     size = overhead
     for entry in entries:
-        entry_size = len(encode(entry).payload) + 1
+        # ASCII-only output: as many bytes as characters.
+        entry_size = len(_ENCODER.encode(entry)) + 1
         if batch and size + entry_size > budget:
             frames.append(presence_frame(channel, batch, []))
             batch, size = [], overhead

@@ -164,6 +164,7 @@ class V1Resource(JsonRoot):
         host = rate_limit_key(client)
         now = self._clock.seconds()
         if not self._upgrades.take(host, now):
+            self._factory.metrics.drops["upgrade_rate"] += 1
             retry = max(1, int(self._upgrades.retry_after(host, now) + 0.999))
             request.setHeader(b"retry-after", str(retry).encode())
             return json_response(request, 429, None)

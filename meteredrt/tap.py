@@ -24,18 +24,24 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
 
 from meteredrt.apps import App, Key, KeyType, WebhookConfig
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
 from meteredrt.guard import ConnectionCap, GuardedSite
 from meteredrt.hub import Hub
+from meteredrt.logs import build_observer, rotate_on_sigusr1, twistd_destination
 from meteredrt.metering import Meter
+from meteredrt.metrics import Metrics
 from meteredrt.presence import MemoryPresence
+from meteredrt.prometheus import MetricsResource, build_registry, metrics_root
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
@@ -251,9 +257,27 @@ class OrderedServices(MultiService):
     C{MultiService} stops them all at once, which here would let the
     meter's final flush run while connections are still draining (and still
     counting messages), and close the stores under them.
+
+    @ivar log_observer: handed to twistd as the application's
+        C{ILogObserver} when this service joins the application, so that
+        the C{[log]} format and level apply to everything twistd logs; see
+        L{meteredrt.logs}.
     """
 
     log = Logger()
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        # twistd builds its log observer after makeService, from the
+        # application's ILogObserver component when it has one (the
+        # mechanism a .tac file uses); its --logger option still wins.
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -517,6 +541,13 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     show_startup_errors_in_one_line()
 
     top = OrderedServices()
+    twistd_options = getattr(options, "parent", None)
+    if twistd_options is not None:
+        destination = twistd_destination(twistd_options)
+        if destination is not None:
+            top.log_observer = build_observer(config.log, destination)
+        if isinstance(destination, LogFile):
+            rotate_on_sigusr1(destination, reactor)
     database = Database(config.data_dir, config.database)
     Logger().info("Keeping apps, keys and usage in {where}", where=database.describe())
     DataDirectory(database).setServiceParent(top)
@@ -531,6 +562,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     usage_pool = database.open_pool(usage_tables.COMPONENT, usage_tables.MIGRATIONS, reactor, create=False)
     meter = Meter(reactor, UsageStore.with_pool(usage_pool, database.dialect))
     meter.setServiceParent(top)
+    # Counted whether or not [metrics] serves them: counting is cheaper
+    # than asking whether to.
+    metrics = Metrics()
+    metrics.watch(meter=meter)
 
     # Presence webhooks: the outbox is written before the hub can take
     # note of anything, and stops after every connection has drained.
@@ -546,7 +581,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     emitter = WebhookEmitter(webhook_configs, outbox, reactor, on_stored=dispatcher.wake)
     emitter.setServiceParent(top)
 
-    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app, observer=emitter)
+    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app, observer=emitter, metrics=metrics)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.
@@ -558,15 +593,20 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     # fills the cache for the next connection.
     # TURN calls are rare (credentials are cached), so no connection is kept.
     turn_http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-    turn_api = TurnApiClient(turn_http, reactor, timeout=10.0)
+    turn_api = TurnApiClient(turn_http, reactor, timeout=10.0, metrics=metrics)
     turn = TurnCredentialCache(turn_api, reactor)
     turn.setServiceParent(top)
-    factory = RealtimeServerFactory(hub, keys, reactor, turn=turn)
-
     trusted = config.trusted_proxies
+    factory = RealtimeServerFactory(hub, keys, reactor, turn=turn, metrics=metrics, trusted_proxies=trusted)
+
     v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit, trusted_proxies=trusted)
-    install_rest(v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api, trusted_proxies=trusted)
+    install_rest(
+        v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api, trusted_proxies=trusted, metrics=metrics
+    )
     root = build_root(v1, ready=lambda: bool(keys.running) and not factory.draining)
+    registry = build_registry(metrics, reactor)
+    if config.metrics.token is not None:
+        root.putChild(b"metrics", MetricsResource(registry, config.metrics.token))
     log_line = partial(access_log_line, trusted_proxies=trusted)
     site = GuardedSite(
         root,
@@ -582,6 +622,11 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     gate.setName("listeners")
     for description in config.listen:
         Listener(description, capped, reactor).setServiceParent(gate)
+    if config.metrics.listen is not None:
+        metrics_site = Site(metrics_root(MetricsResource(registry)), requestFactory=BoundedRequest)
+        metrics_site.displayTracebacks = False
+        metrics_site.noisy = False
+        Listener(config.metrics.listen, metrics_site, reactor).setServiceParent(gate)
     gate.setServiceParent(top)
     # Added last, so it stops first: not ready, grace, drain; then the
     # listeners close.

@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import treq
@@ -37,6 +38,7 @@ from zope.interface import implementer
 from meteredrt.apps import App, TurnConfig
 from meteredrt.icelist import ice_servers_error
 from meteredrt.interfaces import ITurnProvider
+from meteredrt.metrics import Metrics
 
 #: Injected TURN credentials live within these bounds (seconds)...
 CREDENTIAL_LIFETIME_MIN, CREDENTIAL_LIFETIME_MAX = 3600, 86400
@@ -122,18 +124,37 @@ class TurnApiClient:
 
     Each call must finish, body included, within C{timeout} seconds of
     C{clock}; otherwise it is cancelled and fails with L{TurnApiError}.
-    Every failure, whatever its cause, is a L{TurnApiError}.
+    Every failure, whatever its cause, is a L{TurnApiError}. Every call is
+    counted in L{Metrics.turn_calls} by operation and outcome (C{ok},
+    C{failed}, or C{cancelled} by the caller).
     """
 
-    def __init__(self, http: _TreqLike, clock: IReactorTime, timeout: float = 2.0) -> None:
+    def __init__(
+        self, http: _TreqLike, clock: IReactorTime, timeout: float = 2.0, metrics: Metrics | None = None
+    ) -> None:
         """
         :param http: Issues the requests; only C{get} and C{post} are used.
         :param clock: Measures the per-call deadline.
         :param timeout: Seconds each call may take.
+        :param metrics: Counts the calls.
         """
         self._http = http
         self._clock = clock
         self._timeout = timeout
+        self.metrics = metrics if metrics is not None else Metrics()
+
+    @contextmanager
+    def _counted(self, operation: str) -> Iterator[None]:
+        calls = self.metrics.turn_calls
+        try:
+            yield
+        except CancelledError:
+            calls[(operation, "cancelled")] += 1
+            raise
+        except Exception:
+            calls[(operation, "failed")] += 1
+            raise
+        calls[(operation, "ok")] += 1
 
     async def create_credential(
         self, config: TurnConfig, expiry_seconds: int, label: str
@@ -150,6 +171,10 @@ class TurnApiClient:
         """
         if expiry_seconds < 1:
             raise ValueError(f"expiry_seconds must be at least 1, not {expiry_seconds}")
+        with self._counted("create_credential"):
+            return await self._create_credential(config, expiry_seconds, label)
+
+    async def _create_credential(self, config: TurnConfig, expiry_seconds: int, label: str) -> dict[str, Any]:
         where, answer = await self._call(
             "POST",
             config,
@@ -181,6 +206,10 @@ class TurnApiClient:
         :raise TurnApiError: For any unusable answer, including a list the
             SDK would silently discard.
         """
+        with self._counted("fetch_ice_servers"):
+            return await self._fetch_ice_servers(config, api_key)
+
+    async def _fetch_ice_servers(self, config: TurnConfig, api_key: str) -> list[dict[str, Any]]:
         params = {"apiKey": api_key}
         if config.region:
             params["region"] = config.region

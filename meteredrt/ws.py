@@ -8,6 +8,12 @@ client can read, §5.3), sends the welcome, then feeds each parsed frame to
 the hub one at a time. It is also the hub's L{IConnectionSink}: frames the
 hub hands it are framed once (L{OutboundFrame.prepared}) and written, and a
 reader too slow to take them is cut off instead of growing memory.
+
+Frames in and out are counted by type in the node's L{Metrics} (lists
+indexed by kind) and in total per connection; when a connection ends it
+writes one log line for the operator: app, peer, connection id, remote
+address, duration, close code and reason, frames in and out. Never the
+token.
 """
 
 from __future__ import annotations
@@ -27,10 +33,14 @@ from zope.interface import implementer
 
 from meteredrt.apps import App
 from meteredrt.auth import Grant, Refusal, authenticate
+from meteredrt.clientaddress import TrustedProxies, client_address
 from meteredrt.hub import Hub, Session
 from meteredrt.interfaces import IConnectionSink, IKeyStore, ITurnProvider, StoreUnavailable
+from meteredrt.metrics import Metrics
 from meteredrt.protocol import (
     INBOUND_FRAME_LIMIT,
+    INVALID,
+    OUTBOUND_TYPES,
     PONG,
     CloseCode,
     FrameError,
@@ -58,6 +68,8 @@ FRAME_CREDIT_BATCH = 64
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+#: RFC 6455 §7.4.1: no status code was present in the close frame.
+_NO_STATUS = 1005
 
 
 @implementer(IPushProducer)
@@ -66,11 +78,22 @@ class _WriteWatch:
     Registered as the transport's producer so that Twisted tells us when
     its write buffer is full; what we write while paused is what a slow
     reader makes us hold in memory.
+
+    It also counts the frames written: every write reads L{paused}
+    anyway, so counting here touches no other memory per frame.
+
+    @ivar sent: frames written to this connection.
+    @ivar sent_by_kind: the node's frames written by kind
+        (L{Metrics.frames_out}), shared by every connection.
     """
+
+    __slots__ = ("paused", "held", "sent", "sent_by_kind")
 
     def __init__(self) -> None:
         self.paused = False
         self.held = 0
+        self.sent = 0
+        self.sent_by_kind = [0] * len(OUTBOUND_TYPES)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -118,6 +141,11 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._frames: TokenBucket | None = None  # likewise
         self._frame_credit = 0  # tokens already taken from _frames
         self._watch = _WriteWatch()
+        self._grant: Grant | None = None
+        self._remote = "-"
+        self._upgraded_at = 0.0
+        self._opened_at: float | None = None
+        self._received = 0
 
     # -- handshake -------------------------------------------------------------
 
@@ -126,6 +154,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         # HTTP status, but they can read a close code (§5.2).
         self._params = request.params
         self._origin = request.headers.get("origin")
+        self._upgraded_at = self.factory.clock.seconds()
+        peer = None if self.transport is None else getattr(self.transport.getPeer(), "host", None)
+        forwarded_for = request.headers.get("x-forwarded-for")
+        self._remote = client_address(
+            peer or "-", None if forwarded_for is None else [forwarded_for], self.factory.trusted_proxies
+        )
 
     def onOpen(self) -> None:
         # Autobahn types the transport as ITransport; under a WebSocket it is
@@ -143,6 +177,8 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._bucket = TokenBucket(factory.message_burst, factory.message_rate, now)
         self._frames = TokenBucket(factory.frame_burst, factory.frame_rate, now)
         factory.connections.add(self)
+        self._opened_at = factory.clock.seconds()
+        self._watch.sent_by_kind = factory.metrics.frames_out
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
 
     async def _admit(self) -> None:
@@ -151,8 +187,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             grant = authenticate(
                 self._params, self._origin, factory.keys.key, factory.keys.app, factory.clock.seconds()
             )
+            self._grant = grant
             session = await factory.hub.connect(self._sink_for, grant)
         except Refusal as refusal:
+            factory.metrics.handshakes["refused"] += 1
+            if refusal.code == CloseCode.OVER_CONCURRENT_LIMIT:
+                factory.metrics.drops["connection_quota"] += 1
             self._close(refusal.code, refusal.reason)
             return
         except StoreUnavailable:
@@ -161,6 +201,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             self._close(CloseCode.INTERNAL_ERROR, "store_unavailable")
             return
         if self._gone:
+            factory.metrics.handshakes["abandoned"] += 1
             await factory.hub.disconnect(session)
             return
         try:
@@ -171,9 +212,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             await factory.hub.disconnect(session)
             raise
         if self._gone:
+            factory.metrics.handshakes["abandoned"] += 1
             await factory.hub.disconnect(session)
             return
         self._session = session
+        factory.metrics.handshakes["welcomed"] += 1
+        factory.metrics.handshake_seconds.observe(factory.clock.seconds() - self._upgraded_at)
         self._write(welcome_frame(grant.peer_id, grant.expires_at, int(factory.clock.seconds()), metadata))
         early, self._early = self._early, None
         for frame in early or ():
@@ -188,6 +232,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         return self
 
     def _admission_failed(self, failure: Any) -> None:
+        self.factory.metrics.handshakes["failed"] += 1
         self._log.failure("Handshake failed", failure)
         self._close(CloseCode.INTERNAL_ERROR, "internal_error")
 
@@ -277,14 +322,18 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         if isBinary:
             self._close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
             return
+        self._received += 1
         try:
             item: Any = parse_frame(payload)
+            self.factory.metrics.frames_in[item.kind] += 1
         except FrameError as error:
             item = error
+            self.factory.metrics.frames_in[INVALID] += 1
         # Everything but ping draws from the rate bucket, garbage too.
         if not isinstance(item, Ping):
             bucket = self._bucket
             if bucket is not None and not bucket.take(self.factory.clock.seconds()):
+                self.factory.metrics.drops["message_rate"] += 1
                 self._close(CloseCode.OVER_MESSAGE_RATE, "over_message_rate")
                 return
         if len(self._queue) >= MAX_QUEUED_FRAMES:
@@ -306,6 +355,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             if isinstance(item, Ping):
                 self.send_frame(PONG)
             elif isinstance(item, FrameError):
+                self.factory.metrics.errors[item.code] += 1
                 self.send_frame(error_frame(item.code, item.message, item.request_id))
             else:
                 done = self.factory.hub.handle(session, item)
@@ -334,6 +384,9 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         # §5.5.1). After our own close the state is CLOSING.
         if self.state != _STATE_OPEN:
             return
+        watch = self._watch
+        watch.sent += 1
+        watch.sent_by_kind[frame.kind] += 1
         prepared = frame.prepared
         if prepared is None:
             prepared = frame.prepared = self.factory.prepareMessage(frame.payload)
@@ -361,6 +414,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         if watch.held > self.factory.outbound_limit and not self._cut_off:
             self._cut_off = True
             self._log.info("Closing slow reader {conn}", conn=self.conn_id)
+            self.factory.metrics.drops["slow_reader"] += 1
             self._close(CloseCode.POLICY_VIOLATION, "slow_consumer")
             # A reader this far behind will not read the close frame;
             # this replaces a pending going-away close.
@@ -448,7 +502,45 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             self.factory.hub.disconnect(session).addErrback(
                 lambda f: self._log.failure("Failed to clean up {conn}", f, conn=self.conn_id)
             )
+        if self._opened_at is not None:
+            self._report_end(code, reason)
         self.factory.closed_one()
+
+    def _report_end(self, code: int | None, reason: str | None) -> None:
+        """
+        Count the closed session and write its one log line.
+
+        The close code is the one this server sent when it closed first (a
+        refusal, a slow reader, a drain), else the client's; 1006 when
+        nobody sent one.
+        """
+        if self.closedByMe:
+            side = "server"
+            code = self.localCloseCode
+            reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+        else:
+            side = "server" if self.droppedByMe and self.remoteCloseCode is None else "client"
+        code = _NO_STATUS if code is None else code
+        metrics = self.factory.metrics
+        metrics.closes[(code, side)] += 1
+        grant = self._grant
+        opened_at = self._opened_at or 0.0
+        self._log.info(
+            "WebSocket session ended: app={app} peer={peer} conn={conn} remote={remote} "
+            "duration={duration:.3f}s code={code} by={closed_by} reason={reason!r} "
+            "frames_in={frames_in} frames_out={frames_out}",
+            event="session_end",
+            app=grant.app_id if grant is not None else "-",
+            peer=grant.peer_id if grant is not None else "-",
+            conn=self.conn_id or "-",
+            remote=self._remote,
+            duration=self.factory.clock.seconds() - opened_at,
+            code=code,
+            closed_by=side,
+            reason=reason or "",
+            frames_in=self._received,
+            frames_out=self._watch.sent,
+        )
 
 
 class RealtimeServerFactory(WebSocketServerFactory):
@@ -478,7 +570,15 @@ class RealtimeServerFactory(WebSocketServerFactory):
         outbound_limit: int = 1024 * 1024,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
+        metrics: Metrics | None = None,
+        trusted_proxies: TrustedProxies = (),
     ) -> None:
+        """
+        @param metrics: where connections count what they do; the node's
+            totals are read from it at scrape time.
+        @param trusted_proxies: the proxies whose C{X-Forwarded-For} names
+            the client that a session's log line shows.
+        """
         super().__init__()
         self.hub = hub
         self.keys = keys
@@ -490,6 +590,8 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.frame_burst = frame_burst
         self.outbound_limit = outbound_limit
         self.connections: set[RealtimeServerProtocol] = set()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.trusted_proxies = trusted_proxies
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self._drain_calls: list[IDelayedCall] = []

@@ -15,6 +15,8 @@ from meteredrt.config import (
     AppDeclaration,
     Config,
     ConfigError,
+    LogConfig,
+    MetricsConfig,
     app_id_problem,
     apply_options,
     default_config,
@@ -804,3 +806,80 @@ class StorageConfigTests(ConfigTestsMixin, SynchronousTestCase):
         self.assertConfigError('[storage]\ndb = "x"\n', "storage.db", "unknown key")
         error = self.assertRaises(ConfigError, apply_options, Config(), database="sqlite:///x")
         self.assertEqual(error.where, "--database")
+class MetricsSectionTests(ConfigTestsMixin, SynchronousTestCase):
+    """
+    The C{[metrics]} table.
+    """
+
+    def test_off_by_default(self) -> None:
+        """
+        Without the table, C{/metrics} is served nowhere.
+        """
+        config = load_config(self.write(""))
+        self.assertEqual(config.metrics, MetricsConfig())
+        self.assertFalse(config.metrics.enabled)
+
+    def test_token_and_listen(self) -> None:
+        """
+        A token and a listener are read as given.
+        """
+        config = load_config(
+            self.write('[metrics]\ntoken = "abcdefghijklmnop"\nlisten = "tcp:9100:interface=127.0.0.1"\n')
+        )
+        self.assertEqual(config.metrics, MetricsConfig("abcdefghijklmnop", "tcp:9100:interface=127.0.0.1"))
+        self.assertTrue(config.metrics.enabled)
+
+    def test_short_token(self) -> None:
+        """
+        A token shorter than 16 characters is refused, with a way to make
+        a good one.
+        """
+        self.assertConfigError('[metrics]\ntoken = "short"\n', "metrics.token", "at least 16 characters")
+
+    def test_token_characters(self) -> None:
+        """
+        A token must fit in an HTTP header: visible ASCII without spaces.
+        """
+        self.assertConfigError(
+            '[metrics]\ntoken = "abcdefgh ijklmnopq"\n', "metrics.token", "only visible ASCII characters"
+        )
+        self.assertConfigError('[metrics]\ntoken = "abcdefghijklmnopé"\n', "metrics.token", "visible ASCII")
+
+    def test_types_and_unknown_keys(self) -> None:
+        """
+        Wrong types, empty values and unknown keys name their key.
+        """
+        self.assertConfigError("[metrics]\ntoken = 5\n", "metrics.token", "must be a string")
+        self.assertConfigError('[metrics]\nlisten = " "\n', "metrics.listen", "must not be empty")
+        self.assertConfigError('[metrics]\nlisten = ""\n', "metrics.listen", "must not be empty")
+        self.assertConfigError('[metrics]\nport = "9100"\n', "metrics.port", "unknown key 'port'")
+
+
+class LogSectionTests(ConfigTestsMixin, SynchronousTestCase):
+    """
+    The C{[log]} table.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        Text at info, with or without the table.
+        """
+        self.assertEqual(load_config(self.write("")).log, LogConfig("text", "info"))
+        self.assertEqual(load_config(self.write("[log]\n")).log, LogConfig("text", "info"))
+
+    def test_values(self) -> None:
+        """
+        Every format and level is accepted.
+        """
+        for log_format in ("text", "json"):
+            for level in ("debug", "info", "warn", "error"):
+                text = f'[log]\nformat = "{log_format}"\nlevel = "{level}"\n'
+                self.assertEqual(load_config(self.write(text)).log, LogConfig(log_format, level))
+
+    def test_unknown_values(self) -> None:
+        """
+        An unknown format or level names the key and the choices.
+        """
+        self.assertConfigError('[log]\nformat = "xml"\n', "log.format", "expected one of text, json")
+        self.assertConfigError('[log]\nlevel = "warning"\n', "log.level", "expected one of debug, info, warn, error")
+        self.assertConfigError('[log]\nlevels = "info"\n', "log.levels", "did you mean 'level'")

@@ -14,9 +14,11 @@ import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -24,6 +26,7 @@ from meteredrt.apps import ACTIONS, MAX_KEYS_PER_APP, PUBLISHABLE_DEFAULT_ACTION
 from meteredrt.config import AppDeclaration
 from meteredrt.interfaces import IKeyStore, StoreUnavailable
 from meteredrt.keystore import connect, prepare_database
+from meteredrt.logs import json_line
 from meteredrt.store.database import Database
 from meteredrt.store.dialect import SQLITE, DialectCursor
 from meteredrt.store.keys import (
@@ -41,7 +44,7 @@ from meteredrt.store.keys import (
 )
 from meteredrt.store.keystore import KeyStore
 from meteredrt.store.schema import SchemaTooNew
-from meteredrt.store.tenancy import StoredState, Tenancy
+from meteredrt.store.tenancy import AdminChange, StoredState, Tenancy, admin_changes
 from tests.postgres_server import fresh_database
 
 if TYPE_CHECKING:
@@ -650,6 +653,52 @@ class KeyStoreConformanceMixin(_MixinBase):
         await self.barrier()
         self.assertEqual(revoked, [frozenset({first}), frozenset({second})])
 
+    async def test_admin_changes_logged(self) -> None:
+        """
+        A key created and revoked through the store and a suspension and
+        resumption written by another process are each one log line; the
+        first load (and its bootstrap) is not a change, and no line holds a
+        secret.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def changes() -> list[tuple[str, str, str]]:
+            return [
+                (event["event"], event["app"], event["key"])
+                for event in events
+                if event.get("log_namespace") == "meteredrt.store.keystore.KeyStore" and "event" in event
+            ]
+
+        store = await self.start()
+        self.assertEqual(changes(), [])
+        key = await store.create_key("default", KeyType.SECRET, ("**",), ACTIONS)
+        await store.revoke_key(key.key_id)
+        self.other_process(store_suspension, (), "default", True, 5.0)
+        self.clock.advance(2)
+        await self.barrier()
+        self.other_process(store_suspension, (), "default", False, 6.0)
+        self.clock.advance(2)
+        await self.barrier()
+        self.assertEqual(
+            changes(),
+            [
+                ("key_created", "default", key.key_id),
+                ("key_revoked", "default", key.key_id),
+                ("app_suspended", "default", "-"),
+                ("app_resumed", "default", "-"),
+            ],
+        )
+        [line] = [formatEvent(e) for e in events if e.get("event") == "key_created"]
+        self.assertEqual(line, f"Admin change: key_created app=default key={key.key_id}")
+        secrets = [k.secret for k in store.keys_of("default") if k.secret]
+        self.assertIn(key.secret, secrets)
+        self.assertEqual(len(secrets), 2)  # the bootstrapped key's and the new one
+        rendered = "".join(formatEvent(e) + repr(e) + json_line(e) for e in events)
+        for secret in secrets:
+            self.assertNotIn(secret, rendered)
+
 
 class SQLiteKeyStoreTests(KeyStoreConformanceMixin, TestCase):
     """
@@ -871,3 +920,41 @@ class TenancyTests(SynchronousTestCase):
         self.assertEqual(after.changed_apps(before), frozenset({"b", "c", "d"}))
         self.assertEqual(before.changed_apps(after), frozenset({"b", "c", "d"}))
         self.assertEqual(after.changed_apps(after), frozenset())
+
+
+def _tenancy(apps: Sequence[App], keys: Sequence[Key]) -> Tenancy:
+    return Tenancy.overlay(StoredState(apps={a.app_id: a for a in apps}, keys={k.key_id: k for k in keys}), ())
+
+
+class AdminChangesTests(SynchronousTestCase):
+    """
+    Tests for L{admin_changes}.
+    """
+
+    def test_changes(self) -> None:
+        """
+        Apps created, suspended, resumed or given another plan, and keys
+        created or revoked, are each one change, apps first.
+        """
+        key = Key("pk_live_a", "a", KeyType.PUBLISHABLE, ("**",), frozenset())
+        before = _tenancy([App("a"), App("b", suspended=True)], [key])
+        after = _tenancy(
+            [App("a", plan=Plan(name="P"), suspended=True), App("b"), App("c")],
+            [
+                attrs.evolve(key, revoked=True),
+                Key("sk_id_new", "c", KeyType.SECRET, ("**",), ACTIONS, secret="sk_secret_never_logged"),
+            ],
+        )
+        self.assertEqual(
+            admin_changes(before, after),
+            [
+                AdminChange("app_suspended", "a"),
+                AdminChange("plan_changed", "a"),
+                AdminChange("app_resumed", "b"),
+                AdminChange("app_created", "c"),
+                AdminChange("key_revoked", "a", "pk_live_a"),
+                AdminChange("key_created", "c", "sk_id_new"),
+            ],
+        )
+        self.assertEqual(admin_changes(after, after), [])
+

@@ -768,6 +768,27 @@ class MeterDurabilityTests(MeterTestCase):
         row = self.persisted()
         assert row is not None
         self.assertEqual((row.messages_used, row.peak_concurrent), (8, 2))
+    def test_flush_lag(self) -> None:
+        """
+        L{Meter.last_flush} is when the meter last wrote everything (its
+        creation before that): a failed flush leaves it behind and counts
+        in L{Meter.flush_failures}; the next good one catches up.
+        """
+        meter, clock, store = self.start_meter()
+        self.assertEqual((meter.last_flush, meter.flush_failures), (MID_NOVEMBER, 0))
+        self.send(meter, App("app_a", HARD))
+        clock.advance(1)
+        self.assertEqual((meter.last_flush, meter.flush_failures), (MID_NOVEMBER + 1, 0))
+        self.send(meter, App("app_a", HARD))
+        store.failures = 1
+        clock.advance(1)
+        self.flushLoggedErrors(sqlite3.OperationalError)
+        self.assertEqual((meter.last_flush, meter.flush_failures), (MID_NOVEMBER + 1, 1))
+        clock.advance(1)
+        self.assertEqual((meter.last_flush, meter.flush_failures), (MID_NOVEMBER + 3, 1))
+        clock.advance(1)
+        # Nothing new to write is still a flush that is up to date.
+        self.assertEqual(meter.last_flush, MID_NOVEMBER + 4)
 
     def test_failed_load_retried(self) -> None:
         """

@@ -343,6 +343,8 @@ class SameTextTests(SynchronousTestCase):
 # Per-connection randomness in Autobahn's own debug text.
 _VOLATILE = re.compile(r"(?i)(sec-websocket-(?:key|accept)['\":\s]+)[A-Za-z0-9+/=]+")
 _ADDRESS = re.compile(r"0x[0-9a-f]+")
+# Connection ids count up from one session to the next.
+_CONNECTION_ID = re.compile(r"conn=\S+")
 
 
 class RoundTripTests(WebSocketTestCase):
@@ -370,7 +372,10 @@ class RoundTripTests(WebSocketTestCase):
         finally:
             globalLogPublisher.removeObserver(events.append)
         texts = [
-            _ADDRESS.sub("0x*", _VOLATILE.sub(r"\1*", eventAsText(e, includeTimestamp=False))) for e in events
+            _CONNECTION_ID.sub(
+                "conn=*", _ADDRESS.sub("0x*", _VOLATILE.sub(r"\1*", eventAsText(e, includeTimestamp=False)))
+            )
+            for e in events
         ]
         return client.received, texts
 

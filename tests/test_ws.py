@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from ipaddress import ip_network
 from typing import Any
 
 import attrs
@@ -19,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.test.iosim import IOPump, connectedServerAndClient
+from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 from zope.interface import implementer
@@ -29,7 +30,9 @@ from meteredrt.auth import MAX_EXP, mint_token
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub
 from meteredrt.interfaces import ITurnProvider
+from meteredrt.logs import json_line
 from meteredrt.metering import Meter
+from meteredrt.metrics import Metrics
 from meteredrt.presence import MemoryPresence
 from meteredrt.protocol import INBOUND_FRAME_LIMIT, MAX_MESSAGE_SIZE
 from meteredrt.testing import MemoryKeyStore
@@ -131,10 +134,11 @@ class WebSocketTestCase(SynchronousTestCase):
         self.keys.add_key(SECRET_KEY)
         self.keys.add_key(PUBLISHABLE_KEY)
         self.meter = Meter(self.clock, UsageStore(self.mktemp(), MemoryReactorClock()))
-        self.hub = Hub(MemoryBroker(), MemoryPresence(), self.meter, self.keys.app, node_id="n1")
+        self.metrics = Metrics()
+        self.hub = Hub(MemoryBroker(), MemoryPresence(), self.meter, self.keys.app, node_id="n1", metrics=self.metrics)
         self.turn = PendingTurn()
         self.factory = RealtimeServerFactory(
-            self.hub, self.keys, self.clock, turn=self.turn, **self.factory_options
+            self.hub, self.keys, self.clock, turn=self.turn, metrics=self.metrics, **self.factory_options
         )
 
     def token(self, peer_id: str = "alice", expires_in: int = 3600, **claims: Any) -> str:
@@ -1116,3 +1120,134 @@ class KickTests(WebSocketTestCase):
         self.assertClosed(first, 4020)
         self.assertClosed(second, 4020)
         self.assertEqual(self.hub.connection_count, 0)
+
+
+class SessionLogTests(WebSocketTestCase):
+    """
+    One log line per WebSocket session end, with what an operator needs and
+    never the token.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def open_from(self, query: str, peer: IPv4Address, headers: dict[str, str] | None = None) -> Connection:
+        """
+        Connect like L{open}, from C{peer}, sending C{headers}.
+        """
+        client_factory = WebSocketClientFactory(f"ws://localhost/v1?{query}", headers=headers)
+        client_factory.protocol = RecordingClient
+        return connectedServerAndClient(
+            lambda: self.factory.buildProtocol(peer),
+            lambda: client_factory.buildProtocol(peer),
+            serverTransportFactory=lambda protocol: FakeTransport(protocol, isServer=True, peerAddress=peer),
+            clock=self.clock,
+        )
+
+    def session_ends(self) -> list[dict]:
+        return [event for event in self.events if event.get("event") == "session_end"]
+
+    def test_fields(self) -> None:
+        """
+        The line names app, peer, connection id, remote address, duration,
+        close code, who closed and why, and the frames in and out.
+        """
+        token = self.token("alice")
+        client, _, pump = self.open_from("token=" + token, CLIENT_ADDRESS)
+        client.send_json({"type": "subscribe", "channel": "room", "requestId": "s"})
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.clock.advance(12.5)
+        client.sendClose(1000, "bye")
+        pump.flush()
+        [event] = self.session_ends()
+        # The legacy log bridge adds keys of its own (format, time, ...).
+        fields = {name: event[name] for name in event if not name.startswith("log_")}
+        for legacy in ("format", "isError", "message", "system", "time"):
+            fields.pop(legacy, None)
+        self.assertEqual(
+            fields,
+            {
+                "event": "session_end",
+                "app": "app_1",
+                "peer": "alice",
+                "conn": "n1:1",
+                "remote": "192.0.2.7",
+                "duration": 12.5,
+                "code": 1000,
+                "closed_by": "client",
+                "reason": "bye",
+                "frames_in": 2,
+                # welcome, ack, the snapshot, pong
+                "frames_out": 4,
+            },
+        )
+        self.assertEqual(
+            formatEvent(event),
+            "WebSocket session ended: app=app_1 peer=alice conn=n1:1 remote=192.0.2.7 duration=12.500s "
+            "code=1000 by=client reason='bye' frames_in=2 frames_out=4",
+        )
+        rendered = [formatEvent(e) + repr(e) + json_line(e) for e in self.events]
+        self.assertEqual([text for text in rendered if token in text], [])
+        self.assertEqual([text for text in rendered if SECRET_KEY.secret in text], [])  # type: ignore[operator]
+
+    def test_refused(self) -> None:
+        """
+        A refused connection's line has no app or peer, the server's close
+        code and reason, and no token.
+        """
+        client, _, pump = self.open_from("token=not.a.jwt", CLIENT_ADDRESS)
+        self.assertClosed(client, 4001)
+        [event] = self.session_ends()
+        self.assertEqual(
+            (event["app"], event["peer"], event["conn"], event["code"], event["closed_by"]),
+            ("-", "-", "-", 4001, "server"),
+        )
+        self.assertNotIn("not.a.jwt", formatEvent(event) + json_line(event))
+
+    def test_server_close(self) -> None:
+        """
+        When the server closes first (here the hub kicks the peer), the line
+        carries the server's code and reason.
+        """
+        client, _, pump = self.open_token("alice")
+        self.hub.kick("app_1", "alice")
+        pump.flush()
+        self.assertClosed(client, 4020)
+        [event] = self.session_ends()
+        self.assertEqual((event["code"], event["closed_by"], event["reason"]), (4020, "server", "admin_disconnect"))
+
+    def test_dropped(self) -> None:
+        """
+        A connection dropped without a closing handshake logs 1006.
+        """
+        client, _, pump = self.open_token("alice")
+        client.transport.loseConnection()
+        pump.flush()
+        [event] = self.session_ends()
+        self.assertEqual((event["code"], event["closed_by"]), (1006, "client"))
+
+    def test_forwarded_for(self) -> None:
+        """
+        Behind a trusted proxy, the remote address is the client that
+        C{X-Forwarded-For} names; from anyone else the header is ignored.
+        """
+        self.factory.trusted_proxies = (ip_network("10.0.0.0/8"),)
+        proxy = IPv4Address("TCP", "10.1.2.3", 40000)
+        for peer, expected in ((proxy, "203.0.113.9"), (CLIENT_ADDRESS, "192.0.2.7")):
+            client, _, pump = self.open_from("key=pk_live_test", peer, {"X-Forwarded-For": "203.0.113.9"})
+            client.sendClose(1000)
+            pump.flush()
+            self.assertEqual(self.session_ends()[-1]["remote"], expected)
+
+    def test_never_opened(self) -> None:
+        """
+        An upgrade Autobahn refuses before the WebSocket opens is no
+        session and logs no session line.
+        """
+        client, _, pump = self.open("key=pk_live_test", origin="http://example.com:notaport")
+        self.assertFalse(client.opened)
+        self.assertEqual(self.session_ends(), [])

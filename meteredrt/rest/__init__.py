@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from meteredrt.clientaddress import TrustedProxies
 from meteredrt.hub import Hub
 from meteredrt.interfaces import IKeyStore, IMeter
+from meteredrt.metrics import Metrics
 from meteredrt.rest.base import JsonResource, RequestGuard, RestLimits, Route
 from meteredrt.rest.channels import ChannelsResource
 from meteredrt.rest.openapi import OpenApiResource, build_document
@@ -44,6 +45,7 @@ def install_rest(
     turn: TurnApiClient | None = None,
     limits: RestLimits | None = None,
     trusted_proxies: TrustedProxies = (),
+    metrics: Metrics | None = None,
 ) -> RequestGuard:
     """
     Put the REST resources under C{v1}.
@@ -56,9 +58,10 @@ def install_rest(
         C{"turn": true}.
     @param trusted_proxies: the proxies whose C{X-Forwarded-For} names the
         client that the per-IP limit counts.
+    @param metrics: counts requests by route and status.
     @return: the guard the resources share.
     """
-    guard = RequestGuard(keys, clock, limits or RestLimits(), trusted_proxies)
+    guard = RequestGuard(keys, clock, limits or RestLimits(), trusted_proxies, metrics)
     families: dict[bytes, JsonResource] = {
         b"tokens": TokensResource(guard, turn),
         b"channels": ChannelsResource(guard, hub),

@@ -7,7 +7,8 @@ per-IP rate limit, route and method (404/405), secret-key authentication
 JSON parsing (400); then it runs the route's C{async def} handler under a
 timeout and writes its answer, unless the client has gone away.
 L{RequestGuard} holds what the endpoints share: the key store, the clock,
-the rate limiters. L{Route} is one documented operation; the same table
+the rate limiters, the metrics (every request is counted by route and
+status when it finishes). L{Route} is one documented operation; the same table
 drives dispatch and C{openapi.json}.
 
 Handlers raise L{ApiError} for every answer that is not a success; any
@@ -35,11 +36,18 @@ from twisted.web.server import NOT_DONE_YET, Request
 from meteredrt.apps import App, Key, KeyType
 from meteredrt.clientaddress import TrustedProxies, rate_limit_key
 from meteredrt.interfaces import IKeyStore, StoreUnavailable
+from meteredrt.metrics import Metrics
 from meteredrt.ratelimit import KeyedLimiter
 from meteredrt.site import MAX_BODY_BYTES, client_host, error_body, json_response
 
 #: How long a handler may take before the request is answered 503.
 DEFAULT_TIMEOUT = 10.0
+
+#: The route label of a request that matched no operation.
+UNMATCHED = "unmatched"
+#: The status label of a request whose client left before the answer
+#: (nginx's convention).
+CLIENT_CLOSED = 499
 
 UNAUTHORIZED_MESSAGE = "missing or invalid credentials; send Authorization: Bearer sk_id_...:sk_secret_..."
 
@@ -179,10 +187,12 @@ class RequestGuard:
         clock: IReactorTime,
         limits: RestLimits = RestLimits(),
         trusted_proxies: TrustedProxies = (),
+        metrics: Metrics | None = None,
     ) -> None:
         self.keys = keys
         self.clock = clock
         self.limits = limits
+        self.metrics = metrics if metrics is not None else Metrics()
         self._trusted_proxies = trusted_proxies
         self._per_key = KeyedLimiter(limits.per_key_burst, limits.per_key_rate)
         self._per_ip = KeyedLimiter(limits.per_ip_burst, limits.per_ip_rate)
@@ -307,8 +317,12 @@ class JsonResource(Resource):
     def render(self, request: Request) -> bytes | int:
         request_id = secrets.token_hex(8)
         request.setHeader(b"x-request-id", request_id.encode("ascii"))
+        # The route is known once dispatch has matched it, and a refusal
+        # after that (401, 413, ...) still counts against it.
+        operation = [UNMATCHED]
+        request.notifyFinish().addBoth(self._count, request, operation)
         try:
-            route, call = self._admit(request, request_id)
+            route, call = self._admit(request, request_id, operation)
         except ApiError as e:
             if e.status == 401:
                 request.setHeader(b"www-authenticate", b'Bearer realm="meteredrt"')
@@ -325,7 +339,11 @@ class JsonResource(Resource):
         self._run(request, route, call)
         return NOT_DONE_YET
 
-    def _admit(self, request: Request, request_id: str) -> tuple[Route, Call]:
+    def _count(self, result: object, request: Request, operation: list[str]) -> None:
+        status = CLIENT_CLOSED if isinstance(result, Failure) else request.code
+        self._guard.metrics.rest_requests[(operation[0], status)] += 1
+
+    def _admit(self, request: Request, request_id: str, operation: list[str]) -> tuple[Route, Call]:
         self._guard.admit_ip(request)
         located = self.locate(list(request.postpath or []))
         if located is None:
@@ -338,6 +356,7 @@ class JsonResource(Resource):
             allowed = ", ".join(sorted(by_method))
             request.setHeader(b"allow", allowed.encode("ascii"))
             raise ApiError(405, "invalid_request", f"method {method} not allowed here; use {allowed}")
+        operation[0] = route.operation_id
         caller = self._guard.authenticate(request) if route.auth else None
         body = read_json_body(request) if route.request_schema is not None else None
         return route, Call(request_id, params, body, caller)

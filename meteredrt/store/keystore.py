@@ -47,7 +47,7 @@ from meteredrt.store.keys import (
     store_plan,
     store_revocation,
 )
-from meteredrt.store.tenancy import StoredState, Tenancy
+from meteredrt.store.tenancy import StoredState, Tenancy, admin_changes
 
 #: Seconds between re-reads of the database by the running server.
 RELOAD_INTERVAL = 2.0
@@ -267,6 +267,13 @@ class KeyStore(service.Service):
         if not self._loaded:
             self._loaded = True
             return
+        for change in admin_changes(previous, self._tenancy):
+            self._log.info(
+                "Admin change: {event} app={app} key={key}",
+                event=change.event,
+                app=change.app_id,
+                key=change.key_id or "-",
+            )
         self._report(self._observers, self._tenancy.changed_apps(previous), "changed apps")
         self._report(self._revocation_observers, self._tenancy.revoked_keys(previous), "revoked keys")
 

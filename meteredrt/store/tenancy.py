@@ -124,3 +124,46 @@ class Tenancy:
             if self._apps.get(app_id) != other._apps.get(app_id)
         )
 
+
+
+@frozen
+class AdminChange:
+    """
+    One change an operator made, as two loads of the key store show it.
+
+    :ivar event: C{app_created}, C{app_suspended}, C{app_resumed},
+        C{plan_changed}, C{key_created} or C{key_revoked}.
+    :ivar key_id: the key's id (never its secret) for key events.
+    """
+
+    event: str
+    app_id: str
+    key_id: str | None = None
+
+
+def admin_changes(before: Tenancy, after: Tenancy) -> list[AdminChange]:
+    """
+    What changed between two loads, apps first, each list ordered by id.
+    """
+    changes: list[AdminChange] = []
+    for app in after.apps():
+        old = before.app(app.app_id)
+        if old is None:
+            changes.append(AdminChange("app_created", app.app_id))
+            if app.suspended:
+                changes.append(AdminChange("app_suspended", app.app_id))
+            continue
+        if app.suspended != old.suspended:
+            changes.append(AdminChange("app_suspended" if app.suspended else "app_resumed", app.app_id))
+        if app.plan != old.plan:
+            changes.append(AdminChange("plan_changed", app.app_id))
+    for app in after.apps():
+        for key in after.keys_of(app.app_id):
+            old_key = before.key(key.key_id)
+            if old_key is None:
+                changes.append(AdminChange("key_created", key.app_id, key.key_id))
+                if key.revoked:
+                    changes.append(AdminChange("key_revoked", key.app_id, key.key_id))
+            elif key.revoked and not old_key.revoked:
+                changes.append(AdminChange("key_revoked", key.app_id, key.key_id))
+    return changes
