@@ -340,7 +340,9 @@ class DataDirectory(Service):
     runs, turns an unusable file (no permission, not a database, a schema
     newer than this release) into a L{StartupError} instead of a failure
     after the reactor has started. A PostgreSQL store is left to its pools,
-    which ride out an outage at start as at any other time.
+    which ride out an outage at start as at any other time; its data
+    directory is still made, for what each node keeps to itself (the
+    webhook outbox).
     """
 
     def __init__(self, database: Database) -> None:
@@ -349,6 +351,10 @@ class DataDirectory(Service):
     def startService(self) -> None:
         super().startService()
         if self.database.url is not None:
+            try:
+                os.makedirs(self.database.data_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                refuse_to_start(f"cannot use data directory {self.database.data_dir!r}: {e.strerror or e}")
             return
         for tables in (key_tables, usage_tables):
             try:

@@ -266,7 +266,9 @@ class AttackTests(TestCase):
     timeout = 60
 
     async def start(self, server_settings: str = "") -> tuple[RunningServer, Bystander]:
-        server = await start_server(self, f"[server]\n{server_settings}\n{CONFIG}" if server_settings else CONFIG)
+        # CONFIG opens with its own [server] table: add to it.
+        config = CONFIG.replace("[server]\n", f"[server]\n{server_settings}\n", 1)
+        server = await start_server(self, config)
         bystander = Bystander(server)
         await bystander.start()
         # Some calm traffic before the attack, for a baseline.
