@@ -43,6 +43,7 @@ from meteredrt.apps import (
 )
 from meteredrt.clientaddress import TrustedProxies
 from meteredrt.globs import pattern_error
+from meteredrt.redisaddress import parse_redis_url
 
 #: What ``twistd -n meteredrt`` listens on without a file or ``--listen``.
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
@@ -113,6 +114,53 @@ class AppDeclaration:
     keys: tuple[Key, ...] = ()
 
 
+#: Seconds a cluster node's lease lasts without renewal (``[cluster]
+#: lease_seconds``); a dead node is reaped within three times this.
+DEFAULT_LEASE_SECONDS = 5.0
+
+# Node names end up in Redis keys, connection ids and logs.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@frozen
+class ClusterConfig:
+    """
+    The ``[cluster]`` table: this node shares routing and presence with
+    the other nodes on the same Redis.
+
+    :ivar redis: the ``redis://`` or ``rediss://`` URL (checked by
+        L{meteredrt.redisaddress.parse_redis_url}).
+    :ivar node_name: shown in logs and Redis keys; ``None`` means the
+        default, host name and process id.
+    :ivar lease_seconds: how long the node's lease in Redis lasts without
+        renewal.
+    """
+
+    redis: str
+    node_name: str | None = None
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+
+
+def node_name_problem(name: str) -> str | None:
+    """
+    Why C{name} cannot be a node name, or C{None} if it can.
+    """
+    if _NODE_NAME.fullmatch(name) is None:
+        return f"{name!r} is not a node name: 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)"
+    return None
+
+
+def redis_url_problem(url: str) -> str | None:
+    """
+    Why C{url} is not a usable Redis URL, or C{None}.
+    """
+    try:
+        parse_redis_url(url)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 @frozen
 class Config:
     """
@@ -124,6 +172,8 @@ class Config:
     :ivar trusted_proxies: the networks of reverse proxies whose
         ``X-Forwarded-For`` names the client
         (L{meteredrt.clientaddress.client_address}); empty trusts nobody.
+    :ivar cluster: the ``[cluster]`` table, or ``None`` for a single node
+        with in-memory routing and presence.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -131,6 +181,7 @@ class Config:
     apps: tuple[AppDeclaration, ...] = ()
     upgrade_rate_limit: int = DEFAULT_UPGRADE_RATE_LIMIT
     trusted_proxies: TrustedProxies = ()
+    cluster: ClusterConfig | None = None
     source: str | None = None
 
 
@@ -144,15 +195,18 @@ def default_config() -> Config:
 
 
 def apply_options(
-    config: Config, *, listen: Sequence[str] = (), data_dir: str | None = None
+    config: Config, *, listen: Sequence[str] = (), data_dir: str | None = None, redis: str | None = None
 ) -> Config:
     """
     Lay command-line options over a configuration.
 
     ``--listen`` given at least once replaces the file's whole ``listen``
-    list (it does not add to it); ``--data-dir`` replaces ``data_dir``.
+    list (it does not add to it); ``--data-dir`` replaces ``data_dir``;
+    ``--redis`` replaces ``[cluster] redis``, or makes the node a cluster
+    member with the other ``[cluster]`` keys at their defaults.
 
-    :raises ConfigError: for an empty endpoint or data directory.
+    :raises ConfigError: for an empty endpoint or data directory, or a bad
+        Redis URL.
     """
     where = "<command line>"
     for index, endpoint in enumerate(listen):
@@ -160,10 +214,17 @@ def apply_options(
             raise ConfigError(where, f"--listen[{index}]", "must not be empty")
     if data_dir is not None and not data_dir.strip():
         raise ConfigError(where, "--data-dir", "must not be empty")
+    cluster = config.cluster
+    if redis is not None:
+        problem = redis_url_problem(redis)
+        if problem is not None:
+            raise ConfigError(where, "--redis", problem)
+        cluster = ClusterConfig(redis) if cluster is None else evolve(cluster, redis=redis)
     return evolve(
         config,
         listen=tuple(listen) if listen else config.listen,
         data_dir=config.data_dir if data_dir is None else data_dir,
+        cluster=cluster,
     )
 
 
@@ -385,7 +446,8 @@ class _Table:
         ]
 
 
-_TOP_LEVEL = ("server", "apps")
+_TOP_LEVEL = ("server", "cluster", "apps")
+_CLUSTER_KEYS = ("redis", "node_name", "lease_seconds")
 _SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit", "trusted_proxies")
 _APP_KEYS = ("id", "plan", "turn", "keys")
 _PLAN_KEYS = (
@@ -431,9 +493,28 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             upgrade_rate_limit=server.integer("upgrade_rate_limit", config.upgrade_rate_limit, minimum=1),
             trusted_proxies=_read_trusted_proxies(server),
         )
+    cluster = top.table("cluster", _CLUSTER_KEYS)
+    if cluster is not None:
+        config = evolve(config, cluster=_read_cluster(cluster))
     declarations = tuple(_read_app(table) for table in top.tables("apps", _APP_KEYS))
     _check_unique(top, declarations)
     return evolve(config, apps=declarations)
+
+
+def _read_cluster(table: _Table) -> ClusterConfig:
+    url = table.string("redis")
+    problem = redis_url_problem(url)
+    if problem is not None:
+        table.fail("redis", problem)
+    node_name = table.string("node_name", None)
+    if node_name is not None and (problem := node_name_problem(node_name)) is not None:
+        table.fail("node_name", problem)
+    lease = table.number("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=1.0)
+    if lease > 3600:
+        table.fail("lease_seconds", "must be at most 3600 (a dead node is reaped within 3 x lease)")
+    return ClusterConfig(url, node_name, float(lease))
+
+
 
 
 def _read_trusted_proxies(server: _Table) -> TrustedProxies:

@@ -27,13 +27,19 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    # Annotations only, never evaluated: meteredrt.presence imports this
-    # module, so importing it back at run time would be circular.
     from twisted.internet.defer import Deferred
 
     from meteredrt.apps import App, Key, KeyType, Plan
-    from meteredrt.presence import Member
+    from meteredrt.membership import Joining, Member
     from meteredrt.protocol import OutboundFrame
+
+
+class BackendUnavailable(Exception):
+    """
+    A seam cannot reach the shared state an operation needs (in a cluster,
+    Redis) right now. Clients see C{backend_error}, REST callers a 503,
+    both with this exception's message.
+    """
 
 
 class IKeyStore(Interface):
@@ -179,32 +185,53 @@ class IBroker(Interface):
         of connections reached when the broker knows it, else ``None``.
         """
 
-    def direct(app_id: str, peer_id: str, envelope: object) -> Deferred[int | None]:
+    def direct(app_id: str, peer_id: str, envelope: object) -> Deferred[int]:
         """
-        Route an envelope to every node watching the peer. Fires like
-        L{publish}.
+        Route an envelope (a C{DirectMessage} or a C{Disconnect}) to every
+        connection of a peer, on every node, in one step: finding the peer's
+        connections and handing them the envelope are one call, so a C{send}
+        costs one round trip and a kick can report an exact count.
+
+        @return: fires with how many connections it was routed to, not
+            counting the C{DirectMessage}'s sending connection (0 means the
+            peer is not connected); fails with L{BackendUnavailable} when
+            the peer could be on another node and that cannot be reached.
         """
 
 
 class IPresence(Interface):
     """
     Channel membership and the peer directory, refcounted per connection.
+
+    An implementation announces the C{joined}/C{left} deltas its changes
+    cause itself, in the same atomic step as the change, as
+    L{meteredrt.envelopes.PresenceChange}s: to the attached target for this
+    node's connections, and to the other nodes by its own means. That is
+    what keeps snapshots and deltas from disagreeing (§10.2): a snapshot
+    (L{Joining}) carries the version of the membership it shows, and each
+    delta the version it made.
     """
+
+    def attach(target: IDeliveryTarget) -> None:
+        """
+        Set where this node's presence deltas go (the hub). Called once.
+        """
 
     def add_member(
         app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict[str, Any] | None
-    ) -> Deferred[bool]:
+    ) -> Deferred[Joining]:
         """
-        Record that a connection of a peer subscribed to a concrete channel.
-        Fires with ``True`` if the peer was not a member before (a ``joined``
-        delta is due).
+        Record that a connection of a peer subscribed to a concrete channel;
+        if the peer was not a member, announce its C{joined} (to everyone
+        but this connection). Fires with the L{Joining}: whether it was new,
+        and the snapshot taken in the same step.
         """
 
     def remove_member(app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
         """
-        Forget one connection's membership. Fires with the peer's
-        L{meteredrt.presence.Member} if that was its last connection in the
-        channel (a ``left`` delta is due), else ``None``.
+        Forget one connection's membership; if that was the peer's last
+        connection in the channel, announce its C{left} and fire with its
+        L{meteredrt.membership.Member}, else with ``None``.
         """
 
     def members(app_id: str, channel: str) -> Deferred[list[Member]]:
@@ -220,7 +247,9 @@ class IPresence(Interface):
 
     def remove_connection(app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         """
-        Forget a live connection of a peer.
+        Forget a closed connection in one step: every channel membership it
+        still holds ends (announcing C{left} where it was the peer's last
+        connection) and it leaves the peer directory.
         """
 
     def connections_of(app_id: str, peer_id: str) -> Deferred[frozenset[str]]:

@@ -8,8 +8,8 @@ the asyncio reactor (which itself costs this server 14-20% everywhere). The
 cluster's fan-out has to come close to a single node's, so the client is
 this thin layer and nothing more:
 
-  - L{parse_redis_url}: C{redis://[user:password@]host[:port][/db]} and
-    C{rediss://} (TLS) into a L{RedisAddress}. Pure.
+  - L{parse_redis_url} (from L{meteredrt.redisaddress}, which is pure so
+    that the configuration can check URLs): C{redis://} and C{rediss://}.
   - L{RedisProtocol}: one connection; commands are pipelined (many in
     flight, replies matched first in, first out), every command has a
     deadline, and a connection that misses one is aborted so that every
@@ -32,10 +32,8 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import hiredis
-from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -45,8 +43,18 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-#: The default Redis port.
-DEFAULT_PORT = 6379
+from meteredrt.redisaddress import RedisAddress, parse_redis_url
+
+__all__ = [
+    "RedisAddress",
+    "parse_redis_url",
+    "RedisError",
+    "RedisUnavailable",
+    "RedisProtocol",
+    "RedisClient",
+    "RedisSubscriber",
+    "Script",
+]
 
 #: The first reconnect delay, and the most any one reconnect waits.
 BACKOFF_FIRST = 0.1
@@ -66,63 +74,6 @@ class RedisUnavailable(Exception):
     Redis cannot be reached now: not connected, the connection was lost
     with the call in flight, or it did not answer in time.
     """
-
-
-@frozen
-class RedisAddress:
-    """
-    Where a Redis server is and how to log in to it.
-    """
-
-    host: str
-    port: int = DEFAULT_PORT
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-    def __str__(self) -> str:
-        # Never show the password in logs.
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{self.host}:{self.port}/{self.db}"
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """
-    Read a C{redis://} or C{rediss://} URL.
-
-    @raise ValueError: with a message saying what is wrong.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"not a Redis URL ({e}): {url!r}") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"a Redis URL starts with redis:// or rediss://, not {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"a Redis URL needs a host: {url!r}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"a Redis URL takes no query or fragment: {url!r}")
-    path = parts.path.strip("/")
-    if path and not (path.isdigit() and path.isascii()):
-        raise ValueError(f"the Redis database is a number (redis://host:port/0), not {path!r}")
-    db = int(path) if path else 0
-    if db > 10_000:
-        raise ValueError(f"the Redis database number {db} is out of range")
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    if username is not None and password is None:
-        # redis://secret@host is how many tools spell a password alone.
-        username, password = None, username
-    return RedisAddress(
-        host=parts.hostname,
-        port=port or DEFAULT_PORT,
-        db=db,
-        username=username,
-        password=password,
-        tls=parts.scheme == "rediss",
-    )
 
 
 class Script:

@@ -28,7 +28,7 @@ from meteredrt.config import Config, ConfigError, apply_options, default_config,
 from meteredrt.hub import Hub
 from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
 from meteredrt.metering import Meter
-from meteredrt.presence import MemoryPresence
+from meteredrt.presence.memory import MemoryPresence
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups

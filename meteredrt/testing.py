@@ -32,7 +32,7 @@ from meteredrt.interfaces import (
     IMeter,
     IPresence,
 )
-from meteredrt.presence import Member
+from meteredrt.membership import Joining, Member
 from meteredrt.protocol import OutboundFrame
 
 _T = TypeVar("_T")
@@ -277,7 +277,7 @@ class HeldBroker:
     def publish(self, app_id: str, channel: str, envelope: object) -> Deferred[int | None]:
         return self._answers.hold("publish", self._broker.publish(app_id, channel, envelope))
 
-    def direct(self, app_id: str, peer_id: str, envelope: object) -> Deferred[int | None]:
+    def direct(self, app_id: str, peer_id: str, envelope: object) -> Deferred[int]:
         return self._answers.hold("direct", self._broker.direct(app_id, peer_id, envelope))
 
 
@@ -292,9 +292,12 @@ class HeldPresence:
         self._presence = presence
         self._answers = answers
 
+    def attach(self, target: IDeliveryTarget) -> None:
+        self._presence.attach(target)
+
     def add_member(
         self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict[str, Any] | None
-    ) -> Deferred[bool]:
+    ) -> Deferred[Joining]:
         answer = self._presence.add_member(app_id, channel, peer_id, conn_id, metadata)
         return self._answers.hold("add_member", answer)
 

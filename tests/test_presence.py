@@ -9,7 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from meteredrt.interfaces import IPresence
-from meteredrt.presence import Member, MemoryPresence
+from meteredrt.membership import Member
+from meteredrt.presence.memory import MemoryPresence
 
 
 class MembershipTests(SynchronousTestCase):
@@ -21,7 +22,7 @@ class MembershipTests(SynchronousTestCase):
         self.presence = MemoryPresence()
 
     def add(self, peer_id: str, conn_id: str, metadata: dict | None = None, channel: str = "room") -> bool:
-        return self.successResultOf(self.presence.add_member("app", channel, peer_id, conn_id, metadata))
+        return self.successResultOf(self.presence.add_member("app", channel, peer_id, conn_id, metadata)).first
 
     def remove(self, peer_id: str, conn_id: str, channel: str = "room") -> Member | None:
         return self.successResultOf(self.presence.remove_member("app", channel, peer_id, conn_id))
@@ -80,7 +81,7 @@ class MembershipTests(SynchronousTestCase):
         The same peer and channel in another app or channel are separate.
         """
         self.add("alice", "c1")
-        self.assertTrue(self.successResultOf(self.presence.add_member("other", "room", "alice", "c2", None)))
+        self.assertTrue(self.successResultOf(self.presence.add_member("other", "room", "alice", "c2", None)).first)
         self.assertTrue(self.add("alice", "c1", channel="hall"))
         self.assertEqual(self.members("other"), [Member("alice", None)])
         self.remove("alice", "c1")

@@ -29,7 +29,7 @@ from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub
 from meteredrt.interfaces import ITurnProvider
 from meteredrt.metering import Meter
-from meteredrt.presence import MemoryPresence
+from meteredrt.presence.memory import MemoryPresence
 from meteredrt.protocol import INBOUND_FRAME_LIMIT, MAX_MESSAGE_SIZE
 from meteredrt.testing import MemoryKeyStore
 from meteredrt.usagestore import UsageStore

@@ -3,29 +3,22 @@ Channel membership and the peer directory, in memory.
 
 L{MemoryPresence} implements L{IPresence} for a single node. Membership is
 refcounted per (app, channel, peerId) by connection id (OP-10), so a peer
-with two tabs joins once and leaves once. Keying by connection id is what
-will let a cluster implementation (Redis, not written yet) keep the same
-shape per node, so that a crashed node's entries can be reaped by the
-survivors.
+with two tabs joins once and leaves once. Each change announces its own
+delta to the attached hub in the same call, which is the atomic step the
+seam asks for: on one node nothing can come between a change and its
+announcement.
 """
 
 from __future__ import annotations
 
-from attrs import define, frozen
+from attrs import define
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from meteredrt.interfaces import IPresence
-
-
-@frozen
-class Member:
-    """
-    One peer in one channel, as presence frames and REST show it.
-    """
-
-    peer_id: str
-    metadata: dict | None
+from meteredrt.envelopes import PresenceChange
+from meteredrt.interfaces import IDeliveryTarget, IPresence
+from meteredrt.membership import Joining, Member
+from meteredrt.protocol import presence_entry
 
 
 @define
@@ -45,32 +38,56 @@ class MemoryPresence:
         # Dicts keep insertion order, which is join order for snapshots.
         self._channels: dict[tuple[str, str], dict[str, _Membership]] = {}
         self._peers: dict[tuple[str, str], set[str]] = {}
+        # conn id -> the channels it is a member of, for one-step disconnects
+        self._held: dict[str, set[str]] = {}
+        self._target: IDeliveryTarget | None = None
+
+    def attach(self, target: IDeliveryTarget) -> None:
+        self._target = target
+
+    def _announce(self, app_id: str, change: PresenceChange) -> None:
+        if self._target is not None:
+            self._target.deliver(app_id, change)
 
     def add_member(
         self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None
-    ) -> Deferred[bool]:
+    ) -> Deferred[Joining]:
         members = self._channels.setdefault((app_id, channel), {})
+        self._held.setdefault(conn_id, set()).add(channel)
         membership = members.get(peer_id)
+        first = membership is None
         if membership is None:
             members[peer_id] = _Membership(metadata, {conn_id})
-            return succeed(True)
-        # OP-10: the most recent connection's peerMetadata is shown.
-        membership.metadata = metadata
-        membership.connections.add(conn_id)
-        return succeed(False)
+            joined = (presence_entry(peer_id, metadata),)
+            self._announce(app_id, PresenceChange(channel, joined, (), conn_id))
+        else:
+            # OP-10: the most recent connection's peerMetadata is shown.
+            membership.metadata = metadata
+            membership.connections.add(conn_id)
+        snapshot = tuple(Member(peer, m.metadata) for peer, m in members.items())
+        return succeed(Joining(first, snapshot))
 
-    def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
+    def _leave(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Member | None:
         members = self._channels.get((app_id, channel))
         membership = members.get(peer_id) if members else None
         if membership is None or conn_id not in membership.connections:
-            return succeed(None)
+            return None
         membership.connections.discard(conn_id)
         if membership.connections:
-            return succeed(None)
+            return None
         del members[peer_id]  # type: ignore[union-attr]
         if not members:
             del self._channels[(app_id, channel)]
-        return succeed(Member(peer_id, membership.metadata))
+        gone = Member(peer_id, membership.metadata)
+        left = (presence_entry(peer_id, gone.metadata),)
+        self._announce(app_id, PresenceChange(channel, (), left, None))
+        return gone
+
+    def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
+        held = self._held.get(conn_id)
+        if held is not None:
+            held.discard(channel)
+        return succeed(self._leave(app_id, channel, peer_id, conn_id))
 
     def members(self, app_id: str, channel: str) -> Deferred[list[Member]]:
         members = self._channels.get((app_id, channel), {})
@@ -81,6 +98,8 @@ class MemoryPresence:
         return succeed(None)
 
     def remove_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
+        for channel in sorted(self._held.pop(conn_id, ())):
+            self._leave(app_id, channel, peer_id, conn_id)
         connections = self._peers.get((app_id, peer_id))
         if connections is not None:
             connections.discard(conn_id)
