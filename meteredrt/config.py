@@ -55,6 +55,10 @@ DEFAULT_DATA_DIR = "./meteredrt-data"
 #: WebSocket upgrades accepted per source IP per 60 s.
 DEFAULT_UPGRADE_RATE_LIMIT = 60
 
+#: The most processes ``[server] workers`` may ask for: far above the cores
+#: of one machine, low enough that a typo cannot fork-bomb it.
+MAX_WORKERS = 64
+
 #: Regions the Metered TURN API accepts (protocol §20.2).
 TURN_REGIONS: frozenset[str] = frozenset(
     {
@@ -172,6 +176,8 @@ class Config:
     :ivar trusted_proxies: the networks of reverse proxies whose
         ``X-Forwarded-For`` names the client
         (L{meteredrt.clientaddress.client_address}); empty trusts nobody.
+    :ivar workers: processes serving the same ports (L{meteredrt.workers});
+        more than one needs ``[cluster]``.
     :ivar cluster: the ``[cluster]`` table, or ``None`` for a single node
         with in-memory routing and presence.
     """
@@ -181,6 +187,7 @@ class Config:
     apps: tuple[AppDeclaration, ...] = ()
     upgrade_rate_limit: int = DEFAULT_UPGRADE_RATE_LIMIT
     trusted_proxies: TrustedProxies = ()
+    workers: int = 1
     cluster: ClusterConfig | None = None
     source: str | None = None
 
@@ -226,6 +233,47 @@ def apply_options(
         data_dir=config.data_dir if data_dir is None else data_dir,
         cluster=cluster,
     )
+
+
+#: The endpoint types several workers can share (with ``SO_REUSEPORT``).
+SHAREABLE_ENDPOINTS = frozenset({"tcp", "tcp6"})
+
+
+def apply_workers(config: Config, workers: int | None) -> Config:
+    """
+    Lay ``--workers N`` over a configuration and check the result: more
+    than one worker needs ``[cluster]`` (workers share state only through
+    Redis) and ``tcp:``/``tcp6:`` listeners (the only ones they can share).
+
+    Call it after every other option has been applied, since ``--redis``
+    and ``--listen`` change what it checks.
+
+    :raises ConfigError: for a count out of range or a combination that
+        cannot work.
+    """
+    if workers is not None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError("<command line>", "--workers", f"must be between 1 and {MAX_WORKERS}")
+        config = evolve(config, workers=workers)
+    if config.workers == 1:
+        return config
+    source = config.source or "<command line>"
+    if config.cluster is None:
+        raise ConfigError(
+            source,
+            "server.workers",
+            f"{config.workers} workers need [cluster] (or --redis): workers share channels and presence "
+            "only through Redis",
+        )
+    for index, endpoint in enumerate(config.listen):
+        if endpoint.split(":", 1)[0].strip().lower() not in SHAREABLE_ENDPOINTS:
+            raise ConfigError(
+                source,
+                f"server.listen[{index}]",
+                f"workers can only share tcp: and tcp6: endpoints, not {endpoint!r}; "
+                "terminate TLS in a proxy in front of them",
+            )
+    return config
 
 
 def load_config(path: str) -> Config:
@@ -448,7 +496,7 @@ class _Table:
 
 _TOP_LEVEL = ("server", "cluster", "apps")
 _CLUSTER_KEYS = ("redis", "node_name", "lease_seconds")
-_SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit", "trusted_proxies")
+_SERVER_KEYS = ("listen", "data_dir", "upgrade_rate_limit", "trusted_proxies", "workers")
 _APP_KEYS = ("id", "plan", "turn", "keys")
 _PLAN_KEYS = (
     "name",
@@ -492,7 +540,10 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             data_dir=server.string("data_dir", config.data_dir),
             upgrade_rate_limit=server.integer("upgrade_rate_limit", config.upgrade_rate_limit, minimum=1),
             trusted_proxies=_read_trusted_proxies(server),
+            workers=server.integer("workers", config.workers, minimum=1),
         )
+        if config.workers > MAX_WORKERS:
+            server.fail("workers", f"must be at most {MAX_WORKERS}")
     cluster = top.table("cluster", _CLUSTER_KEYS)
     if cluster is not None:
         config = evolve(config, cluster=_read_cluster(cluster))
@@ -513,8 +564,6 @@ def _read_cluster(table: _Table) -> ClusterConfig:
     if lease > 3600:
         table.fail("lease_seconds", "must be at most 3600 (a dead node is reaped within 3 x lease)")
     return ClusterConfig(url, node_name, float(lease))
-
-
 
 
 def _read_trusted_proxies(server: _Table) -> TrustedProxies:

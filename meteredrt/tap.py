@@ -16,6 +16,7 @@ from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
@@ -24,7 +25,7 @@ from twisted.web.server import Site
 
 from meteredrt.apps import App, Key, KeyType
 from meteredrt.broker.memory import MemoryBroker
-from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
+from meteredrt.config import Config, ConfigError, apply_options, apply_workers, default_config, load_config
 from meteredrt.hub import Hub
 from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
 from meteredrt.metering import Meter
@@ -34,6 +35,7 @@ from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_ro
 from meteredrt.speedups import install_speedups
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
 from meteredrt.usagestore import UsageStore, usage_database_path
+from meteredrt.workers import ParentWatch, ReusePortEndpoint, WorkerCommand, WorkerPool, for_worker, worker_data_dir
 from meteredrt.ws import RealtimeServerFactory
 
 
@@ -47,6 +49,8 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file (apps, keys, plans, listen, data_dir)."],
         ["data-dir", "d", None, "Directory for persistent state (SQLite). Default ./meteredrt-data."],
+        ["workers", None, None, "Processes serving the same ports; needs [cluster]. Overrides [server] workers.", int],
+        ["worker-index", None, None, "Internal: set by worker 1 on the workers it starts.", int],
     ]
 
     def __init__(self) -> None:
@@ -66,6 +70,8 @@ class Options(usage.Options):
         try:
             config = load_config(self["config"]) if self["config"] else default_config()
             self["parsed"] = apply_options(config, listen=self["listen"], data_dir=self["data-dir"])
+            # Last: it checks what --redis and --listen made of the file.
+            self["parsed"] = apply_workers(self["parsed"], self["workers"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -128,12 +134,15 @@ class ConnectionDrain(Service):
 
 class Listener(Service):
     """
-    Listens on one Twisted endpoint string while running.
+    Listens on one Twisted endpoint string while running; with
+    C{shared=True} on a C{SO_REUSEPORT} socket that other workers bind too.
     """
 
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, description: str, factory: Any, reactor: Any, shared: bool = False) -> None:
         self.description = description
-        self._endpoint = endpoints.serverFromString(reactor, description)
+        self._endpoint: Any = (
+            ReusePortEndpoint(reactor, description) if shared else endpoints.serverFromString(reactor, description)
+        )
         self._factory = factory
         self._port: IListeningPort | None = None
 
@@ -191,6 +200,16 @@ class StartupGate(MultiService):
         self._reactor.stop()
 
 
+def stop_reactor(reactor: Any) -> None:
+    """
+    Stop the reactor unless it is already stopping.
+    """
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
 def makeService(options: Options | dict, reactor: Any = None) -> IService:
     """
     Build the whole server as one service.
@@ -205,9 +224,21 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     config: Config = options["parsed"]
+    worker = options.get("worker-index") or 1
+    if config.workers > 1:
+        config = for_worker(config, worker)
     install_speedups()
 
     top = OrderedServices()
+    pool = None
+    if config.workers > 1 and worker == 1:
+        # Added first so that it stops last: worker 1 exits after the others.
+        command = WorkerCommand(config.workers, options.get("config"), config.data_dir, options.get("redis"))
+        pool = WorkerPool(command, reactor)
+        pool.setServiceParent(top)
+    elif worker > 1:
+        # Worker 1 died without stopping this one: drain and stop.
+        ParentWatch(reactor, partial(stop_reactor, reactor)).setServiceParent(top)
     keys = SQLiteKeyStore(
         open_pool(prepare_database(config.data_dir), reactor),
         clock=reactor,
@@ -215,7 +246,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
         on_bootstrap=print_bootstrap,
     )
     keys.setServiceParent(top)
-    meter = Meter(reactor, UsageStore(usage_database_path(config.data_dir), reactor))
+    meter = Meter(reactor, UsageStore(usage_database_path(worker_data_dir(config.data_dir, worker)), reactor))
     meter.setServiceParent(top)
 
     hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
@@ -243,6 +274,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     gate = StartupGate(keys, meter, reactor)
     gate.setName("listeners")
     for description in config.listen:
-        Listener(description, site, reactor).setServiceParent(gate)
+        Listener(description, site, reactor, shared=config.workers > 1).setServiceParent(gate)
     gate.setServiceParent(top)
+    if pool is not None:
+        gate.listening.addCallback(pool.start_workers)
+        # Stopped first: every worker drains at the same time as this one.
+        pool.signal_on_stop().setServiceParent(top)
     return top

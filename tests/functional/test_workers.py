@@ -1,0 +1,107 @@
+"""
+C{[server] workers = 3} with real processes: one port served by three
+processes that are all members of one cluster, stopped together by SIGTERM
+to the first, and not left behind when it dies.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.trial.unittest import TestCase
+
+from .cluster import Node, child_pids, serving_pid, start_cluster, wait_until
+from .support import LISTENING
+from .test_metering_e2e import RealtimeClient, connect_client
+
+WORKERS = 3
+CLIENTS = 30
+
+
+def alive(pid: int) -> bool:
+    """
+    Whether a process exists and is not a zombie.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class WorkersTests(TestCase):
+    """
+    Three workers of one C{twistd -n meteredrt} on one Redis.
+    """
+
+    timeout = 120
+
+    async def start(self) -> tuple[Node, list[int]]:
+        """
+        Start the server with three workers; fires once all listen, with
+        the first and the process ids of all three.
+        """
+        cluster = await start_cluster(self, nodes=0)
+        node = await cluster.add_node("ws", extra=f"[server]\nworkers = {WORKERS}\n")
+        await wait_until(
+            lambda: len(LISTENING.findall(node.child.output)) == WORKERS, 60, "every worker listens"
+        )
+        others = child_pids(node.pid)
+        self.assertEqual(len(others), WORKERS - 1, node.child.text)
+        self.pids = [node.pid, *others]
+        self.addCleanup(self.kill_all)
+        return node, self.pids
+
+    def kill_all(self) -> None:
+        for pid in self.pids:
+            if alive(pid):
+                os.kill(pid, 9)
+
+    async def connect(self, node: Node, count: int) -> list[RealtimeClient]:
+        return list(await gatherResults([Deferred.fromCoroutine(connect_client(self, node.port)) for _ in range(count)], consumeErrors=True))
+
+    async def test_connections_spread(self) -> None:
+        """
+        Connections land on every worker.
+        """
+        node, pids = await self.start()
+        clients = await self.connect(node, CLIENTS)
+        served = [serving_pid(pids, node.port, client.transport.getHost().port) for client in clients]
+        self.assertEqual(set(served), set(pids), served)
+
+    async def test_sigterm_stops_all(self) -> None:
+        """
+        SIGTERM to the first worker drains every worker: each client is
+        closed and every process exits; the first says it shut down.
+        """
+        node, pids = await self.start()
+        clients = await self.connect(node, 9)
+        ended = await node.terminate()
+        self.assertIn(ended, [(0, None), (None, 15)], node.child.text)
+        self.assertIn("Server Shut Down.", node.child.text)
+        self.assertEqual([pid for pid in pids if alive(pid)], [])
+        codes = await gatherResults([client.closed for client in clients]).addTimeout(5, reactor)
+        self.assertEqual(set(codes), {1001}, codes)
+        self.assertEqual(node.child.text.count("Server Shut Down."), WORKERS)
+
+    async def test_first_killed(self) -> None:
+        """
+        If the first worker is killed, the others notice and stop too.
+        """
+        node, pids = await self.start()
+        await node.kill()
+        await wait_until(lambda: not any(alive(pid) for pid in pids[1:]), 30, "the other workers exit")
+
+    async def test_one_killed(self) -> None:
+        """
+        A worker killed on its own leaves the others serving the port: new
+        connections all succeed on the survivors.
+        """
+        node, pids = await self.start()
+        os.kill(pids[1], 9)
+        await wait_until(lambda: "worker 2 exited on its own" in node.child.text, 10, "worker 1 notices")
+        clients = await self.connect(node, 20)
+        served = {serving_pid(pids, node.port, client.transport.getHost().port) for client in clients}
+        self.assertEqual(served, {pids[0], pids[2]})
