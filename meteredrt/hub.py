@@ -392,9 +392,15 @@ class Hub(Service):
         try:
             # The presence announces the joined itself, in the same step
             # that takes the snapshot (IPresence).
-            joining = await self._presence.add_member(
-                session.app_id, channel, session.peer_id, session.conn_id, session.grant.peer_metadata
-            )
+            try:
+                joining = await self._presence.add_member(
+                    session.app_id, channel, session.peer_id, session.conn_id, session.grant.peer_metadata
+                )
+            except BackendUnavailable:
+                # Refused: a new subscription does not stay half made.
+                if existing is None and not session.closed and channel in session.subscriptions:
+                    await self._unwatch(session, channel)
+                raise
             if session.closed:
                 # The disconnect ended this membership too (see _disconnect).
                 return

@@ -25,11 +25,24 @@ from twisted.web.server import Site
 
 from meteredrt.apps import App, Key, KeyType
 from meteredrt.broker.memory import MemoryBroker
-from meteredrt.config import Config, ConfigError, apply_options, apply_workers, default_config, load_config
+from meteredrt.broker.redis import RedisBroker
+from meteredrt.clusterwire import ClusterNode, default_node_name
+from meteredrt.config import (
+    ClusterConfig,
+    Config,
+    ConfigError,
+    apply_options,
+    apply_workers,
+    default_config,
+    load_config,
+)
 from meteredrt.hub import Hub
 from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
+from meteredrt.lease import NodeLease
 from meteredrt.metering import Meter
 from meteredrt.presence.memory import MemoryPresence
+from meteredrt.presence.redis import RedisPresence
+from meteredrt.redisclient import RedisClient, RedisSubscriber, parse_redis_url
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
@@ -49,6 +62,7 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file (apps, keys, plans, listen, data_dir)."],
         ["data-dir", "d", None, "Directory for persistent state (SQLite). Default ./meteredrt-data."],
+        ["redis", None, None, "Redis URL (redis:// or rediss://) of the cluster; overrides [cluster] redis."],
         ["workers", None, None, "Processes serving the same ports; needs [cluster]. Overrides [server] workers.", int],
         ["worker-index", None, None, "Internal: set by worker 1 on the workers it starts.", int],
     ]
@@ -69,7 +83,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = load_config(self["config"]) if self["config"] else default_config()
-            self["parsed"] = apply_options(config, listen=self["listen"], data_dir=self["data-dir"])
+            self["parsed"] = apply_options(
+                config, listen=self["listen"], data_dir=self["data-dir"], redis=self["redis"]
+            )
             # Last: it checks what --redis and --listen made of the file.
             self["parsed"] = apply_workers(self["parsed"], self["workers"])
         except ConfigError as e:
@@ -210,6 +226,29 @@ def stop_reactor(reactor: Any) -> None:
         pass
 
 
+def _cluster_hub(cluster: ClusterConfig, meter: Meter, keys: SQLiteKeyStore, reactor: Any, top: MultiService) -> Hub:
+    """
+    A hub routing and keeping presence through Redis, with the node's
+    Redis connections and lease as services of C{top}: added before the
+    hub, they stop after the connections have drained, so every closing
+    connection still leaves presence.
+    """
+    address = parse_redis_url(cluster.redis)
+    node = ClusterNode(cluster.node_name or default_node_name())
+    client = RedisClient(reactor, address)
+    broker = RedisBroker(client, node)
+    subscriber = RedisSubscriber(reactor, address, broker.received)
+    broker.start(subscriber)
+    presence = RedisPresence(client, node)
+    client.setServiceParent(top)
+    subscriber.setServiceParent(top)
+    # The meter counts per node for now: a reaped node's connections have
+    # nothing to release here.
+    NodeLease(reactor, client, presence, node, cluster.lease_seconds).setServiceParent(top)
+    Logger().info("Cluster node {node} on Redis at {address}", node=node.node_id, address=str(address))
+    return Hub(broker, presence, meter, keys.app, node_id=node.node_id)
+
+
 def makeService(options: Options | dict, reactor: Any = None) -> IService:
     """
     Build the whole server as one service.
@@ -249,7 +288,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     meter = Meter(reactor, UsageStore(usage_database_path(worker_data_dir(config.data_dir, worker)), reactor))
     meter.setServiceParent(top)
 
-    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
+    if config.cluster is None:
+        hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app)
+    else:
+        hub = _cluster_hub(config.cluster, meter, keys, reactor, top)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.

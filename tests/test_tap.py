@@ -11,9 +11,14 @@ from twisted.application.service import IServiceMaker, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from meteredrt.broker.memory import MemoryBroker
+from meteredrt.broker.redis import RedisBroker
+from meteredrt.hub import Hub
 from meteredrt.metering import Meter
+from meteredrt.presence.redis import RedisPresence
 from meteredrt.tap import ConnectionDrain, Options, OrderedServices, StartupGate, makeService
 
 
@@ -55,6 +60,33 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(list(service)[-1], StartupGate)
         self.assertEqual(reactor.tcpServers, [])
         self.assertTrue(os.path.isdir(data_dir))
+        hub = next(child for child in service if isinstance(child, Hub))
+        self.assertIsInstance(hub._broker, MemoryBroker)
+
+    def test_cluster(self) -> None:
+        """
+        With C{--redis}, the hub routes and keeps presence through Redis,
+        and the node's Redis connections and lease come before the hub, so
+        they stop after the connections have drained.
+        """
+        options = Options()
+        data_dir = os.path.join(self.mktemp(), "data")
+        options.parseOptions(["--data-dir", data_dir, "--redis", "redis://127.0.0.1:1/0"])
+        service = makeService(options, MemoryReactorClock())
+        kinds = [type(child).__name__ for child in service]
+        self.assertLess(kinds.index("RedisClient"), kinds.index("Hub"))
+        self.assertLess(kinds.index("RedisSubscriber"), kinds.index("Hub"))
+        self.assertLess(kinds.index("NodeLease"), kinds.index("Hub"))
+        hub = next(child for child in service if isinstance(child, Hub))
+        self.assertIsInstance(hub._broker, RedisBroker)
+        self.assertIsInstance(hub._presence, RedisPresence)
+
+    def test_bad_redis_url(self) -> None:
+        """
+        A bad C{--redis} is a usage error naming the option.
+        """
+        error = self.assertRaises(UsageError, Options().parseOptions, ["--redis", "http://x"])
+        self.assertIn("--redis", str(error))
 
 
 class _Recorder(Service):

@@ -1,0 +1,129 @@
+"""
+Node leases: how a cluster notices a dead node and cleans up after it.
+
+L{NodeLease} is a service that renews this node's lease in Redis every
+third of its length (L{meteredrt.redisscripts.TICK}: C{SET ... PX}, so the
+lease is timed by Redis's clock, never by the nodes' clocks) and, in the
+same round trip, learns which nodes' leases have lapsed. Each lapsed node is
+claimed with L{meteredrt.redisscripts.REAP}, atomically: the first survivor
+to run it removes the dead node's connections from presence and the peer
+registry and announces exactly one C{left} per peer that lost its last
+connection; any other finds nothing to claim. A node that dies is reaped
+within its lease plus one renewal interval of a survivor (under 3 x lease).
+
+A node that was cut off or frozen past its lease and comes back learns from
+its next renewal that it was reaped (fenced) and registers its live
+connections and memberships again (L{RedisPresence.resync}); the others see
+them join again. The same resynchronization runs whenever the command
+connection to Redis comes back, since Redis may have restarted empty.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from meteredrt import redisscripts
+from meteredrt.clusterwire import EVERYONE, ClusterNode
+from meteredrt.presence.redis import RedisPresence
+from meteredrt.redisclient import RedisClient, RedisUnavailable
+
+
+class NodeLease(Service):
+    """
+    Holds this node's lease and reaps the nodes whose leases lapsed.
+
+    @param on_reaped: called with C{{app_id: connections}} for each reaped
+        node: the connections it held, whose concurrent-connection counts
+        a cluster-wide meter would release (per-node meters have nothing to
+        release).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: object,
+        client: RedisClient,
+        presence: RedisPresence,
+        node: ClusterNode,
+        lease_seconds: float,
+        on_reaped: Callable[[dict[str, int]], object] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._client = client
+        self._presence = presence
+        self._node = node
+        self.lease_seconds = lease_seconds
+        self._on_reaped = on_reaped
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = clock  # type: ignore[assignment]
+        self._resynced_once = False
+        for script in (redisscripts.TICK, redisscripts.REAP):
+            client.register(script)
+        client.on_reconnected(self._reconnected)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.lease_seconds / 3, now=False)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        return None
+
+    def _reconnected(self) -> None:
+        self._presence.resync().addErrback(lambda f: None)
+
+    def tick(self) -> Deferred[None]:
+        """
+        Renew the lease; resynchronize if fenced; reap lapsed nodes.
+        """
+        return Deferred.fromCoroutine(self._tick())
+
+    async def _tick(self) -> None:
+        try:
+            state, dead = await self._client.run(
+                redisscripts.TICK, (), (self._node.node_id, int(self.lease_seconds * 1000))
+            )
+        except RedisUnavailable:
+            return  # the client reconnects by itself; _reconnected resyncs
+        except Exception:
+            self.log.failure("Renewing the node lease failed")
+            return
+        if state == 2:
+            self.log.warn(
+                "Node {node} was reaped while cut off: registering its connections again", node=self._node.name
+            )
+            await self._resync()
+        elif state == 0 and self._resynced_once:
+            # The lease lapsed without a reap, or Redis is new: make sure.
+            await self._resync()
+        self._resynced_once = True
+        for other in dead:
+            await self._reap(other.decode())
+
+    async def _resync(self) -> None:
+        try:
+            await self._presence.resync()
+        except Exception:
+            pass  # logged by the presence; the next tick tries again
+
+    async def _reap(self, dead: str) -> None:
+        try:
+            apps = await self._client.run(redisscripts.REAP, (), (dead, self._node.prefix(EVERYONE)))
+        except Exception:
+            self.log.failure("Reaping node {dead} failed", dead=dead)
+            return
+        if apps is None:
+            return  # another node claimed it first, or it came back
+        released = dict(Counter(app.decode() for app in apps))
+        self.log.info("Reaped node {dead}: removed {count} connections", dead=dead, count=sum(released.values()))
+        if self._on_reaped is not None:
+            self._on_reaped(released)
