@@ -71,6 +71,9 @@ class NodeLease(Service):
     def startService(self) -> None:
         super().startService()
         self._loop.start(self.lease_seconds / 3, now=False)
+        # Take the lease as soon as Redis answers: TICK goes out on the
+        # command connection ahead of any connection's registration.
+        self._client.ready.addCallback(lambda _: self.tick() if self.running else None)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -79,6 +82,9 @@ class NodeLease(Service):
         return None
 
     def _reconnected(self) -> None:
+        # The lease first, so that nobody reaps what the resync registers.
+        if self.running:
+            self.tick()
         self._presence.resync().addErrback(lambda f: None)
 
     def tick(self) -> Deferred[None]:

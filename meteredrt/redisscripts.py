@@ -112,6 +112,7 @@ CONNECT = Script(
     """
 redis.call('HSET', 'mrt:' .. ARGV[1] .. ':r:' .. ARGV[2], ARGV[3], ARGV[4])
 redis.call('HSET', 'mrt:nc:' .. ARGV[4], ARGV[3], ARGV[1] .. ':' .. ARGV[2])
+redis.call('SADD', 'mrt:nodes', ARGV[4])
 return 1
 """
 )
