@@ -1,23 +1,24 @@
 """
 The seams of meteredrt, as zope interfaces.
 
-Everything the hub and the adapters need from state that may one day live
-outside this process goes through one of these:
+Everything the hub and the adapters need from state that may live outside
+this process goes through one of these:
 
   - L{IKeyStore}: apps, plans and keys (SQLite + TOML today).
-  - L{IBroker}: moving envelopes between nodes (in memory today; Redis,
-    planned, in the cluster).
+  - L{IBroker}: moving envelopes between nodes (in memory on one node;
+    through Redis pub/sub in a cluster).
   - L{IPresence}: channel membership and the peer directory, with connection
-    refcounts (in memory today; Redis, planned, in the cluster so it
-    survives a node).
+    refcounts (in memory on one node; in Redis in a cluster, so it survives
+    a node).
   - L{IMeter}: concurrent-connection admission and message counting.
   - L{ITurnProvider}: TURN credentials for the welcome frame.
   - L{IConnectionSink}: what the hub sees of one client connection.
 
 Methods that may have to cross the network in some implementation return
-Deferreds even when today's implementation answers at once; the hub awaits
-them, and an already-fired Deferred keeps the synchronous ordering the
-single-node case relies on.
+Deferreds even when the in-memory implementation answers at once; the hub
+awaits them, and an already-fired Deferred keeps the synchronous ordering
+the single-node case relies on. A seam that cannot reach the shared state
+an operation needs raises L{BackendUnavailable}.
 """
 
 from __future__ import annotations
