@@ -172,6 +172,9 @@ class Hub(Service):
         self._channels: dict[tuple[str, str], dict[str, Session]] = {}
         self._patterns: dict[str, WildcardIndex[Session]] = {}
         self._peers: dict[tuple[str, str], dict[str, Session]] = {}
+        # (app, channel or pattern, wildcard) -> subscribes waiting for the
+        # broker to confirm the node's first watch of it
+        self._watches_in_flight: dict[tuple[str, str, bool], list[Deferred[None]]] = {}
         broker.attach(self)
         presence.attach(self)
 
@@ -425,13 +428,34 @@ class Hub(Service):
         if wildcard:
             index = self._patterns.setdefault(app_id, WildcardIndex())
             index.add(channel, session)
-            if index.subscriber_count(channel) == 1:
-                await self._broker.watch_pattern(app_id, channel)
+            first = index.subscriber_count(channel) == 1
         else:
             local = self._channels.setdefault((app_id, channel), {})
             local[session.conn_id] = session
-            if len(local) == 1:
-                await self._broker.watch_channel(app_id, channel)
+            first = len(local) == 1
+        key = (app_id, channel, wildcard)
+        if not first:
+            # Another subscriber's watch may still be on its way: until the
+            # broker routes the channel here, this one would miss what is
+            # published after its ack (or a delta after its snapshot).
+            waiters = self._watches_in_flight.get(key)
+            if waiters is not None:
+                waiting: Deferred[None] = Deferred()
+                waiters.append(waiting)
+                await waiting
+            return
+        watched = (self._broker.watch_pattern if wildcard else self._broker.watch_channel)(app_id, channel)
+        if watched.called:
+            await watched
+            return
+        waiters = self._watches_in_flight[key] = []
+        try:
+            await watched
+        finally:
+            if self._watches_in_flight.get(key) is waiters:
+                del self._watches_in_flight[key]
+            for waiting in waiters:
+                waiting.callback(None)
 
     async def _unsubscribe(self, session: Session, frame: Unsubscribe) -> None:
         if frame.channel in session.subscriptions:

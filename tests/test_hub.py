@@ -1225,6 +1225,48 @@ class CloseDuringSubscribeTests(HeldHubTestCase):
         self.assertEqual(sink.decoded, [])
 
 
+class WatchInFlightTests(HeldHubTestCase):
+    """
+    A subscribe that joins a channel or pattern whose watch by the broker
+    is still on its way waits for it before going on: until then the node
+    would miss what is published after the ack.
+    """
+
+    def test_channel(self) -> None:
+        """
+        The second subscriber of a channel is acked only once the first
+        one's watch is confirmed.
+        """
+        first, _ = self.connect("a")
+        second, sink = self.connect("b")
+        self.answers.holding = True
+        one = self.start(first, type="subscribe", channel="room", requestId="r1")
+        two = self.start(second, type="subscribe", channel="room", requestId="r2")
+        self.assertEqual(self.answers.pending, ["watch_channel"])
+        self.assertEqual(sink.decoded, [])
+        self.answers.release("watch_channel")
+        self.answers.release_all()
+        self.successResultOf(one)
+        self.successResultOf(two)
+        self.assertEqual(sink.of_type("ack"), [{"type": "ack", "requestId": "r2"}])
+
+    def test_pattern(self) -> None:
+        """
+        The same holds for a wildcard pattern.
+        """
+        first, _ = self.connect("a")
+        second, sink = self.connect("b")
+        self.answers.holding = True
+        one = self.start(first, type="subscribe", channel="room/*", requestId="r1")
+        two = self.start(second, type="subscribe", channel="room/*", requestId="r2")
+        self.assertNoResult(two)
+        self.assertEqual(sink.decoded, [])
+        self.answers.release_all()
+        self.successResultOf(one)
+        self.successResultOf(two)
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r2"}])
+
+
 class HeldPresenceOrderTests(HeldHubTestCase):
     """
     Presence deltas that arrive while a subscriber's snapshot is assembled

@@ -132,8 +132,9 @@ class RedisBroker:
         assert self._subscriber is not None
         mapped = redis_pattern(app_id, pattern)
         self._patterns[mapped] += 1
-        if self._patterns[mapped] > 1:
-            return succeed(None)
+        # Subscribing again to a pattern already held is harmless, and its
+        # confirmation comes after the first one's: the caller then knows
+        # the pattern is routed here even if the first is still on its way.
         return self._interest(self._subscriber.psubscribe(mapped))
 
     def unwatch_pattern(self, app_id: str, pattern: str) -> Deferred[None]:
