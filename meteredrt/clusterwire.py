@@ -136,8 +136,16 @@ def redis_pattern(app_id: str, pattern: str) -> bytes:
     return topic(app_id, "") + "".join(out).encode()
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+# ASCII output: client data may hold lone surrogates (escaped in its JSON),
+# which UTF-8 cannot carry. One encoder, built once.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def dumps(value: Any) -> bytes:
+    """
+    C{value} as compact ASCII JSON.
+    """
+    return _ENCODER.encode(value).encode("ascii")
 
 
 def encode_body(envelope: object) -> bytes:
@@ -146,17 +154,17 @@ def encode_body(envelope: object) -> bytes:
     """
     if isinstance(envelope, ChannelMessage):
         e = envelope
-        return _dumps(["m", e.channel, e.sender, e.data, e.sender_metadata, e.sender_conn])
+        return dumps(["m", e.channel, e.sender, e.data, e.sender_metadata, e.sender_conn])
     if isinstance(envelope, DirectMessage):
         d = envelope
-        return _dumps(["d", d.to, d.sender, d.data, d.sender_metadata, d.sender_conn])
+        return dumps(["d", d.to, d.sender, d.data, d.sender_metadata, d.sender_conn])
     if isinstance(envelope, Disconnect):
-        return _dumps(["x", envelope.peer_id, envelope.code, envelope.reason])
+        return dumps(["x", envelope.peer_id, envelope.code, envelope.reason])
     if isinstance(envelope, PresenceChange):
         p = envelope
         joined = [[entry["peerId"], entry.get("metadata")] for entry in p.joined]
         left = [[entry["peerId"], entry.get("metadata")] for entry in p.left]
-        return _dumps(["p", p.channel, joined, left, p.exclude_conn])
+        return dumps(["p", p.channel, joined, left, p.exclude_conn])
     raise TypeError(f"cannot carry {envelope!r}")
 
 

@@ -56,6 +56,10 @@ __all__ = [
     "Script",
 ]
 
+#: Commands one connection may have in flight; more fail at once rather
+#: than queue without bound behind a Redis that has stopped reading.
+MAX_IN_FLIGHT = 100_000
+
 #: The first reconnect delay, and the most any one reconnect waits.
 BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 5.0
@@ -132,6 +136,8 @@ class RedisProtocol(Protocol):
         """
         if self._lost is not None or self.transport is None:
             return fail(RedisUnavailable(self._lost or "not connected"))
+        if len(self._pending) >= MAX_IN_FLIGHT:
+            return fail(RedisUnavailable(f"{MAX_IN_FLIGHT} commands already wait on Redis"))
         d: Deferred[Any] = Deferred()
         self._pending.append(_Pending(d, self._clock.seconds() + self._timeout))
         self.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]

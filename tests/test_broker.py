@@ -90,17 +90,17 @@ class BrokerTestsMixin:
     async def test_publish_crosses(self) -> None:
         """
         A publish on one node reaches a subscriber on the other, once, and
-        not the publisher.
+        not the publisher; any JSON crosses, lone surrogates included.
         """
         await self.setUpNodes()
         listener, heard = await self.connect(self.one, "a")
         await self.request(self.one, listener, type="subscribe", channel="room", requestId="s")
         sender, sent = await self.connect(self.two, "b")
-        await self.request(self.two, sender, type="publish", channel="room", data={"n": 1}, requestId="p")
+        await self.request(self.two, sender, type="publish", channel="room", data={"n": 1, "s": "\ud800"}, requestId="p")
         await self.eventually(lambda: bool(heard.of_type("message")))
         await self.settle()
         self.assertEqual(
-            heard.of_type("message"), [{"type": "message", "channel": "room", "from": "b", "data": {"n": 1}}]
+            heard.of_type("message"), [{"type": "message", "channel": "room", "from": "b", "data": {"n": 1, "s": "\ud800"}}]
         )
         self.assertEqual(sent.of_type("message"), [])
         self.assertEqual(sent.of_type("ack"), [{"type": "ack", "requestId": "p"}])

@@ -54,6 +54,7 @@ class EncodingTests(SynchronousTestCase):
         for envelope in (
             ChannelMessage("a/b", "p", {"k": [1, "é"]}, {"m": 1}, "n.x:1"),
             ChannelMessage("a|b", "p", None, None, None),
+            ChannelMessage("c", "p", "lone \ud800 surrogate", {"k": "\udfff"}, None),
             DirectMessage("t", "s", "hi", None, "n.x:2"),
             Disconnect("p", 4020, "admin_disconnect"),
             PresenceChange("c", ({"peerId": "p", "metadata": {"a": 1}},), ({"peerId": "q"},), "n.x:3"),

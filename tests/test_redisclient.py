@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from meteredrt.redisclient import (
     BACKOFF_CAP,
+    MAX_IN_FLIGHT,
     RedisAddress,
     RedisClient,
     RedisError,
@@ -146,6 +147,18 @@ class RedisProtocolTests(SynchronousTestCase):
         self.assertIn("within 2 s", str(self.failureResultOf(second, RedisUnavailable).value))
         self.assertTrue(transport.disconnecting)
         self.failureResultOf(protocol.execute("PING"), RedisUnavailable)
+
+    def test_in_flight_bound(self) -> None:
+        """
+        Past L{MAX_IN_FLIGHT} unanswered commands, more fail at once and
+        are not sent.
+        """
+        protocol, transport = connected_protocol(Clock())
+        for _ in range(MAX_IN_FLIGHT):
+            protocol.execute("PING")
+        sent = len(transport.value())
+        self.failureResultOf(protocol.execute("PING"), RedisUnavailable)
+        self.assertEqual(len(transport.value()), sent)
 
     def test_connection_lost(self) -> None:
         """

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from meteredrt import redisscripts
-from meteredrt.clusterwire import EVERYONE, ClusterNode
+from meteredrt.clusterwire import EVERYONE, ClusterNode, dumps
 from meteredrt.envelopes import PresenceChange
 from meteredrt.interfaces import BackendUnavailable, IDeliveryTarget, IPresence
 from meteredrt.membership import Joining, Member
@@ -43,12 +43,12 @@ from meteredrt.redisclient import RedisClient, RedisUnavailable
 class _Connection:
     app_id: str
     peer_id: str
-    metadata: str = "null"
+    metadata: bytes = b"null"
     channels: set[str] = field(factory=set)
 
 
-def _json(metadata: dict | None) -> str:
-    return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False) if metadata else "null"
+def _json(metadata: dict | None) -> bytes:
+    return dumps(metadata) if metadata else b"null"
 
 
 def _members(flat: list[bytes]) -> tuple[Member, ...]:
