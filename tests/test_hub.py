@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,6 +18,7 @@ from meteredrt.apps import ACTIONS, App, Plan
 from meteredrt.auth import Grant, Refusal
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub, Session, _start
+from meteredrt.interfaces import BackendUnavailable
 from meteredrt.metering import Meter
 from meteredrt.presence.memory import MemoryPresence
 from meteredrt.protocol import MAX_SUBSCRIPTIONS, SNAPSHOT_FRAME_BUDGET, CloseCode, FrameError, parse_frame
@@ -1223,6 +1224,32 @@ class CloseDuringSubscribeTests(HeldHubTestCase):
         self.assertEqual(self.members(), ["a"])
         self.assertEqual(heard.decoded, [{"type": "presence", "channel": "room", "joined": [], "left": [{"peerId": "b"}]}])
         self.assertEqual(sink.decoded, [])
+
+
+class BackendUnavailableTests(HubTestCase):
+    """
+    When a seam cannot reach shared state, the request answers
+    C{backend_error} with the reason and leaves nothing half done.
+    """
+
+    def test_subscribe(self) -> None:
+        """
+        A subscribe whose membership cannot be recorded is refused and its
+        subscription and watch are withdrawn.
+        """
+        broker = HeldBroker(MemoryBroker(), HeldAnswers())
+        self.hub = Hub(broker, self.presence, self.meter, self.apps.get, node_id="n1")
+
+        def unreachable(*args: Any) -> Deferred[Any]:
+            return fail(BackendUnavailable("presence is shared through Redis, which is unreachable"))
+
+        self.presence.add_member = unreachable  # type: ignore[method-assign]
+        session, sink = self.connect("a")
+        self.subscribe(session, "room", requestId="r1")
+        self.assertError(sink, "backend_error")
+        self.assertIn("Redis", sink.decoded[0]["message"])
+        self.assertEqual(session.subscriptions, {})
+        self.assertEqual(broker.watched, {("peer", "app_1", "a")})
 
 
 class WatchInFlightTests(HeldHubTestCase):
