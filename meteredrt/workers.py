@@ -26,6 +26,7 @@ proxy in front (see C{docs/cluster.md}).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -76,7 +77,8 @@ def worker_node_name(base: str | None, index: int) -> str:
     """
     if base is None:
         parent = os.getpid() if index == 1 else os.getppid()
-        base = f"{socket.gethostname()[:40]}-{parent}"
+        # Reduced to the characters node names may hold, with room for -<i>.
+        base = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{parent}")[:60]
     return f"{base}-{index}"
 
 

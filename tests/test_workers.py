@@ -9,6 +9,7 @@ command line of the other workers, the shared socket and the parent watch.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -159,7 +160,7 @@ class CommandTests(SynchronousTestCase):
         parent of the others) make the base.
         """
         self.assertEqual(worker_node_name("ws-a", 3), "ws-a-3")
-        host = socket.gethostname()[:40]
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())
         self.assertEqual(worker_node_name(None, 1), f"{host}-{os.getpid()}-1")
         self.assertEqual(worker_node_name(None, 2), f"{host}-{os.getppid()}-2")
         base = tempfile.mkdtemp()

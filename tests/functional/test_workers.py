@@ -71,6 +71,24 @@ class WorkersTests(TestCase):
         served = [serving_pid(pids, node.port, client.transport.getHost().port) for client in clients]
         self.assertEqual(set(served), set(pids), served)
 
+    async def test_one_cluster(self) -> None:
+        """
+        A publish on one worker reaches the subscribers on all of them:
+        each worker is a member of the cluster.
+        """
+        node, pids = await self.start()
+        clients = await self.connect(node, CLIENTS)
+        served = {serving_pid(pids, node.port, client.transport.getHost().port) for client in clients}
+        self.assertEqual(served, set(pids))
+        answers = await gatherResults(
+            [client.request({"type": "subscribe", "channel": "workers/room"}) for client in clients]
+        )
+        self.assertEqual({a["type"] for a in answers}, {"ack"}, answers)
+        self.assertEqual((await clients[0].publish("workers/room", "to all"))["type"], "ack")
+        # Publishers do not hear their own messages.
+        await gatherResults([client.received(1) for client in clients[1:]]).addTimeout(10, reactor)
+        self.assertEqual([client.messages for client in clients], [0] + [1] * (CLIENTS - 1))
+
     async def test_sigterm_stops_all(self) -> None:
         """
         SIGTERM to the first worker drains every worker: each client is
