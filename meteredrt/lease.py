@@ -11,6 +11,9 @@ registry and announces exactly one C{left} per peer that lost its last
 connection; any other finds nothing to claim. A node that dies is reaped
 within its lease plus one renewal interval of a survivor (under 3 x lease).
 
+A node that stops cleanly gives its lease up and reaps itself, so that the
+others hear at once of connections it could not remove while draining.
+
 A node that was cut off or frozen past its lease and comes back learns from
 its next renewal that it was reaped (fenced) and registers its live
 connections and memberships again (L{RedisPresence.resync}); the others see
@@ -79,7 +82,23 @@ class NodeLease(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        return None
+        if not self._client.connected:
+            return None
+        return Deferred.fromCoroutine(self._retire())
+
+    async def _retire(self) -> None:
+        """
+        Give up the lease and reap this node at once, on a clean stop:
+        whatever its drained connections left in Redis (a removal cut short)
+        goes now, with its C{left}s, rather than one lease later. Sent
+        behind every command before it, so it also comes after them.
+        """
+        lease = f"mrt:lease:{self._node.node_id}"
+        try:
+            self._client.execute("DEL", lease)
+            await self._client.run(redisscripts.REAP, (), (self._node.node_id, self._node.prefix(EVERYONE)))
+        except Exception as e:
+            self.log.warn("Could not retire node {node}: {why}", node=self._node.name, why=str(e))
 
     def _reconnected(self) -> None:
         # The lease first, so that nobody reaps what the resync registers.

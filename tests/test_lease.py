@@ -73,9 +73,19 @@ class Node:
 
     async def die(self) -> None:
         """
-        Stop renewing and drop the Redis connections, closing nothing.
+        Stop cleanly (the lease retires) without closing connections.
         """
         for service in reversed(self.services):
+            await self._stop(service)
+
+    async def crash(self) -> None:
+        """
+        Stop renewing and drop the Redis connections at once, closing
+        nothing and retiring nothing, as C{kill -9} does.
+        """
+        self.lease._loop.stop()
+        self.lease.running = False
+        for service in (self.subscriber, self.client):
             await self._stop(service)
 
     async def connect(self, peer_id: str) -> tuple[Session, RecordingSink]:
@@ -135,7 +145,7 @@ class ReaperTests(TestCase):
         await two.request(staying, type="subscribe", channel="room")
         await eventually(self, lambda: len(deltas(seen)) == 2, 5)
         died = reactor.seconds()
-        await one.die()
+        await one.crash()
         await eventually(self, lambda: bool(two.reaped), 3 * LEASE + 1)
         self.assertLess(reactor.seconds() - died, 3 * LEASE)
         await eventually(self, lambda: len(deltas(seen)) == 3, 2)
@@ -146,6 +156,25 @@ class ReaperTests(TestCase):
         self.assertEqual(await two.hub.members("app_1", "hall"), [])
         self.assertEqual(await two.hub.kick("app_1", "gone"), 0)
         self.assertEqual(await two.presence.connections_of("app_1", "both"), frozenset({staying.conn_id}))
+
+    async def test_clean_stop_retires(self) -> None:
+        """
+        A node that stops cleanly gives up its lease and reaps itself:
+        what it left registered leaves at once, long before its lease
+        would have lapsed, and it is no longer a cluster member.
+        """
+        server, one, two = await self.cluster()
+        watcher, seen = await two.connect("w")
+        await two.request(watcher, type="subscribe", channel="room")
+        left_behind, _ = await one.connect("x")
+        await one.request(left_behind, type="subscribe", channel="room")
+        await eventually(self, lambda: deltas(seen) == [(["x"], [])], 2)
+        stopped = reactor.seconds()
+        await one.die()
+        await eventually(self, lambda: deltas(seen) == [(["x"], []), ([], ["x"])], 2)
+        self.assertLess(reactor.seconds() - stopped, LEASE / 2)
+        self.assertEqual(await server.command("SMEMBERS", "mrt:nodes"), [two.identity.origin])
+        self.assertEqual(two.reaped, [])
 
     async def test_fenced_node_registers_again(self) -> None:
         """
@@ -158,7 +187,7 @@ class ReaperTests(TestCase):
         await two.request(watcher, type="subscribe", channel="room")
         frozen, _ = await one.connect("f")
         await one.request(frozen, type="subscribe", channel="room")
-        one.lease.stopService()
+        one.lease._loop.stop()  # frozen: it stops renewing, nothing else
         await eventually(self, lambda: bool(two.reaped), 3 * LEASE + 1)
         await eventually(self, lambda: deltas(seen) == [(["f"], []), ([], ["f"])], 2)
         await one.lease.tick()
