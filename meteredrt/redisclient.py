@@ -40,6 +40,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -228,6 +229,9 @@ class _Connector(Service):
     Keeps one L{RedisProtocol} connected: logs in, then hands over to
     L{_prepare}; reconnects with capped exponential backoff and jitter.
 
+    @param keepalive: seconds between PINGs on an idle-looking connection
+        (C{None}: none), so that a connection that died without a word (a
+        cut network) is noticed within C{keepalive + timeout}.
     @ivar ready: fires on the first successful connect (tests wait on it).
     """
 
@@ -240,8 +244,11 @@ class _Connector(Service):
         timeout: float = 2.0,
         endpoint: Any = None,
         jitter: Callable[[], float] = random.random,
+        keepalive: float | None = None,
     ) -> None:
         self._clock = clock
+        self._keepalive = keepalive
+        self._pinger: LoopingCall | None = None
         self.address = address
         self.timeout = timeout
         self._endpoint = endpoint if endpoint is not None else self._make_endpoint(clock, address, timeout)
@@ -284,6 +291,7 @@ class _Connector(Service):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        self._stop_pinging()
         if self._connecting is not None:
             self._connecting.cancel()
         protocol, self._protocol = self._protocol, None
@@ -339,6 +347,10 @@ class _Connector(Service):
             self._protocol = protocol
             self._attempts = 0
             protocol.closed.addCallback(self._lost, protocol)
+            if self._keepalive is not None:
+                self._pinger = LoopingCall(self._ping, protocol)
+                self._pinger.clock = self._clock
+                self._pinger.start(self._keepalive, now=False)
             first = not self._ever_connected
             self._ever_connected = True
             self.log.info("Connected to Redis at {address}", address=str(self.address))
@@ -367,8 +379,18 @@ class _Connector(Service):
         )
         self._schedule()
 
+    def _ping(self, protocol: RedisProtocol) -> None:
+        # No answer within the timeout aborts the connection (RedisProtocol).
+        protocol.execute("PING").addErrback(lambda failure: None)
+
+    def _stop_pinging(self) -> None:
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self._pinger = None
+
     def _lost(self, _: object, protocol: RedisProtocol) -> None:
         if self._protocol is protocol:
+            self._stop_pinging()
             self._protocol = None
             if self.running:
                 self.log.warn("Lost the connection to Redis at {address}", address=str(self.address))
@@ -453,6 +475,9 @@ class RedisSubscriber(_Connector):
     def __init__(
         self, clock: Any, address: RedisAddress, on_message: Callable[[bytes, bytes, bytes | None], None], **kwargs: Any
     ) -> None:
+        # Only commands reveal a dead connection, and a subscriber may go
+        # long without any: ping it.
+        kwargs.setdefault("keepalive", 5.0)
         super().__init__(clock, address, **kwargs)
         self._on_message = on_message
         self._channels: set[bytes] = set()

@@ -318,6 +318,32 @@ class ConnectorTests(SynchronousTestCase):
         endpoint.protocols[1].dataReceived(b"$40\r\n" + script.sha + b"\r\n")
         self.assertEqual(hooked, [True])
 
+    def test_keepalive(self) -> None:
+        """
+        With a keepalive, an idle connection is pinged; one whose PING goes
+        unanswered is dropped and reconnected, and pinging stops with it.
+        """
+        clock = Clock()
+        endpoint = FakeEndpoint()
+        subscriber = RedisSubscriber(
+            clock, RedisAddress("h"), lambda c, d, p: None, endpoint=endpoint, jitter=lambda: 1.0
+        )
+        subscriber.startService()
+        self.assertTrue(subscriber.connected)
+        clock.advance(5.0)
+        self.assertEqual(endpoint.transports[0].value(), hiredis.pack_command(("PING",)))
+        endpoint.protocols[0].dataReceived(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+        clock.advance(5.0)
+        clock.advance(2.0)  # the second PING goes unanswered
+        self.assertTrue(endpoint.transports[0].disconnecting)
+        endpoint.protocols[0].connectionLost(None)
+        self.assertFalse(subscriber.connected)
+        clock.advance(0.1)
+        self.assertTrue(subscriber.connected)
+        subscriber.stopService()
+        endpoint.protocols[1].connectionLost(None)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_noscript_fallback(self) -> None:
         """
         C{NOSCRIPT} makes L{RedisClient.run} send the script itself.

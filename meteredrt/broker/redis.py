@@ -70,6 +70,7 @@ class RedisBroker:
     def __init__(self, client: RedisClient, node: ClusterNode) -> None:
         self._client = client
         self._node = node
+        self._own = node.origin + b"|"
         self._subscriber: RedisSubscriber | None = None
         self._target: IDeliveryTarget | None = None
         self._dedupe = Deduplicator()
@@ -82,8 +83,14 @@ class RedisBroker:
         Use C{subscriber} and listen on this node's inbox.
         """
         self._subscriber = subscriber
-        subscriber.on_reconnected(self._dedupe.reset)
+        subscriber.on_reconnected(self._reconnected)
         return self._interest(subscriber.subscribe(inbox(self._node.node_id)))
+
+    def _reconnected(self) -> None:
+        self._dedupe.reset()
+        if self._publish_failures:
+            self.log.info("Publishes reach other nodes again ({count} were lost)", count=self._publish_failures)
+        self._publish_failures = 0
 
     def attach(self, target: IDeliveryTarget) -> None:
         self._target = target
@@ -96,7 +103,7 @@ class RedisBroker:
         """
         if not self._dedupe.first(payload):
             return
-        if payload.startswith(self._node.origin + b"|"):
+        if payload.startswith(self._own):
             return  # delivered to this node's connections when it was sent
         try:
             _origin, app_id, envelope = decode(payload)
@@ -166,7 +173,8 @@ class RedisBroker:
         return succeed(None)
 
     def _publish_failed(self, failure: Failure) -> None:
-        failure.trap(RedisUnavailable)
+        # Acked already (at most once): count, and say so once per run of
+        # failures rather than once per message.
         self._publish_failures += 1
         if self._publish_failures == 1:
             self.log.warn("Publishes are not reaching other nodes: {why}", why=failure.getErrorMessage())
