@@ -32,7 +32,8 @@ from meteredrt.auth import Grant, Refusal
 from meteredrt.envelopes import ChannelMessage, DirectMessage, Disconnect, PresenceChange
 from meteredrt.globs import WildcardIndex
 from meteredrt.interfaces import BackendUnavailable, IBroker, IConnectionSink, IDeliveryTarget, IMeter, IPresence
-from meteredrt.membership import Member
+from meteredrt.membership import Joining, Member
+from meteredrt.presenceview import ChannelView
 from meteredrt.protocol import (
     MAX_SUBSCRIPTIONS,
     CloseCode,
@@ -175,6 +176,9 @@ class Hub(Service):
         # (app, channel or pattern, wildcard) -> subscribes waiting for the
         # broker to confirm the node's first watch of it
         self._watches_in_flight: dict[tuple[str, str, bool], list[Deferred[None]]] = {}
+        # (app, channel) -> what this node's subscribers were told of its
+        # members, for every concrete channel with local subscribers
+        self._views: dict[tuple[str, str], ChannelView] = {}
         broker.attach(self)
         presence.attach(self)
 
@@ -408,6 +412,11 @@ class Hub(Service):
                 # The disconnect ended this membership too (see _disconnect).
                 return
             subscription.presence_version = joining.version
+            if joining.version is not None:
+                # The others hear now of what the snapshot shows that they
+                # were not told yet (a delta still on its way, which then
+                # arrives stale).
+                self._catch_up(session.app_id, channel, joining, session.conn_id)
             # Ack, then the snapshot: MeteredPeer drops a snapshot that
             # arrives before the subscribe resolves (§22.1).
             self._ack(session, frame.request_id)
@@ -433,6 +442,8 @@ class Hub(Service):
             local = self._channels.setdefault((app_id, channel), {})
             local[session.conn_id] = session
             first = len(local) == 1
+            if first:
+                self._views[(app_id, channel)] = ChannelView()
         key = (app_id, channel, wildcard)
         if not first:
             # Another subscriber's watch may still be on its way: until the
@@ -489,6 +500,7 @@ class Hub(Service):
         if local:
             return succeed(None)
         del self._channels[(app_id, channel)]
+        del self._views[(app_id, channel)]
         return self._broker.unwatch_channel(app_id, channel)
 
     # -- backend (REST) operations -------------------------------------------
@@ -640,7 +652,40 @@ class Hub(Service):
                     session.sink.send_frame(frame)
         return len(plain) + len(rich)
 
-    def _deliver_presence(self, app_id: str, envelope: PresenceChange) -> int:
+    def _catch_up(self, app_id: str, channel: str, snapshot: Joining, exclude_conn: str | None) -> None:
+        view = self._views.get((app_id, channel))
+        if view is None or snapshot.version is None:
+            return
+        joined, left = view.catch_up(snapshot.members, snapshot.version)
+        if joined or left:
+            change = PresenceChange(channel, joined, left, exclude_conn, snapshot.version)
+            self._deliver_presence(app_id, change, through_view=False)
+
+    def reconcile_presence(self) -> Deferred[None]:
+        """
+        Read the membership of every channel with local subscribers again
+        and tell them what they missed: after an outage, deltas may have
+        been lost, or Redis may have come back empty and been refilled.
+        """
+        return ensureDeferred(self._reconcile_presence())
+
+    async def _reconcile_presence(self) -> None:
+        for app_id, channel in list(self._views):
+            try:
+                snapshot = await self._presence.snapshot(app_id, channel)
+            except BackendUnavailable as e:
+                self.log.warn("Presence not reconciled: {why}", why=str(e))
+                return
+            self._catch_up(app_id, channel, snapshot, None)
+
+    def _deliver_presence(self, app_id: str, envelope: PresenceChange, through_view: bool = True) -> int:
+        if through_view and envelope.version is not None:
+            view = self._views.get((app_id, envelope.channel))
+            if view is not None:
+                accepted = view.accept(envelope)
+                if accepted is None:
+                    return 0
+                envelope = accepted
         frame: OutboundFrame | None = None
         count = 0
         for conn_id, session in self._channels.get((app_id, envelope.channel), {}).items():

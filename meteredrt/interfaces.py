@@ -241,6 +241,12 @@ class IPresence(Interface):
         by join time.
         """
 
+    def snapshot(app_id: str, channel: str) -> Deferred[Joining]:
+        """
+        Fires with the channel's members and the membership version they
+        show, read in one step (a L{Joining} whose C{first} is C{False}).
+        """
+
     def add_connection(app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         """
         Record a live connection of a peer (the direct-message directory).

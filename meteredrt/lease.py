@@ -28,13 +28,14 @@ from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from meteredrt import redisscripts
 from meteredrt.clusterwire import EVERYONE, ClusterNode
 from meteredrt.presence.redis import RedisPresence
-from meteredrt.redisclient import RedisClient, RedisUnavailable
+from meteredrt.redisclient import RedisClient, RedisSubscriber, RedisUnavailable
 
 
 class NodeLease(Service):
@@ -67,6 +68,7 @@ class NodeLease(Service):
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock  # type: ignore[assignment]
         self._resynced_once = False
+        self._reconcile_call: IDelayedCall | None = None
         for script in (redisscripts.TICK, redisscripts.REAP):
             client.register(script)
         client.on_reconnected(self._reconnected)
@@ -78,8 +80,29 @@ class NodeLease(Service):
         # command connection ahead of any connection's registration.
         self._client.ready.addCallback(lambda _: self.tick() if self.running else None)
 
+    def reconcile_after_outage(self, subscriber: RedisSubscriber, reconcile: Callable[[], Deferred[None]]) -> None:
+        """
+        One lease after C{subscriber} comes back (by then every node has
+        registered its connections again, should Redis have come back
+        empty), call C{reconcile} to tell this node's subscribers what they
+        missed (L{meteredrt.hub.Hub.reconcile_presence}).
+        """
+
+        def later() -> None:
+            if self._reconcile_call is None or not self._reconcile_call.active():
+                self._reconcile_call = self._clock.callLater(self.lease_seconds, run)  # type: ignore[attr-defined]
+
+        def run() -> None:
+            self._reconcile_call = None
+            reconcile().addErrback(lambda f: self.log.failure("Reconciling presence failed", f))
+
+        subscriber.on_reconnected(later)
+
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self._reconcile_call is not None and self._reconcile_call.active():
+            self._reconcile_call.cancel()
+        self._reconcile_call = None
         if self._loop.running:
             self._loop.stop()
         if not self._client.connected:

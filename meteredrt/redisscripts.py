@@ -8,7 +8,7 @@ Cluster would not: meteredrt needs one Redis server, or a primary with
 replicas).
 
   - L{JOIN}: add a membership, announce C{joined} if new, return the
-    snapshot and version (presence).
+    snapshot and version (presence); L{SNAPSHOT}: the same read alone.
   - L{LEAVE}: end one membership, announce C{left} if it was the last.
   - L{CONNECT}, L{DISCONNECT}: register a connection; end all of one's
     memberships and registrations.
@@ -92,6 +92,13 @@ JOIN = Script(
     + """
 local first, version = join(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return {first, version, redis.call('HGETALL', 'mrt:' .. ARGV[1] .. ':m:' .. ARGV[2])}
+"""
+)
+
+#: ARGV: app, channel. Returns {version, HGETALL of the members hash}.
+SNAPSHOT = Script(
+    """
+return {tonumber(redis.call('GET', 'mrt:version') or '0'), redis.call('HGETALL', 'mrt:' .. ARGV[1] .. ':m:' .. ARGV[2])}
 """
 )
 
@@ -258,4 +265,4 @@ return apps
 )
 
 #: Every script, for L{meteredrt.redisclient.RedisClient.register}.
-ALL = (JOIN, LEAVE, CONNECT, DISCONNECT, DIRECT, RESYNC, TICK, REAP)
+ALL = (JOIN, SNAPSHOT, LEAVE, CONNECT, DISCONNECT, DIRECT, RESYNC, TICK, REAP)

@@ -244,9 +244,12 @@ def _cluster_hub(cluster: ClusterConfig, meter: Meter, keys: SQLiteKeyStore, rea
     subscriber.setServiceParent(top)
     # The meter counts per node for now: a reaped node's connections have
     # nothing to release here.
-    NodeLease(reactor, client, presence, node, cluster.lease_seconds).setServiceParent(top)
+    lease = NodeLease(reactor, client, presence, node, cluster.lease_seconds)
+    lease.setServiceParent(top)
     Logger().info("Cluster node {node} on Redis at {address}", node=node.node_id, address=str(address))
-    return Hub(broker, presence, meter, keys.app, node_id=node.node_id)
+    hub = Hub(broker, presence, meter, keys.app, node_id=node.node_id)
+    lease.reconcile_after_outage(subscriber, hub.reconcile_presence)
+    return hub
 
 
 def makeService(options: Options | dict, reactor: Any = None) -> IService:

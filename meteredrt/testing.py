@@ -307,6 +307,9 @@ class HeldPresence:
     def members(self, app_id: str, channel: str) -> Deferred[list[Member]]:
         return self._answers.hold("members", self._presence.members(app_id, channel))
 
+    def snapshot(self, app_id: str, channel: str) -> Deferred[Joining]:
+        return self._answers.hold("snapshot", self._presence.snapshot(app_id, channel))
+
     def add_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         return self._answers.hold("add_connection", self._presence.add_connection(app_id, peer_id, conn_id))
 

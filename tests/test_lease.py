@@ -54,6 +54,7 @@ class Node:
         self.lease = NodeLease(reactor, self.client, self.presence, self.identity, LEASE, self.reaped.append)
         meter = Meter(Clock(), UsageStore(case.mktemp(), MemoryReactorClock()))
         self.hub = Hub(self.broker, self.presence, meter, apps.get, node_id=self.identity.node_id)
+        self.lease.reconcile_after_outage(self.subscriber, self.hub.reconcile_presence)
         self.services = [self.client, self.subscriber, self.lease]
         for service in self.services:
             case.addCleanup(self._stop, service)
@@ -213,8 +214,12 @@ class ReaperTests(TestCase):
         remote, heard_remote = await two.connect("r")
         await two.request(remote, type="subscribe", channel="room")
         sender, sent = await one.connect("s")
+        leaving, _ = await one.connect("x")
+        await one.request(leaving, type="subscribe", channel="room")
+        await eventually(self, lambda: deltas(heard_remote) == [(["l"], []), (["x"], [])], 2)
         await server.kill()
         await eventually(self, lambda: not one.client.connected, 3)
+        await one.hub.disconnect(leaving)  # its left cannot reach Redis now
         await one.request(sender, type="publish", channel="room", data="during", requestId="p")
         await one.request(sender, type="send", to="r", data="x", requestId="d")
         await one.request(sender, type="send", to="l", data="near", requestId="d-local")
@@ -240,3 +245,10 @@ class ReaperTests(TestCase):
         await eventually(self, lambda: "after" in [m["data"] for m in heard_remote.of_type("message")], 3)
         self.assertEqual(heard_remote.of_type("direct")[-1]["data"], "y")
         self.assertEqual(heard_local.closes + heard_remote.closes, [])
+        # Within a lease of the return, subscribers on both nodes hear the
+        # left they missed, and nobody hears a joined twice.
+        expected = [(["l"], []), (["x"], []), ([], ["x"])]  # the snapshot, then deltas
+        await eventually(self, lambda: deltas(heard_remote) == expected, 2 * LEASE + 2)
+        await deferLater(reactor, LEASE, lambda: None)
+        self.assertEqual(deltas(heard_remote), expected)
+        self.assertEqual(deltas(heard_local), [(["r"], []), (["x"], []), ([], ["x"])])

@@ -93,6 +93,10 @@ class MemoryPresence:
         members = self._channels.get((app_id, channel), {})
         return succeed([Member(peer_id, m.metadata) for peer_id, m in members.items()])
 
+    def snapshot(self, app_id: str, channel: str) -> Deferred[Joining]:
+        members = self._channels.get((app_id, channel), {})
+        return succeed(Joining(False, tuple(Member(peer_id, m.metadata) for peer_id, m in members.items())))
+
     def add_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         self._peers.setdefault((app_id, peer_id), set()).add(conn_id)
         return succeed(None)

@@ -135,6 +135,13 @@ class RedisPresence:
     def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
         return Deferred.fromCoroutine(self._remove_member(app_id, channel, peer_id, conn_id))
 
+    async def _snapshot(self, app_id: str, channel: str) -> Joining:
+        version, flat = await self._run(redisscripts.SNAPSHOT, app_id, channel)
+        return Joining(False, _members(flat), version)
+
+    def snapshot(self, app_id: str, channel: str) -> Deferred[Joining]:
+        return Deferred.fromCoroutine(self._snapshot(app_id, channel))
+
     async def _members_of(self, app_id: str, channel: str) -> list[Member]:
         try:
             flat = await self._client.execute("HGETALL", f"mrt:{app_id}:m:{channel}")
