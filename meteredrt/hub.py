@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, FirstError, ensureDeferred, fail, gatherResults, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -661,6 +661,9 @@ class Hub(Service):
             change = PresenceChange(channel, joined, left, exclude_conn, snapshot.version)
             self._deliver_presence(app_id, change, through_view=False)
 
+    def _caught_up(self, snapshot: Joining, app_id: str, channel: str) -> None:
+        self._catch_up(app_id, channel, snapshot, None)
+
     def reconcile_presence(self) -> Deferred[None]:
         """
         Read the membership of every channel with local subscribers again
@@ -670,13 +673,15 @@ class Hub(Service):
         return ensureDeferred(self._reconcile_presence())
 
     async def _reconcile_presence(self) -> None:
+        # All reads at once (pipelined), each applied as it answers.
+        reads = []
         for app_id, channel in list(self._views):
-            try:
-                snapshot = await self._presence.snapshot(app_id, channel)
-            except BackendUnavailable as e:
-                self.log.warn("Presence not reconciled: {why}", why=str(e))
-                return
-            self._catch_up(app_id, channel, snapshot, None)
+            read = self._presence.snapshot(app_id, channel)
+            reads.append(read.addCallback(self._caught_up, app_id, channel))
+        try:
+            await gatherResults(reads, consumeErrors=True)
+        except FirstError as e:
+            self.log.warn("Presence not fully reconciled: {why}", why=str(e.subFailure.value))
 
     def _deliver_presence(self, app_id: str, envelope: PresenceChange, through_view: bool = True) -> int:
         if through_view and envelope.version is not None:
