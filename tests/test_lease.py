@@ -216,10 +216,14 @@ class ReaperTests(TestCase):
         sender, sent = await one.connect("s")
         leaving, _ = await one.connect("x")
         await one.request(leaving, type="subscribe", channel="room")
-        await eventually(self, lambda: deltas(heard_remote) == [(["l"], []), (["x"], [])], 2)
+        quitting, quit_sink = await one.connect("y")
+        await one.request(quitting, type="subscribe", channel="room")
+        await eventually(self, lambda: deltas(heard_remote) == [(["l"], []), (["x"], []), (["y"], [])], 2)
         await server.kill()
         await eventually(self, lambda: not one.client.connected, 3)
         await one.hub.disconnect(leaving)  # its left cannot reach Redis now
+        await one.request(quitting, type="unsubscribe", channel="room", requestId="u")
+        self.assertEqual(quit_sink.decoded[-1], {"type": "ack", "requestId": "u"})  # done here
         await one.request(sender, type="publish", channel="room", data="during", requestId="p")
         await one.request(sender, type="send", to="r", data="x", requestId="d")
         await one.request(sender, type="send", to="l", data="near", requestId="d-local")
@@ -247,8 +251,9 @@ class ReaperTests(TestCase):
         self.assertEqual(heard_local.closes + heard_remote.closes, [])
         # Within a lease of the return, subscribers on both nodes hear the
         # left they missed, and nobody hears a joined twice.
-        expected = [(["l"], []), (["x"], []), ([], ["x"])]  # the snapshot, then deltas
+        expected = [(["l"], []), (["x"], []), (["y"], []), ([], ["x", "y"])]  # the snapshot, then deltas
         await eventually(self, lambda: deltas(heard_remote) == expected, 2 * LEASE + 2)
         await deferLater(reactor, LEASE, lambda: None)
         self.assertEqual(deltas(heard_remote), expected)
-        self.assertEqual(deltas(heard_local), [(["r"], []), (["x"], []), ([], ["x"])])
+        self.assertEqual(deltas(heard_local), [(["r"], []), (["x"], []), (["y"], []), ([], ["x", "y"])])
+        self.assertEqual(sorted(m.peer_id for m in await two.hub.members("app_1", "room")), ["l", "r"])

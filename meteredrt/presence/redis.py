@@ -98,12 +98,18 @@ class RedisPresence:
         self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None
     ) -> Joining:
         local = self._connections.get(conn_id)
+        new = local is not None and channel not in local.channels
         if local is not None:
             local.channels.add(channel)
             local.metadata = _json(metadata)
-        first, version, flat = await self._run(
-            redisscripts.JOIN, app_id, channel, peer_id, conn_id, _json(metadata), self._node.prefix()
-        )
+        try:
+            first, version, flat = await self._run(
+                redisscripts.JOIN, app_id, channel, peer_id, conn_id, _json(metadata), self._node.prefix()
+            )
+        except BackendUnavailable:
+            if new and local is not None:
+                local.channels.discard(channel)  # the hub refuses the subscribe
+            raise
         if first:
             joined = (presence_entry(peer_id, metadata),)
             self._announce(app_id, PresenceChange(channel, joined, (), conn_id, version))
@@ -129,7 +135,14 @@ class RedisPresence:
         local = self._connections.get(conn_id)
         if local is not None:
             local.channels.discard(channel)
-        flat = await self._run(redisscripts.LEAVE, app_id, channel, peer_id, conn_id, self._node.prefix())
+        try:
+            flat = await self._client.run(
+                redisscripts.LEAVE, (), (app_id, channel, peer_id, conn_id, self._node.prefix())
+            )
+        except RedisUnavailable:
+            # Done here; Redis forgets the membership when it is back (resync)
+            # and the others hear the left then (the hub's reconcile).
+            return None
         return self._announce_lefts(app_id, peer_id, flat)
 
     def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
