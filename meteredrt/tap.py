@@ -2,8 +2,9 @@
 The composition root: C{twistd meteredrt} options and L{makeService}.
 
 This is the only module that picks implementations (SQLite key store,
-in-memory broker and presence, SQLite-backed meter, treq TURN client) and
-the only one that may import the global reactor.
+in-memory broker and presence or, with C{[cluster]}/C{--redis}, the Redis
+ones with the node lease, SQLite-backed meter, treq TURN client) and the
+only one that may import the global reactor.
 """
 
 from __future__ import annotations
