@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from meteredrt import redisscripts
 from meteredrt.clusterwire import EVERYONE, ClusterNode
 from meteredrt.presence.redis import RedisPresence
-from meteredrt.redisclient import RedisClient, RedisSubscriber, RedisUnavailable
+from meteredrt.redisclient import BACKOFF_CAP, RedisClient, RedisSubscriber, RedisUnavailable
 
 
 class NodeLease(Service):
@@ -82,15 +82,19 @@ class NodeLease(Service):
 
     def reconcile_after_outage(self, subscriber: RedisSubscriber, reconcile: Callable[[], Deferred[None]]) -> None:
         """
-        One lease after C{subscriber} comes back (by then every node has
-        registered its connections again, should Redis have come back
-        empty), call C{reconcile} to tell this node's subscribers what they
-        missed (L{meteredrt.hub.Hub.reconcile_presence}).
+        When C{subscriber} comes back, call C{reconcile} to tell this
+        node's subscribers what they missed
+        (L{meteredrt.hub.Hub.reconcile_presence}), but only once every live
+        node has had time to register its connections again, should Redis
+        have come back empty: the longest reconnect delay
+        (L{BACKOFF_CAP}) plus one lease. Sooner, a node still reconnecting
+        would look gone and its peers would be announced as left.
         """
+        delay = BACKOFF_CAP + self.lease_seconds
 
         def later() -> None:
             if self._reconcile_call is None or not self._reconcile_call.active():
-                self._reconcile_call = self._clock.callLater(self.lease_seconds, run)  # type: ignore[attr-defined]
+                self._reconcile_call = self._clock.callLater(delay, run)  # type: ignore[attr-defined]
 
         def run() -> None:
             self._reconcile_call = None

@@ -29,7 +29,7 @@ from meteredrt.lease import NodeLease
 from meteredrt.metering import Meter
 from meteredrt.presence.redis import RedisPresence
 from meteredrt.protocol import parse_frame
-from meteredrt.redisclient import RedisClient, RedisSubscriber, parse_redis_url
+from meteredrt.redisclient import BACKOFF_CAP, RedisClient, RedisSubscriber, parse_redis_url
 from meteredrt.testing import RecordingSink
 from meteredrt.usagestore import UsageStore
 from tests.servers import RedisServer
@@ -249,10 +249,11 @@ class ReaperTests(TestCase):
         await eventually(self, lambda: "after" in [m["data"] for m in heard_remote.of_type("message")], 3)
         self.assertEqual(heard_remote.of_type("direct")[-1]["data"], "y")
         self.assertEqual(heard_local.closes + heard_remote.closes, [])
-        # Within a lease of the return, subscribers on both nodes hear the
-        # left they missed, and nobody hears a joined twice.
+        # Once every node could have reconnected (the backoff cap) and a
+        # lease more, subscribers on both nodes hear the left they missed,
+        # and nobody hears a joined twice.
         expected = [(["l"], []), (["x"], []), (["y"], []), ([], ["x", "y"])]  # the snapshot, then deltas
-        await eventually(self, lambda: deltas(heard_remote) == expected, 2 * LEASE + 2)
+        await eventually(self, lambda: deltas(heard_remote) == expected, BACKOFF_CAP + LEASE + 2)
         await deferLater(reactor, LEASE, lambda: None)
         self.assertEqual(deltas(heard_remote), expected)
         self.assertEqual(deltas(heard_local), [(["r"], []), (["x"], []), (["y"], []), ([], ["x", "y"])])
