@@ -106,11 +106,13 @@ class RedisProtocol(Protocol):
     One connection to Redis: pipelined commands, replies in order.
 
     Replies that answer no command (pub/sub messages) go to C{on_push}
-    when it is set. One watchdog timer watches the oldest command in
-    flight (all share one timeout, so it has the earliest deadline): when
-    it is late, every call in flight fails with L{RedisUnavailable} and the
-    connection is aborted, since a reply that comes later could no longer
-    be matched to its command.
+    when it is set. One watchdog timer watches the connection: when calls
+    wait and Redis has sent nothing for the timeout (counted from the last
+    bytes received, or from the oldest call if it was sent later), every
+    call in flight fails with L{RedisUnavailable} and the connection is
+    aborted, since a reply that comes later could no longer be matched to
+    its command. A long pipeline whose replies keep coming is not cut: Redis
+    is alive and answering in order, and the wait is this node's own.
     """
 
     log = Logger()
@@ -126,6 +128,7 @@ class RedisProtocol(Protocol):
         self._reader = hiredis.Reader(replyError=RedisError)
         self._pending: deque[_Pending] = deque()
         self._watchdog: IDelayedCall | None = None
+        self._last_reply = 0.0
         self._lost: str | None = None
         self.on_push = on_push
         self.closed: Deferred[None] = Deferred()
@@ -158,6 +161,9 @@ class RedisProtocol(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        # Anything from Redis (replies, or pub/sub messages ahead of a
+        # PING's answer) shows it is alive.
+        self._last_reply = self._clock.seconds()
         reader = self._reader
         reader.feed(data)
         while True:
@@ -192,7 +198,8 @@ class RedisProtocol(Protocol):
         self._watchdog = None
         if not self._pending:
             return
-        late = self._pending[0].deadline - self._clock.seconds()
+        due = max(self._pending[0].deadline, self._last_reply + self._timeout)
+        late = due - self._clock.seconds()
         if late <= 0:
             self.abort(f"Redis did not answer within {self._timeout:g} s")
         else:

@@ -148,6 +148,25 @@ class RedisProtocolTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.failureResultOf(protocol.execute("PING"), RedisUnavailable)
 
+    def test_answering_pipeline_not_cut(self) -> None:
+        """
+        Calls that wait longer than the timeout behind a pipeline whose
+        replies keep coming do not fail: only silence does.
+        """
+        clock = Clock()
+        protocol, transport = connected_protocol(clock, timeout=2.0)
+        calls = [protocol.execute("PING") for _ in range(5)]
+        for call in calls[:4]:
+            clock.advance(1.5)
+            protocol.dataReceived(b"+PONG\r\n")
+            self.assertEqual(self.successResultOf(call), b"PONG")
+        self.assertNoResult(calls[4])  # sent 6 s ago, but Redis answers
+        clock.advance(1.9)
+        self.assertNoResult(calls[4])
+        clock.advance(0.2)
+        self.failureResultOf(calls[4], RedisUnavailable)
+        self.assertTrue(transport.disconnecting)
+
     def test_in_flight_bound(self) -> None:
         """
         Past L{MAX_IN_FLIGHT} unanswered commands, more fail at once and

@@ -58,7 +58,8 @@ def _members(flat: list[bytes]) -> tuple[Member, ...]:
     rows = []
     for i in range(0, len(flat), 2):
         version, _, metadata = flat[i + 1].partition(b"|")
-        rows.append((int(version), flat[i].decode(), json.loads(metadata)))
+        # Most peers have no metadata: skip the JSON parser for them.
+        rows.append((int(version), flat[i].decode(), None if metadata == b"null" else json.loads(metadata)))
     rows.sort(key=lambda row: row[0])
     return tuple(Member(peer, metadata) for _, peer, metadata in rows)
 
