@@ -13,7 +13,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from meteredrt.redisclient import (
@@ -362,6 +363,20 @@ class ConnectorTests(SynchronousTestCase):
         subscriber.stopService()
         endpoint.protocols[1].connectionLost(None)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_tls(self) -> None:
+        """
+        C{rediss://} connects through TLS to the URL's host and port;
+        C{redis://} does not.
+        """
+        reactor = MemoryReactorClock()
+        for url, tls in (("rediss://example.com:6380/0", True), ("redis://example.com:6380/0", False)):
+            client = RedisClient(reactor, parse_redis_url(url))
+            client.startService()
+            _, port, factory, _, _ = reactor.tcpClients[-1]
+            self.assertEqual(port, 6380)
+            self.assertEqual(isinstance(factory._wrappedFactory, TLSMemoryBIOFactory), tls, url)
+            client.stopService()
 
     def test_noscript_fallback(self) -> None:
         """
