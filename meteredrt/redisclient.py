@@ -236,6 +236,9 @@ class _Connector(Service):
     Keeps one L{RedisProtocol} connected: logs in, then hands over to
     L{_prepare}; reconnects with capped exponential backoff and jitter.
 
+    @param tls: the client TLS options for C{rediss://}
+        (C{optionsForClientTLS}); by default the URL's host is verified
+        against the platform's trust roots.
     @param keepalive: seconds between PINGs on an idle-looking connection
         (C{None}: none), so that a connection that died without a word (a
         cut network) is noticed within C{keepalive + timeout}.
@@ -252,13 +255,16 @@ class _Connector(Service):
         endpoint: Any = None,
         jitter: Callable[[], float] = random.random,
         keepalive: float | None = None,
+        tls: Any = None,
     ) -> None:
         self._clock = clock
         self._keepalive = keepalive
         self._pinger: LoopingCall | None = None
         self.address = address
         self.timeout = timeout
-        self._endpoint = endpoint if endpoint is not None else self._make_endpoint(clock, address, timeout)
+        if endpoint is None:
+            endpoint = self._make_endpoint(clock, address, timeout, tls)
+        self._endpoint = endpoint
         self._jitter = jitter
         self._protocol: RedisProtocol | None = None
         self._attempts = 0
@@ -269,10 +275,12 @@ class _Connector(Service):
         self.ready: Deferred[None] = Deferred()
 
     @staticmethod
-    def _make_endpoint(reactor: Any, address: RedisAddress, timeout: float) -> Any:
+    def _make_endpoint(reactor: Any, address: RedisAddress, timeout: float, tls: Any) -> Any:
         endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
         if address.tls:
-            return wrapClientTLS(optionsForClientTLS(address.host), endpoint)
+            # By default the platform's trust roots (OpenSSL honours
+            # SSL_CERT_FILE) and the URL's host name are verified.
+            return wrapClientTLS(tls if tls is not None else optionsForClientTLS(address.host), endpoint)
         return endpoint
 
     @property

@@ -6,12 +6,15 @@ and against a real C{redis-server}.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import hiredis
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -29,7 +32,7 @@ from meteredrt.redisclient import (
     Script,
     parse_redis_url,
 )
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port, redis_binary
 
 
 class ParseRedisUrlTests(SynchronousTestCase):
@@ -479,3 +482,115 @@ class RealRedisTests(TestCase):
         await deferLater(reactor, 0.3, lambda: None)
         self.assertFalse(wrong.connected)
         self.assertNoResult(wrong.ready)
+
+
+def make_certificates(directory: str) -> bytes:
+    """
+    Write a CA and a server key and certificate for C{localhost} signed by
+    it into C{directory}; return the CA certificate (PEM).
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meteredrt test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_pem = ca.public_bytes(pem)
+    for name, data in (
+        ("ca.pem", ca_pem),
+        ("server.pem", cert.public_bytes(pem)),
+        (
+            "server.key",
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        ),
+    ):
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+    return ca_pem
+
+
+class _Exits(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+class TlsTests(TestCase):
+    """
+    C{rediss://} against a real C{redis-server} serving TLS only.
+    """
+
+    async def test_rediss(self) -> None:
+        """
+        The client verifies the server against the given CA and the URL's
+        host, then works as over TCP; a client that does not trust the CA
+        never connects.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        ca_pem = make_certificates(directory)
+        port = free_port()
+        exits = _Exits()
+        process = reactor.spawnProcess(
+            exits,
+            redis_binary(),
+            [
+                "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                "--tls-cert-file", "server.pem", "--tls-key-file", "server.key",
+                "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no",
+                "--save", "", "--appendonly", "no", "--dir", directory,
+            ],
+            path=directory,
+        )  # fmt: skip
+
+        async def stop() -> None:
+            try:
+                process.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+            await exits.ended
+
+        self.addCleanup(stop)
+        trusted = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(ca_pem))
+        client = RedisClient(reactor, parse_redis_url(f"rediss://localhost:{port}/0"), timeout=5.0, tls=trusted)
+        client.startService()
+        self.addCleanup(client.stopService)
+        await client.ready.addTimeout(15, reactor)
+        self.assertEqual(await client.execute("SET", "k", "v"), b"OK")
+        self.assertEqual(await client.execute("GET", "k"), b"v")
+        doubter = RedisClient(reactor, parse_redis_url(f"rediss://localhost:{port}/0"), timeout=5.0)
+        doubter.startService()
+        self.addCleanup(doubter.stopService)
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(doubter.connected)
+        self.flushLoggedErrors()
