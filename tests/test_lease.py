@@ -16,11 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from meteredrt import redisscripts
 from meteredrt.apps import App
 from meteredrt.broker.redis import RedisBroker
 from meteredrt.clusterwire import ClusterNode
@@ -258,3 +259,108 @@ class ReaperTests(TestCase):
         self.assertEqual(deltas(heard_remote), expected)
         self.assertEqual(deltas(heard_local), [(["r"], []), (["x"], []), (["y"], []), ([], ["x", "y"])])
         self.assertEqual(sorted(m.peer_id for m in await two.hub.members("app_1", "room")), ["l", "r"])
+
+
+class _ScriptedClient:
+    """
+    Stands in for the Redis client in timing tests: answers every script
+    with the next scripted reply and records the calls.
+    """
+
+    def __init__(self) -> None:
+        self.ready: Deferred[None] = Deferred()
+        self.connected = True
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+        self.hooks: list[Callable[[], object]] = []
+        self.replies: list[Any] = []
+
+    def register(self, script: Any) -> Any:
+        return script
+
+    def on_reconnected(self, hook: Callable[[], object]) -> None:
+        self.hooks.append(hook)
+
+    def run(self, script: Any, keys: Any = (), args: Any = ()) -> Deferred[Any]:
+        self.calls.append((script, tuple(args)))
+        return succeed(self.replies.pop(0) if self.replies else [1, []])
+
+    def execute(self, *args: Any) -> Deferred[Any]:
+        self.calls.append(("execute", args))
+        return succeed(1)
+
+
+class _Subscriber:
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], object]] = []
+
+    def on_reconnected(self, hook: Callable[[], object]) -> None:
+        self.hooks.append(hook)
+
+
+class LeaseTimingTests(SynchronousTestCase):
+    """
+    L{NodeLease}'s timers, on a fake clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.client = _ScriptedClient()
+        self.presence = RedisPresence(self.client, ClusterNode("n", "x"))  # type: ignore[arg-type]
+        self.lease = NodeLease(self.clock, self.client, self.presence, ClusterNode("n", "x"), 6.0)  # type: ignore[arg-type]
+
+    def scripts(self) -> list[Any]:
+        return [script for script, _ in self.client.calls]
+
+    def test_renews_every_third(self) -> None:
+        """
+        The lease is taken as soon as Redis answers and renewed every
+        lease / 3, for the lease's length in milliseconds; a stop retires
+        it and leaves no timer.
+        """
+        self.lease.startService()
+        self.assertEqual(self.scripts(), [])
+        self.client.ready.callback(None)
+        self.assertEqual(self.client.calls, [(redisscripts.TICK, ("n.x", 6000))])
+        self.clock.advance(2.0)
+        self.clock.advance(2.0)
+        self.assertEqual(self.scripts(), [redisscripts.TICK] * 3)
+        self.lease.stopService()
+        self.assertEqual(self.scripts()[-2:], ["execute", redisscripts.REAP])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_reaps_and_resyncs(self) -> None:
+        """
+        Each lapsed node is reaped, and the hook hears what it held; a
+        fenced renewal resynchronizes.
+        """
+        reaped: list[dict[str, int]] = []
+        self.lease._on_reaped = reaped.append
+        self.client.replies = [[1, [b"dead.1"]], [b"app_1", b"app_1", b"app_2"], [2, []], 0]
+        self.successResultOf(self.lease.tick())
+        self.assertEqual(reaped, [{"app_1": 2, "app_2": 1}])
+        self.successResultOf(self.lease.tick())
+        self.assertEqual(self.scripts(), [redisscripts.TICK, redisscripts.REAP, redisscripts.TICK, redisscripts.RESYNC])
+
+    def test_reconcile_after_outage(self) -> None:
+        """
+        The reconcile runs once, the longest reconnect delay plus a lease
+        after the subscriber returns; a stop cancels it.
+        """
+        subscriber = _Subscriber()
+        reconciled: list[bool] = []
+
+        def reconcile() -> Deferred[None]:
+            reconciled.append(True)
+            return succeed(None)
+
+        self.lease.reconcile_after_outage(subscriber, reconcile)  # type: ignore[arg-type]
+        self.lease.startService()
+        subscriber.hooks[0]()
+        subscriber.hooks[0]()
+        self.clock.advance(BACKOFF_CAP + 6.0 - 0.1)
+        self.assertEqual(reconciled, [])
+        self.clock.advance(0.1)
+        self.assertEqual(reconciled, [True])
+        subscriber.hooks[0]()
+        self.lease.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
