@@ -43,7 +43,7 @@ class WorkersTests(TestCase):
         Start the server with three workers; fires once all listen, with
         the first and the process ids of all three.
         """
-        cluster = await start_cluster(self, nodes=0)
+        self.cluster = cluster = await start_cluster(self, nodes=0)
         node = await cluster.add_node("ws", extra=f"[server]\nworkers = {WORKERS}\n")
         await wait_until(
             lambda: len(LISTENING.findall(node.child.output)) == WORKERS, 60, "every worker listens"
@@ -88,6 +88,9 @@ class WorkersTests(TestCase):
         # Publishers do not hear their own messages.
         await gatherResults([client.received(1) for client in clients[1:]]).addTimeout(10, reactor)
         self.assertEqual([client.messages for client in clients], [0] + [1] * (CLIENTS - 1))
+        # Registered under their own names, ws-1 .. ws-3 (plus an incarnation suffix).
+        registered = await self.cluster.redis.command("SMEMBERS", "mrt:nodes")
+        self.assertEqual(sorted(n.decode().rsplit(".", 1)[0] for n in registered), ["ws-1", "ws-2", "ws-3"])
 
     async def test_sigterm_stops_all(self) -> None:
         """
@@ -103,6 +106,28 @@ class WorkersTests(TestCase):
         codes = await gatherResults([client.closed for client in clients]).addTimeout(5, reactor)
         self.assertEqual(set(codes), {1001}, codes)
         self.assertEqual(node.child.text.count("Server Shut Down."), WORKERS)
+
+    async def test_drain_one(self) -> None:
+        """
+        SIGTERM to one worker drains its connections only (going away,
+        1001); the others keep theirs and take the reconnecting clients.
+        """
+        node, pids = await self.start()
+        clients = await self.connect(node, CLIENTS)
+        served = [serving_pid(pids, node.port, client.transport.getHost().port) for client in clients]
+        os.kill(pids[1], 15)
+        drained = [c for c, pid in zip(clients, served, strict=True) if pid == pids[1]]
+        kept = [c for c, pid in zip(clients, served, strict=True) if pid != pids[1]]
+        self.assertTrue(drained and kept, served)
+        codes = await gatherResults([c.closed for c in drained]).addTimeout(15, reactor)
+        self.assertEqual(set(codes), {1001})
+        await wait_until(lambda: not alive(pids[1]), 15, "the drained worker exits")
+        self.assertEqual([c.closed.called for c in kept], [False] * len(kept))
+        again = await self.connect(node, len(drained))
+        self.assertEqual(
+            {serving_pid(pids, node.port, c.transport.getHost().port) for c in again} - {pids[0], pids[2]}, set()
+        )
+        self.assertTrue(alive(pids[0]) and alive(pids[2]))
 
     async def test_first_killed(self) -> None:
         """
