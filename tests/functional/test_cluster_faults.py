@@ -157,6 +157,40 @@ class FaultTests(TestCase):
         answer = await self.p3.send("p2", "link is back").addTimeout(10, reactor)
         self.assertEqual(answer["type"], "ack", answer)
 
+    async def test_blackholed_from_redis(self) -> None:
+        """
+        node-3's link to Redis goes silent (packets dropped, nothing reset):
+        a send that needs Redis still answers backend_error within the
+        client's deadline instead of hanging, the others reap node-3, and it
+        registers again once the link is back.
+        """
+        cluster = await self.setUpCluster(proxied=(2,))
+        proxy = cluster[2].proxy
+        assert proxy is not None
+        await proxy.cut(blackhole=True)
+        answer = await self.p3.send("p2", "into the void").addTimeout(10, reactor)
+        self.assertEqual((answer["type"], answer.get("code")), ("error", "backend_error"), answer)
+        await self.assert_reaped(lost={"p3"}, kept={"p2", "multi"})
+        self.assert_open(self.peers)
+        await proxy.restore()
+        await wait_until(lambda: self.w.joins(ROOM, "p3") == 2, REAP_BOUND + 5, "w sees p3 join again")
+        await self.assert_membership([0, 1, 2], {"w", "p2", "p3", "multi"}, LEASE_SECONDS + SLACK, "p3 is back")
+
+    async def test_node_dies_while_redis_is_down(self) -> None:
+        """
+        node-3 dies while Redis is down, and Redis comes back empty: nobody
+        holds the dead node's state any more, yet the survivors' clients
+        must not keep a ghost: p3 leaves once, multi (still on node-2) not.
+        """
+        cluster = await self.setUpCluster()
+        await cluster.redis.kill()
+        await cluster[2].kill()
+        await cluster.redis.restart()
+        await self.assert_membership([0, 1], {"w", "p2", "multi"}, 5 + LEASE_SECONDS + SLACK, "REST has no ghost")
+        await wait_until(lambda: self.w.lefts(ROOM, "p3") == 1, 5 + 3 * LEASE_SECONDS + SLACK, "w sees p3 leave")
+        await sleep(LEASE_SECONDS * 1.5)
+        self.assertEqual((self.w.lefts(ROOM, "p3"), self.w.lefts(ROOM, "multi"), self.w.lefts(ROOM, "p2")), (1, 0, 0))
+
     async def test_redis_restarted_empty_under_traffic(self) -> None:
         """
         Redis killed and restarted empty while p2 publishes: no WebSocket
