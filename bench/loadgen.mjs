@@ -10,6 +10,11 @@
 //   {"event":"holding"}    (idle) connections are open; waits for "close"
 // Every phase has a deadline, and the whole process exits by itself after
 // settings.hardTimeoutS whatever happens.
+//
+// With settings.urls (a cluster: one URL per node) connection i of a group
+// goes to urls[(i + offset) % urls.length]; the fan-out's subscribers are
+// spread over every node, its publishers sit on the first one, and each
+// ping-pong pair has its two ends on two different nodes.
 
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
@@ -48,11 +53,17 @@ function nextCommand() {
 
 const errors = { closes: 0, errorFrames: 0, firstError: null };
 
+// The server URL of connection i of a group (see the header).
+function urlFor(i, offset = 0) {
+  const urls = settings.urls ?? [settings.url];
+  return urls[(i + offset) % urls.length];
+}
+
 // Open one connection and resolve when its welcome arrives.
-function connect(token, onFrame) {
+function connect(token, onFrame, url = settings.url) {
   return new Promise((resolve, reject) => {
     const started = now();
-    const ws = new WebSocket(`${settings.url}/v1?token=${token}`, { perMessageDeflate: false });
+    const ws = new WebSocket(`${url}/v1?token=${token}`, { perMessageDeflate: false });
     let welcomed = false;
     const timer = setTimeout(() => reject(new Error('no welcome within 20 s')), 20000);
     ws.on('message', (data) => {
@@ -84,14 +95,15 @@ function connect(token, onFrame) {
   });
 }
 
-// Open many connections with at most `inFlight` handshakes at a time.
-async function connectMany(tokens, inFlight, onFrameFor) {
+// Open many connections with at most `inFlight` handshakes at a time;
+// `urlOf(i)` places connection i (all on settings.url by default).
+async function connectMany(tokens, inFlight, onFrameFor, urlOf = () => settings.url) {
   const results = new Array(tokens.length);
   let next = 0;
   async function worker() {
     while (next < tokens.length) {
       const i = next++;
-      results[i] = await connect(tokens[i], onFrameFor(i));
+      results[i] = await connect(tokens[i], onFrameFor(i), urlOf(i));
     }
   }
   await Promise.all(Array.from({ length: Math.min(inFlight, tokens.length) }, worker));
@@ -180,29 +192,59 @@ async function fanout() {
           const t0 = sentAt.get(seq);
           if (t0 !== undefined) latencies.push(lastReceivedAt - t0);
         }
-      } else if (!frameError(data) && data.toString().includes('"type":"ack"')) {
+      } else if (frameError(data)) {
+        ws.emit('meteredrt-error', data.toString().slice(0, 200));
+      } else if (data.toString().includes('"type":"ack"')) {
         ws.emit('meteredrt-ack');
       }
     };
   };
-  const subs = await connectMany(subTokens, 100, onSubscriberFrame);
+  const subs = await connectMany(subTokens, 100, onSubscriberFrame, (i) => urlFor(i));
+  const subscribeStarted = now();
+  // At most 20 (subscribesInFlight) subscribes in flight: set-up, not measured. A cluster node
+  // answers each with the channel's snapshot (one Redis round trip whose
+  // reply grows with the channel), and on a loaded machine a few still miss
+  // the node's Redis deadline: those are retried (at most 5 times, 1 s
+  // apart) and counted.
+  let subscribeRetries = 0;
+  const trySubscribe = ({ ws }) =>
+    new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error('no subscribe ack within 60 s')), 60000);
+      ws.once('meteredrt-ack', () => {
+        clearTimeout(t);
+        resolve();
+      });
+      ws.once('meteredrt-error', (text) => {
+        clearTimeout(t);
+        reject(new Error(`subscribe refused: ${text}`));
+      });
+      ws.send(JSON.stringify({ type: 'subscribe', channel, requestId: 's' }));
+    });
+  const subscribeOne = async (sub) => {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await trySubscribe(sub);
+      } catch (e) {
+        if (attempt >= 5 || !String(e).includes('backend_error')) throw e;
+        subscribeRetries += 1;
+        await sleep(1000);
+      }
+    }
+  };
+  let nextSub = 0;
   await Promise.all(
-    subs.map(
-      ({ ws }) =>
-        new Promise((resolve, reject) => {
-          const t = setTimeout(() => reject(new Error('no subscribe ack within 20 s')), 20000);
-          ws.once('meteredrt-ack', () => {
-            clearTimeout(t);
-            resolve();
-          });
-          ws.send(JSON.stringify({ type: 'subscribe', channel, requestId: 's' }));
-        }),
-    ),
+    Array.from({ length: Math.min(settings.subscribesInFlight ?? 20, subs.length) }, async () => {
+      while (nextSub < subs.length) await subscribeOne(subs[nextSub++]);
+    }),
   );
-  const pubs = await connectMany(pubTokens, 10, () => (ws, data) => frameError(data));
+  const subscribeDone = now();
+  // The refused attempts are counted in subscribe_retries, not as errors of the measured phase.
+  errors.errorFrames = 0;
+  errors.firstError = null;
+  const pubs = await connectMany(pubTokens, 10, () => (ws, data) => frameError(data), () => urlFor(0));
   const buckets = pubs.map(() => new Bucket(settings.ratePerConnection, settings.burstPerConnection));
 
-  emit({ event: 'ready', connections: subs.length + pubs.length });
+  emit({ event: 'ready', connections: subs.length + pubs.length, subscribe_ms: Math.round(subscribeDone - subscribeStarted), subscribe_retries: subscribeRetries });
   if ((await nextCommand()) !== 'go') fail('expected go');
 
   // A payload of exactly payloadBytes bytes of JSON: {"s":<seq>,"p":"xx…"}.
@@ -278,7 +320,7 @@ async function pingpong() {
     const text = data.toString();
     const at = text.indexOf('"data":');
     ws.send(`{"type":"send","to":"pa${i}","data":${text.slice(at + 7, text.lastIndexOf('}'))}}`);
-  });
+  }, (i) => urlFor(i, 1));
   const sendPing = (i) => {
     const bucket = buckets[i];
     if (!bucket.take()) {
@@ -298,7 +340,7 @@ async function pingpong() {
     roundTrips += 1;
     if (running && roundTrips < maxRoundTrips && now() < deadline) sendPing(i);
     else if (inFlight === 0) resolveDone();
-  });
+  }, (i) => urlFor(i));
   for (let i = 0; i < pairs; i++) {
     aSockets.push(as[i].ws);
     // B replies once per round trip too, so one bucket per A covers both.
@@ -350,7 +392,83 @@ async function idle() {
   closeAll(opened.map((c) => c.ws));
 }
 
-const scenarios = { fanout, pingpong, idle };
+// -- Redis round trips per operation ------------------------------------
+//
+// Not a throughput figure: run.py reads Redis's INFO commandstats between
+// the phases, each started by a command on stdin ("connect", "subscribe",
+// "publish", "send", "close") and answered with {"event":"phase"} once
+// every ack (and every delivery) of the phase has arrived.
+
+async function roundtrips() {
+  const { connections } = settings;
+  let delivered = 0;
+  let acked = 0;
+  let wanted = 0;
+  let phaseDone = null;
+  const check = () => {
+    if (phaseDone && acked >= wanted.acks && delivered >= wanted.deliveries) {
+      const done = phaseDone;
+      phaseDone = null;
+      done();
+    }
+  };
+  const phase = (acks, deliveries, start) =>
+    new Promise((resolve, reject) => {
+      acked = 0;
+      delivered = 0;
+      wanted = { acks, deliveries };
+      const timer = setTimeout(() => reject(new Error(`phase stuck: ${acked}/${acks} acks, ${delivered}/${deliveries} deliveries`)), 20000);
+      phaseDone = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      start();
+      check();
+    });
+  const onFrame = () => (ws, data) => {
+    if (frameError(data)) return;
+    const text = data.toString();
+    if (text.includes('"type":"ack"')) acked += 1;
+    else if (text.includes('"type":"message"') || text.includes('"type":"direct"')) delivered += 1;
+    check();
+  };
+  emit({ event: 'ready', connections: 0 });
+  let sockets = [];
+  for (;;) {
+    const command = await nextCommand();
+    const started = now();
+    if (command === 'connect') {
+      const opened = await connectMany(settings.tokens.slice(0, connections), 10, onFrame, (i) => urlFor(i));
+      sockets = opened.map((c) => c.ws);
+    } else if (command === 'subscribe') {
+      await phase(connections, 0, () =>
+        sockets.forEach((ws, i) => ws.send(JSON.stringify({ type: 'subscribe', channel: `rt/c${i}`, requestId: 's' }))),
+      );
+    } else if (command === 'publish') {
+      // Into the channel of the next connection: one receiver, on another node.
+      await phase(connections, connections, () =>
+        sockets.forEach((ws, i) =>
+          ws.send(JSON.stringify({ type: 'publish', channel: `rt/c${(i + 1) % connections}`, data: i, requestId: 'p' })),
+        ),
+      );
+    } else if (command === 'send') {
+      await phase(connections, connections, () =>
+        sockets.forEach((ws, i) =>
+          ws.send(JSON.stringify({ type: 'send', to: `rt${(i + 1) % connections}`, data: i, requestId: 'd' })),
+        ),
+      );
+    } else if (command === 'close') {
+      closeAll(sockets);
+      emit({ event: 'phase', name: command, ms: now() - started, ...errors });
+      return;
+    } else {
+      fail(`unknown phase ${command}`);
+    }
+    emit({ event: 'phase', name: command, ms: now() - started, ...errors });
+  }
+}
+
+const scenarios = { fanout, pingpong, idle, roundtrips };
 try {
   await scenarios[settings.scenario]();
   emit({ event: 'finished' });

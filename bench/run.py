@@ -30,6 +30,16 @@ the server as shipped from another checkout (e.g. a ``git worktree`` of an
 earlier commit), which then becomes the reference for the ratios. Runs of
 the variants are interleaved.
 
+Cluster (issue 9): ``--nodes 1,2,3`` compares ``standalone`` (one server
+without ``[cluster]``, the reference) with ``cluster-N``: N servers with
+``[cluster]`` on the bench's own ``redis-server`` (free loopback port, no
+persistence). The fan-out's subscribers are spread over the nodes and its
+publishers sit on the first; each ping-pong pair spans two nodes. CPU is
+summed over the nodes; Redis's is reported apart. ``--scenario roundtrips``
+counts the Redis round trips per connect, subscribe, publish, send and
+close on two nodes, from ``MONITOR`` (commands run inside Lua scripts are
+counted apart).
+
 ``--py-spy PATH`` records a py-spy profile of the server during each
 measured phase (raw collapsed stacks, one file per run, in
 ``--profile-dir``); the sampler shares the two cores, so runs profiled this
@@ -39,6 +49,8 @@ Usage::
 
     python bench/run.py --scenario all --runs 3 --baseline
     python bench/run.py --scenario all --runs 3 --ref-repo /tmp/mrt-base
+    python bench/run.py --scenario fanout,pingpong --runs 3 --nodes 1,2,3
+    python bench/run.py --scenario roundtrips
 """
 
 from __future__ import annotations
@@ -58,6 +70,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+
+import hiredis
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -97,7 +111,11 @@ SERVER_RATE, SERVER_BURST = 100.0, 200.0
 CLIENT_RATE, CLIENT_BURST = 95.0, 150.0
 
 VARIANTS = ("baseline", "speedups", "ref")
+CLUSTER_VARIANTS = ("standalone", "cluster-1", "cluster-2", "cluster-3")
 PRIMARY = {"fanout": "deliveries_per_s", "pingpong": "round_trips_per_s", "idle": "connects_per_s"}
+
+#: Lease of the bench's cluster nodes (the default of [cluster]).
+LEASE_SECONDS = 5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -159,17 +177,135 @@ def server_config(repo: str) -> str:
     return CONFIG.replace("[server]\n", "[server]\n" + CONNECTION_CAP, 1) if knows_cap else CONFIG
 
 
-class Server:
+class RedisServer:
     """
-    One ``twistd -n meteredrt`` process on a free loopback port.
+    The bench's own ``redis-server`` on a free loopback port (never 6379),
+    without persistence.
     """
 
-    def __init__(self, workdir: str, variant: str, repo: str = REPO) -> None:
+    def __init__(self, workdir: str) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.port = free_port()
+        while self.port == 6379:
+            self.port = free_port()
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", workdir, "--loglevel", "warning"],
+            stdin=subprocess.DEVNULL, stdout=open(os.path.join(workdir, "redis.out"), "w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.command("PING") == b"PONG":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"redis-server did not answer on port {self.port}")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def command(self, *args: str) -> Any:
+        """
+        One command on a fresh connection (the bench script may block).
+        """
+        reader = hiredis.Reader()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(hiredis.pack_command(args))
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    raise OSError("redis closed the connection")
+                reader.feed(data)
+                reply = reader.gets()
+                if reply is not False:
+                    return reply
+
+    def used_memory(self) -> int:
+        """
+        Bytes Redis has allocated (C{INFO memory} C{used_memory}).
+        """
+        for line in self.command("INFO", "memory").decode().splitlines():
+            if line.startswith("used_memory:"):
+                return int(line.split(":", 1)[1])
+        raise RuntimeError("INFO memory has no used_memory")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class Monitor:
+    """
+    A C{MONITOR} connection: tells the commands clients sent (the round
+    trips) from those Lua scripts ran inside Redis (shown as C{[0 lua]}).
+    """
+
+    def __init__(self, port: int) -> None:
+        self._conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self._conn.sendall(hiredis.pack_command(("MONITOR",)))
+        self._reader = hiredis.Reader()
+        assert self._read_reply(5.0) == b"OK"
+
+    def _read_reply(self, timeout: float) -> Any:
+        self._conn.settimeout(timeout)
+        while True:
+            reply = self._reader.gets()
+            if reply is not False:
+                return reply
+            data = self._conn.recv(65536)
+            if not data:
+                raise OSError("redis closed the MONITOR connection")
+            self._reader.feed(data)
+
+    def drain(self, quiet: float = 0.5) -> tuple[dict[str, int], dict[str, int]]:
+        """
+        Read until Redis has been quiet for C{quiet} seconds; return the
+        commands sent by clients and those run by scripts, by name.
+        """
+        clients: dict[str, int] = {}
+        scripts: dict[str, int] = {}
+        while True:
+            try:
+                line = self._read_reply(quiet).decode(errors="replace")
+            except TimeoutError:
+                return clients, scripts
+            # 1700000000.123456 [0 127.0.0.1:5555] "evalsha" "…" …
+            where, _, command = line.partition("] ")
+            name = command.split('"', 2)[1].lower() if command.startswith('"') else command
+            counts = scripts if where.endswith(" lua") else clients
+            counts[name] = counts.get(name, 0) + 1
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class Server:
+    """
+    One ``twistd -n meteredrt`` process on a free loopback port; a cluster
+    node when given a Redis URL.
+    """
+
+    def __init__(
+        self, workdir: str, variant: str, repo: str = REPO, redis: str | None = None, node_name: str = "bench-1"
+    ) -> None:
+        os.makedirs(workdir, exist_ok=True)
         self.port = free_port()
         self.log_path = os.path.join(workdir, "twistd.log")
         config = os.path.join(workdir, "meteredrt.toml")
         with open(config, "w") as f:
             f.write(server_config(repo))
+            if redis is not None:
+                f.write(f'\n[cluster]\nredis = "{redis}"\nnode_name = "{node_name}"\nlease_seconds = {LEASE_SECONDS}\n')
         # twistd finds the plugin, and the plugin the code, on PYTHONPATH.
         env = dict(os.environ, PYTHONPATH=repo)
         env.pop("METEREDRT_NO_SPEEDUPS", None)
@@ -296,6 +432,7 @@ def scenario_settings(scenario: str, args: argparse.Namespace) -> dict[str, Any]
             "channel": CHANNEL,
             "payloadBytes": 100,
             "window": args.window,
+            "subscribesInFlight": args.subscribes_in_flight,
             "probeEvery": 20,
             "maxPublishes": args.max_publishes,
             "tokens": [*tokens("sub", args.subscribers, ["subscribe"]), *tokens("pub", args.publishers, ["publish"])],
@@ -315,15 +452,15 @@ def scenario_settings(scenario: str, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-def start_server(workdir: str, variant: str, repo: str = REPO, attempts: int = 3) -> Server:
+def start_server(workdir: str, variant: str, repo: str = REPO, attempts: int = 3, **cluster: str) -> Server:
     """
     Start a server, on a fresh port if the first one was taken between
     L{free_port} and the server's C{listen} (seen after the idle scenario's
-    10,000 client sockets).
+    10,000 client sockets). C{cluster}: C{redis} and C{node_name}.
     """
     for attempt in range(attempts):
         try:
-            return Server(workdir, variant, repo)
+            return Server(workdir, variant, repo, **cluster)
         except RuntimeError as e:
             print(json.dumps({"server_start_failed": str(e), "attempt": attempt + 1}), file=sys.stderr, flush=True)
             time.sleep(1.0)
@@ -347,17 +484,42 @@ def start_profiler(pid: int, scenario: str, variant: str, args: argparse.Namespa
     )  # fmt: skip
 
 
+def start_topology(workdir: str, variant: str, repo: str) -> tuple[list[Server], RedisServer | None]:
+    """
+    The servers of a variant: one, or N cluster nodes on a fresh Redis for
+    C{cluster-N}. On failure everything started is stopped.
+    """
+    if not variant.startswith("cluster-"):
+        return [start_server(workdir, "speedups" if variant == "standalone" else variant, repo)], None
+    redis = RedisServer(workdir)
+    servers: list[Server] = []
+    try:
+        for i in range(int(variant.split("-", 1)[1])):
+            node = os.path.join(workdir, f"node-{i + 1}")
+            servers.append(start_server(node, "speedups", repo, redis=redis.url, node_name=f"bench-{i + 1}"))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        redis.stop()
+        raise
+    return servers, redis
+
+
 def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Namespace) -> dict[str, Any]:
     """
-    One server, one load generator, one measurement.
+    One server (or cluster), one load generator, one measurement.
     """
     workdir = tempfile.mkdtemp(prefix=f"meteredrt-bench-{scenario}-")
-    server = loadgen = None
+    servers: list[Server] = []
+    redis: RedisServer | None = None
+    loadgen = None
     try:
         repo = args.ref_repo if variant == "ref" else REPO
-        server = start_server(workdir, variant, repo)
+        servers, redis = start_topology(workdir, variant, repo)
+        server = servers[0]
         settings = json.load(open(settings_path))
         settings["url"] = server.url
+        settings["urls"] = [s.url for s in servers]
         run_settings = os.path.join(workdir, "settings.json")
         with open(run_settings, "w") as f:
             json.dump(settings, f)
@@ -365,15 +527,17 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
         ready = loadgen.expect("ready")
         time.sleep(0.5)
         rss_before = rss_kib(server.pid)
-        log_before = server.log_bytes()
-        server_cpu0, loadgen_cpu0, t0 = cpu_seconds(server.pid), cpu_seconds(loadgen.process.pid), time.monotonic()
+        log_before = sum(s.log_bytes() for s in servers)
+        redis_cpu0 = cpu_seconds(redis.pid) if redis is not None else 0.0
+        server_cpu0 = sum(cpu_seconds(s.pid) for s in servers)
+        loadgen_cpu0, t0 = cpu_seconds(loadgen.process.pid), time.monotonic()
         loadgen.send("go")
         profiler = start_profiler(server.pid, scenario, variant, args)
         result = loadgen.expect("result")
         if profiler is not None:
             profiler.wait(timeout=args.duration + 60)
         duration = time.monotonic() - t0
-        server_cpu = cpu_seconds(server.pid) - server_cpu0
+        server_cpu = sum(cpu_seconds(s.pid) for s in servers) - server_cpu0
         loadgen_cpu = cpu_seconds(loadgen.process.pid) - loadgen_cpu0
         record: dict[str, Any] = {
             "scenario": scenario,
@@ -384,9 +548,18 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
             "server_cpu_s": round(server_cpu, 2),
             "loadgen_cpu_s": round(loadgen_cpu, 2),
             "duration_s": round(duration, 2),
-            "server_log_bytes": server.log_bytes() - log_before,
+            "server_log_bytes": sum(s.log_bytes() for s in servers) - log_before,
             "server_repo": repo,
+            "nodes": len(servers),
         }
+        if redis is not None:
+            record["redis_cpu_s"] = round(cpu_seconds(redis.pid) - redis_cpu0, 2)
+        # Work per CPU second of the server side (nodes and Redis): on a
+        # shared machine the scheduler gives N processes more of the cores
+        # than one, so throughput alone flatters the cluster.
+        done = {"fanout": "deliveries", "pingpong": "round_trips", "idle": "connections"}[scenario]
+        spent = server_cpu + record.get("redis_cpu_s", 0.0)
+        record[f"{done}_per_server_cpu_s"] = round(result[done] / spent) if spent > 0 else None
         if scenario == "idle":
             time.sleep(2.0)  # let the last welcomes' buffers go
             record["server_rss_kib_per_conn"] = round((rss_kib(server.pid) - rss_before) / max(1, result["connections"]), 2)
@@ -394,13 +567,105 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
             loadgen.send("close")
         record["detail"] = {k: v for k, v in result.items() if k not in ("event", PRIMARY[scenario], "p50_ms", "p99_ms")}
         record["detail"]["connections_before_go"] = ready["connections"]
+        if "subscribe_ms" in ready:
+            record["detail"]["subscribe_setup_ms"] = ready["subscribe_ms"]
+            record["detail"]["subscribe_retries"] = ready["subscribe_retries"]
         loadgen.expect("finished")
         return record
     finally:
         if loadgen is not None:
             loadgen.stop()
-        if server is not None:
-            server.stop()
+        for running in servers:
+            running.stop()
+        if redis is not None:
+            redis.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+ROUNDTRIP_PHASES = ("connect", "subscribe", "publish", "send", "close")
+
+
+def run_roundtrips(args: argparse.Namespace) -> None:
+    """
+    Redis round trips per operation on a two-node cluster: the commands
+    the nodes sent during each phase of the generator's C{roundtrips}
+    scenario (seen through C{MONITOR}, apart from the commands their Lua
+    scripts ran inside Redis), less the background (lease renewals)
+    measured while idle, divided by the number of operations. Prints one
+    JSON line per phase.
+    """
+    count = args.roundtrip_connections
+    workdir = tempfile.mkdtemp(prefix="meteredrt-bench-roundtrips-")
+    servers: list[Server] = []
+    redis: RedisServer | None = None
+    loadgen = None
+    settle = 1.0
+    try:
+        servers, redis = start_topology(workdir, "cluster-2", REPO)
+        settings = {
+            "scenario": "roundtrips",
+            "connections": count,
+            "urls": [s.url for s in servers],
+            "url": servers[0].url,
+            "hardTimeoutS": 300,
+            "tokens": list(tokens("rt", count, ["subscribe", "publish", "send", "presence"])),
+        }
+        settings_path = os.path.join(workdir, "settings.json")
+        with open(settings_path, "w") as f:
+            json.dump(settings, f)
+        loadgen = LoadGen(settings_path, 300)
+        loadgen.expect("ready")
+        monitor = Monitor(redis.port)
+        monitor.drain()
+        time.sleep(5.0)
+        idle_clients, idle_scripts = monitor.drain()
+        # Lease renewals go on during every phase: their rate, to subtract.
+        background = {k: v / (5.0 + 0.5) for k, v in idle_clients.items()}
+        background_scripts = {k: v / (5.0 + 0.5) for k, v in idle_scripts.items()}
+        print(json.dumps({"scenario": "roundtrips", "background_round_trips_per_s": background}), flush=True)
+
+        def per_op(counts: dict[str, int], rates: dict[str, float], elapsed: float) -> dict[str, float]:
+            out = {}
+            for name, calls in counts.items():
+                if name == "info":  # the bench's own memory readings
+                    continue
+                value = round((calls - rates.get(name, 0.0) * elapsed) / count, 2)
+                if value > 0:
+                    out[name] = value
+            return out
+
+        for phase in ROUNDTRIP_PHASES:
+            memory_before = redis.used_memory()
+            t0 = time.monotonic()
+            loadgen.send(phase)
+            done = loadgen.expect("phase")
+            time.sleep(settle)
+            sent, scripted = monitor.drain()
+            elapsed = time.monotonic() - t0
+            round_trips = per_op(sent, background, elapsed)
+            record = {
+                "scenario": "roundtrips",
+                "op": phase,
+                "operations": count,
+                "round_trips_per_op": round_trips,
+                "total_round_trips_per_op": round(sum(round_trips.values()), 2),
+                "script_commands_per_op": per_op(scripted, background_scripts, elapsed),
+                "redis_memory_bytes_per_op": round((redis.used_memory() - memory_before) / count),
+                "phase_ms": round(done["ms"], 1),
+                "errors": {k: done[k] for k in ("closes", "errorFrames", "firstError")},
+                "git_commit": git_commit(),
+            }
+            print(json.dumps(record), flush=True)
+        monitor.close()
+        loadgen.expect("finished")
+    finally:
+        if loadgen is not None:
+            loadgen.stop()
+        for running in servers:
+            running.stop()
+        if redis is not None:
+            redis.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -425,7 +690,13 @@ def median_record(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=["fanout", "pingpong", "idle", "all"], default="all")
+    parser.add_argument(
+        "--scenario", default="all", help="fanout, pingpong, idle, roundtrips, all (= the first three), or a comma list"
+    )
+    parser.add_argument(
+        "--nodes", default=None, help="cluster sizes to compare with the standalone server, e.g. 1,2,3 (runs redis-server)"
+    )
+    parser.add_argument("--roundtrip-connections", type=int, default=200, help="operations per roundtrips phase")
     parser.add_argument("--runs", type=int, default=1, help="runs per variant; medians are reported")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per run (fanout, pingpong)")
     parser.add_argument("--baseline", action="store_true", help="also run with METEREDRT_NO_SPEEDUPS=1")
@@ -433,6 +704,7 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--publishers", type=int, default=8, help="connections the fan-out publisher is spread over")
     parser.add_argument("--window", type=int, default=16, help="fan-out publishes undelivered at most")
+    parser.add_argument("--subscribes-in-flight", type=int, default=20, help="fan-out set-up: subscribes sent at once")
     parser.add_argument("--max-publishes", type=int, default=50_000)
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--max-round-trips", type=int, default=2_000_000)
@@ -444,9 +716,19 @@ def main() -> None:
     parser.add_argument("--profile-dir", default="bench/profiles", help="where --py-spy writes its raw profiles")
     args = parser.parse_args()
 
+    scenarios = ["fanout", "pingpong", "idle"] if args.scenario == "all" else args.scenario.split(",")
+    unknown_scenarios = set(scenarios) - {*PRIMARY, "roundtrips"}
+    if unknown_scenarios:
+        parser.error(f"unknown scenarios {sorted(unknown_scenarios)}")
+    if args.nodes:
+        variants = ["standalone", *(f"cluster-{n}" for n in args.nodes.split(","))]
+        unknown = set(variants) - set(CLUSTER_VARIANTS)
+        if unknown:
+            parser.error(f"--nodes takes sizes from 1 to 3, not {sorted(unknown)}")
+        args.variants = ",".join(variants)
     if args.variants:
         variants = args.variants.split(",")
-        unknown = set(variants) - set(VARIANTS)
+        unknown = set(variants) - set(VARIANTS) - set(CLUSTER_VARIANTS)
         if unknown:
             parser.error(f"unknown variants {sorted(unknown)}")
     else:
@@ -459,13 +741,15 @@ def main() -> None:
         args.ref_repo = os.path.abspath(args.ref_repo)
         if not os.path.isdir(os.path.join(args.ref_repo, "meteredrt")):
             parser.error(f"{args.ref_repo} is not a meteredrt checkout")
-    scenarios = ["fanout", "pingpong", "idle"] if args.scenario == "all" else [args.scenario]
     limit = raise_fd_limit()
     if "idle" in scenarios and limit < args.idle + 1000:
         parser.error(f"descriptor limit {limit} is too low for {args.idle} idle connections")
     subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=BENCH, check=True, timeout=300)
 
     commit = git_commit()
+    if "roundtrips" in scenarios:
+        scenarios.remove("roundtrips")
+        run_roundtrips(args)
     for scenario in scenarios:
         settings_dir = tempfile.mkdtemp(prefix="meteredrt-bench-settings-")
         try:
@@ -483,15 +767,16 @@ def main() -> None:
                         with open(args.raw, "a") as f:
                             f.write(json.dumps(record) + "\n")
             medians = {v: median_record(rs) for v, rs in runs.items()}
-            reference_name = "ref" if "ref" in medians else "baseline"
+            reference_name = "ref" if "ref" in medians else "standalone" if "standalone" in medians else "baseline"
             reference = medians.get(reference_name)
             for variant, record in medians.items():
                 record["git_commit"] = commit
                 if variant == "ref":
                     record["repo"] = args.ref_repo
                 if reference is not None and variant != reference_name:
-                    key = PRIMARY[scenario]
-                    record[f"{key}_vs_{reference_name}"] = round(record[key] / reference[key], 3)
+                    for key in (PRIMARY[scenario], *(k for k in record if k.endswith("_per_server_cpu_s"))):
+                        if record.get(key) and reference.get(key):
+                            record[f"{key}_vs_{reference_name}"] = round(record[key] / reference[key], 3)
                 print(json.dumps(record), flush=True)
         finally:
             shutil.rmtree(settings_dir, ignore_errors=True)

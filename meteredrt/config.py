@@ -46,6 +46,7 @@ from meteredrt.apps import (
 )
 from meteredrt.clientaddress import TrustedProxies
 from meteredrt.globs import pattern_error
+from meteredrt.redisaddress import parse_redis_url
 
 #: What ``twistd -n meteredrt`` listens on without a file or ``--listen``.
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
@@ -70,6 +71,9 @@ DEFAULT_MAX_CONNECTIONS_PER_IP = 256
 #: Seconds between SIGTERM (``/readyz`` turns 503) and the start of the
 #: drain: time for load balancers to take the node out of rotation.
 DEFAULT_DRAIN_GRACE_SECONDS = 5.0
+#: The most processes ``[server] workers`` may ask for: far above the cores
+#: of one machine, low enough that a typo cannot fork-bomb it.
+MAX_WORKERS = 64
 
 #: Regions the Metered TURN API accepts (protocol §20.2).
 TURN_REGIONS: frozenset[str] = frozenset(
@@ -86,6 +90,11 @@ PLAN_PERIODS: frozenset[str] = frozenset({"month"})
 
 # An http(s) URL with a host and no white space or control characters.
 _WEBHOOK_URL = re.compile(r"https?://[^/?#\s@\x00-\x1f\x7f]+(?:[/?#][^\s\x00-\x1f\x7f]*)?")
+
+#: Why an app may not declare webhooks on a cluster node yet: each node
+#: would announce its own connections' peers, so a peer connected to two
+#: nodes would be reported twice (docs/webhooks.md).
+WEBHOOKS_IN_CLUSTER = "presence webhooks are not available in a cluster yet: run them on a single node"
 
 #: A webhook secret shorter than this is refused (HMAC-SHA256 keys want
 #: at least 32 bytes of entropy; the generated ones have more).
@@ -154,6 +163,53 @@ class AppDeclaration:
     keys: tuple[Key, ...] = ()
 
 
+#: Seconds a cluster node's lease lasts without renewal (``[cluster]
+#: lease_seconds``); a dead node is reaped within three times this.
+DEFAULT_LEASE_SECONDS = 5.0
+
+# Node names end up in Redis keys, connection ids and logs.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@frozen
+class ClusterConfig:
+    """
+    The ``[cluster]`` table: this node shares routing and presence with
+    the other nodes on the same Redis.
+
+    :ivar redis: the ``redis://`` or ``rediss://`` URL (checked by
+        L{meteredrt.redisaddress.parse_redis_url}).
+    :ivar node_name: shown in logs and Redis keys; ``None`` means the
+        default, host name and process id.
+    :ivar lease_seconds: how long the node's lease in Redis lasts without
+        renewal.
+    """
+
+    redis: str
+    node_name: str | None = None
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+
+
+def node_name_problem(name: str) -> str | None:
+    """
+    Why C{name} cannot be a node name, or C{None} if it can.
+    """
+    if _NODE_NAME.fullmatch(name) is None:
+        return f"{name!r} is not a node name: 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)"
+    return None
+
+
+def redis_url_problem(url: str) -> str | None:
+    """
+    Why C{url} is not a usable Redis URL, or C{None}.
+    """
+    try:
+        parse_redis_url(url)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 @frozen
 class MetricsConfig:
     """
@@ -217,6 +273,10 @@ class Config:
         ``data_dir``.
     :ivar metrics: where ``/metrics`` is served (``[metrics]``).
     :ivar log: the log format and level (``[log]``).
+    :ivar workers: processes serving the same ports (L{meteredrt.workers});
+        more than one needs ``[cluster]``.
+    :ivar cluster: the ``[cluster]`` table, or ``None`` for a single node
+        with in-memory routing and presence.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -230,6 +290,8 @@ class Config:
     drain_grace_seconds: float = DEFAULT_DRAIN_GRACE_SECONDS
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    workers: int = 1
+    cluster: ClusterConfig | None = None
     source: str | None = None
 
 
@@ -248,16 +310,19 @@ def apply_options(
     listen: Sequence[str] = (),
     data_dir: str | None = None,
     database: str | None = None,
+    redis: str | None = None,
 ) -> Config:
     """
     Lay command-line options over a configuration.
 
     ``--listen`` given at least once replaces the file's whole ``listen``
     list (it does not add to it); ``--data-dir`` replaces ``data_dir``;
-    ``--database`` replaces ``[storage] database``.
+    ``--database`` replaces ``[storage] database``. ``--redis`` replaces
+    ``[cluster] redis``, or makes the node a cluster member with the other
+    ``[cluster]`` keys at their defaults.
 
-    :raises ConfigError: for an empty endpoint or data directory, or a
-        database URL that is not a PostgreSQL URL.
+    :raises ConfigError: for an empty endpoint or data directory, a
+        database URL that is not a PostgreSQL URL, or a bad Redis URL.
     """
     where = "<command line>"
     for index, endpoint in enumerate(listen):
@@ -269,12 +334,65 @@ def apply_options(
         problem = database_url_problem(database)
         if problem is not None:
             raise ConfigError(where, "--database", problem)
+    cluster = config.cluster
+    if redis is not None:
+        problem = redis_url_problem(redis)
+        if problem is not None:
+            raise ConfigError(where, "--redis", problem)
+        cluster = ClusterConfig(redis) if cluster is None else evolve(cluster, redis=redis)
+        for index, declaration in enumerate(config.apps):
+            if declaration.app.webhooks is not None:
+                raise ConfigError(
+                    config.source or where, f"apps[{index}].webhooks", WEBHOOKS_IN_CLUSTER + " (--redis makes one)"
+                )
     return evolve(
         config,
         listen=tuple(listen) if listen else config.listen,
         data_dir=config.data_dir if data_dir is None else data_dir,
         database=config.database if database is None else database,
+        cluster=cluster,
     )
+
+
+#: The endpoint types several workers can share (with ``SO_REUSEPORT``).
+SHAREABLE_ENDPOINTS = frozenset({"tcp", "tcp6"})
+
+
+def apply_workers(config: Config, workers: int | None) -> Config:
+    """
+    Lay ``--workers N`` over a configuration and check the result: more
+    than one worker needs ``[cluster]`` (workers share state only through
+    Redis) and ``tcp:``/``tcp6:`` listeners (the only ones they can share).
+
+    Call it after every other option has been applied, since ``--redis``
+    and ``--listen`` change what it checks.
+
+    :raises ConfigError: for a count out of range or a combination that
+        cannot work.
+    """
+    if workers is not None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError("<command line>", "--workers", f"must be between 1 and {MAX_WORKERS}")
+        config = evolve(config, workers=workers)
+    if config.workers == 1:
+        return config
+    source = config.source or "<command line>"
+    if config.cluster is None:
+        raise ConfigError(
+            source,
+            "server.workers",
+            f"{config.workers} workers need [cluster] (or --redis): workers share channels and presence "
+            "only through Redis",
+        )
+    for index, endpoint in enumerate(config.listen):
+        if endpoint.split(":", 1)[0].strip().lower() not in SHAREABLE_ENDPOINTS:
+            raise ConfigError(
+                source,
+                f"server.listen[{index}]",
+                f"workers can only share tcp: and tcp6: endpoints, not {endpoint!r}; "
+                "terminate TLS in a proxy in front of them",
+            )
+    return config
 
 
 def load_config(path: str) -> Config:
@@ -515,8 +633,9 @@ class _Table:
         ]
 
 
-_TOP_LEVEL = ("server", "storage", "webhooks", "metrics", "log", "apps")
+_TOP_LEVEL = ("server", "storage", "cluster", "webhooks", "metrics", "log", "apps")
 _STORAGE_KEYS = ("database",)
+_CLUSTER_KEYS = ("redis", "node_name", "lease_seconds")
 _WEBHOOKS_SERVER_KEYS = ("refuse_private_addresses",)
 _METRICS_KEYS = ("token", "listen")
 _LOG_KEYS = ("format", "level")
@@ -528,6 +647,7 @@ _SERVER_KEYS = (
     "request_timeout_seconds",
     "max_connections_per_ip",
     "drain_grace_seconds",
+    "workers",
 )
 _APP_KEYS = ("id", "plan", "turn", "webhooks", "keys")
 _WEBHOOK_KEYS = ("url", "secret", "events", "offline_grace_seconds", "retry_seconds")
@@ -578,7 +698,10 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
                 "max_connections_per_ip", config.max_connections_per_ip, minimum=1
             ),
             drain_grace_seconds=server.number("drain_grace_seconds", config.drain_grace_seconds),
+            workers=server.integer("workers", config.workers, minimum=1),
         )
+        if config.workers > MAX_WORKERS:
+            server.fail("workers", f"must be at most {MAX_WORKERS}")
     storage = top.table("storage", _STORAGE_KEYS)
     if storage is not None:
         database = storage.string("database", None)
@@ -587,6 +710,9 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
             if problem is not None:
                 storage.fail("database", problem)
             config = evolve(config, database=database)
+    cluster = top.table("cluster", _CLUSTER_KEYS)
+    if cluster is not None:
+        config = evolve(config, cluster=_read_cluster(cluster))
     metrics = top.table("metrics", _METRICS_KEYS)
     if metrics is not None:
         config = evolve(config, metrics=_read_metrics(metrics))
@@ -597,6 +723,10 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
     webhooks = top.table("webhooks", _WEBHOOKS_SERVER_KEYS)
     if webhooks is not None and webhooks.boolean("refuse_private_addresses", False):
         _refuse_private_webhooks(top, declarations)
+    if config.cluster is not None:
+        for index, declaration in enumerate(declarations):
+            if declaration.app.webhooks is not None:
+                top.fail(f"apps[{index}].webhooks", WEBHOOKS_IN_CLUSTER)
     _check_unique(top, declarations)
     return evolve(config, apps=declarations)
 
@@ -609,6 +739,8 @@ def _read_request_timeout(server: _Table, default: float) -> float:
             "request_timeout_seconds", f"must be more than 0 and at most {MAX_REQUEST_TIMEOUT} seconds, not {value}"
         )
     return value
+
+
 def _read_metrics(table: _Table) -> MetricsConfig:
     token = table.string("token", None)
     if token is not None:
@@ -634,6 +766,20 @@ def _read_log(table: _Table) -> LogConfig:
     if level not in LOG_LEVELS:
         table.fail("level", f"unknown level {level!r} (expected one of {', '.join(LOG_LEVELS)})")
     return LogConfig(format=log_format, level=level)
+
+
+def _read_cluster(table: _Table) -> ClusterConfig:
+    url = table.string("redis")
+    problem = redis_url_problem(url)
+    if problem is not None:
+        table.fail("redis", problem)
+    node_name = table.string("node_name", None)
+    if node_name is not None and (problem := node_name_problem(node_name)) is not None:
+        table.fail("node_name", problem)
+    lease = table.number("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=1.0)
+    if lease > 3600:
+        table.fail("lease_seconds", "must be at most 3600 (a dead node is reaped within 3 x lease)")
+    return ClusterConfig(url, node_name, float(lease))
 
 
 def _read_trusted_proxies(server: _Table) -> TrustedProxies:

@@ -5,7 +5,7 @@ An envelope is a plain immutable value holding everything a receiving node
 needs to build the frames for its own connections: a L{ChannelMessage} for a
 publish, a L{PresenceChange} for a join or leave delta, a L{DirectMessage}
 for a C{send}. Keeping them free of connection objects is what will let a
-cluster broker (Redis, not written yet) serialize them unchanged.
+cluster broker (L{meteredrt.broker.redis}) serialize them unchanged.
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ class PresenceChange:
     @ivar joined: presence entries (C{{"peerId", "metadata"?}}).
     @ivar exclude_conn: the subscribing connection, which gets a snapshot
         instead of the delta.
+    @ivar version: the channel membership's version this delta made (see
+        L{meteredrt.membership.Joining}); C{None} on one node.
     """
 
     channel: str
     joined: tuple[dict, ...]
     left: tuple[dict, ...]
     exclude_conn: str | None
+    version: int | None = None
 
 
 @frozen

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, FirstError, ensureDeferred, fail, gatherResults, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -36,16 +36,10 @@ from meteredrt.apps import App
 from meteredrt.auth import Grant, Refusal
 from meteredrt.envelopes import ChannelMessage, DirectMessage, Disconnect, PresenceChange
 from meteredrt.globs import WildcardIndex
-from meteredrt.interfaces import (
-    IBroker,
-    IConnectionSink,
-    IDeliveryTarget,
-    IMeter,
-    IPresence,
-    IPresenceObserver,
-)
+from meteredrt.interfaces import BackendUnavailable, IBroker, IConnectionSink, IDeliveryTarget, IMeter, IPresence
+from meteredrt.membership import Joining, Member
 from meteredrt.metrics import DELIVERY_KINDS, Metrics
-from meteredrt.presence import Member
+from meteredrt.presenceview import ChannelView
 from meteredrt.protocol import (
     MAX_SUBSCRIPTIONS,
     CloseCode,
@@ -75,16 +69,15 @@ class Subscription:
     @ivar held_presence: presence deltas that arrived while this concrete
         subscription's snapshot was being assembled; they are sent right
         after it, so nobody sees a delta before the snapshot (§10.2).
-    @ivar joining: an C{add_member} for this subscription is on its way.
-        Until it answers nobody knows whether the peer is a member, so a
-        disconnect meanwhile leaves the membership to the subscribe, which
-        takes it back itself (L{Hub._abandon_join}).
+    @ivar presence_version: the membership version the snapshot showed:
+        deltas at or below it are already in the snapshot and are dropped
+        (in a cluster they may arrive after it).
     """
 
     include_sender_metadata: bool
     wildcard: bool
-    held_presence: list[OutboundFrame] | None = None
-    joining: bool = False
+    held_presence: list[tuple[int | None, OutboundFrame]] | None = None
+    presence_version: int | None = None
 
 
 @define(eq=False)
@@ -162,25 +155,6 @@ def _entry(member: Member) -> dict:
     return presence_entry(member.peer_id, member.metadata)
 
 
-@implementer(IPresenceObserver)
-class _Unobserved:
-    """
-    The observer of a hub nobody watches: takes no note of anything.
-    """
-
-    def peer_connected(self, app_id: str, peer_id: str) -> None:
-        pass
-
-    def peer_disconnected(self, app_id: str, peer_id: str) -> None:
-        pass
-
-    def member_joined(self, app_id: str, channel: str, peer_id: str, metadata: dict[str, Any] | None) -> None:
-        pass
-
-    def member_left(self, app_id: str, channel: str, peer_id: str, metadata: dict[str, Any] | None) -> None:
-        pass
-
-
 @implementer(IDeliveryTarget)
 class Hub(Service):
     """
@@ -188,8 +162,6 @@ class Hub(Service):
 
     @param apps: looks up the current L{App} of an id; plans change at run
         time, so the hub never caches them.
-    @param observer: told of peers coming and going and of the presence
-        deltas (the presence webhooks).
     @param metrics: where the hub counts deliveries, errors and drops.
     """
 
@@ -202,11 +174,9 @@ class Hub(Service):
         meter: IMeter,
         apps: Callable[[str], App | None],
         node_id: str | None = None,
-        observer: IPresenceObserver | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._broker = broker
-        self._observer = observer or _Unobserved()
         self._presence = presence
         self._meter = meter
         self._apps = apps
@@ -219,7 +189,14 @@ class Hub(Service):
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch(hub=self)
         self._deliveries = self.metrics.deliveries
+        # (app, channel or pattern, wildcard) -> subscribes waiting for the
+        # broker to confirm the node's first watch of it
+        self._watches_in_flight: dict[tuple[str, str, bool], list[Deferred[None]]] = {}
+        # (app, channel) -> what this node's subscribers were told of its
+        # members, for every concrete channel with local subscribers
+        self._views: dict[tuple[str, str], ChannelView] = {}
         broker.attach(self)
+        presence.attach(self)
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -251,8 +228,6 @@ class Hub(Service):
             # session was indexed before the wait), so only stop here.
             if len(local) == 1 and not session.closed:
                 await self._broker.watch_peer(grant.app_id, grant.peer_id)
-                if not session.closed:
-                    self._observer.peer_connected(grant.app_id, grant.peer_id)
         except BaseException:
             # The connection is counted and indexed, but the caller gets no
             # session to disconnect: release it here.
@@ -269,13 +244,15 @@ class Hub(Service):
 
     # A disconnect does not wait for the connection's request in flight (at
     # most one: the adapter hands over a frame once the previous one is
-    # done). It undoes at once everything the hub's indexes show; a request
-    # that resumes after it sees C{session.closed} after its await, stops,
-    # and takes back only what it started and the disconnect could not see:
-    # a membership whose add_member was still on its way. Waiting for the
-    # request instead would hold the connection's release behind a slow
-    # broker, and still need the same undo to avoid announcing a join
-    # nobody will see. On one node nothing suspends, so none of this runs.
+    # done). It undoes at once everything the hub's indexes show, and ends
+    # every membership of the connection in one presence call. A membership
+    # whose add_member is still on its way is among them: the presence
+    # carries out a connection's calls in the order they were made (one
+    # ordered connection to Redis), so the add happened first and the
+    # disconnect takes it back, announcing what it changed. A request that
+    # resumes after the disconnect sees C{session.closed} and stops. Waiting
+    # for the request instead would hold the connection's release behind a
+    # slow broker.
 
     async def _disconnect(self, session: Session) -> None:
         if session.closed:
@@ -283,16 +260,18 @@ class Hub(Service):
         session.closed = True
         del self._sessions[session.conn_id]
         self._meter.release_connection(session.app_id)
-        for channel in list(session.subscriptions):
-            await self._drop_subscription(session, channel)
+        unwatches = [self._unwatch(session, channel) for channel in list(session.subscriptions)]
         peer_key = (session.app_id, session.peer_id)
         local = self._peers[peer_key]
         del local[session.conn_id]
-        await self._presence.remove_connection(session.app_id, session.peer_id, session.conn_id)
-        if not local:
-            del self._peers[peer_key]
-            self._observer.peer_disconnected(session.app_id, session.peer_id)
-            await self._broker.unwatch_peer(session.app_id, session.peer_id)
+        try:
+            await self._presence.remove_connection(session.app_id, session.peer_id, session.conn_id)
+        finally:
+            for unwatch in unwatches:
+                await unwatch
+            if not local:
+                del self._peers[peer_key]
+                await self._broker.unwatch_peer(session.app_id, session.peer_id)
 
     @property
     def connection_count(self) -> int:
@@ -344,6 +323,10 @@ class Hub(Service):
             if not session.closed:
                 self.metrics.errors[e.code] += 1
                 session.sink.send_frame(error_frame(e.code, e.message, e.request_id))
+        except BackendUnavailable as e:
+            self.log.warn("{frame!r} from {conn} failed: {why}", frame=frame, conn=session.conn_id, why=str(e))
+            if not session.closed:
+                session.sink.send_frame(error_frame(ErrorCode.BACKEND_ERROR, str(e), request_id))
         except Exception:
             self.log.failure("Failed to handle {frame!r} from {conn}", frame=frame, conn=session.conn_id)
             if not session.closed:
@@ -384,20 +367,25 @@ class Hub(Service):
         self._ack(session, frame.request_id)
 
     async def _send(self, session: Session, frame: Send) -> None:
+        # Finding the target and routing to it are one broker call (one
+        # round trip in a cluster). An authorized send that finds nobody
+        # still counts as a message, so the count comes first; an absent
+        # peer is answered peer_not_found rather than over_message_quota,
+        # which only the refused path has to look up on its own.
         self._require(session, "send", frame.request_id)
-        targets = await self._presence.connections_of(session.app_id, frame.to)
-        if not targets - {session.conn_id}:
-            # The target is looked up before the quota, and an authorized send
-            # that finds nobody still counts as a message.
-            app = self._apps(session.app_id)
-            if app is not None:
-                await self._meter.count_message(app)
-            raise FrameError(ErrorCode.PEER_NOT_FOUND, f"peer not connected: {frame.to}", frame.request_id)
-        await self._count(session.app_id, frame.request_id)
+        app = self._apps(session.app_id)
+        allowed = app is not None and await self._meter.count_message(app)
+        not_found = FrameError(ErrorCode.PEER_NOT_FOUND, f"peer not connected: {frame.to}", frame.request_id)
+        if not allowed:
+            targets = await self._presence.connections_of(session.app_id, frame.to)
+            if not targets - {session.conn_id}:
+                raise not_found
+            raise FrameError(ErrorCode.OVER_MESSAGE_QUOTA, "message quota exhausted", frame.request_id)
         envelope = DirectMessage(
             frame.to, session.peer_id, frame.data, session.grant.peer_metadata, session.conn_id
         )
-        await self._broker.direct(session.app_id, frame.to, envelope)
+        if not await self._broker.direct(session.app_id, frame.to, envelope):
+            raise not_found
         self._ack(session, frame.request_id)
 
     async def _subscribe(self, session: Session, frame: Subscribe) -> None:
@@ -435,79 +423,76 @@ class Hub(Service):
         if wants_presence:
             subscription.held_presence = []
         try:
-            subscription.joining = True
+            # The presence announces the joined itself, in the same step
+            # that takes the snapshot (IPresence).
             try:
-                first = await self._presence.add_member(
+                joining = await self._presence.add_member(
                     session.app_id, channel, session.peer_id, session.conn_id, session.grant.peer_metadata
                 )
-            finally:
-                if not session.closed:
-                    subscription.joining = False
+            except BackendUnavailable:
+                # Refused: a new subscription does not stay half made.
+                if existing is None and not session.closed and channel in session.subscriptions:
+                    await self._unwatch(session, channel)
+                raise
             if session.closed:
-                await self._abandon_join(session, channel, first)
+                # The disconnect ended this membership too (see _disconnect).
                 return
-            if first:
-                joined = (presence_entry(session.peer_id, session.grant.peer_metadata),)
-                self._observer.member_joined(session.app_id, channel, session.peer_id, session.grant.peer_metadata)
-                await self._broker.publish(
-                    session.app_id, channel, PresenceChange(channel, joined, (), session.conn_id)
-                )
+            subscription.presence_version = joining.version
+            if joining.version is not None:
+                # The others hear now of what the snapshot shows that they
+                # were not told yet (a delta still on its way, which then
+                # arrives stale).
+                self._catch_up(session.app_id, channel, joining, session.conn_id)
             # Ack, then the snapshot: MeteredPeer drops a snapshot that
             # arrives before the subscribe resolves (§7.1).
             self._ack(session, frame.request_id)
-            if wants_presence and not session.closed:
-                members = await self._presence.members(session.app_id, channel)
-                entries = [_entry(m) for m in members if m.peer_id != session.peer_id]
-                if not session.closed:
-                    for snapshot in snapshot_frames(channel, entries):
-                        session.sink.send_frame(snapshot)
+            if wants_presence:
+                entries = [_entry(m) for m in joining.members if m.peer_id != session.peer_id]
+                for snapshot in snapshot_frames(channel, entries):
+                    session.sink.send_frame(snapshot)
         finally:
             held, subscription.held_presence = subscription.held_presence, None
             if held and not session.closed:
-                for delta in held:
-                    session.sink.send_frame(delta)
-
-    async def _abandon_join(self, session: Session, channel: str, first: bool) -> None:
-        """
-        Take back the membership of a subscribe whose connection closed
-        while its C{add_member} was on its way; the disconnect left it to us
-        (L{Subscription.joining}).
-
-        The others hear of it only if what they were told no longer holds:
-        nobody was told of a join this connection made first, but another
-        connection of the peer that joined meanwhile counted on this one's
-        C{joined}; and the peer's other connections that left meanwhile
-        counted on this one's C{left}.
-        """
-        app_id = session.app_id
-        gone = await self._presence.remove_member(app_id, channel, session.peer_id, session.conn_id)
-        if first and gone is None:
-            joined = (presence_entry(session.peer_id, session.grant.peer_metadata),)
-            self._observer.member_joined(app_id, channel, session.peer_id, session.grant.peer_metadata)
-            await self._broker.publish(app_id, channel, PresenceChange(channel, joined, (), session.conn_id))
-        elif not first and gone is not None:
-            await self._member_left(app_id, channel, gone)
-
-    async def _member_left(self, app_id: str, channel: str, gone: Member) -> None:
-        """
-        Tell the channel (and the observer) that a peer's last connection
-        left it.
-        """
-        self._observer.member_left(app_id, channel, gone.peer_id, gone.metadata)
-        await self._broker.publish(app_id, channel, PresenceChange(channel, (), (_entry(gone),), None))
+                seen = subscription.presence_version
+                for version, delta in held:
+                    if seen is None or version is None or version > seen:
+                        session.sink.send_frame(delta)
 
     async def _watch(self, session: Session, channel: str, wildcard: bool) -> None:
         app_id = session.app_id
         if wildcard:
             index = self._patterns.setdefault(app_id, WildcardIndex())
             index.add(channel, session)
-            if index.subscriber_count(channel) == 1:
-                await self._broker.watch_pattern(app_id, channel)
+            first = index.subscriber_count(channel) == 1
         else:
             local = self._channels.setdefault((app_id, channel), {})
             local[session.conn_id] = session
-            if len(local) == 1:
-                await self._broker.watch_channel(app_id, channel)
+            first = len(local) == 1
+            if first:
+                self._views[(app_id, channel)] = ChannelView()
+        key = (app_id, channel, wildcard)
+        if not first:
+            # Another subscriber's watch may still be on its way: until the
+            # broker routes the channel here, this one would miss what is
+            # published after its ack (or a delta after its snapshot).
+            waiters = self._watches_in_flight.get(key)
+            if waiters is not None:
+                waiting: Deferred[None] = Deferred()
+                waiters.append(waiting)
+                await waiting
+            return
+        watched = (self._broker.watch_pattern if wildcard else self._broker.watch_channel)(app_id, channel)
+        if watched.called:
+            await watched
+            return
+        waiters = self._watches_in_flight[key] = []
+        try:
+            await watched
+        finally:
+            if self._watches_in_flight.get(key) is waiters:
+                del self._watches_in_flight[key]
+            for waiting in waiters:
+                waiting.callback(None)
 
     async def _unsubscribe(self, session: Session, frame: Unsubscribe) -> None:
         if frame.channel in session.subscriptions:
@@ -515,26 +500,34 @@ class Hub(Service):
         self._ack(session, frame.request_id)
 
     async def _drop_subscription(self, session: Session, channel: str) -> None:
+        wildcard = session.subscriptions[channel].wildcard
+        unwatched = self._unwatch(session, channel)
+        if not wildcard:
+            # The presence announces the left itself.
+            await self._presence.remove_member(session.app_id, channel, session.peer_id, session.conn_id)
+        await unwatched
+
+    def _unwatch(self, session: Session, channel: str) -> Deferred[None]:
+        """
+        Take one subscription out of this node's indexes at once, and tell
+        the broker if it was the node's last on that channel or pattern.
+        """
         subscription = session.subscriptions.pop(channel)
         app_id = session.app_id
         if subscription.wildcard:
             index = self._patterns[app_id]
             index.remove(channel, session)
-            if index.subscriber_count(channel) == 0:
-                await self._broker.unwatch_pattern(app_id, channel)
+            gone = index.subscriber_count(channel) == 0
             if not len(index):
                 del self._patterns[app_id]
-            return
+            return self._broker.unwatch_pattern(app_id, channel) if gone else succeed(None)
         local = self._channels[(app_id, channel)]
         del local[session.conn_id]
-        if not local:
-            del self._channels[(app_id, channel)]
-            await self._broker.unwatch_channel(app_id, channel)
-        if subscription.joining:
-            return
-        gone = await self._presence.remove_member(app_id, channel, session.peer_id, session.conn_id)
-        if gone is not None:
-            await self._member_left(app_id, channel, gone)
+        if local:
+            return succeed(None)
+        del self._channels[(app_id, channel)]
+        del self._views[(app_id, channel)]
+        return self._broker.unwatch_channel(app_id, channel)
 
     # -- backend (REST) operations -------------------------------------------
 
@@ -564,11 +557,12 @@ class Hub(Service):
         """
         return self._presence.members(app_id, channel)
 
-    def kick(self, app_id: str, peer_id: str, code: int = CloseCode.ADMIN_DISCONNECT) -> Deferred[int | None]:
+    def kick(self, app_id: str, peer_id: str, code: int = CloseCode.ADMIN_DISCONNECT) -> Deferred[int]:
         """
-        Close every connection of a peer in one app (§19.5).
+        Close every connection of a peer in one app (§19.5), on every node.
 
-        @return: fires with how many connections were closed.
+        @return: fires with how many connections were closed; fails with
+            L{BackendUnavailable} when other nodes cannot be reached.
         """
         return self._broker.direct(app_id, peer_id, Disconnect(peer_id, code, "admin_disconnect"))
 
@@ -715,17 +709,60 @@ class Hub(Service):
                     session.sink.send_frame(frame)
         return len(plain) + len(rich)
 
-    def _deliver_presence(self, app_id: str, envelope: PresenceChange) -> int:
+    def _catch_up(self, app_id: str, channel: str, snapshot: Joining, exclude_conn: str | None) -> None:
+        view = self._views.get((app_id, channel))
+        if view is None or snapshot.version is None:
+            return
+        joined, left = view.catch_up(snapshot.members, snapshot.version)
+        if joined or left:
+            change = PresenceChange(channel, joined, left, exclude_conn, snapshot.version)
+            self._deliver_presence(app_id, change, through_view=False)
+
+    def _caught_up(self, snapshot: Joining, app_id: str, channel: str) -> None:
+        self._catch_up(app_id, channel, snapshot, None)
+
+    def reconcile_presence(self) -> Deferred[None]:
+        """
+        Read the membership of every channel with local subscribers again
+        and tell them what they missed: after an outage, deltas may have
+        been lost, or Redis may have come back empty and been refilled.
+        """
+        return ensureDeferred(self._reconcile_presence())
+
+    async def _reconcile_presence(self) -> None:
+        # All reads at once (pipelined), each applied as it answers.
+        reads = []
+        for app_id, channel in list(self._views):
+            read = self._presence.snapshot(app_id, channel)
+            reads.append(read.addCallback(self._caught_up, app_id, channel))
+        try:
+            await gatherResults(reads, consumeErrors=True)
+        except FirstError as e:
+            self.log.warn("Presence not fully reconciled: {why}", why=str(e.subFailure.value))
+
+    def _deliver_presence(self, app_id: str, envelope: PresenceChange, through_view: bool = True) -> int:
+        if through_view and envelope.version is not None:
+            view = self._views.get((app_id, envelope.channel))
+            if view is not None:
+                accepted = view.accept(envelope)
+                if accepted is None:
+                    return 0
+                envelope = accepted
         frame: OutboundFrame | None = None
         count = 0
         for conn_id, session in self._channels.get((app_id, envelope.channel), {}).items():
             if conn_id == envelope.exclude_conn or not session.grant.may("presence"):
                 continue
+            subscription = session.subscriptions[envelope.channel]
+            version = envelope.version
+            seen = subscription.presence_version
+            if version is not None and seen is not None and version <= seen:
+                continue  # already in this subscriber's snapshot
             if frame is None:
                 frame = presence_frame(envelope.channel, envelope.joined, envelope.left)
-            held = session.subscriptions[envelope.channel].held_presence
+            held = subscription.held_presence
             if held is not None:
-                held.append(frame)
+                held.append((version, frame))
             else:
                 session.sink.send_frame(frame)
             count += 1

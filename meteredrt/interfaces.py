@@ -1,15 +1,15 @@
 """
 The seams of meteredrt, as zope interfaces.
 
-Everything the hub and the adapters need from state that may one day live
-outside this process goes through one of these:
+Everything the hub and the adapters need from state that may live outside
+this process goes through one of these:
 
   - L{IKeyStore}: apps, plans and keys (SQLite + TOML today).
-  - L{IBroker}: moving envelopes between nodes (in memory today; Redis,
-    planned, in the cluster).
+  - L{IBroker}: moving envelopes between nodes (in memory on one node;
+    through Redis pub/sub in a cluster).
   - L{IPresence}: channel membership and the peer directory, with connection
-    refcounts (in memory today; Redis, planned, in the cluster so it
-    survives a node).
+    refcounts (in memory on one node; in Redis in a cluster, so it survives
+    a node).
   - L{IMeter}: concurrent-connection admission and message counting.
   - L{ITurnProvider}: TURN credentials for the welcome frame.
   - L{IConnectionSink}: what the hub sees of one client connection.
@@ -17,9 +17,10 @@ outside this process goes through one of these:
   - L{IWebhookOutbox}: the durable queue of webhook events.
 
 Methods that may have to cross the network in some implementation return
-Deferreds even when today's implementation answers at once; the hub awaits
-them, and an already-fired Deferred keeps the synchronous ordering the
-single-node case relies on.
+Deferreds even when the in-memory implementation answers at once; the hub
+awaits them, and an already-fired Deferred keeps the synchronous ordering
+the single-node case relies on. A seam that cannot reach the shared state
+an operation needs raises L{BackendUnavailable}.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    # Annotations only, never evaluated: meteredrt.presence imports this
-    # module, so importing it back at run time would be circular.
     from collections.abc import Sequence
 
     from twisted.internet.defer import Deferred
 
     from meteredrt.apps import App, Key, KeyType, Plan
-    from meteredrt.presence import Member
+    from meteredrt.membership import Joining, Member
     from meteredrt.protocol import OutboundFrame
     from meteredrt.webhooks.events import WebhookEvent
     from meteredrt.webhooks.outbox import OnlineMark, OutboxStatus, StoredEvent
@@ -48,6 +47,14 @@ class StoreUnavailable(Exception):
     unreachable: a key it does not know may have been created since. The
     caller answers with a transient error (close 1011, HTTP 503), never as
     for a key that does not exist.
+    """
+
+
+class BackendUnavailable(Exception):
+    """
+    A seam cannot reach the shared state an operation needs (in a cluster,
+    Redis) right now. Clients see C{backend_error}, REST callers a 503,
+    both with this exception's message.
     """
 
 
@@ -197,38 +204,65 @@ class IBroker(Interface):
         of connections reached when the broker knows it, else ``None``.
         """
 
-    def direct(app_id: str, peer_id: str, envelope: object) -> Deferred[int | None]:
+    def direct(app_id: str, peer_id: str, envelope: object) -> Deferred[int]:
         """
-        Route an envelope to every node watching the peer. Fires like
-        L{publish}.
+        Route an envelope (a C{DirectMessage} or a C{Disconnect}) to every
+        connection of a peer, on every node, in one step: finding the peer's
+        connections and handing them the envelope are one call, so a C{send}
+        costs one round trip and a kick can report an exact count.
+
+        @return: fires with how many connections it was routed to, not
+            counting the C{DirectMessage}'s sending connection (0 means the
+            peer is not connected); fails with L{BackendUnavailable} when
+            the peer could be on another node and that cannot be reached.
         """
 
 
 class IPresence(Interface):
     """
     Channel membership and the peer directory, refcounted per connection.
+
+    An implementation announces the C{joined}/C{left} deltas its changes
+    cause itself, in the same atomic step as the change, as
+    L{meteredrt.envelopes.PresenceChange}s: to the attached target for this
+    node's connections, and to the other nodes by its own means. That is
+    what keeps snapshots and deltas from disagreeing (§10.2): a snapshot
+    (L{Joining}) carries the version of the membership it shows, and each
+    delta the version it made.
     """
+
+    def attach(target: IDeliveryTarget) -> None:
+        """
+        Set where this node's presence deltas go (the hub). Called once.
+        """
 
     def add_member(
         app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict[str, Any] | None
-    ) -> Deferred[bool]:
+    ) -> Deferred[Joining]:
         """
-        Record that a connection of a peer subscribed to a concrete channel.
-        Fires with ``True`` if the peer was not a member before (a ``joined``
-        delta is due).
+        Record that a connection of a peer subscribed to a concrete channel;
+        if the peer was not a member, announce its C{joined} (to everyone
+        but this connection). Fires with the L{Joining}: whether it was new,
+        and the snapshot taken in the same step.
         """
 
     def remove_member(app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
         """
-        Forget one connection's membership. Fires with the peer's
-        L{meteredrt.presence.Member} if that was its last connection in the
-        channel (a ``left`` delta is due), else ``None``.
+        Forget one connection's membership; if that was the peer's last
+        connection in the channel, announce its C{left} and fire with its
+        L{meteredrt.membership.Member}, else with ``None``.
         """
 
     def members(app_id: str, channel: str) -> Deferred[list[Member]]:
         """
         Fires with the channel's members, one L{Member} per peerId, ordered
         by join time.
+        """
+
+    def snapshot(app_id: str, channel: str) -> Deferred[Joining]:
+        """
+        Fires with the channel's members and the membership version they
+        show, read in one step (a L{Joining} whose C{first} is C{False}).
         """
 
     def add_connection(app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
@@ -238,7 +272,9 @@ class IPresence(Interface):
 
     def remove_connection(app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         """
-        Forget a live connection of a peer.
+        Forget a closed connection in one step: every channel membership it
+        still holds ends (announcing C{left} where it was the peer's last
+        connection) and it leaves the peer directory.
         """
 
     def connections_of(app_id: str, peer_id: str) -> Deferred[frozenset[str]]:
@@ -294,7 +330,8 @@ class ITurnProvider(Interface):
 
 class IPresenceObserver(Interface):
     """
-    Told of the presence transitions the hub makes, for webhooks.
+    Told of the presence transitions an L{IPresence} makes, for webhooks:
+    each by the presence step that made it, so each exactly once.
 
     Called on the hub's path (connect, subscribe, close), so an
     implementation must only take note and return at once.

@@ -2,8 +2,10 @@
 The composition root: C{twistd meteredrt} options and L{makeService}.
 
 This is the only module that picks implementations (the key store and the
-meter's usage store on SQLite or PostgreSQL, in-memory broker and presence,
-treq TURN client) and the only one that may import the global reactor.
+meter's usage store on SQLite or PostgreSQL; in-memory broker and presence
+or, with C{[cluster]}/C{--redis}, the Redis ones with the node lease; the
+webhook outbox; treq clients for TURN and webhooks) and the only one that
+may import the global reactor.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
@@ -34,14 +36,27 @@ from twisted.web.server import Site
 
 from meteredrt.apps import App, Key, KeyType, WebhookConfig
 from meteredrt.broker.memory import MemoryBroker
-from meteredrt.config import Config, ConfigError, apply_options, default_config, load_config
+from meteredrt.broker.redis import RedisBroker
+from meteredrt.clusterwire import ClusterNode, default_node_name
+from meteredrt.config import (
+    ClusterConfig,
+    Config,
+    ConfigError,
+    apply_options,
+    apply_workers,
+    default_config,
+    load_config,
+)
 from meteredrt.guard import ConnectionCap, GuardedSite
 from meteredrt.hub import Hub
+from meteredrt.lease import NodeLease
 from meteredrt.logs import build_observer, rotate_on_sigusr1, twistd_destination
 from meteredrt.metering import Meter
 from meteredrt.metrics import Metrics
-from meteredrt.presence import MemoryPresence
+from meteredrt.presence.memory import MemoryPresence
+from meteredrt.presence.redis import RedisPresence
 from meteredrt.prometheus import MetricsResource, build_registry, metrics_root
+from meteredrt.redisclient import RedisClient, RedisSubscriber, parse_redis_url
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
@@ -55,6 +70,7 @@ from meteredrt.turn import TurnApiClient, TurnCredentialCache
 from meteredrt.webhooks.dispatcher import WebhookDispatcher
 from meteredrt.webhooks.emitter import WebhookEmitter
 from meteredrt.webhooks.outbox import SQLiteOutbox, webhooks_database_path
+from meteredrt.workers import ParentWatch, ReusePortEndpoint, WorkerCommand, WorkerPool, for_worker
 from meteredrt.ws import RealtimeServerFactory
 
 
@@ -75,6 +91,9 @@ class Options(usage.Options):
             "PostgreSQL URL for apps, keys and usage (postgresql://user@host:5432/db); "
             "overrides [storage] database. Default: SQLite in the data directory.",
         ],
+        ["redis", None, None, "Redis URL (redis:// or rediss://) of the cluster; overrides [cluster] redis."],
+        ["workers", None, None, "Processes serving the same ports; needs [cluster]. Overrides [server] workers.", int],
+        ["worker-index", None, None, "Internal: set by worker 1 on the workers it starts.", int],
     ]
 
     def __init__(self) -> None:
@@ -102,8 +121,14 @@ class Options(usage.Options):
         try:
             config = load_config(self["config"]) if self["config"] else default_config()
             parsed = apply_options(
-                config, listen=self["listen"], data_dir=self["data-dir"], database=self["database"]
+                config,
+                listen=self["listen"],
+                data_dir=self["data-dir"],
+                database=self["database"],
+                redis=self["redis"],
             )
+            # After --redis and --listen: it checks what they made of the file.
+            parsed = apply_workers(parsed, self["workers"])
             check_endpoints(parsed, from_command_line=bool(self["listen"]))
             require_driver(Database(parsed.data_dir, parsed.database))
         except (ConfigError, DriverMissing) as e:
@@ -367,7 +392,8 @@ class DataDirectory(Service):
 
 class Listener(Service):
     """
-    Listens on one Twisted endpoint string while running.
+    Listens on one Twisted endpoint string while running; with
+    C{shared=True} on a C{SO_REUSEPORT} socket that other workers bind too.
 
     The socket is bound as soon as the service starts (in
     C{privilegedStartService} under twistd, so ports below 1024 work with
@@ -376,9 +402,11 @@ class Listener(Service):
     accepts.
     """
 
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, description: str, factory: Any, reactor: Any, shared: bool = False) -> None:
         self.description = description
-        self._endpoint = endpoints.serverFromString(reactor, description)
+        self._endpoint: Any = (
+            ReusePortEndpoint(reactor, description) if shared else endpoints.serverFromString(reactor, description)
+        )
         self._factory = factory
         self._binding: Deferred[IListeningPort] | None = None
         self._port: IListeningPort | None = None
@@ -522,6 +550,44 @@ def _webhooks_of(keys: KeyStore, app_id: str) -> WebhookConfig | None:
     return None if app is None else app.webhooks
 
 
+def stop_reactor(reactor: Any) -> None:
+    """
+    Stop the reactor unless it is already stopping.
+    """
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+def _cluster_hub(
+    cluster: ClusterConfig, meter: Meter, keys: KeyStore, reactor: Any, top: MultiService, metrics: Metrics
+) -> Hub:
+    """
+    A hub routing and keeping presence through Redis, with the node's
+    Redis connections and lease as services of C{top}: added before the
+    hub, they stop after the connections have drained, so every closing
+    connection still leaves presence.
+    """
+    address = parse_redis_url(cluster.redis)
+    node = ClusterNode(cluster.node_name or default_node_name())
+    client = RedisClient(reactor, address)
+    broker = RedisBroker(client, node)
+    subscriber = RedisSubscriber(reactor, address, broker.received)
+    broker.start(subscriber)
+    presence = RedisPresence(client, node)
+    client.setServiceParent(top)
+    subscriber.setServiceParent(top)
+    # The meter counts per node for now: a reaped node's connections have
+    # nothing to release here.
+    lease = NodeLease(reactor, client, presence, node, cluster.lease_seconds)
+    lease.setServiceParent(top)
+    Logger().info("Cluster node {node} on Redis at {address}", node=node.node_id, address=str(address))
+    hub = Hub(broker, presence, meter, keys.app, node_id=node.node_id, metrics=metrics)
+    lease.reconcile_after_outage(subscriber, hub.reconcile_presence)
+    return hub
+
+
 def makeService(options: Options | dict, reactor: Any = None) -> IService:
     """
     Build the whole server as one service.
@@ -542,11 +608,23 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     config: Config = options["parsed"]
+    worker = options.get("worker-index") or 1
+    if config.workers > 1:
+        config = for_worker(config, worker)
     install_speedups()
 
     show_startup_errors_in_one_line()
 
     top = OrderedServices()
+    pool = None
+    if config.workers > 1 and worker == 1:
+        # Added first so that it stops last: worker 1 exits after the others.
+        command = WorkerCommand(config.workers, options.get("config"), config.data_dir, options.get("redis"))
+        pool = WorkerPool(command, reactor)
+        pool.setServiceParent(top)
+    elif worker > 1:
+        # Worker 1 died without stopping this one: drain and stop.
+        ParentWatch(reactor, partial(stop_reactor, reactor)).setServiceParent(top)
     twistd_options = getattr(options, "parent", None)
     if twistd_options is not None:
         destination = twistd_destination(twistd_options)
@@ -573,21 +651,23 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     metrics = Metrics()
     metrics.watch(meter=meter)
 
-    # Presence webhooks: the outbox is written before the hub can take
-    # note of anything, and stops after every connection has drained.
-    outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
-    top.addService(_Closing(outbox.close))
-    # Batches go out back to back while a backlog drains: keep connections.
-    webhook_pool = HTTPConnectionPool(reactor, persistent=True)
-    top.addService(_Closing(webhook_pool.closeCachedConnections))
-    webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
-    webhook_configs = partial(_webhooks_of, keys)
-    dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
-    dispatcher.setServiceParent(top)
-    emitter = WebhookEmitter(webhook_configs, outbox, reactor, on_stored=dispatcher.wake)
-    emitter.setServiceParent(top)
-
-    hub = Hub(MemoryBroker(), MemoryPresence(), meter, keys.app, observer=emitter, metrics=metrics)
+    if config.cluster is None:
+        # Presence webhooks: the outbox is written before the hub can take
+        # note of anything, and stops after every connection has drained.
+        outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
+        top.addService(_Closing(outbox.close))
+        # Batches go out back to back while a backlog drains: keep connections.
+        webhook_pool = HTTPConnectionPool(reactor, persistent=True)
+        top.addService(_Closing(webhook_pool.closeCachedConnections))
+        webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
+        webhook_configs = partial(_webhooks_of, keys)
+        dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
+        dispatcher.setServiceParent(top)
+        emitter = WebhookEmitter(webhook_configs, outbox, reactor, on_stored=dispatcher.wake)
+        emitter.setServiceParent(top)
+        hub = Hub(MemoryBroker(), MemoryPresence(observer=emitter), meter, keys.app, metrics=metrics)
+    else:
+        hub = _cluster_hub(config.cluster, meter, keys, reactor, top, metrics)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.
@@ -627,14 +707,18 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     gate = StartupGate(keys, meter, reactor)
     gate.setName("listeners")
     for description in config.listen:
-        Listener(description, capped, reactor).setServiceParent(gate)
+        Listener(description, capped, reactor, shared=config.workers > 1).setServiceParent(gate)
     if config.metrics.listen is not None:
         metrics_site = Site(metrics_root(MetricsResource(registry)), requestFactory=BoundedRequest)
         metrics_site.displayTracebacks = False
         metrics_site.noisy = False
         Listener(config.metrics.listen, metrics_site, reactor).setServiceParent(gate)
     gate.setServiceParent(top)
-    # Added last, so it stops first: not ready, grace, drain; then the
-    # listeners close.
+    # Added after the listeners, so it stops before them: not ready, grace,
+    # drain; then the listeners close.
     ConnectionDrain(factory, reactor, config.drain_grace_seconds).setServiceParent(top)
+    if pool is not None:
+        gate.listening.addCallback(pool.start_workers)
+        # Stopped first: every worker drains at the same time as this one.
+        pool.signal_on_stop().setServiceParent(top)
     return top

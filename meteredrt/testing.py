@@ -33,7 +33,7 @@ from meteredrt.interfaces import (
     IPresence,
     StoreUnavailable,
 )
-from meteredrt.presence import Member
+from meteredrt.membership import Joining, Member
 from meteredrt.protocol import OutboundFrame
 
 _T = TypeVar("_T")
@@ -284,7 +284,7 @@ class HeldBroker:
     def publish(self, app_id: str, channel: str, envelope: object) -> Deferred[int | None]:
         return self._answers.hold("publish", self._broker.publish(app_id, channel, envelope))
 
-    def direct(self, app_id: str, peer_id: str, envelope: object) -> Deferred[int | None]:
+    def direct(self, app_id: str, peer_id: str, envelope: object) -> Deferred[int]:
         return self._answers.hold("direct", self._broker.direct(app_id, peer_id, envelope))
 
 
@@ -299,9 +299,12 @@ class HeldPresence:
         self._presence = presence
         self._answers = answers
 
+    def attach(self, target: IDeliveryTarget) -> None:
+        self._presence.attach(target)
+
     def add_member(
         self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict[str, Any] | None
-    ) -> Deferred[bool]:
+    ) -> Deferred[Joining]:
         answer = self._presence.add_member(app_id, channel, peer_id, conn_id, metadata)
         return self._answers.hold("add_member", answer)
 
@@ -310,6 +313,9 @@ class HeldPresence:
 
     def members(self, app_id: str, channel: str) -> Deferred[list[Member]]:
         return self._answers.hold("members", self._presence.members(app_id, channel))
+
+    def snapshot(self, app_id: str, channel: str) -> Deferred[Joining]:
+        return self._answers.hold("snapshot", self._presence.snapshot(app_id, channel))
 
     def add_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         return self._answers.hold("add_connection", self._presence.add_connection(app_id, peer_id, conn_id))

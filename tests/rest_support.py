@@ -30,7 +30,7 @@ from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub, Session
 from meteredrt.interfaces import IMeter
 from meteredrt.metering import Meter
-from meteredrt.presence import MemoryPresence
+from meteredrt.presence.memory import MemoryPresence
 from meteredrt.protocol import parse_frame
 from meteredrt.rest import RestLimits, install_rest
 from meteredrt.site import V1Resource, build_root

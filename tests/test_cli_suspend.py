@@ -15,7 +15,7 @@ from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub
 from meteredrt.keystore import SQLiteKeyStore, open_pool, prepare_database
 from meteredrt.metering import Meter
-from meteredrt.presence import MemoryPresence
+from meteredrt.presence.memory import MemoryPresence
 from meteredrt.protocol import CloseCode
 from meteredrt.testing import RecordingSink
 from meteredrt.usagestore import UsageStore

@@ -11,8 +11,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from meteredrt.apps import ACTIONS, App, Key, KeyType, Plan, TurnConfig
 from meteredrt.config import (
     DEFAULT_DATA_DIR,
+    DEFAULT_LEASE_SECONDS,
     DEFAULT_LISTEN,
     AppDeclaration,
+    ClusterConfig,
     Config,
     ConfigError,
     LogConfig,
@@ -271,7 +273,7 @@ class ConfigErrorTests(ConfigTestsMixin, SynchronousTestCase):
         """
         A TOML syntax error is reported with its line and column.
         """
-        error = self.assertConfigError("[server]\nlisten = [\"a\"]\nlisten = 1\n", "", "invalid TOML")
+        error = self.assertConfigError('[server]\nlisten = ["a"]\nlisten = 1\n', "", "invalid TOML")
         self.assertIn("line 3", error.problem)
 
     def test_not_utf8(self) -> None:
@@ -723,9 +725,7 @@ class DefaultsTests(SynchronousTestCase):
         replaces the file's.
         """
         config = Config(listen=("tcp:1", "tcp:2"), data_dir="a")
-        self.assertEqual(
-            apply_options(config, listen=["tcp:3"], data_dir="b"), Config(listen=("tcp:3",), data_dir="b")
-        )
+        self.assertEqual(apply_options(config, listen=["tcp:3"], data_dir="b"), Config(listen=("tcp:3",), data_dir="b"))
 
     def test_no_options(self) -> None:
         """
@@ -883,3 +883,87 @@ class LogSectionTests(ConfigTestsMixin, SynchronousTestCase):
         self.assertConfigError('[log]\nformat = "xml"\n', "log.format", "expected one of text, json")
         self.assertConfigError('[log]\nlevel = "warning"\n', "log.level", "expected one of debug, info, warn, error")
         self.assertConfigError('[log]\nlevels = "info"\n', "log.levels", "did you mean 'level'")
+class ClusterConfigTests(ConfigTestsMixin, SynchronousTestCase):
+    """
+    The C{[cluster]} table and C{--redis}.
+    """
+
+    def test_absent(self) -> None:
+        """
+        Without C{[cluster]} the node is alone.
+        """
+        self.assertIsNone(load_config(self.write("[server]\n")).cluster)
+        self.assertIsNone(default_config().cluster)
+
+    def test_full(self) -> None:
+        """
+        The issue's example reads into a L{ClusterConfig}.
+        """
+        text = '[cluster]\nredis = "redis://127.0.0.1:6379/0"\nnode_name = "ws-1"\nlease_seconds = 5\n'
+        self.assertEqual(load_config(self.write(text)).cluster, ClusterConfig("redis://127.0.0.1:6379/0", "ws-1", 5.0))
+
+    def test_defaults(self) -> None:
+        """
+        Only C{redis} is required.
+        """
+        cluster = load_config(self.write('[cluster]\nredis = "rediss://:pw@h/1"\n')).cluster
+        self.assertEqual(cluster, ClusterConfig("rediss://:pw@h/1", None, DEFAULT_LEASE_SECONDS))
+
+    def test_errors(self) -> None:
+        """
+        A missing or bad URL, a bad node name, an absurd lease and unknown
+        keys are refused naming the key.
+        """
+        self.assertConfigError("[cluster]\n", "cluster.redis", "required")
+        self.assertConfigError('[cluster]\nredis = "http://h"\n', "cluster.redis", "redis://")
+        self.assertConfigError('[cluster]\nredis = "redis://h"\nnode_name = "a b"\n', "cluster.node_name", "node name")
+        self.assertConfigError(
+            '[cluster]\nredis = "redis://h"\nlease_seconds = 0\n', "cluster.lease_seconds", "at least"
+        )
+        self.assertConfigError(
+            '[cluster]\nredis = "redis://h"\nlease_seconds = 99999\n', "cluster.lease_seconds", "at most"
+        )
+        self.assertConfigError('[cluster]\nredis = "redis://h"\nlease = 3\n', "cluster.lease", "lease_seconds")
+
+    def test_option(self) -> None:
+        """
+        C{--redis} makes a node a cluster member, or overrides the file's
+        URL and keeps its other keys; a bad URL is refused.
+        """
+        self.assertEqual(apply_options(default_config(), redis="redis://h:1/2").cluster, ClusterConfig("redis://h:1/2"))
+        text = '[cluster]\nredis = "redis://a"\nnode_name = "n"\n'
+        config = apply_options(load_config(self.write(text)), redis="redis://b")
+        self.assertEqual(config.cluster, ClusterConfig("redis://b", "n"))
+        error = self.assertRaises(ConfigError, apply_options, default_config(), redis="nope")
+        self.assertEqual(error.where, "--redis")
+
+
+class WebhooksInClusterTests(ConfigTestsMixin, SynchronousTestCase):
+    """
+    Presence webhooks are refused on a cluster node, from the file or with
+    C{--redis}, until they are cluster-wide.
+    """
+
+    HOOKED = (
+        '[[apps]]\nid = "a"\n\n[apps.webhooks]\nurl = "https://backend.example/hooks"\n'
+        'secret = "whsec_0123456789abcdef0123456789abcdef"\n'
+    )
+
+    def test_file(self) -> None:
+        """
+        C{[cluster]} and an app's C{[apps.webhooks]} in one file are refused.
+        """
+        self.assertConfigError(
+            '[cluster]\nredis = "redis://127.0.0.1:7000/0"\n\n' + self.HOOKED,
+            "apps[0].webhooks",
+            "not available in a cluster",
+        )
+
+    def test_redis_option(self) -> None:
+        """
+        C{--redis} over a file whose apps have webhooks is refused.
+        """
+        config = load_config(self.write(self.HOOKED))
+        error = self.assertRaises(ConfigError, apply_options, config, redis="redis://127.0.0.1:7000/0")
+        self.assertIn("apps[0].webhooks", str(error))
+        self.assertIn("--redis", str(error))

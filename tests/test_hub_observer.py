@@ -1,6 +1,7 @@
 """
-Tests for what L{meteredrt.hub.Hub} tells its L{IPresenceObserver}, and for
-the hub and L{WebhookEmitter} together.
+Tests for what L{meteredrt.presence.memory.MemoryPresence} tells its
+L{IPresenceObserver} as the hub drives it, and for the hub and
+L{WebhookEmitter} together.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from zope.interface import implementer
 from meteredrt.apps import WebhookConfig
 from meteredrt.hub import Hub
 from meteredrt.interfaces import IPresenceObserver
+from meteredrt.presence.memory import MemoryPresence
 from meteredrt.webhooks.emitter import WebhookEmitter
 from meteredrt.webhooks.outbox import MemoryOutbox
 from tests.test_hub import HubTestCase
@@ -41,14 +43,15 @@ class RecordingObserver:
 
 class HubObserverTests(HubTestCase):
     """
-    The hub reports a peer's first and last connection and the presence
-    deltas it sends, and nothing else.
+    Presence reports a peer's first and last connection and the presence
+    deltas it announces, and nothing else.
     """
 
     def setUp(self) -> None:
         super().setUp()
         self.observer = RecordingObserver()
-        self.hub = Hub(self.broker, self.presence, self.meter, self.apps.get, node_id="n1", observer=self.observer)
+        self.presence = MemoryPresence(observer=self.observer)
+        self.hub = Hub(self.broker, self.presence, self.meter, self.apps.get, node_id="n1")
 
     def test_first_and_last_connection(self) -> None:
         """
@@ -117,7 +120,8 @@ class HubWebhookTests(HubTestCase):
         config = WebhookConfig(url="http://127.0.0.1:1/", secret="s" * 32, offline_grace_seconds=3)
         self.emitter = WebhookEmitter({"app_1": config}.get, self.outbox, self.clock, on_stored=lambda app: None)
         self.emitter.startService()
-        self.hub = Hub(self.broker, self.presence, self.meter, self.apps.get, node_id="n1", observer=self.emitter)
+        self.presence = MemoryPresence(observer=self.emitter)
+        self.hub = Hub(self.broker, self.presence, self.meter, self.apps.get, node_id="n1")
 
     def sent(self) -> list[tuple[str, str | None, str | None]]:
         batch = self.successResultOf(self.outbox.next_batch("app_1", 100))

@@ -1,120 +1,232 @@
 """
-Tests for L{meteredrt.presence.MemoryPresence}: refcounted membership and
-the peer directory.
+One conformance suite for L{IPresence}, run against L{MemoryPresence} and
+L{RedisPresence} (two nodes' presences on one real C{redis-server}):
+refcounted membership, snapshots taken with the change, announced deltas,
+one-step disconnects and the peer directory.
 """
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from meteredrt.interfaces import IPresence
-from meteredrt.presence import Member, MemoryPresence
+from meteredrt.clusterwire import ClusterNode
+from meteredrt.envelopes import PresenceChange
+from meteredrt.interfaces import IDeliveryTarget, IPresence
+from meteredrt.membership import Member
+from meteredrt.presence.memory import MemoryPresence
+from meteredrt.presence.redis import RedisPresence
+from meteredrt.redisclient import RedisClient, parse_redis_url
+from tests.servers import RedisServer
 
 
-class MembershipTests(SynchronousTestCase):
+@implementer(IDeliveryTarget)
+class Announcements:
     """
-    Channel membership per (app, channel, peerId), counted by connection.
+    A delivery target that keeps the presence changes announced to it.
     """
 
-    def setUp(self) -> None:
-        self.presence = MemoryPresence()
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, PresenceChange]] = []
 
-    def add(self, peer_id: str, conn_id: str, metadata: dict | None = None, channel: str = "room") -> bool:
-        return self.successResultOf(self.presence.add_member("app", channel, peer_id, conn_id, metadata))
+    def deliver(self, app_id: str, envelope: object) -> int:
+        assert isinstance(envelope, PresenceChange)
+        self.changes.append((app_id, envelope))
+        return 0
 
-    def remove(self, peer_id: str, conn_id: str, channel: str = "room") -> Member | None:
-        return self.successResultOf(self.presence.remove_member("app", channel, peer_id, conn_id))
+    def summary(self) -> list[tuple[str, list[str], list[str]]]:
+        return [
+            (change.channel, [e["peerId"] for e in change.joined], [e["peerId"] for e in change.left])
+            for _, change in self.changes
+        ]
 
-    def members(self, app_id: str = "app", channel: str = "room") -> list[Member]:
-        return self.successResultOf(self.presence.members(app_id, channel))
 
-    def test_interface(self) -> None:
+class PresenceTestsMixin:
+    """
+    What every presence does. C{self.presence} and C{self.other} are two
+    nodes' presences sharing state (the same object in memory).
+    """
+
+    presence: Any
+    other: Any
+    heard: Announcements
+
+    async def make(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    async def setUpPresence(self) -> None:
+        self.presence, self.other = await self.make()
+        self.heard = Announcements()
+        self.presence.attach(self.heard)
+
+    async def add(self, peer_id: str, conn_id: str, metadata: dict | None = None, channel: str = "room") -> bool:
+        return (await self.presence.add_member("app", channel, peer_id, conn_id, metadata)).first
+
+    async def remove(self, peer_id: str, conn_id: str, channel: str = "room") -> Member | None:
+        return await self.presence.remove_member("app", channel, peer_id, conn_id)
+
+    async def members(self, app_id: str = "app", channel: str = "room") -> list[Member]:
+        return await self.presence.members(app_id, channel)
+
+    async def test_interface(self) -> None:
         """
-        L{MemoryPresence} provides L{IPresence}.
+        It provides L{IPresence}.
         """
-        self.assertTrue(verifyObject(IPresence, self.presence))
+        await self.setUpPresence()
+        self.assertTrue(verifyObject(IPresence, self.presence))  # type: ignore[attr-defined]
 
-    def test_first_connection_joins(self) -> None:
+    async def test_first_connection_joins(self) -> None:
         """
-        Only a peer's first connection in a channel makes it a new member.
+        Only a peer's first connection in a channel makes it a new member,
+        whichever node it is on.
         """
-        self.assertTrue(self.add("alice", "c1"))
-        self.assertFalse(self.add("alice", "c2"))
-        self.assertFalse(self.add("alice", "c1"))
-        self.assertTrue(self.add("bob", "c3"))
+        await self.setUpPresence()
+        self.assertTrue(await self.add("alice", "c1"))
+        self.assertFalse(await self.add("alice", "c2"))
+        self.assertFalse(await self.add("alice", "c1"))
+        self.assertFalse((await self.other.add_member("app", "room", "alice", "c4", None)).first)
+        self.assertTrue(await self.add("bob", "c3"))
 
-    def test_last_connection_leaves(self) -> None:
+    async def test_last_connection_leaves(self) -> None:
         """
-        Only the last connection's removal ends membership, returning the
-        member as it was shown.
+        Only the last connection's removal ends membership, on any node,
+        returning the member as it was shown.
         """
-        self.add("alice", "c1", {"n": 1})
-        self.add("alice", "c2", {"n": 1})
-        self.assertIsNone(self.remove("alice", "c1"))
-        self.assertEqual(self.remove("alice", "c2"), Member("alice", {"n": 1}))
-        self.assertEqual(self.members(), [])
+        await self.setUpPresence()
+        await self.add("alice", "c1", {"n": 1})
+        await self.other.add_member("app", "room", "alice", "c2", {"n": 1})
+        self.assertIsNone(await self.remove("alice", "c1"))
+        self.assertEqual(await self.other.remove_member("app", "room", "alice", "c2"), Member("alice", {"n": 1}))
+        self.assertEqual(await self.members(), [])
 
-    def test_remove_unknown(self) -> None:
+    async def test_remove_unknown(self) -> None:
         """
         Removing a connection that is not a member changes nothing.
         """
-        self.add("alice", "c1")
-        self.assertIsNone(self.remove("alice", "c9"))
-        self.assertIsNone(self.remove("bob", "c1"))
-        self.assertIsNone(self.remove("alice", "c1", channel="other"))
-        self.assertEqual(self.members(), [Member("alice", None)])
+        await self.setUpPresence()
+        await self.add("alice", "c1")
+        self.assertIsNone(await self.remove("alice", "c9"))
+        self.assertIsNone(await self.remove("bob", "c1"))
+        self.assertIsNone(await self.remove("alice", "c1", channel="other"))
+        self.assertEqual(await self.members(), [Member("alice", None)])
 
-    def test_members_in_join_order(self) -> None:
+    async def test_members_in_join_order(self) -> None:
         """
         Members are listed once per peerId, in join order, with the most
-        recent connection's metadata.
+        recent connection's metadata; the snapshot of an add shows the
+        same.
         """
-        self.add("alice", "c1", {"v": 1})
-        self.add("bob", "c2")
-        self.add("alice", "c3", {"v": 2})
-        self.assertEqual(self.members(), [Member("alice", {"v": 2}), Member("bob", None)])
+        await self.setUpPresence()
+        await self.add("alice", "c1", {"v": 1})
+        await self.add("bob", "c2")
+        joining = await self.presence.add_member("app", "room", "alice", "c3", {"v": 2})
+        expected = [Member("alice", {"v": 2}), Member("bob", None)]
+        self.assertEqual(await self.members(), expected)
+        self.assertEqual(list(joining.members), expected)
 
-    def test_apps_and_channels_apart(self) -> None:
+    async def test_apps_and_channels_apart(self) -> None:
         """
         The same peer and channel in another app or channel are separate.
         """
-        self.add("alice", "c1")
-        self.assertTrue(self.successResultOf(self.presence.add_member("other", "room", "alice", "c2", None)))
-        self.assertTrue(self.add("alice", "c1", channel="hall"))
-        self.assertEqual(self.members("other"), [Member("alice", None)])
-        self.remove("alice", "c1")
-        self.assertEqual(self.members("other"), [Member("alice", None)])
-        self.assertEqual(self.members(channel="hall"), [Member("alice", None)])
+        await self.setUpPresence()
+        await self.add("alice", "c1")
+        self.assertTrue((await self.presence.add_member("other", "room", "alice", "c2", None)).first)
+        self.assertTrue(await self.add("alice", "c1", channel="hall"))
+        self.assertEqual(await self.members("other"), [Member("alice", None)])
+        await self.remove("alice", "c1")
+        self.assertEqual(await self.members("other"), [Member("alice", None)])
+        self.assertEqual(await self.members(channel="hall"), [Member("alice", None)])
+
+    async def test_announces_changes(self) -> None:
+        """
+        Each change that makes a C{joined} or C{left} announces it to the
+        attached target, the joined excluding the joining connection; a
+        versioned presence numbers them in order, and a snapshot's version
+        covers exactly the deltas before it.
+        """
+        await self.setUpPresence()
+        first = await self.presence.add_member("app", "room", "alice", "c1", {"a": 1})
+        await self.add("alice", "c2")
+        second = await self.presence.add_member("app", "room", "bob", "c3", None)
+        await self.remove("alice", "c1")
+        await self.remove("alice", "c2")
+        self.assertEqual(
+            self.heard.summary(), [("room", ["alice"], []), ("room", ["bob"], []), ("room", [], ["alice"])]
+        )
+        changes = [change for _, change in self.heard.changes]
+        self.assertEqual(changes[0].exclude_conn, "c1")
+        self.assertEqual(changes[0].joined, ({"peerId": "alice", "metadata": {"a": 1}},))
+        versions = [change.version for change in changes]
+        if first.version is None:
+            self.assertEqual(versions, [None] * 3)
+        else:
+            self.assertEqual(versions, sorted(versions))
+            self.assertEqual(first.version, versions[0])
+            self.assertEqual(second.version, versions[1])
+
+    async def test_remove_connection_ends_memberships(self) -> None:
+        """
+        Removing a connection ends all its memberships in one call,
+        announcing a C{left} where it was the peer's last connection, and
+        takes it out of the directory.
+        """
+        await self.setUpPresence()
+        await self.presence.add_connection("app", "alice", "c1")
+        await self.presence.add_connection("app", "alice", "c2")
+        for channel in ("a", "b", "c"):
+            await self.add("alice", "c1", channel=channel)
+        await self.add("alice", "c2", channel="b")
+        self.heard.changes.clear()
+        await self.presence.remove_connection("app", "alice", "c1")
+        self.assertEqual(self.heard.summary(), [("a", [], ["alice"]), ("c", [], ["alice"])])
+        self.assertEqual(await self.members(channel="b"), [Member("alice", None)])
+        self.assertEqual(await self.members(channel="a"), [])
+        self.assertEqual(await self.presence.connections_of("app", "alice"), frozenset({"c2"}))
+
+    async def test_directory(self) -> None:
+        """
+        A peer's connections are those added and not yet removed, on every
+        node, per app.
+        """
+        await self.setUpPresence()
+        await self.presence.add_connection("app", "alice", "c1")
+        await self.other.add_connection("app", "alice", "c2")
+        self.assertEqual(await self.presence.connections_of("app", "alice"), frozenset({"c1", "c2"}))
+        self.assertEqual(await self.other.connections_of("app", "alice"), frozenset({"c1", "c2"}))
+        self.assertEqual(await self.presence.connections_of("two", "alice"), frozenset())
+        await self.presence.remove_connection("app", "alice", "c1")
+        await self.other.remove_connection("app", "alice", "c2")
+        await self.other.remove_connection("app", "alice", "c2")
+        self.assertEqual(await self.presence.connections_of("app", "alice"), frozenset())
 
 
-class DirectoryTests(SynchronousTestCase):
+class MemoryPresenceTests(PresenceTestsMixin, TestCase):
     """
-    The live connections of each peer, for routing directs.
+    L{MemoryPresence}: one node, seen twice.
     """
 
-    def setUp(self) -> None:
-        self.presence = MemoryPresence()
+    async def make(self) -> tuple[Any, Any]:
+        presence = MemoryPresence()
+        return presence, presence
 
-    def connections(self, app_id: str, peer_id: str) -> frozenset[str]:
-        return self.successResultOf(self.presence.connections_of(app_id, peer_id))
 
-    def test_add_remove(self) -> None:
-        """
-        A peer's connections are those added and not yet removed.
-        """
-        self.successResultOf(self.presence.add_connection("app", "alice", "c1"))
-        self.successResultOf(self.presence.add_connection("app", "alice", "c2"))
-        self.assertEqual(self.connections("app", "alice"), frozenset({"c1", "c2"}))
-        self.successResultOf(self.presence.remove_connection("app", "alice", "c1"))
-        self.assertEqual(self.connections("app", "alice"), frozenset({"c2"}))
-        self.successResultOf(self.presence.remove_connection("app", "alice", "c2"))
-        self.successResultOf(self.presence.remove_connection("app", "alice", "c2"))
-        self.assertEqual(self.connections("app", "alice"), frozenset())
+class RedisPresenceTests(PresenceTestsMixin, TestCase):
+    """
+    L{RedisPresence}: two nodes on one real Redis.
+    """
 
-    def test_apps_apart(self) -> None:
-        """
-        The same peerId in two apps has separate connections.
-        """
-        self.successResultOf(self.presence.add_connection("one", "alice", "c1"))
-        self.assertEqual(self.connections("two", "alice"), frozenset())
+    async def make(self) -> tuple[Any, Any]:
+        server = await RedisServer.start(self)
+        made = []
+        for name in ("one", "two"):
+            client = RedisClient(reactor, parse_redis_url(server.url), timeout=5.0)
+            presence = RedisPresence(client, ClusterNode(name))
+            client.startService()
+            self.addCleanup(client.stopService)
+            await client.ready
+            made.append(presence)
+        return made[0], made[1]

@@ -4,8 +4,10 @@ Tests for L{meteredrt.rest.peers}: C{DELETE /v1/peers/{peerId}} (§19.5).
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
+from meteredrt.interfaces import BackendUnavailable
 from meteredrt.protocol import CloseCode
 from tests.rest_support import APP_B, NARROW, RestWorld
 
@@ -69,3 +71,17 @@ class KickTests(SynchronousTestCase):
         _, sink = self.world.connect("u_1")
         self.assertEqual(self.world.delete("/v1/peers/u_1", key=None).status, 401)
         self.assertEqual(sink.closes, [])
+
+    def test_backend_unavailable(self) -> None:
+        """
+        When the shared state a kick needs cannot be reached, the answer is
+        503 C{internal_error} (§19.1's only 503) saying why.
+        """
+
+        def unreachable(app_id: str, peer_id: str, envelope: object) -> Deferred[int]:
+            return fail(BackendUnavailable("cannot reach other nodes through Redis"))
+
+        self.world.hub._broker.direct = unreachable  # type: ignore[method-assign]
+        reply = self.world.delete("/v1/peers/u_1")
+        self.assertEqual((reply.status, reply.json["error"]), (503, "internal_error"))
+        self.assertIn("cannot reach other nodes through Redis", reply.json["message"])

@@ -18,7 +18,7 @@ from meteredrt.auth import mint_token, verify_publishable, verify_token
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub
 from meteredrt.metering import Meter
-from meteredrt.presence import MemoryPresence
+from meteredrt.presence.memory import MemoryPresence
 from meteredrt.protocol import CloseCode
 from meteredrt.store import keys as key_tables
 from meteredrt.store.database import Database

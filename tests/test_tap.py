@@ -22,7 +22,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from meteredrt.apps import App, Key, KeyType
+from meteredrt.broker.memory import MemoryBroker
+from meteredrt.broker.redis import RedisBroker
+from meteredrt.hub import Hub
 from meteredrt.metering import Meter
+from meteredrt.presence.redis import RedisPresence
 from meteredrt.site import V1Resource, build_root
 from meteredrt.tap import (
     FIRST_KEYS_FILE,
@@ -79,7 +83,33 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(list(service)[-1], ConnectionDrain)
         self.assertEqual(reactor.tcpServers, [])
         self.assertFalse(os.path.exists(data_dir))
+        hub = next(child for child in service if isinstance(child, Hub))
+        self.assertIsInstance(hub._broker, MemoryBroker)
 
+    def test_cluster(self) -> None:
+        """
+        With C{--redis}, the hub routes and keeps presence through Redis,
+        and the node's Redis connections and lease come before the hub, so
+        they stop after the connections have drained.
+        """
+        options = Options()
+        data_dir = os.path.join(self.mktemp(), "data")
+        options.parseOptions(["--data-dir", data_dir, "--redis", "redis://127.0.0.1:1/0"])
+        service = makeService(options, MemoryReactorClock())
+        kinds = [type(child).__name__ for child in service]
+        self.assertLess(kinds.index("RedisClient"), kinds.index("Hub"))
+        self.assertLess(kinds.index("RedisSubscriber"), kinds.index("Hub"))
+        self.assertLess(kinds.index("NodeLease"), kinds.index("Hub"))
+        hub = next(child for child in service if isinstance(child, Hub))
+        self.assertIsInstance(hub._broker, RedisBroker)
+        self.assertIsInstance(hub._presence, RedisPresence)
+
+    def test_bad_redis_url(self) -> None:
+        """
+        A bad C{--redis} ends the process with one line naming the option.
+        """
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--redis", "http://x"])
+        self.assertIn("--redis", str(error.code))
 
     def test_database_option(self) -> None:
         """

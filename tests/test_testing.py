@@ -12,7 +12,8 @@ from zope.interface.verify import verifyObject
 from meteredrt.apps import App, Key, KeyType, Plan
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.interfaces import IBroker, IConnectionSink, IDeliveryTarget, IKeyStore, IMeter, IPresence
-from meteredrt.presence import Member, MemoryPresence
+from meteredrt.membership import Member
+from meteredrt.presence.memory import MemoryPresence
 from meteredrt.protocol import ack_frame, error_frame
 from meteredrt.testing import (
     HeldAnswers,
@@ -337,7 +338,7 @@ class HeldPresenceTests(SynchronousTestCase):
         )
         self.assertNoResult(added)
         answers.release_all()
-        self.assertIs(self.successResultOf(added), True)
+        self.assertIs(self.successResultOf(added).first, True)
         self.assertEqual(self.successResultOf(members), [Member("p", {"n": 1})])
         self.assertEqual(self.successResultOf(removed), Member("p", {"n": 1}))
         self.assertIsNone(self.successResultOf(connected))

@@ -33,7 +33,7 @@ from meteredrt.interfaces import ITurnProvider
 from meteredrt.logs import json_line
 from meteredrt.metering import Meter
 from meteredrt.metrics import Metrics
-from meteredrt.presence import MemoryPresence
+from meteredrt.presence.memory import MemoryPresence
 from meteredrt.protocol import INBOUND_FRAME_LIMIT, MAX_MESSAGE_SIZE
 from meteredrt.testing import MemoryKeyStore
 from meteredrt.usagestore import UsageStore

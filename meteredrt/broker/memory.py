@@ -2,8 +2,8 @@
 The single-node broker: routing is a direct call into the local hub.
 
 Delivering synchronously, in the caller's turn, is what gives per-sender
-FIFO on one node for free; a cluster broker (Redis, not written yet) will
-need one ordered stream per sender to keep it.
+FIFO on one node for free; the cluster broker (L{meteredrt.broker.redis})
+keeps it with one ordered stream per node.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class MemoryBroker:
     def publish(self, app_id: str, channel: str, envelope: object) -> Deferred[int | None]:
         return self._route(app_id, envelope)
 
-    def direct(self, app_id: str, peer_id: str, envelope: object) -> Deferred[int | None]:
-        return self._route(app_id, envelope)
+    def direct(self, app_id: str, peer_id: str, envelope: object) -> Deferred[int]:
+        assert self._target is not None, "attach() a delivery target first"
+        return succeed(self._target.deliver(app_id, envelope))
 
     def _interest(self, app_id: str, name: str) -> Deferred[None]:
         return succeed(None)

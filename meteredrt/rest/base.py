@@ -35,7 +35,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from meteredrt.apps import App, Key, KeyType
 from meteredrt.clientaddress import TrustedProxies, rate_limit_key
-from meteredrt.interfaces import IKeyStore, StoreUnavailable
+from meteredrt.interfaces import BackendUnavailable, IKeyStore, StoreUnavailable
 from meteredrt.metrics import Metrics
 from meteredrt.ratelimit import KeyedLimiter
 from meteredrt.site import MAX_BODY_BYTES, client_host, error_body, json_response
@@ -382,6 +382,15 @@ class JsonResource(Resource):
             error = failure.value
             if isinstance(error, ApiError):
                 self._write(request, gone, error.status, error_body(error.code, error.message))
+            elif isinstance(error, BackendUnavailable):
+                self.log.warn(
+                    "REST request {request_id} ({operation}) needs shared state: {why}",
+                    request_id=call.request_id,
+                    operation=route.operation_id,
+                    why=str(error),
+                )
+                # §19.1 has one 503 code; the message says what is missing.
+                self._write(request, gone, 503, _internal(call.request_id, str(error)))
             elif failure.check(TimeoutError, CancelledError):
                 self.log.warn(
                     "REST request {request_id} ({operation}) timed out",

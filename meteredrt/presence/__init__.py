@@ -1,0 +1,4 @@
+"""
+L{meteredrt.interfaces.IPresence} implementations: L{memory.MemoryPresence}
+for one node, L{redis.RedisPresence} for a cluster.
+"""

@@ -1,0 +1,129 @@
+"""
+Channel membership and the peer directory, in memory.
+
+L{MemoryPresence} implements L{IPresence} for a single node. Membership is
+refcounted per (app, channel, peerId) by connection id, so a peer
+with two tabs joins once and leaves once. Each change announces its own
+delta to the attached hub in the same call, which is the atomic step the
+seam asks for: on one node nothing can come between a change and its
+announcement.
+"""
+
+from __future__ import annotations
+
+from attrs import define
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from meteredrt.envelopes import PresenceChange
+from meteredrt.interfaces import IDeliveryTarget, IPresence, IPresenceObserver
+from meteredrt.membership import Joining, Member
+from meteredrt.protocol import presence_entry
+
+
+@define
+class _Membership:
+    metadata: dict | None
+    connections: set[str]
+
+
+@implementer(IPresence)
+class MemoryPresence:
+    """
+    Presence state of one node, answering synchronously through fired
+    Deferreds.
+
+    @param observer: told of every transition this presence makes, in the
+        step that makes it: a peer's first and last connection, a member's
+        join and leave (the presence webhooks).
+    """
+
+    def __init__(self, observer: IPresenceObserver | None = None) -> None:
+        self._observer = observer
+        # Dicts keep insertion order, which is join order for snapshots.
+        self._channels: dict[tuple[str, str], dict[str, _Membership]] = {}
+        self._peers: dict[tuple[str, str], set[str]] = {}
+        # conn id -> the channels it is a member of, for one-step disconnects
+        self._held: dict[str, set[str]] = {}
+        self._target: IDeliveryTarget | None = None
+
+    def attach(self, target: IDeliveryTarget) -> None:
+        self._target = target
+
+    def _announce(self, app_id: str, change: PresenceChange) -> None:
+        if self._target is not None:
+            self._target.deliver(app_id, change)
+
+    def add_member(
+        self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None
+    ) -> Deferred[Joining]:
+        members = self._channels.setdefault((app_id, channel), {})
+        self._held.setdefault(conn_id, set()).add(channel)
+        membership = members.get(peer_id)
+        first = membership is None
+        if membership is None:
+            members[peer_id] = _Membership(metadata, {conn_id})
+            joined = (presence_entry(peer_id, metadata),)
+            self._announce(app_id, PresenceChange(channel, joined, (), conn_id))
+            if self._observer is not None:
+                self._observer.member_joined(app_id, channel, peer_id, metadata)
+        else:
+            # The most recent connection's peerMetadata is shown.
+            membership.metadata = metadata
+            membership.connections.add(conn_id)
+        snapshot = tuple(Member(peer, m.metadata) for peer, m in members.items())
+        return succeed(Joining(first, snapshot))
+
+    def _leave(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Member | None:
+        members = self._channels.get((app_id, channel))
+        membership = members.get(peer_id) if members else None
+        if membership is None or conn_id not in membership.connections:
+            return None
+        membership.connections.discard(conn_id)
+        if membership.connections:
+            return None
+        del members[peer_id]  # type: ignore[union-attr]
+        if not members:
+            del self._channels[(app_id, channel)]
+        gone = Member(peer_id, membership.metadata)
+        left = (presence_entry(peer_id, gone.metadata),)
+        self._announce(app_id, PresenceChange(channel, (), left, None))
+        if self._observer is not None:
+            self._observer.member_left(app_id, channel, peer_id, gone.metadata)
+        return gone
+
+    def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
+        held = self._held.get(conn_id)
+        if held is not None:
+            held.discard(channel)
+        return succeed(self._leave(app_id, channel, peer_id, conn_id))
+
+    def members(self, app_id: str, channel: str) -> Deferred[list[Member]]:
+        members = self._channels.get((app_id, channel), {})
+        return succeed([Member(peer_id, m.metadata) for peer_id, m in members.items()])
+
+    def snapshot(self, app_id: str, channel: str) -> Deferred[Joining]:
+        members = self._channels.get((app_id, channel), {})
+        return succeed(Joining(False, tuple(Member(peer_id, m.metadata) for peer_id, m in members.items())))
+
+    def add_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
+        connections = self._peers.setdefault((app_id, peer_id), set())
+        connections.add(conn_id)
+        if len(connections) == 1 and self._observer is not None:
+            self._observer.peer_connected(app_id, peer_id)
+        return succeed(None)
+
+    def remove_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
+        for channel in sorted(self._held.pop(conn_id, ())):
+            self._leave(app_id, channel, peer_id, conn_id)
+        connections = self._peers.get((app_id, peer_id))
+        if connections is not None:
+            connections.discard(conn_id)
+            if not connections:
+                del self._peers[(app_id, peer_id)]
+                if self._observer is not None:
+                    self._observer.peer_disconnected(app_id, peer_id)
+        return succeed(None)
+
+    def connections_of(self, app_id: str, peer_id: str) -> Deferred[frozenset[str]]:
+        return succeed(frozenset(self._peers.get((app_id, peer_id), ())))
