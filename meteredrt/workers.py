@@ -54,21 +54,6 @@ STOP_TIMEOUT = 20.0
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
-def worker_data_dir(data_dir: str, index: int) -> str:
-    """
-    Where worker C{index} keeps what is its own: its usage counters. Worker 1
-    uses the data directory itself (so C{meteredrt usage} reads its
-    figures), the others a C{worker-<i>} directory inside, created here.
-    Each worker's meter writes absolute counters, so two sharing one file
-    would overwrite each other's counts.
-    """
-    if index == 1:
-        return data_dir
-    path = os.path.join(data_dir, f"worker-{index}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
 def worker_node_name(base: str | None, index: int) -> str:
     """
     The cluster node name of worker C{index} (from 1): C{<base>-<index>},

@@ -12,7 +12,6 @@ import os
 import re
 import socket
 import sys
-import tempfile
 
 from attrs import evolve
 from twisted.internet import reactor
@@ -29,7 +28,6 @@ from meteredrt.workers import (
     WorkerCommand,
     bound_description,
     for_worker,
-    worker_data_dir,
     worker_node_name,
 )
 
@@ -152,7 +150,7 @@ class CommandTests(SynchronousTestCase):
         self.assertNotIn("--config", argv)
         self.assertNotIn("--redis", argv)
 
-    def test_names_and_dirs(self) -> None:
+    def test_names(self) -> None:
         """
         Worker i is <name>-i; without a name, host and worker 1's pid (the
         parent of the others) make the base.
@@ -161,11 +159,6 @@ class CommandTests(SynchronousTestCase):
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())
         self.assertEqual(worker_node_name(None, 1), f"{host}-{os.getpid()}-1")
         self.assertEqual(worker_node_name(None, 2), f"{host}-{os.getppid()}-2")
-        base = tempfile.mkdtemp()
-        self.assertEqual(worker_data_dir(base, 1), base)
-        path = worker_data_dir(base, 2)
-        self.assertEqual(path, os.path.join(base, "worker-2"))
-        self.assertTrue(os.path.isdir(path))
 
 
 class SharedSocketTests(TestCase):
