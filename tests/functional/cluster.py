@@ -63,14 +63,16 @@ def twistd_env() -> dict[str, str]:
 def cluster_config(redis_url: str | None, node_name: str | None, lease_seconds: float, extra: str = "") -> str:
     """
     L{support.CONFIG} with a C{[cluster]} table (none without C{redis_url})
-    and C{extra} TOML before it, e.g. a C{[server]} table.
+    and C{extra} TOML keys added to its C{[server]} table (e.g.
+    C{"workers = 3"}).
     """
+    config = CONFIG.replace("[server]\n", f"[server]\n{extra}\n", 1)
     if redis_url is None:
-        return f"{extra}\n{CONFIG}"
+        return config
     lines = ["[cluster]", f'redis = "{redis_url}"', f"lease_seconds = {lease_seconds}"]
     if node_name is not None:
         lines.append(f'node_name = "{node_name}"')
-    return f"{extra}\n{CONFIG}\n" + "\n".join(lines) + "\n"
+    return f"{config}\n" + "\n".join(lines) + "\n"
 
 
 class Node:

@@ -44,7 +44,7 @@ class WorkersTests(TestCase):
         the first and the process ids of all three.
         """
         self.cluster = cluster = await start_cluster(self, nodes=0)
-        node = await cluster.add_node("ws", extra=f"[server]\nworkers = {WORKERS}\n")
+        node = await cluster.add_node("ws", extra=f"workers = {WORKERS}")
         await wait_until(
             lambda: len(LISTENING.findall(node.child.output)) == WORKERS, 60, "every worker listens"
         )
