@@ -46,7 +46,18 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from meteredrt import auth
-from meteredrt.apps import ACTIONS, PUBLISHABLE_DEFAULT_ACTIONS, App, Key, KeyType, Plan, TurnConfig
+from meteredrt.apps import (
+    ACTIONS,
+    DEFAULT_MESSAGE_BURST,
+    DEFAULT_MESSAGE_RATE,
+    PUBLISHABLE_DEFAULT_ACTIONS,
+    App,
+    Key,
+    KeyType,
+    Plan,
+    TurnConfig,
+    message_rate_problems,
+)
 from meteredrt.backend import mint_token_with_turn
 from meteredrt.config import (
     DEFAULT_DATA_DIR,
@@ -651,6 +662,8 @@ _PLAN_OPTIONS = {
     "balance": "--balance",
     "auto_recharge_amount": "--auto-recharge-amount",
     "auto_recharge_threshold": "--auto-recharge-threshold",
+    "message_rate": "--message-rate",
+    "message_burst": "--message-burst",
 }
 
 #: Words that clear a cap (the axis becomes unlimited).
@@ -737,6 +750,10 @@ def _replace_plan(
     if current is None:
         raise UsageError(f"no app {app_id!r}")
     plan = None if unmetered else attrs.evolve(current.plan or Plan(), **changes)
+    if plan is not None:
+        # Checked on the result: one option may only be wrong given the other.
+        for field, problem in message_rate_problems(plan.message_rate, plan.message_burst):
+            raise UsageError(f"{_PLAN_OPTIONS[field]} {problem}")
     return store_plan(cursor, declarations, app_id, plan, now)
 
 
@@ -766,6 +783,7 @@ def describe_plan(plan: Plan | None) -> str:
             f"{plan.overage_rate_per_connection:g} per connection",
             f"  opening balance:        {plan.balance:g}",
             f"  auto-recharge:          {recharge}",
+            f"  per connection:         {plan.message_rate:g} messages/s, bursts of {plan.message_burst:g}",
         ]
     )
 
@@ -839,6 +857,20 @@ def describe_plan(plan: Plan | None) -> str:
         type=_amount,
         metavar="AMOUNT",
         help="recharge when a charge would leave the balance below this",
+    ),
+    argument(
+        "--message-rate",
+        default=argparse.SUPPRESS,
+        type=_amount,
+        metavar="PER_SECOND",
+        help=f"messages per second each connection may send (default {DEFAULT_MESSAGE_RATE:g}; over it: close 4011)",
+    ),
+    argument(
+        "--message-burst",
+        default=argparse.SUPPRESS,
+        type=_amount,
+        metavar="N",
+        help=f"messages a connection may send at once above its rate (default {DEFAULT_MESSAGE_BURST:g})",
     ),
     argument("--unmetered", action="store_true", help="remove the plan: the app is counted, never limited"),
 )

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from meteredrt.apps import App
+from meteredrt.apps import App, message_limits
 from meteredrt.auth import Grant, Refusal, authenticate
 from meteredrt.hub import Hub, Session
 from meteredrt.interfaces import IConnectionSink, IKeyStore, ITurnProvider
@@ -111,7 +111,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._gone = False
         self._expiry: IDelayedCall | None = None
         self._farewell: IDelayedCall | None = None
-        self._bucket: TokenBucket | None = None  # set once the socket is open
+        self._bucket: TokenBucket | None = None  # set once authenticated
         self._watch = _WriteWatch()
 
     # -- handshake -------------------------------------------------------------
@@ -132,9 +132,6 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         if transport is not None:
             transport.registerProducer(self._watch, True)
         factory = self.factory
-        # The bucket starts with the socket: frames held for the welcome
-        # draw from it too (OP-18).
-        self._bucket = TokenBucket(factory.message_burst, factory.message_rate, factory.clock.seconds())
         factory.connections.add(self)
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
 
@@ -144,6 +141,10 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             grant = authenticate(
                 self._params, self._origin, factory.keys.key, factory.keys.app, factory.clock.seconds()
             )
+            # The bucket starts with the socket (this step runs within
+            # onOpen): frames held for the welcome draw from it too (OP-18).
+            rate, burst = message_limits(factory.keys.app(grant.app_id))
+            self._bucket = TokenBucket(burst, rate, factory.clock.seconds())
             session = await factory.hub.connect(self._sink_for, grant)
         except Refusal as refusal:
             self._close(refusal.code, refusal.reason)
@@ -391,8 +392,6 @@ class RealtimeServerFactory(WebSocketServerFactory):
         keys: IKeyStore,
         clock: IReactorTime,
         turn: ITurnProvider | None = None,
-        message_rate: float = 100.0,
-        message_burst: float = 200.0,
         outbound_limit: int = 1024 * 1024,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
@@ -402,8 +401,6 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.keys = keys
         self.clock = clock
         self.turn = turn
-        self.message_rate = message_rate
-        self.message_burst = message_burst
         self.outbound_limit = outbound_limit
         self.connections: set[RealtimeServerProtocol] = set()
         self.draining = False
