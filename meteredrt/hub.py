@@ -171,6 +171,10 @@ class Hub(Service):
         self._conn_ids = itertools.count(1)
         self._sessions: dict[str, Session] = {}
         self._channels: dict[tuple[str, str], dict[str, Session]] = {}
+        # The subset of each _channels entry that holds the presence action:
+        # the only receivers of presence deltas. A join storm then costs
+        # per join the number of watchers, not the number of members.
+        self._watchers: dict[tuple[str, str], dict[str, Session]] = {}
         self._patterns: dict[str, WildcardIndex[Session]] = {}
         self._peers: dict[tuple[str, str], dict[str, Session]] = {}
         broker.attach(self)
@@ -437,6 +441,8 @@ class Hub(Service):
         else:
             local = self._channels.setdefault((app_id, channel), {})
             local[session.conn_id] = session
+            if session.grant.may("presence"):
+                self._watchers.setdefault((app_id, channel), {})[session.conn_id] = session
             if len(local) == 1:
                 await self._broker.watch_channel(app_id, channel)
 
@@ -458,6 +464,9 @@ class Hub(Service):
             return
         local = self._channels[(app_id, channel)]
         del local[session.conn_id]
+        watchers = self._watchers.get((app_id, channel))
+        if watchers is not None and watchers.pop(session.conn_id, None) is not None and not watchers:
+            del self._watchers[(app_id, channel)]
         if not local:
             del self._channels[(app_id, channel)]
             await self._broker.unwatch_channel(app_id, channel)
@@ -618,8 +627,8 @@ class Hub(Service):
     def _deliver_presence(self, app_id: str, envelope: PresenceChange) -> int:
         frame: OutboundFrame | None = None
         count = 0
-        for conn_id, session in self._channels.get((app_id, envelope.channel), {}).items():
-            if conn_id == envelope.exclude_conn or not session.grant.may("presence"):
+        for conn_id, session in self._watchers.get((app_id, envelope.channel), {}).items():
+            if conn_id == envelope.exclude_conn:
                 continue
             if frame is None:
                 frame = presence_frame(envelope.channel, envelope.joined, envelope.left)
