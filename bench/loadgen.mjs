@@ -85,13 +85,15 @@ function connect(token, onFrame) {
 }
 
 // Open many connections with at most `inFlight` handshakes at a time.
-async function connectMany(tokens, inFlight, onFrameFor) {
+// `afterOpen(i, ws)`, if given, is awaited before the worker opens its next one.
+async function connectMany(tokens, inFlight, onFrameFor, afterOpen) {
   const results = new Array(tokens.length);
   let next = 0;
   async function worker() {
     while (next < tokens.length) {
       const i = next++;
       results[i] = await connect(tokens[i], onFrameFor(i));
+      if (afterOpen) await afterOpen(i, results[i].ws);
     }
   }
   await Promise.all(Array.from({ length: Math.min(inFlight, tokens.length) }, worker));
@@ -154,6 +156,28 @@ function frameError(data) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// Subscribe `patterns` (wildcards that match nothing published) over as many
+// connections as needed, at most `perConnection` each, and wait for every ack.
+async function subscribeNoise(tokens, patterns, perConnection = 90) {
+  const needed = Math.ceil(patterns.length / perConnection);
+  if (needed > tokens.length) fail(`need ${needed} noise tokens, have ${tokens.length}`);
+  const acked = [];
+  const conns = await connectMany(tokens.slice(0, needed), 10, (i) => (ws, data) => {
+    if (!frameError(data) && data.toString().includes('"type":"ack"')) acked[i] = (acked[i] || 0) + 1;
+  });
+  const waits = conns.map(({ ws }, i) => {
+    const mine = patterns.slice(i * perConnection, (i + 1) * perConnection);
+    mine.forEach((channel, k) => ws.send(JSON.stringify({ type: 'subscribe', channel, requestId: `n${k}` })));
+    return mine.length;
+  });
+  const deadline = now() + 30000;
+  while (waits.some((n, i) => (acked[i] || 0) < n)) {
+    if (now() > deadline) fail('noise subscriptions not acknowledged within 30 s');
+    await sleep(10);
+  }
+  return conns;
+}
+
 // -- fan-out ---------------------------------------------------------------
 
 async function fanout() {
@@ -201,8 +225,9 @@ async function fanout() {
   );
   const pubs = await connectMany(pubTokens, 10, () => (ws, data) => frameError(data));
   const buckets = pubs.map(() => new Bucket(settings.ratePerConnection, settings.burstPerConnection));
+  const noise = await subscribeNoise(settings.tokens.slice(subscribers + publishers), settings.noisePatterns || []);
 
-  emit({ event: 'ready', connections: subs.length + pubs.length });
+  emit({ event: 'ready', connections: subs.length + pubs.length + noise.length, noise_patterns: (settings.noisePatterns || []).length });
   if ((await nextCommand()) !== 'go') fail('expected go');
 
   // A payload of exactly payloadBytes bytes of JSON: {"s":<seq>,"p":"xx…"}.
@@ -253,7 +278,7 @@ async function fanout() {
     ...latencySummary(latencies),
     ...errors,
   });
-  closeAll([...subs, ...pubs].map((c) => c.ws));
+  closeAll([...subs, ...pubs, ...noise].map((c) => c.ws));
 }
 
 // -- direct ping-pong ---------------------------------------------------
@@ -326,6 +351,53 @@ async function pingpong() {
   closeAll([...as, ...bs].map((c) => c.ws));
 }
 
+// -- join storm ----------------------------------------------------------------
+
+// Every connection connects, subscribes to one channel and waits for its ack;
+// `inFlight` at a time. Measures the whole set-up, from the first upgrade to
+// the last ack.
+async function joinstorm() {
+  const { connections, inFlight, channel } = settings;
+  emit({ event: 'ready', connections: 0 });
+  if ((await nextCommand()) !== 'go') fail('expected go');
+  const pending = new Map();
+  const started = now();
+  const ackLatencies = [];
+  const opened = await connectMany(settings.tokens.slice(0, connections), inFlight, (i) => (ws, data) => {
+    if (frameError(data)) return;
+    const resolve = pending.get(i);
+    if (resolve && data.toString().includes('"type":"ack"')) {
+      pending.delete(i);
+      resolve();
+    }
+  }, async (i, ws) => {
+    const t0 = now();
+    await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('no subscribe ack within 60 s')), 60000);
+      pending.set(i, () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      ws.send(JSON.stringify({ type: 'subscribe', channel, requestId: 'j' }));
+    });
+    ackLatencies.push(now() - t0);
+  });
+  const elapsed = (now() - started) / 1000;
+  const sorted = Float64Array.from(ackLatencies).sort();
+  emit({
+    event: 'result',
+    subscribers: opened.length,
+    subscribers_per_s: Math.round(opened.length / elapsed),
+    setup_s: Math.round(elapsed * 1000) / 1000,
+    measured_s: Math.round(elapsed * 1000) / 1000,
+    handshakes_in_flight: inFlight,
+    p50_ms: percentile(sorted, 50),
+    p99_ms: percentile(sorted, 99),
+    ...errors,
+  });
+  closeAll(opened.map((c) => c.ws));
+}
+
 // -- idle connections ---------------------------------------------------------
 
 async function idle() {
@@ -350,7 +422,7 @@ async function idle() {
   closeAll(opened.map((c) => c.ws));
 }
 
-const scenarios = { fanout, pingpong, idle };
+const scenarios = { fanout, pingpong, idle, joinstorm };
 try {
   await scenarios[settings.scenario]();
   emit({ event: 'finished' });
