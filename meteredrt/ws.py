@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -54,6 +56,22 @@ GOING_AWAY_CLOSE_DELAY = 0.25
 #: connection is considered abusive.
 MAX_QUEUED_FRAMES = 1000
 
+#: What L{RealtimeServerProtocol} holds instead of a query once authenticated.
+_NO_PARAMS: Mapping[str, list[str]] = MappingProxyType({})
+#: Attributes in which Autobahn keeps the upgrade request and response after
+#: the handshake, though nothing reads them again.
+_HANDSHAKE_LEFTOVERS = (
+    "http_request_data",
+    "http_response_data",
+    "http_status_line",
+    "http_headers",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_origin",
+)
+
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
@@ -65,6 +83,8 @@ class _WriteWatch:
     its write buffer is full; what we write while paused is what a slow
     reader makes us hold in memory.
     """
+
+    __slots__ = ("paused", "held")
 
     def __init__(self) -> None:
         self.paused = False
@@ -99,10 +119,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._params: dict[str, list[str]] = {}
+        self._params: Mapping[str, list[str]] = _NO_PARAMS
         self._origin: str | None = None
         self._session: Session | None = None
-        self._queue: deque[Any] = deque()
+        # Frames waiting for the welcome or for a slow request; made only
+        # when one has to wait (most never do, and an empty deque is 760 B).
+        self._queue: deque[Any] | None = None
         # Frames the hub routes here between admission and the welcome
         # (a direct to this peerId); None once the welcome is out.
         self._early: list[OutboundFrame] | None = []
@@ -134,6 +156,20 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         factory = self.factory
         factory.connections.add(self)
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
+        # Authentication has read the query; nothing reads the handshake again.
+        self._forget_handshake()
+
+    def _forget_handshake(self) -> None:
+        """
+        Let go of the upgrade request: Autobahn keeps its text, headers and
+        parsed query (the JWT in each) for the connection's lifetime though
+        it reads them only during the handshake, about 2 KiB per idle
+        connection.
+        """
+        self._params = _NO_PARAMS
+        self._origin = None
+        for name in _HANDSHAKE_LEFTOVERS:
+            setattr(self, name, None)
 
     async def _admit(self) -> None:
         factory = self.factory
@@ -224,10 +260,18 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             if bucket is not None and not bucket.take(self.factory.clock.seconds()):
                 self._close(CloseCode.OVER_MESSAGE_RATE, "over_message_rate")
                 return
-        if len(self._queue) >= MAX_QUEUED_FRAMES:
+        queue = self._queue
+        session = self._session
+        if not queue and not self._busy and session is not None:
+            # Nothing waits ahead of it: what _pump would do, without the queue.
+            self._process(session, item)
+            return
+        if queue is None:
+            queue = self._queue = deque()
+        if len(queue) >= MAX_QUEUED_FRAMES:
             self._close(CloseCode.POLICY_VIOLATION, "too many frames in flight")
             return
-        self._queue.append(item)
+        queue.append(item)
         self._pump()
 
     def _pump(self) -> None:
@@ -238,17 +282,24 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         session = self._session
         if session is None:
             return  # OP-29: held until the welcome is out
-        while self._queue and not self._busy and not self._closing:
-            item = self._queue.popleft()
-            if isinstance(item, Ping):
-                self.send_frame(PONG)
-            elif isinstance(item, FrameError):
-                self.send_frame(error_frame(item.code, item.message, item.request_id))
-            else:
-                done = self.factory.hub.handle(session, item)
-                if not done.called:
-                    self._busy = True
-                    done.addBoth(self._resume)
+        queue = self._queue
+        while queue and not self._busy and not self._closing:
+            self._process(session, queue.popleft())
+
+    def _process(self, session: Session, item: Any) -> None:
+        """
+        Answer one parsed frame; mark the connection busy while a request
+        waits on a seam.
+        """
+        if isinstance(item, Ping):
+            self.send_frame(PONG)
+        elif isinstance(item, FrameError):
+            self.send_frame(error_frame(item.code, item.message, item.request_id))
+        else:
+            done = self.factory.hub.handle(session, item)
+            if not done.called:
+                self._busy = True
+                done.addBoth(self._resume)
 
     def _resume(self, result: object) -> None:
         self._busy = False
@@ -352,7 +403,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._gone = self._closing = True
-        self._queue.clear()
+        self._queue = None
         for call in (self._expiry, self._farewell):
             if call is not None and call.active():
                 call.cancel()

@@ -215,6 +215,30 @@ class HandshakeTests(WebSocketTestCase):
         self.assertIsNone(client.closed)
         self.assertEqual(self.hub.connection_count, 1)
 
+    def test_handshake_forgotten(self) -> None:
+        """
+        Once open, the connection keeps nothing of the upgrade request: no
+        attribute holds the token or the request text, and no frame queue
+        exists while nothing waits.
+        """
+        token = self.token("alice")
+        client, server, pump = self.open("token=" + token)
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.assertEqual(client.received[-1], {"type": "pong"})
+
+        def reaches_token(value: object, depth: int = 0) -> bool:
+            if isinstance(value, (str, bytes)):
+                return (token if isinstance(value, str) else token.encode()) in value
+            if depth < 3 and isinstance(value, dict):
+                return any(reaches_token(k, depth + 1) or reaches_token(v, depth + 1) for k, v in value.items())
+            if depth < 3 and isinstance(value, (list, tuple)):
+                return any(reaches_token(v, depth + 1) for v in value)
+            return False
+
+        self.assertEqual([name for name, value in vars(server).items() if reaches_token(value)], [])
+        self.assertIsNone(server._queue)
+
     def test_token_metadata(self) -> None:
         """
         The token's C{metadata} claim rides in the welcome untouched.
