@@ -488,9 +488,17 @@ def run_once(
         }
         if scenario == "joinstorm":
             record["setup_s"] = result["setup_s"]
-        if result.get("publishes"):
-            # What a publish costs the server, whatever paced the generator.
-            record["server_cpu_us_per_publish"] = round(server_cpu / result["publishes"] * 1e6, 1)
+        # What one unit of work costs the server, whatever paced the
+        # generator: on shared cores the rates above move with the load
+        # of other processes, this moves less.
+        for unit, count in (
+            ("publish", result.get("publishes")),
+            ("round_trip", result.get("round_trips")),
+            ("connect", result.get("connections")),
+            ("subscriber", result.get("subscribers")),
+        ):
+            if count:
+                record[f"server_cpu_us_per_{unit}"] = round(server_cpu / count * 1e6, 1)
         if scenario == "idle":
             time.sleep(2.0)  # let the last welcomes' buffers go
             record["server_rss_kib_per_conn"] = round((rss_kib(server.pid) - rss_before) / max(1, result["connections"]), 2)
@@ -550,6 +558,9 @@ def ratios(scenario: str, medians: dict[str, dict[str, Any]]) -> None:
             if label == reference:
                 continue
             record[f"{key}_vs_{reference}"] = round(record[key] / medians[reference][key], 3)
+            for cost in [k for k in record if k.startswith("server_cpu_us_per_")]:
+                if medians[reference].get(cost):
+                    record[f"{cost}_vs_{reference}"] = round(record[cost] / medians[reference][cost], 3)
             if scenario == "idle":
                 rss = medians[reference].get("server_rss_kib_per_conn")
                 if rss:
