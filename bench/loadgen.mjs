@@ -405,8 +405,29 @@ async function idle() {
   emit({ event: 'ready', connections: 0 });
   if ((await nextCommand()) !== 'go') fail('expected go');
   const started = now();
-  const opened = await connectMany(settings.tokens.slice(0, connections), inFlight, () => (ws, data) =>
-    frameError(data),
+  // With `subscribeEach`, every connection then subscribes to a channel of
+  // its own (the prefix and its index) and waits for the ack.
+  const acks = new Map();
+  const opened = await connectMany(
+    settings.tokens.slice(0, connections),
+    inFlight,
+    (i) => (ws, data) => {
+      if (!frameError(data) && acks.has(i) && data.toString().includes('"type":"ack"')) {
+        acks.get(i)();
+        acks.delete(i);
+      }
+    },
+    settings.subscribeEach
+      ? (i, ws) =>
+          new Promise((resolve, reject) => {
+            const timer = setTimeout(() => reject(new Error('no subscribe ack within 60 s')), 60000);
+            acks.set(i, () => {
+              clearTimeout(timer);
+              resolve();
+            });
+            ws.send(JSON.stringify({ type: 'subscribe', channel: `${settings.subscribeEach}${i}`, requestId: 'i' }));
+          })
+      : undefined,
   );
   const elapsed = (now() - started) / 1000;
   emit({

@@ -17,7 +17,9 @@ Scenarios:
    publishes undelivered at any time.
  - ``pingpong``: 100 pairs, one direct round trip in flight per pair.
  - ``idle``: 10,000 authenticated connections opened with 100 handshakes
-   in flight; connect rate, and server RSS growth per connection.
+   in flight; connect rate, and server RSS growth per connection; with
+   ``--idle-presence`` each also subscribes, holding ``presence``, to a
+   channel of its own.
  - ``joinstorm``: 10,000 connections each connect and subscribe to one
    channel (nobody holds ``presence``), 100 at a time; the time from the
    first upgrade to the last ack.
@@ -405,7 +407,10 @@ def scenario_settings(scenario: str, args: argparse.Namespace) -> dict[str, Any]
         **common,
         "connections": args.idle,
         "inFlight": 100,
-        "tokens": list(tokens("idle", args.idle, ["subscribe"])),
+        # --idle-presence: each connection also holds one presence
+        # subscription, to a channel of its own.
+        "subscribeEach": "bench/idle-" if args.idle_presence else None,
+        "tokens": list(tokens("idle", args.idle, ["subscribe", "presence"] if args.idle_presence else ["subscribe"])),
     }
 
 
@@ -581,6 +586,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--max-round-trips", type=int, default=2_000_000)
     parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--idle-presence", action="store_true", help="idle: each connection holds a presence subscription")
     parser.add_argument("--joiners", type=int, default=10_000, help="subscribers in the join storm")
     parser.add_argument("--wildcard-subscribers", type=int, default=10)
     parser.add_argument("--wildcard-noise-connections", type=int, default=12, help="connections holding the noise")
