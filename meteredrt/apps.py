@@ -31,6 +31,31 @@ class KeyType(StrEnum):
     PUBLISHABLE = "publishable"
 
 
+#: The per-connection message rate (messages per second) and burst (bucket
+#: size) of an app without a plan, and of a plan that does not set them
+#: (protocol §14: over it, close 4011).
+DEFAULT_MESSAGE_RATE = 100.0
+DEFAULT_MESSAGE_BURST = 200.0
+#: Upper bound on both, so a typo cannot switch the guard off in practice.
+MAX_MESSAGE_RATE = 1_000_000.0
+
+
+def message_rate_problems(rate: float, burst: float) -> list[tuple[str, str]]:
+    """
+    What is wrong with a per-connection rate and burst, as (field, problem)
+    pairs; empty when both are fine.
+
+    A rate of 0 would close every connection once its burst is spent, and a
+    burst below 1 at its first frame: both are typos, not policies.
+    """
+    problems = []
+    if not 0 < rate <= MAX_MESSAGE_RATE:
+        problems.append(("message_rate", f"must be more than 0 and at most {MAX_MESSAGE_RATE:g}, not {rate:g}"))
+    if not 1 <= burst <= MAX_MESSAGE_RATE:
+        problems.append(("message_burst", f"must be from 1 to {MAX_MESSAGE_RATE:g}, not {burst:g}"))
+    return problems
+
+
 #: Key id prefixes per type; the server relies on nothing else in an id.
 KEY_ID_PREFIX = {KeyType.SECRET: "sk_id_", KeyType.PUBLISHABLE: "pk_live_"}
 SECRET_PREFIX = "sk_secret_"
@@ -57,6 +82,10 @@ class Plan:
     auto_recharge_threshold: float = 0.0
     #: ``"month"`` (calendar month, UTC) is the only period kind so far.
     period: str = "month"
+    #: Per-connection token bucket (close 4011 when empty): refill rate in
+    #: messages per second, and capacity.
+    message_rate: float = DEFAULT_MESSAGE_RATE
+    message_burst: float = DEFAULT_MESSAGE_BURST
 
 
 @frozen
@@ -137,6 +166,17 @@ class App:
     turn: TurnConfig | None = None
     #: Per-app presence webhooks, or ``None`` when the app has none.
     webhooks: WebhookConfig | None = None
+
+
+def message_limits(app: App | None) -> tuple[float, float]:
+    """
+    The per-connection message rate and burst of an app's connections: its
+    plan's, or the defaults for an app without a plan.
+    """
+    plan = None if app is None else app.plan
+    if plan is None:
+        return DEFAULT_MESSAGE_RATE, DEFAULT_MESSAGE_BURST
+    return plan.message_rate, plan.message_burst
 
 
 @frozen

@@ -150,6 +150,8 @@ _FLAGS = {
     "channel_patterns": "--channels",
     "actions": "--actions",
     "allowed_origins": "--origins",
+    "message_rate": "--message-rate",
+    "message_burst": "--message-burst",
     "app_id": "APP_ID",
 }
 

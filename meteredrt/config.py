@@ -43,6 +43,7 @@ from meteredrt.apps import (
     Plan,
     TurnConfig,
     WebhookConfig,
+    message_rate_problems,
 )
 from meteredrt.clientaddress import TrustedProxies
 from meteredrt.globs import pattern_error
@@ -663,6 +664,8 @@ _PLAN_KEYS = (
     "auto_recharge_amount",
     "auto_recharge_threshold",
     "period",
+    "message_rate",
+    "message_burst",
 )
 _TURN_KEYS = ("app_name", "secret_key", "region", "ttl", "api_base")
 _KEY_KEYS = (
@@ -837,6 +840,10 @@ def _read_plan(table: _Table) -> Plan:
     period = table.string("period", defaults.period)
     if period not in PLAN_PERIODS:
         table.fail("period", f"unknown period {period!r} (expected one of {_listing(PLAN_PERIODS)})")
+    rate = table.number("message_rate", defaults.message_rate)
+    burst = table.number("message_burst", defaults.message_burst)
+    for field, problem in message_rate_problems(rate, burst):
+        table.fail(field, problem)
     return Plan(
         name=table.string("name", defaults.name),
         max_concurrent_connections=table.integer(
@@ -856,6 +863,8 @@ def _read_plan(table: _Table) -> Plan:
         auto_recharge_amount=table.number("auto_recharge_amount", defaults.auto_recharge_amount),
         auto_recharge_threshold=table.number("auto_recharge_threshold", defaults.auto_recharge_threshold),
         period=period,
+        message_rate=rate,
+        message_burst=burst,
     )
 
 

@@ -524,32 +524,38 @@ class _Entry(Generic[_S]):
 
 class _Node(Generic[_S]):
     """
-    A L{WildcardIndex} trie node: the patterns whose literal prefix ends here, and deeper nodes.
+    A L{WildcardIndex} trie node: the patterns whose literal C{/}-separated prefix ends here, by
+    the literal start of their next segment, and deeper nodes.
+
+    @ivar leads: the literal characters a pattern's first wildcard segment starts with (C{""} for
+        C{*}, C{x-} for C{x-*}, C{""} for a pattern without wildcards) -> pattern -> entry.
+    @ivar lead_lengths: the distinct lengths of the keys of C{leads}, each with how many keys have
+        it: a channel segment is looked up once per distinct length, not once per pattern.
     """
 
-    __slots__ = ("children", "patterns")
+    __slots__ = ("children", "leads", "lead_lengths")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node[_S]] = {}
-        self.patterns: dict[str, _Entry[_S]] = {}
+        self.leads: dict[str, dict[str, _Entry[_S]]] = {}
+        self.lead_lengths: dict[int, int] = {}
 
 
-_ESCAPE = re.compile(r"\\([\\*])")
-
-
-def _prefix_segments(pattern: str) -> list[str]:
+def _placement(glob: _Glob) -> tuple[list[str], str]:
     """
-    The literal C{/}-separated segments a pattern starts with, unescaped.
+    Where a pattern lives in a L{WildcardIndex}: the literal C{/}-separated segments it starts
+    with, unescaped, and the literal start of the segment after them (its lead).
 
-    Every channel the pattern matches starts with these segments (escapes never span a C{/}), which
-    is what lets L{WildcardIndex} skip patterns whose prefix a channel does not share.
+    Every channel the pattern matches starts with those segments, and its next segment starts
+    with the lead (escapes and leads never span a C{/}): what lets L{WildcardIndex} skip patterns
+    whose prefix or lead a channel does not share.  A pattern without wildcards keeps all its
+    segments and an empty lead.
     """
-    prefix = []
-    for segment in pattern.split("/"):
-        if is_wildcard(segment):
-            break
-        prefix.append(_ESCAPE.sub(r"\1", segment))
-    return prefix
+    literal = glob.literal()
+    if literal is not None:
+        return literal.split("/"), ""
+    *segments, lead = glob.prefix.split("/")
+    return segments, lead
 
 
 class WildcardIndex(Generic[_S]):
@@ -558,15 +564,21 @@ class WildcardIndex(Generic[_S]):
 
     Patterns live in a trie keyed by the C{/}-separated segments of their literal prefix (the
     segments before the first one holding an unescaped C{*}): C{fleet/sensor-*/telemetry} lives
-    under C{fleet}, C{**} at the root.  Routing a channel walks its segments down the trie and
-    tests only the patterns stored on that path, once per distinct pattern however many
-    subscribers share it.
+    under C{fleet}, C{**} and C{bench.x-*} at the root.  Within a node they are bucketed by their
+    lead, the literal characters their first wildcard segment starts with (C{sensor-},
+    C{bench.x-}, C{""} for C{**}).  Routing a channel walks its segments down the trie; at each
+    node it looks up the buckets whose lead begins the channel's next segment, one dictionary
+    look-up per distinct lead length held there, and tests only the patterns in those buckets,
+    once per distinct pattern however many subscribers share it.
 
-    Complexity, for a channel of C{d} segments and length C{n}: L{match} costs C{O(d)} dictionary
-    look-ups plus one test, linear in C{n}, per distinct pattern on the path (patterns starting
-    with a wildcard sit at the root and are tested on every publish); L{add} and L{remove} cost
-    C{O(d)} for a pattern with C{d} prefix segments.  Memory is one node per distinct prefix;
-    L{remove} prunes nodes left empty, so it is bounded by what is currently subscribed.
+    Complexity, for a channel of C{d} segments: L{match} costs C{O(d)} trie look-ups, plus per
+    node one look-up per distinct lead length, plus one test (linear in the channel's length) per
+    distinct pattern whose literal prefix and lead the channel shares.  Patterns a channel does not
+    share a prefix and lead with cost nothing, whatever their number or shape; only patterns with
+    an empty lead at a node on the path (C{*}, C{**}, C{a/*}) are tested on every publish that
+    reaches it.  L{add} and L{remove} cost C{O(d)} for a pattern with C{d} prefix segments.
+    Memory is one node per distinct prefix and one bucket per distinct lead; L{remove} prunes what
+    it leaves empty, so it is bounded by what is currently subscribed.
 
     Patterns without wildcards are accepted too and match their one channel.
     """
@@ -588,42 +600,70 @@ class WildcardIndex(Generic[_S]):
         @raise ValueError: if the pattern is invalid, before anything is changed.
         """
         glob = _glob(pattern)
+        segments, lead = _placement(glob)
         node = self._root
-        for segment in _prefix_segments(pattern):
+        for segment in segments:
             child = node.children.get(segment)
             if child is None:
                 child = node.children[segment] = _Node()
             node = child
-        entry = node.patterns.get(pattern)
+        bucket = node.leads.get(lead)
+        if bucket is None:
+            bucket = node.leads[lead] = {}
+            node.lead_lengths[len(lead)] = node.lead_lengths.get(len(lead), 0) + 1
+        entry = bucket.get(pattern)
         if entry is None:
-            entry = node.patterns[pattern] = _Entry(glob.match)
+            entry = bucket[pattern] = _Entry(glob.match)
         if subscriber not in entry.subscribers:
             entry.subscribers.add(subscriber)
             self._size += 1
+
+    def _find(self, pattern: str) -> tuple[list[_Node[_S]], list[str], str] | None:
+        """
+        The trie path to C{pattern}'s node, its segments and its lead; C{None} if no node is there
+        (an invalid pattern has none: L{add} refused it).
+        """
+        try:
+            glob = _glob(pattern)
+        except ValueError:
+            return None
+        segments, lead = _placement(glob)
+        path = [self._root]
+        for segment in segments:
+            child = path[-1].children.get(segment)
+            if child is None:
+                return None
+            path.append(child)
+        return path, segments, lead
 
     def remove(self, pattern: str, subscriber: _S) -> None:
         """
         Stop routing C{pattern} to C{subscriber}; removing a pair that is not held does nothing.
         """
-        path = [self._root]
-        segments = _prefix_segments(pattern)
-        for segment in segments:
-            child = path[-1].children.get(segment)
-            if child is None:
-                return
-            path.append(child)
+        found = self._find(pattern)
+        if found is None:
+            return
+        path, segments, lead = found
         node = path[-1]
-        entry = node.patterns.get(pattern)
-        if entry is None or subscriber not in entry.subscribers:
+        bucket = node.leads.get(lead)
+        entry = None if bucket is None else bucket.get(pattern)
+        if bucket is None or entry is None or subscriber not in entry.subscribers:
             return
         entry.subscribers.remove(subscriber)
         self._size -= 1
         if entry.subscribers:
             return
-        del node.patterns[pattern]
+        del bucket[pattern]
+        if not bucket:
+            del node.leads[lead]
+            remaining = node.lead_lengths[len(lead)] - 1
+            if remaining:
+                node.lead_lengths[len(lead)] = remaining
+            else:
+                del node.lead_lengths[len(lead)]
         for depth in range(len(segments), 0, -1):
             child = path[depth]
-            if child.patterns or child.children:
+            if child.leads or child.children:
                 break
             del path[depth - 1].children[segments[depth - 1]]
 
@@ -632,13 +672,11 @@ class WildcardIndex(Generic[_S]):
         How many subscribers hold exactly C{pattern}, so that a hub can watch a pattern on its
         broker when the first subscriber arrives and stop when the last one leaves.
         """
-        node = self._root
-        for segment in _prefix_segments(pattern):
-            child = node.children.get(segment)
-            if child is None:
-                return 0
-            node = child
-        entry = node.patterns.get(pattern)
+        found = self._find(pattern)
+        if found is None:
+            return 0
+        path, _, lead = found
+        entry = path[-1].leads.get(lead, {}).get(pattern)
         return 0 if entry is None else len(entry.subscribers)
 
     def _matching(self, channel: str) -> Iterator[tuple[str, _Entry[_S]]]:
@@ -649,9 +687,18 @@ class WildcardIndex(Generic[_S]):
         node: _Node[_S] | None = self._root
         depth = 0
         while node is not None:
-            for pattern, entry in node.patterns.items():
-                if entry.match(channel):
-                    yield pattern, entry
+            # The channel's segment a lead at this node must begin; past the last segment only
+            # patterns without wildcards (empty lead) can still match.
+            segment = segments[depth] if depth < len(segments) else ""
+            size = len(segment)
+            leads = node.leads
+            for length in node.lead_lengths:
+                if length <= size:
+                    bucket = leads.get(segment if length == size else segment[:length])
+                    if bucket is not None:
+                        for pattern, entry in bucket.items():
+                            if entry.match(channel):
+                                yield pattern, entry
             if depth == len(segments):
                 break
             node = node.children.get(segments[depth])

@@ -184,6 +184,10 @@ class Hub(Service):
         self._conn_ids = itertools.count(1)
         self._sessions: dict[str, Session] = {}
         self._channels: dict[tuple[str, str], dict[str, Session]] = {}
+        # The subset of each _channels entry that holds the presence action:
+        # the only receivers of presence deltas. A join storm then costs
+        # per join the number of watchers, not the number of members.
+        self._watchers: dict[tuple[str, str], dict[str, Session]] = {}
         self._patterns: dict[str, WildcardIndex[Session]] = {}
         self._peers: dict[tuple[str, str], dict[str, Session]] = {}
         self.metrics = metrics if metrics is not None else Metrics()
@@ -467,6 +471,9 @@ class Hub(Service):
         else:
             local = self._channels.setdefault((app_id, channel), {})
             local[session.conn_id] = session
+            # Presence deltas go only to the subscribers that may see them.
+            if session.grant.may("presence"):
+                self._watchers.setdefault((app_id, channel), {})[session.conn_id] = session
             first = len(local) == 1
             if first:
                 self._views[(app_id, channel)] = ChannelView()
@@ -523,6 +530,9 @@ class Hub(Service):
             return self._broker.unwatch_pattern(app_id, channel) if gone else succeed(None)
         local = self._channels[(app_id, channel)]
         del local[session.conn_id]
+        watchers = self._watchers.get((app_id, channel))
+        if watchers is not None and watchers.pop(session.conn_id, None) is not None and not watchers:
+            del self._watchers[(app_id, channel)]
         if local:
             return succeed(None)
         del self._channels[(app_id, channel)]
@@ -750,8 +760,8 @@ class Hub(Service):
                 envelope = accepted
         frame: OutboundFrame | None = None
         count = 0
-        for conn_id, session in self._channels.get((app_id, envelope.channel), {}).items():
-            if conn_id == envelope.exclude_conn or not session.grant.may("presence"):
+        for conn_id, session in self._watchers.get((app_id, envelope.channel), {}).items():
+            if conn_id == envelope.exclude_conn:
                 continue
             subscription = session.subscriptions[envelope.channel]
             version = envelope.version

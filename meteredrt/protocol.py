@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import orjson
 from attrs import frozen
 
 from meteredrt.globs import is_wildcard, pattern_error
@@ -170,7 +171,34 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+#: A run of digits long enough to spell an integer outside 64 bits, which
+#: orjson would turn into a float; such documents go to the stdlib decoder.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
+
+
 def _loads(payload: bytes | str) -> Any:
+    """
+    Parse a frame as L{_stdlib_loads} does, with orjson (several times
+    faster) for the documents on which both agree.
+
+    orjson refuses everything the stdlib decoder configured here refuses
+    (NaN and infinities, a BOM, invalid UTF-8, lone surrogates, other
+    encodings than UTF-8, numbers that overflow a double) and some it
+    accepts: whatever orjson refuses goes to the stdlib decoder, whose
+    verdict stands. The one document orjson accepts differently, an integer
+    outside 64 bits (made a float), never reaches it.
+    """
+    digits = _LONG_DIGITS_TEXT if isinstance(payload, str) else _LONG_DIGITS
+    if digits.search(payload) is None:  # type: ignore[arg-type]
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            pass
+    return _stdlib_loads(payload)
+
+
+def _stdlib_loads(payload: bytes | str) -> Any:
     """
     C{json.loads(payload, parse_constant=..., parse_float=...)} with the
     shared decoder: the same encoding detection for bytes, the same refusal

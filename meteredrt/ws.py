@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -31,7 +33,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from meteredrt.apps import App
+from meteredrt.apps import App, message_limits
 from meteredrt.auth import Grant, Refusal, authenticate
 from meteredrt.clientaddress import TrustedProxies, client_address
 from meteredrt.hub import Hub, Session
@@ -65,6 +67,22 @@ GOING_AWAY_CLOSE_DELAY = 0.25
 MAX_QUEUED_FRAMES = 1000
 #: Frame-budget tokens taken from the bucket at a time (see onFrameBegin).
 FRAME_CREDIT_BATCH = 64
+
+#: What L{RealtimeServerProtocol} holds instead of a query once authenticated.
+_NO_PARAMS: Mapping[str, list[str]] = MappingProxyType({})
+#: Attributes in which Autobahn keeps the upgrade request and response after
+#: the handshake, though nothing reads them again.
+_HANDSHAKE_LEFTOVERS = (
+    "http_request_data",
+    "http_response_data",
+    "http_status_line",
+    "http_headers",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_origin",
+)
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
@@ -124,10 +142,12 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._params: dict[str, list[str]] = {}
+        self._params: Mapping[str, list[str]] = _NO_PARAMS
         self._origin: str | None = None
         self._session: Session | None = None
-        self._queue: deque[Any] = deque()
+        # Frames waiting for the welcome or for a slow request; made only
+        # when one has to wait (most never do, and an empty deque is 760 B).
+        self._queue: deque[Any] | None = None
         # Frames the hub routes here between admission and the welcome
         # (a direct to this peerId); None once the welcome is out.
         self._early: list[OutboundFrame] | None = []
@@ -137,8 +157,8 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._gone = False
         self._expiry: IDelayedCall | None = None
         self._farewell: IDelayedCall | None = None
-        self._bucket: TokenBucket | None = None  # set once the socket is open
-        self._frames: TokenBucket | None = None  # likewise
+        self._bucket: TokenBucket | None = None  # set once authenticated
+        self._frames: TokenBucket | None = None  # set once the socket is open
         self._frame_credit = 0  # tokens already taken from _frames
         self._watch = _WriteWatch()
         self._grant: Grant | None = None
@@ -171,15 +191,26 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         if transport is not None:
             transport.registerProducer(self._watch, True)
         factory = self.factory
-        # The bucket starts with the socket: frames held for the welcome
-        # draw from it too.
-        now = factory.clock.seconds()
-        self._bucket = TokenBucket(factory.message_burst, factory.message_rate, now)
-        self._frames = TokenBucket(factory.frame_burst, factory.frame_rate, now)
+        # The frame budget starts with the socket.
+        self._frames = TokenBucket(factory.frame_burst, factory.frame_rate, factory.clock.seconds())
         factory.connections.add(self)
         self._opened_at = factory.clock.seconds()
         self._watch.sent_by_kind = factory.metrics.frames_out
         ensureDeferred(self._admit()).addErrback(self._admission_failed)
+        # Authentication has read the query; nothing reads the handshake again.
+        self._forget_handshake()
+
+    def _forget_handshake(self) -> None:
+        """
+        Let go of the upgrade request: Autobahn keeps its text, headers and
+        parsed query (the JWT in each) for the connection's lifetime though
+        it reads them only during the handshake, about 2 KiB per idle
+        connection.
+        """
+        self._params = _NO_PARAMS
+        self._origin = None
+        for name in _HANDSHAKE_LEFTOVERS:
+            setattr(self, name, None)
 
     async def _admit(self) -> None:
         factory = self.factory
@@ -188,6 +219,10 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
                 self._params, self._origin, factory.keys.key, factory.keys.app, factory.clock.seconds()
             )
             self._grant = grant
+            # The bucket starts with the socket (this step runs within
+            # onOpen): frames held for the welcome draw from it too.
+            rate, burst = message_limits(factory.keys.app(grant.app_id))
+            self._bucket = TokenBucket(burst, rate, factory.clock.seconds())
             session = await factory.hub.connect(self._sink_for, grant)
         except Refusal as refusal:
             factory.metrics.handshakes["refused"] += 1
@@ -336,10 +371,18 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
                 self.factory.metrics.drops["message_rate"] += 1
                 self._close(CloseCode.OVER_MESSAGE_RATE, "over_message_rate")
                 return
-        if len(self._queue) >= MAX_QUEUED_FRAMES:
+        queue = self._queue
+        session = self._session
+        if not queue and not self._busy and session is not None:
+            # Nothing waits ahead of it: what _pump would do, without the queue.
+            self._process(session, item)
+            return
+        if queue is None:
+            queue = self._queue = deque()
+        if len(queue) >= MAX_QUEUED_FRAMES:
             self._close(CloseCode.POLICY_VIOLATION, "too many frames in flight")
             return
-        self._queue.append(item)
+        queue.append(item)
         self._pump()
 
     def _pump(self) -> None:
@@ -350,18 +393,25 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         session = self._session
         if session is None:
             return  # held until the welcome is out, then processed in order
-        while self._queue and not self._busy and not self._closing:
-            item = self._queue.popleft()
-            if isinstance(item, Ping):
-                self.send_frame(PONG)
-            elif isinstance(item, FrameError):
-                self.factory.metrics.errors[item.code] += 1
-                self.send_frame(error_frame(item.code, item.message, item.request_id))
-            else:
-                done = self.factory.hub.handle(session, item)
-                if not done.called:
-                    self._busy = True
-                    done.addBoth(self._resume)
+        queue = self._queue
+        while queue and not self._busy and not self._closing:
+            self._process(session, queue.popleft())
+
+    def _process(self, session: Session, item: Any) -> None:
+        """
+        Answer one parsed frame; mark the connection busy while a request
+        waits on a seam.
+        """
+        if isinstance(item, Ping):
+            self.send_frame(PONG)
+        elif isinstance(item, FrameError):
+            self.factory.metrics.errors[item.code] += 1
+            self.send_frame(error_frame(item.code, item.message, item.request_id))
+        else:
+            done = self.factory.hub.handle(session, item)
+            if not done.called:
+                self._busy = True
+                done.addBoth(self._resume)
 
     def _resume(self, result: object) -> None:
         self._busy = False
@@ -485,7 +535,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._gone = self._closing = True
-        self._queue.clear()
+        self._queue = None
         for call in (self._expiry, self._farewell):
             if call is not None and call.active():
                 call.cancel()
@@ -563,8 +613,6 @@ class RealtimeServerFactory(WebSocketServerFactory):
         keys: IKeyStore,
         clock: IReactorTime,
         turn: ITurnProvider | None = None,
-        message_rate: float = 100.0,
-        message_burst: float = 200.0,
         frame_rate: float = 1000.0,
         frame_burst: float = 2000.0,
         outbound_limit: int = 1024 * 1024,
@@ -584,8 +632,6 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.keys = keys
         self.clock = clock
         self.turn = turn
-        self.message_rate = message_rate
-        self.message_burst = message_burst
         self.frame_rate = frame_rate
         self.frame_burst = frame_burst
         self.outbound_limit = outbound_limit

@@ -13,11 +13,15 @@ import json
 import uuid
 from typing import Any
 
+import attrs
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from meteredrt import auth
 from meteredrt.apps import ACTIONS, App, Key, KeyType
 from meteredrt.auth import (
     MAX_EXP,
@@ -597,6 +601,58 @@ class VerifyTokenTests(_AuthAssertions):
         ]:
             self.assertRefused(token, 4001)
 
+    def test_non_ascii_and_extensions(self) -> None:
+        """
+        Non-ASCII tokens, and tokens asking for an extension we do not implement (C{crit}, an
+        unencoded payload), close with 4001 even when correctly signed.
+        """
+        head, body, signature = _token().split(".")
+        self.assertRefused(f"{head}\u00e9.{body}.{signature}", 4001)
+        self.assertRefused(f"{head}.{body}.{signature}\ud800", 4001)
+        for extra in [{"crit": ["exp"]}, {"crit": ["b64"], "b64": False}, {"b64": False}]:
+            self.assertRefused(_hand_token({"alg": "HS256", "kid": "sk_id_main", **extra}, _claims()), 4001)
+
+    def test_padded_segments(self) -> None:
+        """
+        Trailing C{=} padding on a whole quantum is accepted, as PyJWT accepts it; padding that
+        does not fill a quantum, too much of it, and non-canonical spellings close with 4001.
+        """
+        head, body, signature = _token().split(".")
+        # The header and payload are signed as they are spelled: only the signature can be padded.
+        self.assertEqual(self.verify(f"{head}.{body}.{signature}=").peer_id, "u_1042")
+        self.assertRefused(f"{head}.{body}.{signature}===", 4001)
+        self.assertRefused(f"{head}=.{body}.{signature}", 4001)
+        # The last character of a 43-character signature carries 2 spare bits.
+        last = signature[-1]
+        odd = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        twin = odd[odd.index(last) ^ 1]
+        self.assertRefused(f"{head}.{body}.{signature[:-1]}{twin}", 4001)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 400), st.sampled_from([*"AQgw-_=.!+/ \u00e9", "", "=="])), max_size=3))
+    def test_agrees_with_pyjwt(self, edits: list[tuple[int, str]]) -> None:
+        """
+        A valid token with a few characters replaced, inserted or removed anywhere is accepted
+        exactly when PyJWT's C{get_unverified_header} and C{decode} with the key's secret accept it.
+        """
+        token = _token()
+        for position, text in edits:
+            at = position % (len(token) + 1)
+            token = token[:at] + text + token[at + (1 if position % 2 else 0) :]
+        try:
+            header = jwt.get_unverified_header(token)
+            expected = header.get("alg") == "HS256" and header.get("kid") == "sk_id_main"
+            if expected:
+                jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_iat": False})
+        except (jwt.PyJWTError, UnicodeError):
+            expected = False
+        try:
+            verify_token(token, KEYS.get, NOW)
+            accepted = True
+        except Refusal:
+            accepted = False
+        self.assertEqual(accepted, expected, token)
+
     def test_payload_not_object(self) -> None:
         """
         A correctly signed token whose payload is not a JSON object closes with 4001.
@@ -634,6 +690,64 @@ class VerifyTokenTests(_AuthAssertions):
                 auto_inject_turn=False,
             ),
         )
+
+
+class KeyCacheTests(SynchronousTestCase):
+    """
+    The per-kid HMAC state of L{verify_token} never outlives what the key store says.
+    """
+
+    def setUp(self) -> None:
+        self.keys = {"sk_id_main": KEYS["sk_id_main"]}
+        auth._macs.forget("sk_id_main")
+
+    def verify(self, token: str) -> Grant:
+        return verify_token(token, self.keys.get, NOW)
+
+    def refused(self, token: str) -> Refusal:
+        refusal = self.assertRaises(Refusal, verify_token, token, self.keys.get, NOW)
+        self.assertEqual(refusal.code, 4001)
+        return refusal
+
+    def test_rotated_secret(self) -> None:
+        """
+        Once the key store holds a new secret for a kid, tokens signed with the old one are
+        refused and tokens signed with the new one accepted, though the old one was cached.
+        """
+        self.verify(_token())
+        self.keys["sk_id_main"] = attrs.evolve(KEYS["sk_id_main"], secret=OTHER_SECRET)
+        self.refused(_token())
+        self.verify(_token(secret=OTHER_SECRET))
+        self.keys["sk_id_main"] = KEYS["sk_id_main"]
+        self.refused(_token(secret=OTHER_SECRET))
+        self.verify(_token())
+
+    def test_revoked(self) -> None:
+        """
+        A revoked or deleted key refuses tokens it signed, though it was cached, and its secret
+        leaves the cache.
+        """
+        for gone in (attrs.evolve(KEYS["sk_id_main"], revoked=True), None):
+            self.keys["sk_id_main"] = KEYS["sk_id_main"]
+            self.verify(_token())
+            self.assertIn("sk_id_main", auth._macs._macs)
+            if gone is None:
+                del self.keys["sk_id_main"]
+            else:
+                self.keys["sk_id_main"] = gone
+            self.assertEqual(self.refused(_token()).reason, "key not found")
+            self.assertNotIn("sk_id_main", auth._macs._macs)
+
+    def test_bounded(self) -> None:
+        """
+        The cache holds at most its limit of kids, whatever the number of keys.
+        """
+        cache = auth._MacCache(limit=3)
+        for n in range(10):
+            mac = cache.mac(f"sk_id_{n}", SECRET)
+            mac.update(b"x")
+            self.assertEqual(mac.digest(), hmac.new(SECRET.encode(), b"x", hashlib.sha256).digest())
+            self.assertLessEqual(len(cache), 3)
 
 
 class GrantTests(SynchronousTestCase):

@@ -98,6 +98,8 @@ class SetPlanTests(MeteringCommandMixin, SynchronousTestCase):
             "--balance", "-1.5",
             "--auto-recharge-amount", "10",
             "--auto-recharge-threshold", "2",
+            "--message-rate", "250",
+            "--message-burst", "500",
         )
         expected = Plan(
             name="SIGNALLING_BASIC",
@@ -110,6 +112,8 @@ class SetPlanTests(MeteringCommandMixin, SynchronousTestCase):
             balance=-1.5,
             auto_recharge_amount=10.0,
             auto_recharge_threshold=2.0,
+            message_rate=250.0,
+            message_burst=500.0,
         )
         self.assertEqual(self.stored_app("shop").plan, expected)
         self.assertEqual(result["plan"]["maxMessagesPerPeriod"], 5000)
@@ -172,10 +176,23 @@ class SetPlanTests(MeteringCommandMixin, SynchronousTestCase):
             ("--balance", "nan", "expected a finite number"),
             ("--auto-recharge-amount", "inf", "expected a finite number"),
             ("--auto-recharge-threshold", "-2", "must be at least 0"),
+            ("--message-rate", "-1", "must be at least 0"),
+            ("--message-burst", "many", "expected a number"),
         ]:
             _, err = self.cli("apps", "set-plan", "shop", option, value, status=2)
             self.assertIn(f"argument {option}: {fragment}", err)
         self.assertIsNone(self.stored_app("shop").plan)
+
+    def test_message_rate_out_of_range(self) -> None:
+        """
+        A rate of 0 or a burst below 1 is refused with the option's name,
+        and nothing changes; the defaults are shown in the text output.
+        """
+        self.fail_with("--message-rate must be more than 0", "apps", "set-plan", "shop", "--message-rate", "0")
+        self.fail_with("--message-burst must be from 1 to", "apps", "set-plan", "shop", "--message-burst", "0.5")
+        self.assertIsNone(self.stored_app("shop").plan)
+        out, _ = self.cli("apps", "set-plan", "shop", "--name", "BASIC")
+        self.assertIn("per connection:         100 messages/s, bursts of 200", out)
 
     def test_nothing_to_set(self) -> None:
         """

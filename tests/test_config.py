@@ -177,6 +177,8 @@ balance = -1.5
 auto_recharge_amount = 10
 auto_recharge_threshold = 1.25
 period = "month"
+message_rate = 500
+message_burst = 1000.5
 [apps.turn]
 app_name = "acme"
 secret_key = "turn-secret"
@@ -211,6 +213,8 @@ api_base = "http://127.0.0.1:9999"
                     auto_recharge_amount=10.0,
                     auto_recharge_threshold=1.25,
                     period="month",
+                    message_rate=500.0,
+                    message_burst=1000.5,
                 ),
                 turn=TurnConfig(
                     app_name="acme",
@@ -478,6 +482,31 @@ class ConfigErrorTests(ConfigTestsMixin, SynchronousTestCase):
             "apps[0].plan.max_concurrent_connections",
             "at least 0",
         )
+
+    def test_plan_message_rate_defaults(self) -> None:
+        """
+        A plan that does not set the per-connection rate and burst gets
+        100 messages/s and bursts of 200.
+        """
+        path = self.write('[[apps]]\nid = "a"\n[apps.plan]\nname = "BASIC"\n')
+        plan = load_config(path).apps[0].app.plan
+        assert plan is not None
+        self.assertEqual((plan.message_rate, plan.message_burst), (100.0, 200.0))
+
+    def test_plan_message_rate_refused(self) -> None:
+        """
+        A rate of 0 or less, a burst below 1, absurd figures and non-numbers
+        are refused, naming the key.
+        """
+        for line, key, problem in (
+            ("message_rate = 0", "message_rate", "must be more than 0 and at most 1e+06, not 0"),
+            ("message_rate = -5", "message_rate", "at least 0"),
+            ("message_rate = 1e9", "message_rate", "at most 1e+06"),
+            ("message_rate = true", "message_rate", "must be a number"),
+            ("message_burst = 0.5", "message_burst", "must be from 1 to 1e+06, not 0.5"),
+            ('message_burst = "many"', "message_burst", "must be a number"),
+        ):
+            self.assertConfigError(f'[[apps]]\nid = "a"\n[apps.plan]\n{line}\n', f"apps[0].plan.{key}", problem)
 
     def test_plan_int_as_bool(self) -> None:
         """

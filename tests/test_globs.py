@@ -32,6 +32,11 @@ patterns = st.lists(st.sampled_from(_PIECES), max_size=6).map("".join)
 short_patterns = st.lists(st.sampled_from(_PIECES), max_size=4).map("".join)
 # "c" stands for a character no pattern names.
 channels = st.text(alphabet="ab/*\\c", max_size=8)
+# Patterns whose wildcard segments start with literal runs of several lengths ("x-*", "x-a*",
+# "a/x*"), and channels that share or miss those leads.
+_LEAD_PIECES = ["x", "-", "a", "/", "*", "**", "\\*", "x-", "x-a"]
+lead_patterns = st.lists(st.sampled_from(_LEAD_PIECES), max_size=6).map("".join)
+lead_channels = st.lists(st.sampled_from(["x", "-", "a", "/", "c", "x-", "x-a", "*"]), max_size=6).map("".join)
 # Patterns with exactly MAX_WILDCARDS wildcards: literal runs (possibly empty only at the ends, so
 # that stars never merge into fewer wildcards) between single and double stars.
 _literal_runs = st.text(alphabet="ab/", min_size=1, max_size=3)
@@ -586,6 +591,78 @@ class WildcardIndexTests(SynchronousTestCase):
 
     @settings(max_examples=200, deadline=None)
     @given(
+        st.lists(st.tuples(lead_patterns, st.integers(0, 3)), max_size=12),
+        st.lists(st.integers(0, 100), max_size=8),
+        st.lists(lead_channels, min_size=1, max_size=10),
+    )
+    def test_leads_agree_with_brute_force(
+        self,
+        pairs: list[tuple[str, int]],
+        removals: list[int],
+        samples: list[str],
+    ) -> None:
+        """
+        With patterns whose wildcard segments start with literal leads of several lengths, the
+        index routes every channel as testing every pair would, before and after removals, and
+        leaves no empty bucket behind.
+        """
+        index = WildcardIndex()
+        for pattern, subscriber in pairs:
+            index.add(pattern, subscriber)
+        held: set[tuple[str, Hashable]] = set(pairs)
+        for channel in samples:
+            self.assertEqual(index.match(channel), _brute_force(held, channel), channel)
+        for removal in removals:
+            if pairs:
+                pattern, subscriber = pairs[removal % len(pairs)]
+                index.remove(pattern, subscriber)
+                held.discard((pattern, subscriber))
+                self.assertEqual(index.subscriber_count(pattern), sum(p == pattern for p, _ in held))
+        self.assertEqual(len(index), len(held))
+        for channel in samples:
+            self.assertEqual(index.match(channel), _brute_force(held, channel), channel)
+        nodes = [index._root]
+        while nodes:
+            node = nodes.pop()
+            self.assertNotIn({}, list(node.leads.values()))
+            lengths: dict[int, int] = {}
+            for lead in node.leads:
+                lengths[len(lead)] = lengths.get(len(lead), 0) + 1
+            self.assertEqual(node.lead_lengths, lengths)
+            nodes.extend(node.children.values())
+
+    def test_non_matching_patterns_not_tested(self) -> None:
+        """
+        A publish tests the same patterns whether 0 or 1,000 non-matching ones are held, with or
+        without C{/}, sharing the channel's first characters or not.
+        """
+        tested: list[str] = []
+        match = globs._Glob.match
+
+        def counting(self: globs._Glob, channel: str) -> bool:
+            tested.append(channel)
+            return match(self, channel)
+
+        globs._Glob.match = counting  # type: ignore[method-assign]
+        try:
+            counts = []
+            for noise in (0, 1000):
+                index: WildcardIndex[str] = WildcardIndex()
+                index.add("bench.y-*", "hit")
+                index.add("bench/y/*", "hit")
+                for n in range(noise):
+                    for pattern in (f"bench.x-{n}-*", f"bench/x-{n}/*", f"bench.{n}*", f"bench/y/{n}x*"):
+                        index.add(pattern, pattern)
+                tested.clear()
+                self.assertEqual(index.match("bench.y-7"), {"hit"})
+                self.assertEqual(index.match("bench/y/7"), {"hit"})
+                counts.append(len(tested))
+        finally:
+            globs._Glob.match = match  # type: ignore[method-assign]
+        self.assertEqual(counts, [2, 2])
+
+    @settings(max_examples=200, deadline=None)
+    @given(
         st.lists(st.tuples(patterns, st.integers(0, 3)), max_size=12),
         st.lists(st.integers(0, 100), max_size=8),
         st.lists(channels, min_size=1, max_size=10),
@@ -623,4 +700,5 @@ class WildcardIndexTests(SynchronousTestCase):
             self.assertEqual({k: sorted(v) for k, v in found.items()}, expected)
         if not held:
             self.assertEqual(index._root.children, {})
-            self.assertEqual(index._root.patterns, {})
+            self.assertEqual(index._root.leads, {})
+            self.assertEqual(index._root.lead_lengths, {})

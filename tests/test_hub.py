@@ -7,8 +7,10 @@ L{RecordingSink}s standing in for connections.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
+import attrs
+from attrs import frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -17,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meteredrt.apps import ACTIONS, App, Plan
 from meteredrt.auth import Grant, Refusal
 from meteredrt.broker.memory import MemoryBroker
+from meteredrt.envelopes import PresenceChange
 from meteredrt.hub import Hub, Session, _start
 from meteredrt.interfaces import BackendUnavailable
 from meteredrt.metering import Meter
@@ -49,6 +52,23 @@ def make_grant(
         expires_at=None,
         auto_inject_turn=False,
     )
+
+
+#: Every action but presence.
+BLIND = ACTIONS - {"presence"}
+
+
+@frozen
+class CountingGrant(Grant):
+    """
+    A L{Grant} that records every question asked of it.
+    """
+
+    asked: ClassVar[list[str]] = []
+
+    def may(self, action: str) -> bool:
+        CountingGrant.asked.append(action)
+        return super().may(action)
 
 
 class HubTestCase(SynchronousTestCase):
@@ -672,6 +692,70 @@ class PresenceTests(HubTestCase):
         )
         self.successResultOf(self.hub.disconnect(seer))
         self.assertEqual(blind_sink.decoded, [{"type": "ack", "requestId": "r"}])
+
+    def test_join_touches_only_presence_holders(self) -> None:
+        """
+        A join's presence delta asks only the channel's presence holders
+        whether they may see it: a subscribe asks the members' grants as
+        many questions in a channel of 10 members without presence as in
+        one of 1,000.
+        """
+
+        def join(hub: Hub, peer_id: str, channel: str, actions: frozenset[str]) -> Session:
+            grant = CountingGrant(**attrs.asdict(make_grant(peer_id, actions=actions), recurse=False))
+            session = self.successResultOf(hub.connect(RecordingSink, grant))
+            self.successResultOf(hub.handle(session, parse_frame(json.dumps({"type": "subscribe", "channel": channel}))))
+            return session
+
+        asked_per_size = []
+        for size in (10, 1000):
+            hub = Hub(MemoryBroker(), MemoryPresence(), self.meter, self.apps.get, node_id="n1")
+            for n in range(size):
+                join(hub, f"blind-{n}", "room", BLIND)
+            seer = join(hub, "seer", "room", ACTIONS)
+            CountingGrant.asked.clear()
+            join(hub, "new", "room", BLIND)
+            asked_per_size.append(len(CountingGrant.asked))
+            self.assertEqual(
+                seer.sink.decoded[-1],  # type: ignore[attr-defined]
+                {"type": "presence", "channel": "room", "joined": [{"peerId": "new"}], "left": []},
+            )
+        self.assertEqual(asked_per_size[0], asked_per_size[1])
+
+    def test_presence_holders_follow_subscriptions(self) -> None:
+        """
+        After subscribes, unsubscribes, disconnects and resubscribes, a
+        presence delta reaches exactly the channel's subscribers holding
+        C{presence}, however they came and went.
+        """
+        sessions = {}
+        for name in ("s1", "s2", "s3", "b1", "b2"):
+            actions = BLIND if name.startswith("b") else ACTIONS
+            sessions[name], _ = self.connect(name, actions=actions)
+        for session in sessions.values():
+            self.subscribe(session, "room")
+            self.subscribe(session, "other")
+        self.request(sessions["s1"], type="unsubscribe", channel="room")
+        self.successResultOf(self.hub.disconnect(sessions["s2"]))
+        self.request(sessions["b1"], type="unsubscribe", channel="room")
+        self.request(sessions["s1"], type="unsubscribe", channel="other")
+        self.subscribe(sessions["s1"], "other")
+        s4, _ = self.connect("s4")
+        self.subscribe(s4, "room")
+        for session in sessions.values():
+            session.sink.clear()  # type: ignore[attr-defined]
+        s4.sink.clear()  # type: ignore[attr-defined]
+        for channel, expected in (("room", {"s3", "s4"}), ("other", {"s1", "s3"})):
+            count = self.hub.deliver("app_1", PresenceChange(channel, ({"peerId": "x"},), (), None))
+            heard = {
+                s.peer_id for s in [*sessions.values(), s4] if s.sink.decoded  # type: ignore[attr-defined]
+            }
+            self.assertEqual((count, heard), (len(expected), expected))
+            for session in [*sessions.values(), s4]:
+                session.sink.clear()  # type: ignore[attr-defined]
+        for session in [*sessions.values(), s4]:
+            self.successResultOf(self.hub.disconnect(session))
+        self.assertEqual(self.hub.deliver("app_1", PresenceChange("room", ({"peerId": "x"},), (), None)), 0)
 
     def test_split_snapshot(self) -> None:
         """

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from meteredrt import protocol
 from meteredrt.protocol import (
     MAX_JSON_DEPTH,
     MAX_MESSAGE_SIZE,
@@ -923,11 +926,96 @@ class SnapshotFramesTests(SynchronousTestCase):
         self.assertEqual([e for f in frames for e in _decode(f)["joined"]], entries)
 
 
+def _typed(value: Any) -> Any:
+    """
+    A parsed JSON value with the type of every scalar spelled out, so that
+    C{1}, C{1.0}, C{True}, C{0.0} and C{-0.0} compare unequal.
+    """
+    if isinstance(value, dict):
+        return ("dict", [(k, _typed(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("list", [_typed(v) for v in value])
+    return (type(value).__name__, repr(value))
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0xFFFF)),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
+    max_leaves=12,
+)
+_JSONISH = [
+    b"{", b"}", b"[", b"]", b",", b":", b'"', b"a", b"1", b"-", b".", b"e", b"400", b"9" * 20,
+    b"NaN", b"Infinity", b"true", b"null", b" ", b"\\", b"\\u", b"d800", b"\xef\xbb\xbf", b"\xff",
+    b"\xc3\xa9", b"\x00", b'"type"', b'"ping"',
+]  # fmt: skip
+
+
 class SharedCodecTests(SynchronousTestCase):
     """
     The shared JSON decoder and encoder behave as C{json.loads} and
     C{json.dumps} with the same arguments did.
     """
+
+    def assertSameParse(self, payload: bytes | str) -> None:
+        """
+        L{protocol._loads} (orjson where it agrees) and the stdlib decoder
+        accept or refuse C{payload} alike, and give the same values, down
+        to the type of every number and the sign of zero.
+        """
+        try:
+            expected: Any = ("ok", _typed(protocol._stdlib_loads(payload)))
+        except (ValueError, RecursionError):
+            expected = "refused"
+        try:
+            got: Any = ("ok", _typed(protocol._loads(payload)))
+        except (ValueError, RecursionError):
+            got = "refused"
+        self.assertEqual(got, expected, payload)
+
+    @settings(max_examples=300, deadline=None)
+    @given(json_values, st.booleans())
+    def test_orjson_agrees_on_documents(self, value: Any, ascii_only: bool) -> None:
+        """
+        Documents of every shape, with integers beyond 64 bits, floats at
+        the edges, non-ASCII and lone surrogates, parse as the stdlib parses
+        them, as bytes and as text.
+        """
+        text = json.dumps(value, ensure_ascii=ascii_only)
+        self.assertSameParse(text)
+        self.assertSameParse(text.encode("utf-8", "surrogatepass"))
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.sampled_from(_JSONISH), max_size=12).map(b"".join))
+    def test_orjson_agrees_on_garbage(self, payload: bytes) -> None:
+        """
+        Near-JSON bytes (constants, huge exponents, BOMs, bad UTF-8, stray
+        characters) are refused or accepted as the stdlib decides.
+        """
+        self.assertSameParse(payload)
+
+    def test_orjson_edge_cases(self) -> None:
+        """
+        The documents where orjson alone would differ parse as the stdlib
+        parses them.
+        """
+        for payload in [
+            b"[123456789012345678901234567890]",
+            b"[18446744073709551616]",
+            b"[-9223372036854775809]",
+            b"[9223372036854775807]",
+            b"[1e400]",
+            b"[NaN]",
+            b'["\\ud800"]',
+            b"\xef\xbb\xbf[1]",
+            b"[-0]",
+            b"[-0.0]",
+            b"[" * 200 + b"]" * 200,
+        ]:
+            self.assertSameParse(payload)
 
     def test_bom(self) -> None:
         """

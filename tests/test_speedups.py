@@ -17,6 +17,9 @@ import txaio
 from autobahn import util
 from autobahn.twisted import websocket as twisted_websocket
 from autobahn.websocket import protocol as ws_protocol
+from autobahn.websocket import xormasker
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, eventAsText, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,8 +27,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from meteredrt import speedups
 from meteredrt.speedups import (
     DISABLE_VARIABLE,
+    SMALL_PAYLOAD,
     TARGETS,
     DeferredPformat,
+    SmallPayloadMasker,
     autobahn_problems,
     code_fingerprint,
     install_speedups,
@@ -285,6 +290,61 @@ class InstallTests(SynchronousTestCase):
         self.assertFalse(install_speedups(environ={DISABLE_VARIABLE: "1"}))
         self.assertFalse(speedups_installed())
         self.assertIs(ws_protocol.hltype, util.hltype)
+
+    def test_masker_installed(self) -> None:
+        """
+        Installing gives Autobahn's protocol module the small-payload masker
+        factory; uninstalling puts Autobahn's own back.
+        """
+        install_speedups(enabled=True)
+        self.assertIs(ws_protocol.create_xor_masker.__wrapped__, xormasker.create_xor_masker)  # type: ignore[attr-defined]
+        self.assertIsInstance(ws_protocol.create_xor_masker(b"abcd", 100), SmallPayloadMasker)
+        self.assertNotIsInstance(ws_protocol.create_xor_masker(b"abcd", SMALL_PAYLOAD), SmallPayloadMasker)
+        self.assertNotIsInstance(ws_protocol.create_xor_masker(b"abcd"), SmallPayloadMasker)
+        uninstall_speedups()
+        self.assertIs(ws_protocol.create_xor_masker, xormasker.create_xor_masker)
+
+    def test_refuses_foreign_masker(self) -> None:
+        """
+        When Autobahn's protocol no longer uses its own masker factory,
+        nothing is patched.
+        """
+        self.patch(ws_protocol, "create_xor_masker", lambda mask, length=None: None)
+        self.assertFalse(install_speedups(enabled=True))
+        self.assertFalse(speedups_installed())
+
+    def test_refuses_foreign_names(self) -> None:
+        """
+        When a target is no longer Autobahn's helper, nothing is patched.
+        """
+        self.patch(ws_protocol, "hltype", lambda obj: "elsewhere")
+        self.assertFalse(install_speedups(enabled=True))
+        self.assertFalse(speedups_installed())
+
+
+class MaskerTests(SynchronousTestCase):
+    """
+    L{SmallPayloadMasker} unmasks as Autobahn's maskers do.
+    """
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(min_size=4, max_size=4), st.binary(max_size=SMALL_PAYLOAD), st.lists(st.integers(0, 64), max_size=6))
+    def test_same_output(self, mask: bytes, payload: bytes, cuts: list[int]) -> None:
+        """
+        Fed the same payload in the same chunks, it returns what Autobahn's
+        masker returns, chunk by chunk, with the same pointer; after
+        C{reset} it starts over.
+        """
+        ours, theirs = SmallPayloadMasker(mask), xormasker.create_xor_masker(mask, len(payload))
+        for _ in range(2):
+            rest = payload
+            for cut in [*cuts, len(payload)]:
+                chunk, rest = rest[:cut], rest[cut:]
+                self.assertEqual(ours.process(chunk), theirs.process(chunk))
+                self.assertEqual(ours.pointer(), theirs.pointer())
+            ours.reset()
+            theirs.reset()
+            self.assertEqual(ours.pointer(), 0)
 
 
 class SameTextTests(SynchronousTestCase):

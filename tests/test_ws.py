@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 from zope.interface import implementer
 
-from meteredrt.apps import ACTIONS, App, Key, KeyType, TurnConfig
+from meteredrt.apps import ACTIONS, App, Key, KeyType, Plan, TurnConfig
 from meteredrt.auth import MAX_EXP, mint_token
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.hub import Hub
@@ -55,6 +55,8 @@ SECRET_KEY = Key(
 PUBLISHABLE_KEY = Key(
     "pk_live_test", "app_1", KeyType.PUBLISHABLE, ("**",), frozenset({"subscribe", "publish", "presence"})
 )
+#: Five messages at once, then one per second, per connection.
+SLOW_PLAN = Plan(message_rate=1.0, message_burst=5)
 CLIENT_ADDRESS = IPv4Address("TCP", "192.0.2.7", 50000)
 
 
@@ -217,6 +219,30 @@ class HandshakeTests(WebSocketTestCase):
         )
         self.assertIsNone(client.closed)
         self.assertEqual(self.hub.connection_count, 1)
+
+    def test_handshake_forgotten(self) -> None:
+        """
+        Once open, the connection keeps nothing of the upgrade request: no
+        attribute holds the token or the request text, and no frame queue
+        exists while nothing waits.
+        """
+        token = self.token("alice")
+        client, server, pump = self.open("token=" + token)
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.assertEqual(client.received[-1], {"type": "pong"})
+
+        def reaches_token(value: object, depth: int = 0) -> bool:
+            if isinstance(value, (str, bytes)):
+                return (token if isinstance(value, str) else token.encode()) in value
+            if depth < 3 and isinstance(value, dict):
+                return any(reaches_token(k, depth + 1) or reaches_token(v, depth + 1) for k, v in value.items())
+            if depth < 3 and isinstance(value, (list, tuple)):
+                return any(reaches_token(v, depth + 1) for v in value)
+            return False
+
+        self.assertEqual([name for name, value in vars(server).items() if reaches_token(value)], [])
+        self.assertIsNone(server._queue)
 
     def test_token_metadata(self) -> None:
         """
@@ -450,7 +476,9 @@ class InboundTests(WebSocketTestCase):
     What the server does with client frames.
     """
 
-    factory_options = {"message_burst": 5, "message_rate": 1.0}
+    def setUp(self) -> None:
+        super().setUp()
+        self.keys.add_app(App("app_1", plan=SLOW_PLAN))
 
     def test_ping(self) -> None:
         """
@@ -540,6 +568,22 @@ class InboundTests(WebSocketTestCase):
         pump.flush()
         self.assertClosed(client, 4011)
 
+    def test_rate_of_the_plan(self) -> None:
+        """
+        The bucket's size and refill come from the app's plan; an app
+        without a plan gets the defaults, 200 at once.
+        """
+        for plan, burst in ((Plan(message_rate=1.0, message_burst=300), 300), (None, 200)):
+            self.keys.add_app(App("app_1", plan=plan))
+            client, server, pump = self.open_token()
+            for n in range(burst):
+                client.send_json({"type": "publish", "channel": "room", "data": n})
+            pump.flush()
+            self.assertIsNone(client.closed)
+            client.send_json({"type": "publish", "channel": "room", "data": "one too many"})
+            pump.flush()
+            self.assertClosed(client, 4011)
+
     def test_rate_refills(self) -> None:
         """
         The bucket refills with time.
@@ -582,7 +626,7 @@ class InboundTests(WebSocketTestCase):
         Frames held for the welcome draw from the rate bucket too: a flood
         while the welcome waits on TURN closes with 4011.
         """
-        self.keys.add_app(App("app_1", turn=TurnConfig("demo", "secret")))
+        self.keys.add_app(App("app_1", plan=SLOW_PLAN, turn=TurnConfig("demo", "secret")))
         client, server, pump = self.open("key=pk_live_test")
         for n in range(6):
             client.send_json({"type": "publish", "channel": "room", "data": n})

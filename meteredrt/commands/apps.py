@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from meteredrt.apps import DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_RATE
 from meteredrt.commands.options import amount_option, balance_option, cap_option
 from meteredrt.commands.registry import Output, UsageError, argument, command
 from meteredrt.commands.render import app_json, describe_plan, table
@@ -75,6 +76,8 @@ _PLAN_OPTIONS = {
     "balance": "--balance",
     "auto_recharge_amount": "--auto-recharge-amount",
     "auto_recharge_threshold": "--auto-recharge-threshold",
+    "message_rate": "--message-rate",
+    "message_burst": "--message-burst",
 }
 
 
@@ -147,6 +150,20 @@ _PLAN_OPTIONS = {
         type=amount_option,
         metavar="AMOUNT",
         help="recharge when a charge would leave the balance below this",
+    ),
+    argument(
+        "--message-rate",
+        default=argparse.SUPPRESS,
+        type=amount_option,
+        metavar="PER_SECOND",
+        help=f"messages per second each connection may send (default {DEFAULT_MESSAGE_RATE:g}; over it: close 4011)",
+    ),
+    argument(
+        "--message-burst",
+        default=argparse.SUPPRESS,
+        type=amount_option,
+        metavar="N",
+        help=f"messages a connection may send at once above its rate (default {DEFAULT_MESSAGE_BURST:g})",
     ),
     argument("--unmetered", action="store_true", help="remove the plan: the app is counted, never limited"),
 )

@@ -116,6 +116,7 @@ def describe_plan(plan: Plan | None) -> str:
             f"{plan.overage_rate_per_connection:g} per connection",
             f"  opening balance:        {plan.balance:g}",
             f"  auto-recharge:          {recharge}",
+            f"  per connection:         {plan.message_rate:g} messages/s, bursts of {plan.message_burst:g}",
         ]
     )
 

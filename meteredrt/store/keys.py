@@ -32,6 +32,7 @@ from meteredrt.apps import (
     Key,
     KeyType,
     Plan,
+    message_rate_problems,
 )
 from meteredrt.config import AppDeclaration, app_id_problem, key_field_problems
 from meteredrt.store.dialect import DialectCursor
@@ -339,6 +340,8 @@ def store_plan(
 
     :raises NoSuchApp: if the app is neither stored nor declared.
     :raises DeclaredInConfig: if the configuration declares a plan for it.
+    :raises InvalidKeyField: if the per-connection message rate or burst
+        that results is out of range.
     """
     cursor.lock_for_write(*_TABLES)
     stored = read_state(cursor)
@@ -434,10 +437,16 @@ def store_plan_changes(
 
     :raises NoSuchApp: if the app is neither stored nor declared.
     :raises DeclaredInConfig: if the configuration declares a plan for it.
+    :raises InvalidKeyField: if the per-connection message rate or burst
+        that results is out of range.
     """
     cursor.lock_for_write(*_TABLES)
     current = Tenancy.overlay(read_state(cursor), declarations).app(app_id)
     if current is None:
         raise NoSuchApp(f"no app {app_id!r}")
     plan = None if unmetered else attrs.evolve(current.plan or Plan(), **changes)
+    if plan is not None:
+        # Checked on the result: one field may only be wrong given the other.
+        for field, problem in message_rate_problems(plan.message_rate, plan.message_burst):
+            raise InvalidKeyField(field, problem)
     return store_plan(cursor, declarations, app_id, plan, now)
