@@ -188,8 +188,8 @@ class SetPlanTests(MeteringCommandMixin, SynchronousTestCase):
         A rate of 0 or a burst below 1 is refused with the option's name,
         and nothing changes; the defaults are shown in the text output.
         """
-        self.fail_with("--message-rate must be more than 0", "apps", "set-plan", "shop", "--message-rate", "0")
-        self.fail_with("--message-burst must be from 1 to", "apps", "set-plan", "shop", "--message-burst", "0.5")
+        self.fail_with("--message-rate: must be more than 0", "apps", "set-plan", "shop", "--message-rate", "0")
+        self.fail_with("--message-burst: must be from 1 to", "apps", "set-plan", "shop", "--message-burst", "0.5")
         self.assertIsNone(self.stored_app("shop").plan)
         out, _ = self.cli("apps", "set-plan", "shop", "--name", "BASIC")
         self.assertIn("per connection:         100 messages/s, bursts of 200", out)
