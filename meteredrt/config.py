@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -608,6 +609,9 @@ class _Table:
         if self._missing(name, default):
             return default
         value = self._typed(name, self._values[name], (int, float), "a number")
+        if not math.isfinite(value):
+            # TOML allows nan and inf; no setting means either.
+            self.fail(name, f"must be a finite number, not {value}")
         if minimum is not None and value < minimum:
             self.fail(name, f"must be at least {minimum}, not {value}")
         return float(value)

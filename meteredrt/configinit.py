@@ -7,7 +7,7 @@ does. L{render_config} writes that text (pure; the keys come in as
 arguments) and L{write_new_file} puts it on disk without ever replacing an
 existing file and readable by its owner only, since it holds a secret.
 
-Keys are made by L{meteredrt.keystore.new_key}, so they have exactly the
+Keys are made by L{meteredrt.store.keys.new_key}, so they have exactly the
 shape and randomness of keys the CLI creates.
 """
 

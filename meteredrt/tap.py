@@ -159,6 +159,16 @@ def check_endpoints(config: Config, *, from_command_line: bool) -> None:
                 source, where = config.source or "<defaults>", f"server.listen[{index}]"
             reason = str(e) or type(e).__name__
             raise ConfigError(source, where, f"not a usable endpoint {description!r}: {reason}") from None
+    if config.metrics.listen is not None:
+        try:
+            endpoints.serverFromString(None, config.metrics.listen)
+        except Exception as e:
+            reason = str(e) or type(e).__name__
+            raise ConfigError(
+                config.source or "<defaults>",
+                "metrics.listen",
+                f"not a usable endpoint {config.metrics.listen!r}: {reason}",
+            ) from None
 
 
 class StartupError(Exception):
@@ -364,10 +374,10 @@ class DataDirectory(Service):
     Opening each database once here, synchronously and before the reactor
     runs, turns an unusable file (no permission, not a database, a schema
     newer than this release) into a L{StartupError} instead of a failure
-    after the reactor has started. A PostgreSQL store is left to its pools,
-    which ride out an outage at start as at any other time; its data
-    directory is still made, for what each node keeps to itself (the
-    webhook outbox).
+    after the reactor has started. A PostgreSQL store is opened by its pools
+    once the reactor runs (a database that cannot be reached then stops the
+    start, see L{StartupGate}); its data directory is still made here, for
+    what each node keeps to itself (the webhook outbox).
     """
 
     def __init__(self, database: Database) -> None:
@@ -517,18 +527,29 @@ class StartupGate(MultiService):
         await self._meter.loaded
         ports = []
         for listener in self:
+            if not self.running:
+                # Stopped (SIGTERM) while the stores were loading: accept nothing.
+                raise StartupError("stopped before listening")
             port = await listener.accept()
             self.log.info("meteredrt listening on {where}", where=port.getHost())
             ports.append(port)
         return ports
 
     def _failed(self, failure: Any) -> None:
+        if not self.running:
+            # A stop while starting: nothing failed, and the reactor is
+            # already on its way down.
+            self.listening.errback(failure)
+            self.listening.addErrback(lambda _: None)
+            return
         if failure.check(StartupError):
             self.log.critical("meteredrt: {problem}", problem=str(failure.value))
         else:
             self.log.failure("meteredrt could not start", failure)
         self.listening.errback(failure)
-        self._reactor.stop()
+        # Whoever waits on listening has seen it; nobody else must log it.
+        self.listening.addErrback(lambda _: None)
+        stop_reactor(self._reactor)
 
 
 class _Closing(Service):
@@ -548,6 +569,15 @@ class _Closing(Service):
 def _webhooks_of(keys: KeyStore, app_id: str) -> WebhookConfig | None:
     app = keys.app(app_id)
     return None if app is None else app.webhooks
+
+
+def _start_workers(ports: list[IListeningPort], pool: WorkerPool, main_listeners: int) -> list[IListeningPort]:
+    """
+    Start the other workers on the main listeners' ports (the first ones
+    the gate opened), not on worker 1's own metrics port.
+    """
+    pool.start_workers(ports[:main_listeners])
+    return ports
 
 
 def stop_reactor(reactor: Any) -> None:
@@ -619,7 +649,9 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     pool = None
     if config.workers > 1 and worker == 1:
         # Added first so that it stops last: worker 1 exits after the others.
-        command = WorkerCommand(config.workers, options.get("config"), config.data_dir, options.get("redis"))
+        command = WorkerCommand(
+            config.workers, options.get("config"), config.data_dir, options.get("redis"), options.get("database")
+        )
         pool = WorkerPool(command, reactor)
         pool.setServiceParent(top)
     elif worker > 1:
@@ -708,7 +740,9 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     gate.setName("listeners")
     for description in config.listen:
         Listener(description, capped, reactor, shared=config.workers > 1).setServiceParent(gate)
-    if config.metrics.listen is not None:
+    if config.metrics.listen is not None and worker == 1:
+        # Worker 1 alone serves the separate metrics endpoint (of its own
+        # process: each worker is a node with its own counts).
         metrics_site = Site(metrics_root(MetricsResource(registry)), requestFactory=BoundedRequest)
         metrics_site.displayTracebacks = False
         metrics_site.noisy = False
@@ -718,7 +752,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     # drain; then the listeners close.
     ConnectionDrain(factory, reactor, config.drain_grace_seconds).setServiceParent(top)
     if pool is not None:
-        gate.listening.addCallback(pool.start_workers)
+        gate.listening.addCallback(_start_workers, pool, len(config.listen))
         # Stopped first: every worker drains at the same time as this one.
         pool.signal_on_stop().setServiceParent(top)
     return top

@@ -123,14 +123,15 @@ class ReusePortEndpoint:
 class WorkerCommand:
     """
     What worker 1 needs to start the others: the configuration file and
-    data directory it runs with, the Redis URL given on its command line (if
-    any), and the worker count.
+    data directory it runs with, the Redis and database URLs given on its
+    command line (if any), and the worker count.
     """
 
     workers: int
     config_path: str | None
     data_dir: str
     redis: str | None = None
+    database: str | None = None
 
     def argv(self, index: int, listen: Sequence[str]) -> list[str]:
         """
@@ -143,6 +144,8 @@ class WorkerCommand:
         args += ["--data-dir", os.path.abspath(self.data_dir), "--workers", str(self.workers)]
         if self.redis is not None:
             args += ["--redis", self.redis]
+        if self.database is not None:
+            args += ["--database", self.database]
         for description in listen:
             args += ["--listen", description]
         args += ["--worker-index", str(index)]

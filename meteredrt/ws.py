@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from meteredrt.apps import App, message_limits
+from meteredrt.apps import DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_RATE, App, message_limits
 from meteredrt.auth import Grant, Refusal, authenticate
 from meteredrt.clientaddress import TrustedProxies, client_address
 from meteredrt.hub import Hub, Session
@@ -222,7 +222,14 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             # The bucket starts with the socket (this step runs within
             # onOpen): frames held for the welcome draw from it too.
             rate, burst = message_limits(factory.keys.app(grant.app_id))
-            self._bucket = TokenBucket(burst, rate, factory.clock.seconds())
+            now = factory.clock.seconds()
+            self._bucket = TokenBucket(burst, rate, now)
+            rate_scale = max(1.0, rate / DEFAULT_MESSAGE_RATE)
+            burst_scale = max(1.0, burst / DEFAULT_MESSAGE_BURST)
+            if rate_scale > 1 or burst_scale > 1:
+                # A plan above the default message limits must not meet the
+                # frame budget first: the budget grows with it.
+                self._frames = TokenBucket(factory.frame_burst * burst_scale, factory.frame_rate * rate_scale, now)
             session = await factory.hub.connect(self._sink_for, grant)
         except Refusal as refusal:
             factory.metrics.handshakes["refused"] += 1
@@ -572,7 +579,10 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             side = "server" if self.droppedByMe and self.remoteCloseCode is None else "client"
         code = _NO_STATUS if code is None else code
         metrics = self.factory.metrics
-        metrics.closes[(code, side)] += 1
+        # A client may close with any of some 2,000 codes: count those past
+        # the standard range as one, so clients cannot mint metric series.
+        counted = code if side == "server" or code <= _LAST_STANDARD_CLOSE_CODE else OTHER_CLIENT_CLOSE_CODE
+        metrics.closes[(counted, side)] += 1
         grant = self._grant
         opened_at = self._opened_at or 0.0
         self._log.info(
@@ -591,6 +601,13 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             frames_in=self._received,
             frames_out=self._watch.sent,
         )
+
+
+#: The highest close code RFC 6455 (and its registry) defines.
+_LAST_STANDARD_CLOSE_CODE = 1015
+
+#: How C{meteredrt_closes_total} counts any other code a client closed with.
+OTHER_CLIENT_CLOSE_CODE = 0
 
 
 class RealtimeServerFactory(WebSocketServerFactory):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -230,3 +230,31 @@ class RedisPresenceTests(PresenceTestsMixin, TestCase):
             await client.ready
             made.append(presence)
         return made[0], made[1]
+
+
+class ObserverFailureTests(SynchronousTestCase):
+    """
+    A failing observer (the webhook side channel) never breaks presence.
+    """
+
+    def test_observer_raises(self) -> None:
+        """
+        An observer that raises on every call is logged; members and
+        connections are still added and removed.
+        """
+        from meteredrt.presence.memory import MemoryPresence
+
+        class Broken:
+            def __getattr__(self, name: str) -> Any:
+                def fail(*args: object) -> None:
+                    raise RuntimeError(name)
+
+                return fail
+
+        presence = MemoryPresence(observer=Broken())  # type: ignore[arg-type]
+        presence.add_connection("a", "alice", "c1")
+        presence.add_member("a", "room", "alice", "c1", None)
+        presence.remove_connection("a", "alice", "c1")
+        self.assertEqual(self.successResultOf(presence.members("a", "room")), [])
+        self.assertEqual(self.successResultOf(presence.connections_of("a", "alice")), frozenset())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)

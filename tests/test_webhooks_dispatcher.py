@@ -214,6 +214,20 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(status.last_error, "the receiver answered HTTP 400")
         self.flushLoggedErrors()
 
+    def test_redirect_not_followed(self) -> None:
+        """
+        A 3xx is not followed (it could point the signed batch anywhere)
+        and sets the batch aside at once.
+        """
+        self.add(1)
+        receiver = Redirecting()
+        self.start(receiver)  # type: ignore[arg-type]
+        self.assertEqual(receiver.requests, ["POST"])
+        status = self.successResultOf(self.outbox.status("a"))
+        self.assertEqual((status.pending, status.failed), (0, 1))
+        self.assertEqual(status.last_error, "the receiver answered HTTP 303")
+        self.flushLoggedErrors()
+
     def test_gives_up_after_retry_time(self) -> None:
         """
         A batch still refused when the app's retry time is over is set
@@ -317,6 +331,24 @@ class DispatcherTests(SynchronousTestCase):
         receiver.held.pop().finish()
         self.stub.flush()
         self.assertEqual(dispatcher.backlogged_apps(), frozenset())
+
+
+class Redirecting(Resource):
+    """
+    A backend that redirects every request elsewhere, and notes each.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[str] = []
+
+    def render(self, request: Request) -> bytes:
+        self.requests.append(request.method.decode())
+        request.setResponseCode(303)
+        request.setHeader("Location", "http://hooks.example/internal-admin")
+        return b""
 
 
 class _Refusing:

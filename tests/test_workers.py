@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+from typing import Any
 
 from attrs import evolve
 from twisted.internet import reactor
@@ -145,10 +146,19 @@ class CommandTests(SynchronousTestCase):
             ],
         )  # fmt: skip
 
+    def test_argv_database(self) -> None:
+        """
+        A --database given to worker 1 reaches every worker, so they all
+        share one store.
+        """
+        argv = WorkerCommand(2, None, "/d", "redis://127.0.0.1:1/0", "postgresql://u@127.0.0.1:1/db").argv(2, ["tcp:1"])
+        self.assertEqual(argv[argv.index("--database") + 1], "postgresql://u@127.0.0.1:1/db")
+
     def test_argv_without_file_or_redis(self) -> None:
         argv = WorkerCommand(2, None, "/d").argv(2, ["tcp:1"])
         self.assertNotIn("--config", argv)
         self.assertNotIn("--redis", argv)
+        self.assertNotIn("--database", argv)
 
     def test_names(self) -> None:
         """
@@ -216,3 +226,28 @@ class ParentWatchTests(TestCase):
         self.assertFalse(gone.called)
         os.close(write_end)
         await gone.addTimeout(5, reactor)
+
+
+class SharedPortsTests(SynchronousTestCase):
+    """
+    Worker 1 hands the others its main listeners' ports only.
+    """
+
+    def test_metrics_port_kept(self) -> None:
+        """
+        With a separate metrics listener (opened last by the gate), the
+        other workers get the main listeners' ports, not worker 1's metrics
+        port, and the callback chain still sees every port.
+        """
+        from meteredrt.tap import _start_workers
+
+        started: list[list[str]] = []
+
+        class Pool:
+            def start_workers(self, ports: list[str]) -> list[str]:
+                started.append(ports)
+                return ports
+
+        ports: Any = ["main-1", "main-2", "metrics"]
+        self.assertEqual(_start_workers(ports, Pool(), 2), ports)  # type: ignore[arg-type]
+        self.assertEqual(started, [["main-1", "main-2"]])

@@ -584,6 +584,23 @@ class InboundTests(WebSocketTestCase):
             pump.flush()
             self.assertClosed(client, 4011)
 
+    def test_plan_above_the_frame_budget(self) -> None:
+        """
+        A plan that allows more messages than the default frame budget
+        (1000/s, 2000 at once, for 100 messages/s and bursts of 200)
+        raises the connection's frame budget in proportion, so the plan's
+        burst goes through.
+        """
+        self.keys.add_app(App("app_1", plan=Plan(message_rate=5000.0, message_burst=3000)))
+        client, server, pump = self.open_token()
+        for n in range(3000):
+            client.send_json({"type": "publish", "channel": "room", "data": n})
+        pump.flush()
+        self.assertIsNone(client.closed)
+        frames = server._frames
+        assert frames is not None
+        self.assertEqual((frames.capacity, frames.rate), (30000, 50000.0))
+
     def test_rate_refills(self) -> None:
         """
         The bucket refills with time.

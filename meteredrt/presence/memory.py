@@ -11,8 +11,11 @@ announcement.
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import define
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from meteredrt.envelopes import PresenceChange
@@ -25,6 +28,8 @@ from meteredrt.protocol import presence_entry
 class _Membership:
     metadata: dict | None
     connections: set[str]
+
+_log = Logger()
 
 
 @implementer(IPresence)
@@ -47,6 +52,18 @@ class MemoryPresence:
         self._held: dict[str, set[str]] = {}
         self._target: IDeliveryTarget | None = None
 
+    def _tell(self, event: str, *args: Any) -> None:
+        """
+        Tell the observer, if any, of one transition. A side channel that
+        fails is logged and never stops presence itself.
+        """
+        if self._observer is None:
+            return
+        try:
+            getattr(self._observer, event)(*args)
+        except Exception:
+            _log.failure("The presence observer failed on {event}", event=event)
+
     def attach(self, target: IDeliveryTarget) -> None:
         self._target = target
 
@@ -65,8 +82,7 @@ class MemoryPresence:
             members[peer_id] = _Membership(metadata, {conn_id})
             joined = (presence_entry(peer_id, metadata),)
             self._announce(app_id, PresenceChange(channel, joined, (), conn_id))
-            if self._observer is not None:
-                self._observer.member_joined(app_id, channel, peer_id, metadata)
+            self._tell("member_joined", app_id, channel, peer_id, metadata)
         else:
             # The most recent connection's peerMetadata is shown.
             membership.metadata = metadata
@@ -88,8 +104,7 @@ class MemoryPresence:
         gone = Member(peer_id, membership.metadata)
         left = (presence_entry(peer_id, gone.metadata),)
         self._announce(app_id, PresenceChange(channel, (), left, None))
-        if self._observer is not None:
-            self._observer.member_left(app_id, channel, peer_id, gone.metadata)
+        self._tell("member_left", app_id, channel, peer_id, gone.metadata)
         return gone
 
     def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
@@ -109,8 +124,8 @@ class MemoryPresence:
     def add_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         connections = self._peers.setdefault((app_id, peer_id), set())
         connections.add(conn_id)
-        if len(connections) == 1 and self._observer is not None:
-            self._observer.peer_connected(app_id, peer_id)
+        if len(connections) == 1:
+            self._tell("peer_connected", app_id, peer_id)
         return succeed(None)
 
     def remove_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
@@ -121,8 +136,7 @@ class MemoryPresence:
             connections.discard(conn_id)
             if not connections:
                 del self._peers[(app_id, peer_id)]
-                if self._observer is not None:
-                    self._observer.peer_disconnected(app_id, peer_id)
+                self._tell("peer_disconnected", app_id, peer_id)
         return succeed(None)
 
     def connections_of(self, app_id: str, peer_id: str) -> Deferred[frozenset[str]]:

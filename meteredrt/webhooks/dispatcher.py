@@ -8,8 +8,8 @@ once the backend answers 2xx. A network error, a timeout, a 408, a 429 or a
 5xx is retried, the same batch, after an exponential backoff with jitter
 (L{retry_delay}); after the app's retry time (default a day) the batch is
 set aside as failed and the loop goes on with the next one. Any other
-answer (a 4xx: the backend refuses the request as such) fails the batch at
-once. Failed batches wait for C{meteredrt webhooks replay}.
+answer (a 4xx: the backend refuses the request as such; a 3xx, which is
+never followed) fails the batch at once. Failed batches wait for C{meteredrt webhooks replay}.
 
 Events of one app leave in the order they were stored, one batch at a
 time, so every peer's events arrive in order; a batch the backend did not
@@ -256,7 +256,10 @@ class WebhookDispatcher(Service):
 
     async def _exchange(self, url: str, headers: dict[str, list[str]], body: bytes) -> None:
         try:
-            response = await self._http.post(url, data=body, headers=headers)
+            # Never follow a redirect: it would send the signed batch (or a
+            # GET) wherever the receiver points, past any address policy,
+            # and count as delivered what nobody took.
+            response = await self._http.post(url, data=body, headers=headers, allow_redirects=False)
             # Read (and drop) the body so the connection can be reused.
             await content(response)
         except CancelledError:
