@@ -131,6 +131,13 @@ class ScrapeTests(WebSocketTestCase):
         samples = self.scrape()
         self.assertEqual(value(samples, "meteredrt_connections", app="app_1"), 1)
         self.assertEqual(value(samples, "meteredrt_closes_total", code="1000", by="client"), 1)
+        # Any code past the standard range that a client picks is one series.
+        for code in (4321, 3999):
+            client, _, pump = self.open_token(f"c{code}")
+            client.sendClose(code)
+            pump.flush()
+        samples = self.scrape()
+        self.assertEqual(value(samples, "meteredrt_closes_total", code="0", by="client"), 2)
         # bob's frames stay counted after his connection is gone.
         self.assertEqual(value(samples, "meteredrt_frames_received_total", type="subscribe"), 2)
         self.assertEqual(value(samples, "meteredrt_frames_sent_total", type="message"), 1)
