@@ -13,8 +13,10 @@
 //
 // With settings.urls (a cluster: one URL per node) connection i of a group
 // goes to urls[(i + offset) % urls.length]; the fan-out's subscribers are
-// spread over every node, its publishers sit on the first one, and each
-// ping-pong pair has its two ends on two different nodes.
+// spread over every node, its publishers (and the wildcard scenario's noise
+// subscriptions) sit on the first one, each ping-pong pair has its two ends
+// on two different nodes, and the join storm's joiners are spread over every
+// node; idle connections all go to the first node (whose RSS is measured).
 
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
@@ -95,15 +97,17 @@ function connect(token, onFrame, url = settings.url) {
   });
 }
 
-// Open many connections with at most `inFlight` handshakes at a time;
-// `urlOf(i)` places connection i (all on settings.url by default).
-async function connectMany(tokens, inFlight, onFrameFor, urlOf = () => settings.url) {
+// Open many connections with at most `inFlight` handshakes at a time.
+// `urlOf(i)` places connection i (all on settings.url by default);
+// `afterOpen(i, ws)`, if given, is awaited before the worker opens its next one.
+async function connectMany(tokens, inFlight, onFrameFor, { urlOf = () => settings.url, afterOpen } = {}) {
   const results = new Array(tokens.length);
   let next = 0;
   async function worker() {
     while (next < tokens.length) {
       const i = next++;
       results[i] = await connect(tokens[i], onFrameFor(i), urlOf(i));
+      if (afterOpen) await afterOpen(i, results[i].ws);
     }
   }
   await Promise.all(Array.from({ length: Math.min(inFlight, tokens.length) }, worker));
@@ -166,6 +170,51 @@ function frameError(data) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// Send a subscribe on `ws` and resolve when `acks` (connection index ->
+// resolver, fed by the connection's frame handler) sees its ack.
+function subscribeAndWait(acks, i, ws, channel) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('no subscribe ack within 60 s')), 60000);
+    acks.set(i, () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    ws.send(JSON.stringify({ type: 'subscribe', channel, requestId: 'j' }));
+  });
+}
+
+// A frame handler for connection i that resolves its pending subscribe (see subscribeAndWait).
+const ackHandler = (acks) => (i) => (ws, data) => {
+  if (frameError(data)) return;
+  const resolve = acks.get(i);
+  if (resolve && data.toString().includes('"type":"ack"')) {
+    acks.delete(i);
+    resolve();
+  }
+};
+
+// Subscribe `patterns` (wildcards that match nothing published) over as many
+// connections as needed, at most `perConnection` each, and wait for every ack.
+async function subscribeNoise(tokens, patterns, perConnection = 90) {
+  const needed = Math.ceil(patterns.length / perConnection);
+  if (needed > tokens.length) fail(`need ${needed} noise tokens, have ${tokens.length}`);
+  const acked = [];
+  const conns = await connectMany(tokens.slice(0, needed), 10, (i) => (ws, data) => {
+    if (!frameError(data) && data.toString().includes('"type":"ack"')) acked[i] = (acked[i] || 0) + 1;
+  });
+  const waits = conns.map(({ ws }, i) => {
+    const mine = patterns.slice(i * perConnection, (i + 1) * perConnection);
+    mine.forEach((channel, k) => ws.send(JSON.stringify({ type: 'subscribe', channel, requestId: `n${k}` })));
+    return mine.length;
+  });
+  const deadline = now() + 30000;
+  while (waits.some((n, i) => (acked[i] || 0) < n)) {
+    if (now() > deadline) fail('noise subscriptions not acknowledged within 30 s');
+    await sleep(10);
+  }
+  return conns;
+}
+
 // -- fan-out ---------------------------------------------------------------
 
 async function fanout() {
@@ -199,7 +248,7 @@ async function fanout() {
       }
     };
   };
-  const subs = await connectMany(subTokens, 100, onSubscriberFrame, (i) => urlFor(i));
+  const subs = await connectMany(subTokens, 100, onSubscriberFrame, { urlOf: (i) => urlFor(i) });
   const subscribeStarted = now();
   // At most 20 (subscribesInFlight) subscribes in flight: set-up, not measured. A cluster node
   // answers each with the channel's snapshot (one Redis round trip whose
@@ -241,10 +290,19 @@ async function fanout() {
   // The refused attempts are counted in subscribe_retries, not as errors of the measured phase.
   errors.errorFrames = 0;
   errors.firstError = null;
-  const pubs = await connectMany(pubTokens, 10, () => (ws, data) => frameError(data), () => urlFor(0));
+  const pubs = await connectMany(pubTokens, 10, () => (ws, data) => frameError(data), { urlOf: () => urlFor(0) });
   const buckets = pubs.map(() => new Bucket(settings.ratePerConnection, settings.burstPerConnection));
+  // The wildcard scenario's noise: held on the publishers' node.
+  const noisePatterns = settings.noisePatterns ?? [];
+  const noise = await subscribeNoise(settings.tokens.slice(subscribers + publishers), noisePatterns);
 
-  emit({ event: 'ready', connections: subs.length + pubs.length, subscribe_ms: Math.round(subscribeDone - subscribeStarted), subscribe_retries: subscribeRetries });
+  emit({
+    event: 'ready',
+    connections: subs.length + pubs.length + noise.length,
+    subscribe_ms: Math.round(subscribeDone - subscribeStarted),
+    subscribe_retries: subscribeRetries,
+    noise_patterns: noisePatterns.length,
+  });
   if ((await nextCommand()) !== 'go') fail('expected go');
 
   // A payload of exactly payloadBytes bytes of JSON: {"s":<seq>,"p":"xx…"}.
@@ -295,7 +353,7 @@ async function fanout() {
     ...latencySummary(latencies),
     ...errors,
   });
-  closeAll([...subs, ...pubs].map((c) => c.ws));
+  closeAll([...subs, ...pubs, ...noise].map((c) => c.ws));
 }
 
 // -- direct ping-pong ---------------------------------------------------
@@ -320,7 +378,7 @@ async function pingpong() {
     const text = data.toString();
     const at = text.indexOf('"data":');
     ws.send(`{"type":"send","to":"pa${i}","data":${text.slice(at + 7, text.lastIndexOf('}'))}}`);
-  }, (i) => urlFor(i, 1));
+  }, { urlOf: (i) => urlFor(i, 1) });
   const sendPing = (i) => {
     const bucket = buckets[i];
     if (!bucket.take()) {
@@ -340,7 +398,7 @@ async function pingpong() {
     roundTrips += 1;
     if (running && roundTrips < maxRoundTrips && now() < deadline) sendPing(i);
     else if (inFlight === 0) resolveDone();
-  }, (i) => urlFor(i));
+  }, { urlOf: (i) => urlFor(i) });
   for (let i = 0; i < pairs; i++) {
     aSockets.push(as[i].ws);
     // B replies once per round trip too, so one bucket per A covers both.
@@ -368,16 +426,55 @@ async function pingpong() {
   closeAll([...as, ...bs].map((c) => c.ws));
 }
 
+// -- join storm ----------------------------------------------------------------
+
+// Every connection connects, subscribes to one channel and waits for its ack;
+// `inFlight` at a time, spread over the nodes of a cluster. Measures the whole
+// set-up, from the first upgrade to the last ack.
+async function joinstorm() {
+  const { connections, inFlight, channel } = settings;
+  emit({ event: 'ready', connections: 0 });
+  if ((await nextCommand()) !== 'go') fail('expected go');
+  const acks = new Map();
+  const started = now();
+  const ackLatencies = [];
+  const opened = await connectMany(settings.tokens.slice(0, connections), inFlight, ackHandler(acks), {
+    urlOf: (i) => urlFor(i),
+    afterOpen: async (i, ws) => {
+      const t0 = now();
+      await subscribeAndWait(acks, i, ws, channel);
+      ackLatencies.push(now() - t0);
+    },
+  });
+  const elapsed = (now() - started) / 1000;
+  const sorted = Float64Array.from(ackLatencies).sort();
+  emit({
+    event: 'result',
+    subscribers: opened.length,
+    subscribers_per_s: Math.round(opened.length / elapsed),
+    setup_s: Math.round(elapsed * 1000) / 1000,
+    measured_s: Math.round(elapsed * 1000) / 1000,
+    handshakes_in_flight: inFlight,
+    p50_ms: percentile(sorted, 50),
+    p99_ms: percentile(sorted, 99),
+    ...errors,
+  });
+  closeAll(opened.map((c) => c.ws));
+}
+
 // -- idle connections ---------------------------------------------------------
 
 async function idle() {
-  const { connections, inFlight } = settings;
+  const { connections, inFlight, subscribeEach } = settings;
   emit({ event: 'ready', connections: 0 });
   if ((await nextCommand()) !== 'go') fail('expected go');
   const started = now();
-  const opened = await connectMany(settings.tokens.slice(0, connections), inFlight, () => (ws, data) =>
-    frameError(data),
-  );
+  // With `subscribeEach`, every connection then subscribes to a channel of
+  // its own (the prefix and its index) and waits for the ack.
+  const acks = new Map();
+  const opened = await connectMany(settings.tokens.slice(0, connections), inFlight, ackHandler(acks), {
+    afterOpen: subscribeEach ? (i, ws) => subscribeAndWait(acks, i, ws, `${subscribeEach}${i}`) : undefined,
+  });
   const elapsed = (now() - started) / 1000;
   emit({
     event: 'result',
@@ -438,7 +535,7 @@ async function roundtrips() {
     const command = await nextCommand();
     const started = now();
     if (command === 'connect') {
-      const opened = await connectMany(settings.tokens.slice(0, connections), 10, onFrame, (i) => urlFor(i));
+      const opened = await connectMany(settings.tokens.slice(0, connections), 10, onFrame, { urlOf: (i) => urlFor(i) });
       sockets = opened.map((c) => c.ws);
     } else if (command === 'subscribe') {
       await phase(connections, 0, () =>
@@ -468,7 +565,7 @@ async function roundtrips() {
   }
 }
 
-const scenarios = { fanout, pingpong, idle, roundtrips };
+const scenarios = { fanout, pingpong, idle, joinstorm, roundtrips };
 try {
   await scenarios[settings.scenario]();
   emit({ event: 'finished' });

@@ -9,26 +9,46 @@ against it, samples the server's CPU and RSS from ``/proc`` around the
 measured phase, and prints one JSON line per scenario and variant (medians
 of ``--runs``).
 
-Scenarios (issue 3):
+Scenarios (``all`` runs the first five):
 
  - ``fanout``: 1,000 subscribers of one channel, 100-byte payloads, latency
-   from publish to receipt. The server allows 100 messages/s per connection
-   (burst 200), so the one logical publisher is spread over
-   ``--publishers`` connections taking turns, each kept under that rate by
-   a client-side copy of the bucket; at most ``--window`` publishes are
-   undelivered at any time.
- - ``pingpong``: 100 pairs, one direct round trip in flight per pair. The
-   same rate limit caps a pair at ~100 round trips/s (10,000/s for 100
-   pairs); ``rate_capped_waits`` > 0 in the result means the cap, not the
-   server, set the pace.
+   from publish to receipt; the one logical publisher is spread over
+   ``--publishers`` connections taking turns, at most ``--window``
+   publishes undelivered at any time.
+ - ``pingpong``: 100 pairs, one direct round trip in flight per pair.
  - ``idle``: 10,000 authenticated connections opened with 100 handshakes
-   in flight; connect rate, and server RSS growth per connection.
+   in flight; connect rate, and server RSS growth per connection; with
+   ``--idle-presence`` each also subscribes, holding ``presence``, to a
+   channel of its own.
+ - ``joinstorm``: ``--joiners`` (10,000) connections each connect and
+   subscribe to one channel (nobody holds ``presence``), 100 at a time;
+   the time from the first upgrade to the last ack.
+ - ``wildcard``: fan-out to ``--wildcard-subscribers`` subscribers while
+   1,000 wildcard subscriptions that match nothing published are held,
+   without ``/`` (``bench.x-N-*``) or with (``bench/x-N/*``), against none
+   (meteredrt only; the ratios are against the same server without them).
+ - ``roundtrips`` (cluster only, see below).
+
+The app's plan raises the per-connection message rate (``message_rate``,
+``message_burst``) to ``--message-rate`` so that the server's 4011 bucket
+never sets the pace (the generator keeps each connection at 95% of it); a
+``--ref-repo`` checkout from before plans carried a rate gets the same
+figures as its factory's defaults instead. Every token carries the channel
+claim ``bench/*`` (the wildcard and roundtrips scenarios use other channels
+and mint without it). Besides its rate, each run reports the server's CPU
+per unit of work (``server_cpu_us_per_publish``, ``…_round_trip``,
+``…_connect``, ``…_subscriber``) and the work done per CPU second of the
+server side: on shared cores rates move with other processes' load, these
+move less.
 
 Variants: ``speedups`` (the server as shipped) and ``baseline`` (the same
 with ``METEREDRT_NO_SPEEDUPS=1``); with ``--ref-repo PATH`` also ``ref``,
 the server as shipped from another checkout (e.g. a ``git worktree`` of an
-earlier commit), which then becomes the reference for the ratios. Runs of
-the variants are interleaved.
+earlier commit); with ``--reference PATH`` also ``floor``, a minimal
+Twisted + Autobahn server speaking the hot subset of the protocol (kept
+outside this repository), run with its Autobahn log fix. Ratios are printed
+against ``ref``, ``floor`` and ``standalone`` when they run, else against
+``baseline``. Runs of the variants are interleaved.
 
 Cluster (issue 9): ``--nodes 1,2,3`` compares ``standalone`` (one server
 without ``[cluster]``, the reference) with ``cluster-N``: N servers with
@@ -38,7 +58,8 @@ publishers sit on the first; each ping-pong pair spans two nodes. CPU is
 summed over the nodes; Redis's is reported apart. ``--scenario roundtrips``
 counts the Redis round trips per connect, subscribe, publish, send and
 close on two nodes, from ``MONITOR`` (commands run inside Lua scripts are
-counted apart).
+counted apart). ``--ref-repo`` and ``--reference`` add their variants
+to the ``--nodes`` ones, as to the others.
 
 ``--py-spy PATH`` records a py-spy profile of the server during each
 measured phase (raw collapsed stacks, one file per run, in
@@ -49,6 +70,7 @@ Usage::
 
     python bench/run.py --scenario all --runs 3 --baseline
     python bench/run.py --scenario all --runs 3 --ref-repo /tmp/mrt-base
+    python bench/run.py --scenario pingpong --runs 3 --reference /path/to/floor_autobahn.py
     python bench/run.py --scenario fanout,pingpong --runs 3 --nodes 1,2,3
     python bench/run.py --scenario roundtrips
 """
@@ -84,6 +106,12 @@ APP_ID = "app_bench"
 KEY_ID = "sk_id_bench"
 SECRET = "sk_secret_bench_0123456789abcdef0123456789"
 CHANNEL = "bench/fanout"
+JOIN_CHANNEL = "bench/room"
+#: The channel claim every token carries, so that the reference server (which
+#: needs one) and meteredrt authorize the same channels.
+CHANNEL_CLAIMS = ["bench/*"]
+#: ``{plan}``: the app's [apps.plan] table (see L{server_config}); it must sit
+#: inside the app, before its keys, since [cluster] may follow the keys.
 CONFIG = f"""
 [server]
 # 10,000 upgrades from one address in seconds: far above the 60/min default.
@@ -91,7 +119,7 @@ upgrade_rate_limit = 1000000
 
 [[apps]]
 id = "{APP_ID}"
-
+{{plan}}
 [[apps.keys]]
 type = "secret"
 key_id = "{KEY_ID}"
@@ -103,16 +131,43 @@ actions = ["publish", "subscribe", "presence", "send"]
 #: above the per-address default of 256. Written only for a server whose
 #: configuration knows the key (a --ref-repo checkout may predate it).
 CONNECTION_CAP = "max_connections_per_ip = 1000000\n"
+PLAN = """
+[apps.plan]
+message_rate = {rate}
+message_burst = {rate}
+"""
 KEY = Key(KEY_ID, APP_ID, KeyType.SECRET, ("**",), ACTIONS, secret=SECRET, auto_inject_turn=False)
 
-#: The server's per-connection message bucket (meteredrt.ws defaults) and
-#: the share of it the generator allows itself.
-SERVER_RATE, SERVER_BURST = 100.0, 200.0
-CLIENT_RATE, CLIENT_BURST = 95.0, 150.0
+#: The share of the server's per-connection message bucket the generator
+#: allows itself.
+CLIENT_SHARE = 0.95
 
-VARIANTS = ("baseline", "speedups", "ref")
+VARIANTS = ("baseline", "speedups", "ref", "floor")
 CLUSTER_VARIANTS = ("standalone", "cluster-1", "cluster-2", "cluster-3")
-PRIMARY = {"fanout": "deliveries_per_s", "pingpong": "round_trips_per_s", "idle": "connects_per_s"}
+#: The scenarios of ``--scenario all`` (roundtrips is run on its own).
+SCENARIOS = ("fanout", "pingpong", "idle", "joinstorm", "wildcard")
+PRIMARY = {
+    "fanout": "deliveries_per_s",
+    "pingpong": "round_trips_per_s",
+    "idle": "connects_per_s",
+    "joinstorm": "subscribers_per_s",
+    "wildcard": "deliveries_per_s",
+}
+#: What the generator counts as done work, per scenario (for work per CPU second).
+WORK_DONE = {
+    "fanout": "deliveries",
+    "pingpong": "round_trips",
+    "idle": "connections",
+    "joinstorm": "subscribers",
+    "wildcard": "deliveries",
+}
+#: Noise for the wildcard scenario: 1,000 patterns that match nothing published.
+WILDCARD_SHAPES = {
+    "none": [],
+    "flat": [f"bench.x-{n}-*" for n in range(1000)],
+    "slashed": [f"bench/x-{n}/*" for n in range(1000)],
+}
+WILDCARD_CHANNEL = "bench.y-1"
 
 #: Lease of the bench's cluster nodes (the default of [cluster]).
 LEASE_SECONDS = 5
@@ -120,6 +175,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 LAUNCHER = "from twisted.scripts.twistd import run; run()"
+# A checkout from before plans carried a message rate: the same rate as the
+# factory's defaults (the only way to set it there).
+LEGACY_LAUNCHER = (
+    "import sys, meteredrt.ws as ws; f = ws.RealtimeServerFactory.__init__; d = list(f.__defaults__); "
+    "d[1] = d[2] = float(sys.argv.pop(1)); f.__defaults__ = tuple(d); "
+    "from twisted.scripts.twistd import run; run()"
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -168,13 +230,25 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def server_config(repo: str) -> str:
+def supports_plan_rates(repo: str) -> bool:
     """
-    The benchmark configuration for the server in checkout C{repo}.
+    Whether a checkout's plans carry the per-connection message rate.
+    """
+    with open(os.path.join(repo, "meteredrt", "apps.py")) as f:
+        return "message_rate" in f.read()
+
+
+def server_config(repo: str, message_rate: float) -> str:
+    """
+    The benchmark configuration for the server in checkout C{repo}: the
+    connection cap and the plan's message rate where that checkout knows
+    them (a --ref-repo checkout may predate either).
     """
     with open(os.path.join(repo, "meteredrt", "config.py")) as f:
         knows_cap = "max_connections_per_ip" in f.read()
-    return CONFIG.replace("[server]\n", "[server]\n" + CONNECTION_CAP, 1) if knows_cap else CONFIG
+    plan = PLAN.format(rate=message_rate) if supports_plan_rates(repo) else ""
+    config = CONFIG.format(plan=plan)
+    return config.replace("[server]\n", "[server]\n" + CONNECTION_CAP, 1) if knows_cap else config
 
 
 class RedisServer:
@@ -296,14 +370,20 @@ class Server:
     """
 
     def __init__(
-        self, workdir: str, variant: str, repo: str = REPO, redis: str | None = None, node_name: str = "bench-1"
+        self,
+        workdir: str,
+        variant: str,
+        repo: str = REPO,
+        message_rate: float = 100_000.0,
+        redis: str | None = None,
+        node_name: str = "bench-1",
     ) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.port = free_port()
         self.log_path = os.path.join(workdir, "twistd.log")
         config = os.path.join(workdir, "meteredrt.toml")
         with open(config, "w") as f:
-            f.write(server_config(repo))
+            f.write(server_config(repo, message_rate))
             if redis is not None:
                 f.write(f'\n[cluster]\nredis = "{redis}"\nnode_name = "{node_name}"\nlease_seconds = {LEASE_SECONDS}\n')
         # twistd finds the plugin, and the plugin the code, on PYTHONPATH.
@@ -311,8 +391,9 @@ class Server:
         env.pop("METEREDRT_NO_SPEEDUPS", None)
         if variant == "baseline":
             env["METEREDRT_NO_SPEEDUPS"] = "1"
+        launcher = [LAUNCHER] if supports_plan_rates(repo) else [LEGACY_LAUNCHER, str(message_rate)]
         self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, "-n", "--pidfile=", "--logfile", self.log_path,
+            [sys.executable, "-c", *launcher, "-n", "--pidfile=", "--logfile", self.log_path,
              "meteredrt", "--config", config, "--data-dir", os.path.join(workdir, "data"),
              "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
             env=env, cwd=workdir, stdin=subprocess.DEVNULL,
@@ -329,14 +410,17 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if self._ready():
+                return
             time.sleep(0.1)
         raise RuntimeError("server not ready within 30 s")
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     @property
     def pid(self) -> int:
@@ -361,6 +445,38 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+class FloorServer(Server):
+    """
+    The reference server (``--reference``), on a free loopback port, with
+    Autobahn's debug-argument formatting neutralised (its ``--quiet-autobahn``)
+    as meteredrt's speedups do.
+    """
+
+    def __init__(self, workdir: str, script: str) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.port = free_port()
+        self.log_path = os.path.join(workdir, "floor.log")
+        self.process = subprocess.Popen(
+            [sys.executable, script, "--port", str(self.port), "--quiet-autobahn",
+             "--jwt-kid", KEY_ID, "--jwt-secret", SECRET],
+            cwd=workdir, stdin=subprocess.DEVNULL,
+            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.url = f"ws://127.0.0.1:{self.port}"
+        try:
+            self._wait_ready(time.monotonic() + 30)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
 
 class LoadGen:
@@ -405,23 +521,26 @@ class LoadGen:
                 self.process.wait(timeout=10)
 
 
-def tokens(prefix: str, count: int, permissions: list[str]) -> Iterator[str]:
+def tokens(
+    prefix: str, count: int, permissions: list[str], channels: list[str] | None = CHANNEL_CLAIMS
+) -> Iterator[str]:
     now = int(time.time())
     for i in range(count):
-        yield mint_token(KEY, f"{prefix}{i}", now=now, expires_in=3600, permissions=permissions)
+        yield mint_token(KEY, f"{prefix}{i}", now=now, expires_in=3600, permissions=permissions, channels=channels)
 
 
 def scenario_settings(scenario: str, args: argparse.Namespace) -> dict[str, Any]:
     """
     What the load generator needs for one scenario. Nobody holds the
-    ``presence`` action, so subscribing 1,000 connections does not turn
-    into 500,000 presence frames.
+    ``presence`` action (but ``--idle-presence``'s connections, each alone
+    in its channel), so subscribing 1,000 connections to one channel does
+    not turn into 500,000 presence frames.
     """
     common = {
         "scenario": scenario,
         "durationS": args.duration,
-        "ratePerConnection": CLIENT_RATE,
-        "burstPerConnection": CLIENT_BURST,
+        "ratePerConnection": args.message_rate * CLIENT_SHARE,
+        "burstPerConnection": args.message_rate * CLIENT_SHARE,
         "hardTimeoutS": args.duration + 240,
     }
     if scenario == "fanout":
@@ -444,15 +563,53 @@ def scenario_settings(scenario: str, args: argparse.Namespace) -> dict[str, Any]
             "maxRoundTrips": args.max_round_trips,
             "tokens": [*tokens("pa", args.pairs, ["send"]), *tokens("pb", args.pairs, ["send"])],
         }
+    if scenario == "wildcard":
+        return {
+            **common,
+            "scenario": "fanout",  # the generator's fan-out, with noise subscriptions
+            "subscribers": args.wildcard_subscribers,
+            "publishers": args.publishers,
+            "channel": WILDCARD_CHANNEL,
+            "payloadBytes": 100,
+            "window": args.window,
+            "subscribesInFlight": args.subscribes_in_flight,
+            "probeEvery": 1,
+            "maxPublishes": args.max_publishes,
+            "tokens": [
+                *tokens("sub", args.wildcard_subscribers, ["subscribe"], None),
+                *tokens("pub", args.publishers, ["publish"], None),
+                *tokens("noise", args.wildcard_noise_connections, ["subscribe"], None),
+            ],
+        }
+    if scenario == "joinstorm":
+        return {
+            **common,
+            "connections": args.joiners,
+            "inFlight": 100,
+            "channel": JOIN_CHANNEL,
+            "hardTimeoutS": 600,
+            "tokens": list(tokens("join", args.joiners, ["subscribe"])),
+        }
     return {
         **common,
         "connections": args.idle,
         "inFlight": 100,
-        "tokens": list(tokens("idle", args.idle, ["subscribe"])),
+        # --idle-presence: each connection also holds one presence
+        # subscription, to a channel of its own.
+        "subscribeEach": "bench/idle-" if args.idle_presence else None,
+        "tokens": list(tokens("idle", args.idle, ["subscribe", "presence"] if args.idle_presence else ["subscribe"])),
     }
 
 
-def start_server(workdir: str, variant: str, repo: str = REPO, attempts: int = 3, **cluster: str) -> Server:
+def variant_repo(variant: str, args: argparse.Namespace) -> str:
+    """
+    The code a variant runs: the --ref-repo checkout, the --reference
+    script, or this checkout.
+    """
+    return {"ref": args.ref_repo, "floor": args.reference}.get(variant) or REPO
+
+
+def start_server(workdir: str, variant: str, args: argparse.Namespace, attempts: int = 3, **cluster: str) -> Server:
     """
     Start a server, on a fresh port if the first one was taken between
     L{free_port} and the server's C{listen} (seen after the idle scenario's
@@ -460,7 +617,9 @@ def start_server(workdir: str, variant: str, repo: str = REPO, attempts: int = 3
     """
     for attempt in range(attempts):
         try:
-            return Server(workdir, variant, repo, **cluster)
+            if variant == "floor":
+                return FloorServer(workdir, args.reference)
+            return Server(workdir, variant, variant_repo(variant, args), args.message_rate, **cluster)
         except RuntimeError as e:
             print(json.dumps({"server_start_failed": str(e), "attempt": attempt + 1}), file=sys.stderr, flush=True)
             time.sleep(1.0)
@@ -484,19 +643,19 @@ def start_profiler(pid: int, scenario: str, variant: str, args: argparse.Namespa
     )  # fmt: skip
 
 
-def start_topology(workdir: str, variant: str, repo: str) -> tuple[list[Server], RedisServer | None]:
+def start_topology(workdir: str, variant: str, args: argparse.Namespace) -> tuple[list[Server], RedisServer | None]:
     """
     The servers of a variant: one, or N cluster nodes on a fresh Redis for
     C{cluster-N}. On failure everything started is stopped.
     """
     if not variant.startswith("cluster-"):
-        return [start_server(workdir, "speedups" if variant == "standalone" else variant, repo)], None
+        return [start_server(workdir, "speedups" if variant == "standalone" else variant, args)], None
     redis = RedisServer(workdir)
     servers: list[Server] = []
     try:
         for i in range(int(variant.split("-", 1)[1])):
             node = os.path.join(workdir, f"node-{i + 1}")
-            servers.append(start_server(node, "speedups", repo, redis=redis.url, node_name=f"bench-{i + 1}"))
+            servers.append(start_server(node, "speedups", args, redis=redis.url, node_name=f"bench-{i + 1}"))
     except BaseException:
         for server in servers:
             server.stop()
@@ -505,17 +664,21 @@ def start_topology(workdir: str, variant: str, repo: str) -> tuple[list[Server],
     return servers, redis
 
 
-def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_once(
+    scenario: str, variant: str, settings_path: str, args: argparse.Namespace, label: str | None = None
+) -> dict[str, Any]:
     """
-    One server (or cluster), one load generator, one measurement.
+    One server (or cluster), one load generator, one measurement; C{label}
+    names the variant in the record (the wildcard scenario runs one per
+    noise shape).
     """
     workdir = tempfile.mkdtemp(prefix=f"meteredrt-bench-{scenario}-")
     servers: list[Server] = []
     redis: RedisServer | None = None
     loadgen = None
     try:
-        repo = args.ref_repo if variant == "ref" else REPO
-        servers, redis = start_topology(workdir, variant, repo)
+        repo = variant_repo(variant, args)
+        servers, redis = start_topology(workdir, variant, args)
         server = servers[0]
         settings = json.load(open(settings_path))
         settings["url"] = server.url
@@ -541,7 +704,7 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
         loadgen_cpu = cpu_seconds(loadgen.process.pid) - loadgen_cpu0
         record: dict[str, Any] = {
             "scenario": scenario,
-            "variant": variant,
+            "variant": label or variant,
             PRIMARY[scenario]: result[PRIMARY[scenario]],
             "p50_ms": result["p50_ms"],
             "p99_ms": result["p99_ms"],
@@ -557,9 +720,20 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
         # Work per CPU second of the server side (nodes and Redis): on a
         # shared machine the scheduler gives N processes more of the cores
         # than one, so throughput alone flatters the cluster.
-        done = {"fanout": "deliveries", "pingpong": "round_trips", "idle": "connections"}[scenario]
+        done = WORK_DONE[scenario]
         spent = server_cpu + record.get("redis_cpu_s", 0.0)
         record[f"{done}_per_server_cpu_s"] = round(result[done] / spent) if spent > 0 else None
+        # What one unit of work costs the nodes, whatever paced the generator.
+        for unit, count in (
+            ("publish", result.get("publishes")),
+            ("round_trip", result.get("round_trips")),
+            ("connect", result.get("connections")),
+            ("subscriber", result.get("subscribers")),
+        ):
+            if count:
+                record[f"server_cpu_us_per_{unit}"] = round(server_cpu / count * 1e6, 1)
+        if scenario == "joinstorm":
+            record["setup_s"] = result["setup_s"]
         if scenario == "idle":
             time.sleep(2.0)  # let the last welcomes' buffers go
             record["server_rss_kib_per_conn"] = round((rss_kib(server.pid) - rss_before) / max(1, result["connections"]), 2)
@@ -570,6 +744,8 @@ def run_once(scenario: str, variant: str, settings_path: str, args: argparse.Nam
         if "subscribe_ms" in ready:
             record["detail"]["subscribe_setup_ms"] = ready["subscribe_ms"]
             record["detail"]["subscribe_retries"] = ready["subscribe_retries"]
+        if ready.get("noise_patterns"):
+            record["detail"]["noise_patterns"] = ready["noise_patterns"]
         loadgen.expect("finished")
         return record
     finally:
@@ -602,14 +778,14 @@ def run_roundtrips(args: argparse.Namespace) -> None:
     loadgen = None
     settle = 1.0
     try:
-        servers, redis = start_topology(workdir, "cluster-2", REPO)
+        servers, redis = start_topology(workdir, "cluster-2", args)
         settings = {
             "scenario": "roundtrips",
             "connections": count,
             "urls": [s.url for s in servers],
             "url": servers[0].url,
             "hardTimeoutS": 300,
-            "tokens": list(tokens("rt", count, ["subscribe", "publish", "send", "presence"])),
+            "tokens": list(tokens("rt", count, ["subscribe", "publish", "send", "presence"], None)),
         }
         settings_path = os.path.join(workdir, "settings.json")
         with open(settings_path, "w") as f:
@@ -688,19 +864,54 @@ def median_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def ratios(scenario: str, medians: dict[str, dict[str, Any]]) -> None:
+    """
+    Add to each median record its ratios to the references that ran (the
+    primary figure, the work per server CPU second, the server CPU per unit
+    of work and, for idle, RSS per connection): C{ref}, C{floor} and
+    C{standalone} when present, else C{baseline}. The wildcard scenario's
+    cells are compared with the same variant holding no noise instead.
+    """
+    key = PRIMARY[scenario]
+    if scenario == "wildcard":
+        for label, record in medians.items():
+            variant, _, shape = label.partition(":")
+            base = medians.get(f"{variant}:none")
+            if base is not None and shape != "none":
+                for name in (key, "server_cpu_us_per_publish"):
+                    if record.get(name) and base.get(name):
+                        record[f"{name}_vs_none"] = round(record[name] / base[name], 3)
+        return
+    references = [r for r in ("ref", "floor", "standalone") if r in medians] or [r for r in ("baseline",) if r in medians]
+    for label, record in medians.items():
+        for reference in references:
+            if label == reference:
+                continue
+            base = medians[reference]
+            compared = [key, *(k for k in record if k.endswith("_per_server_cpu_s") or k.startswith("server_cpu_us_per_"))]
+            for name in compared:
+                if record.get(name) and base.get(name):
+                    record[f"{name}_vs_{reference}"] = round(record[name] / base[name], 3)
+            if scenario == "idle" and base.get("server_rss_kib_per_conn"):
+                rss = record["server_rss_kib_per_conn"] / base["server_rss_kib_per_conn"]
+                record[f"rss_per_conn_vs_{reference}"] = round(rss, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--scenario", default="all", help="fanout, pingpong, idle, roundtrips, all (= the first three), or a comma list"
+        "--scenario",
+        default="all",
+        help=f"{', '.join(SCENARIOS)}, roundtrips, all (= the first five), or a comma list",
     )
     parser.add_argument(
         "--nodes", default=None, help="cluster sizes to compare with the standalone server, e.g. 1,2,3 (runs redis-server)"
     )
     parser.add_argument("--roundtrip-connections", type=int, default=200, help="operations per roundtrips phase")
     parser.add_argument("--runs", type=int, default=1, help="runs per variant; medians are reported")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per run (fanout, pingpong)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per run (fanout, pingpong, wildcard)")
     parser.add_argument("--baseline", action="store_true", help="also run with METEREDRT_NO_SPEEDUPS=1")
-    parser.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS)}")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS + CLUSTER_VARIANTS)}")
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--publishers", type=int, default=8, help="connections the fan-out publisher is spread over")
     parser.add_argument("--window", type=int, default=16, help="fan-out publishes undelivered at most")
@@ -709,77 +920,99 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--max-round-trips", type=int, default=2_000_000)
     parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--idle-presence", action="store_true", help="idle: each connection holds a presence subscription")
+    parser.add_argument("--joiners", type=int, default=10_000, help="subscribers in the join storm")
+    parser.add_argument("--wildcard-subscribers", type=int, default=10)
+    parser.add_argument("--wildcard-noise-connections", type=int, default=12, help="connections holding the noise")
+    parser.add_argument("--message-rate", type=float, default=100_000.0, help="the plan's message_rate and message_burst")
     parser.add_argument("--keep", action="store_true", help="keep each run's directory (logs) in /tmp")
     parser.add_argument("--raw", default=None, help="also append every run's JSON line to this file")
     parser.add_argument("--ref-repo", default=None, help="also run the server as shipped from this checkout (variant ref)")
+    parser.add_argument("--reference", default=None, help="also run the reference server script at this path (variant floor)")
     parser.add_argument("--py-spy", default=None, help="py-spy executable: profile the server during each measured phase")
     parser.add_argument("--profile-dir", default="bench/profiles", help="where --py-spy writes its raw profiles")
     args = parser.parse_args()
 
-    scenarios = ["fanout", "pingpong", "idle"] if args.scenario == "all" else args.scenario.split(",")
-    unknown_scenarios = set(scenarios) - {*PRIMARY, "roundtrips"}
+    scenarios = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+    unknown_scenarios = set(scenarios) - {*SCENARIOS, "roundtrips"}
     if unknown_scenarios:
         parser.error(f"unknown scenarios {sorted(unknown_scenarios)}")
-    if args.nodes:
-        variants = ["standalone", *(f"cluster-{n}" for n in args.nodes.split(","))]
-        unknown = set(variants) - set(CLUSTER_VARIANTS)
-        if unknown:
-            parser.error(f"--nodes takes sizes from 1 to 3, not {sorted(unknown)}")
-        args.variants = ",".join(variants)
     if args.variants:
+        if args.nodes:
+            parser.error("--variants and --nodes both choose the variants: give one")
         variants = args.variants.split(",")
         unknown = set(variants) - set(VARIANTS) - set(CLUSTER_VARIANTS)
         if unknown:
             parser.error(f"unknown variants {sorted(unknown)}")
     else:
-        variants = ["baseline", "speedups"] if args.baseline else ["speedups"]
+        if args.nodes:
+            variants = ["standalone", *(f"cluster-{n}" for n in args.nodes.split(","))]
+            unknown = set(variants) - set(CLUSTER_VARIANTS)
+            if unknown:
+                parser.error(f"--nodes takes sizes from 1 to 3, not {sorted(unknown)}")
+        else:
+            variants = ["baseline", "speedups"] if args.baseline else ["speedups"]
         if args.ref_repo:
             variants.insert(0, "ref")
+        if args.reference:
+            variants.append("floor")
     if "ref" in variants:
         if not args.ref_repo:
             parser.error("the ref variant needs --ref-repo")
         args.ref_repo = os.path.abspath(args.ref_repo)
         if not os.path.isdir(os.path.join(args.ref_repo, "meteredrt")):
             parser.error(f"{args.ref_repo} is not a meteredrt checkout")
+    if "floor" in variants:
+        if not args.reference or not os.path.isfile(args.reference):
+            parser.error("the floor variant needs --reference PATH to the reference server script")
+        args.reference = os.path.abspath(args.reference)
     limit = raise_fd_limit()
-    if "idle" in scenarios and limit < args.idle + 1000:
-        parser.error(f"descriptor limit {limit} is too low for {args.idle} idle connections")
+    for scenario, count in (("idle", args.idle), ("joinstorm", args.joiners)):
+        if scenario in scenarios and limit < count + 1000:
+            parser.error(f"descriptor limit {limit} is too low for {count} connections")
     subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=BENCH, check=True, timeout=300)
 
     commit = git_commit()
+    print(json.dumps({"machine": {"load_average": os.getloadavg(), "cpus": os.cpu_count()}}), file=sys.stderr, flush=True)
     if "roundtrips" in scenarios:
         scenarios.remove("roundtrips")
         run_roundtrips(args)
     for scenario in scenarios:
         settings_dir = tempfile.mkdtemp(prefix="meteredrt-bench-settings-")
         try:
-            settings_path = os.path.join(settings_dir, "settings.json")
-            with open(settings_path, "w") as f:
-                json.dump(scenario_settings(scenario, args), f)
-            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+            base = scenario_settings(scenario, args)
+            # (label, variant, settings file): one cell per variant, or per
+            # variant and noise shape for the wildcard scenario (which the
+            # reference server cannot run: it has no wildcards).
+            cells = []
+            shapes = WILDCARD_SHAPES if scenario == "wildcard" else {"": None}
+            for shape, noise in shapes.items():
+                path = os.path.join(settings_dir, f"settings-{shape or 'all'}.json")
+                with open(path, "w") as f:
+                    json.dump(base if noise is None else {**base, "noisePatterns": noise}, f)
+                for variant in variants:
+                    if noise is None or variant != "floor":
+                        cells.append((f"{variant}:{shape}" if shape else variant, variant, path))
+            runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in cells}
             for _ in range(args.runs):
-                for variant in variants:  # interleaved, so drift hits every variant alike
-                    record = run_once(scenario, variant, settings_path, args)
+                for label, variant, path in cells:  # interleaved, so drift hits every variant alike
+                    record = run_once(scenario, variant, path, args, label)
                     record["git_commit"] = commit
-                    runs[variant].append(record)
+                    runs[label].append(record)
                     print(json.dumps({"run": record}), file=sys.stderr, flush=True)
                     if args.raw:
                         with open(args.raw, "a") as f:
                             f.write(json.dumps(record) + "\n")
-            medians = {v: median_record(rs) for v, rs in runs.items()}
-            reference_name = "ref" if "ref" in medians else "standalone" if "standalone" in medians else "baseline"
-            reference = medians.get(reference_name)
-            for variant, record in medians.items():
+            medians = {label: median_record(rs) for label, rs in runs.items()}
+            ratios(scenario, medians)
+            for label, record in medians.items():
                 record["git_commit"] = commit
-                if variant == "ref":
+                if label == "ref":
                     record["repo"] = args.ref_repo
-                if reference is not None and variant != reference_name:
-                    for key in (PRIMARY[scenario], *(k for k in record if k.endswith("_per_server_cpu_s"))):
-                        if record.get(key) and reference.get(key):
-                            record[f"{key}_vs_{reference_name}"] = round(record[key] / reference[key], 3)
                 print(json.dumps(record), flush=True)
         finally:
             shutil.rmtree(settings_dir, ignore_errors=True)
+    print(json.dumps({"machine_after": {"load_average": os.getloadavg()}}), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
