@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -19,12 +19,15 @@ from meteredrt import redisscripts
 from meteredrt.apps import App, Plan
 from meteredrt.clustercount import ClusterConnectionCount, ConnectionCountUnavailable
 from meteredrt.clusterwire import EVERYONE, ClusterNode
+from meteredrt.lease import NodeLease
 from meteredrt.metering import Meter
+from meteredrt.presence.redis import RedisPresence
 from meteredrt.redisclient import RedisClient, parse_redis_url
 from meteredrt.usagestore import UsageStore
 from tests.servers import RedisServer
 from tests.test_metering import OVERAGE, overage
 
+LEASE = 1.0
 CAP3 = Plan(name="CAP3", max_concurrent_connections=3)
 
 
@@ -252,3 +255,54 @@ class RedisCountTests(TestCase):
         self.assertIsInstance(failure, ConnectionCountUnavailable)
         self.assertEqual(first.counted, {})
         self.assertTrue(await one.admit_connection(App("b")))
+
+
+class LeaseRecountTests(TestCase):
+    """
+    L{NodeLease} writes a fenced node's counts again.
+    """
+
+    async def test_fenced_node_recounts(self) -> None:
+        """
+        A node that stops renewing is reaped (its share of the count goes)
+        and, renewing again, finds itself fenced and counts its live
+        connections again.
+        """
+        server = await RedisServer.start(self)
+        leases, counts, meters = [], [], []
+        for name in ("one", "two"):
+            client = RedisClient(reactor, parse_redis_url(server.url), timeout=2.0)
+            node = ClusterNode(name)
+            count = ClusterConnectionCount(client, node)
+            lease = NodeLease(reactor, client, RedisPresence(client, node), node, LEASE, recount=count.recount)
+            client.startService()
+            await client.ready
+            lease.startService()
+            self.addCleanup(client.stopService)
+            self.addCleanup(lambda lease=lease: lease.stopService() if lease.running else None)
+            leases.append(lease)
+            counts.append(count)
+            meters.append(Meter(Clock(), UsageStore(self.mktemp(), MemoryReactorClock()), cluster=count))
+        app = App("a", CAP3)
+        for _ in range(3):
+            self.assertTrue(await meters[0].admit_connection(app))
+        self.assertFalse(await meters[1].admit_connection(app))
+        leases[0]._loop.stop()  # frozen: it stops renewing, nothing else
+        await eventually(self, lambda: counts[1].client.execute("HLEN", "mrt:a:cc"), 0, 3 * LEASE + 2)
+        self.assertTrue(await meters[1].admit_connection(app))
+        await leases[0].tick()
+        self.assertEqual(
+            await counts[1].client.execute("HGET", "mrt:a:cc", counts[0].node.node_id), b"3"
+        )
+        self.assertFalse(await meters[1].admit_connection(app))
+
+
+async def eventually(case: TestCase, ask: Any, expected: Any, patience: float) -> None:
+    """
+    Wait until C{ask()} fires with C{expected}, for at most C{patience} s.
+    """
+    deadline = reactor.seconds() + patience
+    while (got := await ask()) != expected:
+        if reactor.seconds() > deadline:
+            case.fail(f"still {got!r}, not {expected!r}, after {patience} s")
+        await deferLater(reactor, 0.05, lambda: None)
