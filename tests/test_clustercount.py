@@ -24,7 +24,7 @@ from meteredrt.metering import Meter
 from meteredrt.presence.redis import RedisPresence
 from meteredrt.redisclient import RedisClient, parse_redis_url
 from meteredrt.usagestore import UsageStore
-from tests.servers import RedisServer
+from tests.servers import LoopbackProxy, RedisServer
 from tests.test_metering import OVERAGE, overage
 
 LEASE = 1.0
@@ -262,19 +262,25 @@ class LeaseRecountTests(TestCase):
     L{NodeLease} writes a fenced node's counts again.
     """
 
-    async def test_fenced_node_recounts(self) -> None:
+    async def nodes(
+        self, lease_seconds: float = LEASE, proxied: bool = False
+    ) -> tuple[RedisServer, list[NodeLease], list[ClusterConnectionCount], list[Meter]]:
         """
-        A node that stops renewing is reaped (its share of the count goes)
-        and, renewing again, finds itself fenced and counts its live
-        connections again.
+        Two nodes with leases on one new Redis; the first through a
+        L{LoopbackProxy} (C{self.proxy}) if C{proxied}.
         """
         server = await RedisServer.start(self)
         leases, counts, meters = [], [], []
         for name in ("one", "two"):
-            client = RedisClient(reactor, parse_redis_url(server.url), timeout=2.0)
+            url = server.url
+            if proxied and name == "one":
+                self.proxy = await LoopbackProxy.start(self, server.port)
+                url = f"redis://127.0.0.1:{self.proxy.port}/0"
+            client = RedisClient(reactor, parse_redis_url(url), timeout=2.0)
             node = ClusterNode(name)
             count = ClusterConnectionCount(client, node)
-            lease = NodeLease(reactor, client, RedisPresence(client, node), node, LEASE, recount=count.recount)
+            presence = RedisPresence(client, node)
+            lease = NodeLease(reactor, client, presence, node, lease_seconds, recount=count.recount)
             client.startService()
             await client.ready
             lease.startService()
@@ -283,6 +289,15 @@ class LeaseRecountTests(TestCase):
             leases.append(lease)
             counts.append(count)
             meters.append(Meter(Clock(), UsageStore(self.mktemp(), MemoryReactorClock()), cluster=count))
+        return server, leases, counts, meters
+
+    async def test_fenced_node_recounts(self) -> None:
+        """
+        A node that stops renewing is reaped (its share of the count goes)
+        and, renewing again, finds itself fenced and counts its live
+        connections again.
+        """
+        _, leases, counts, meters = await self.nodes()
         app = App("a", CAP3)
         for _ in range(3):
             self.assertTrue(await meters[0].admit_connection(app))
@@ -291,10 +306,58 @@ class LeaseRecountTests(TestCase):
         await eventually(self, lambda: counts[1].client.execute("HLEN", "mrt:a:cc"), 0, 3 * LEASE + 2)
         self.assertTrue(await meters[1].admit_connection(app))
         await leases[0].tick()
-        self.assertEqual(
-            await counts[1].client.execute("HGET", "mrt:a:cc", counts[0].node.node_id), b"3"
-        )
+        self.assertEqual(await counts[1].client.execute("HGET", "mrt:a:cc", counts[0].node.node_id), b"3")
         self.assertFalse(await meters[1].admit_connection(app))
+
+    async def test_redis_restarted_empty(self) -> None:
+        """
+        While Redis is down a capped app's connection is refused as
+        unavailable and a release cannot be sent; when Redis comes back
+        empty, every node writes its live counts again, the release made
+        meanwhile included.
+        """
+        server, _, counts, meters = await self.nodes()
+        app = App("a", CAP3)
+        for meter in (meters[0], meters[0], meters[1]):
+            self.assertTrue(await meter.admit_connection(app))
+        await server.kill()
+        await eventually(self, lambda: succeed(counts[0].client.connected or counts[1].client.connected), False, 3)
+        try:
+            await meters[1].admit_connection(app)
+            self.fail("admitted while Redis is down")
+        except ConnectionCountUnavailable:
+            pass
+        meters[0].release_connection("a")
+        await server.restart()
+
+        def held() -> Deferred[Any]:
+            if not counts[1].client.connected:
+                return succeed(None)
+            return counts[1].client.execute("HGETALL", "mrt:a:cc").addErrback(lambda _: None)
+
+        expected = sorted([counts[0].node.node_id.encode(), b"1", counts[1].node.node_id.encode(), b"1"])
+        await eventually(self, lambda: held().addCallback(lambda got: sorted(got) if got else got), expected, 10)
+        self.assertTrue(await meters[1].admit_connection(app))
+        self.assertFalse(await meters[0].admit_connection(app))
+
+    async def test_release_lost_in_outage_recounted(self) -> None:
+        """
+        A release sent while the node is cut off from Redis (which keeps
+        its data) is made good when the node reconnects, within its lease.
+        """
+        _, _, counts, meters = await self.nodes(lease_seconds=30, proxied=True)
+        app = App("a", CAP3)
+        for meter in (meters[0], meters[0], meters[1]):
+            self.assertTrue(await meter.admit_connection(app))
+        await self.proxy.cut()
+        await eventually(self, lambda: succeed(counts[0].client.connected), False, 3)
+        meters[0].release_connection("a")
+        self.assertEqual(await counts[1].client.execute("HGET", "mrt:a:cc", counts[0].node.node_id), b"2")
+        await self.proxy.restore()
+        await eventually(
+            self, lambda: counts[1].client.execute("HGET", "mrt:a:cc", counts[0].node.node_id), b"1", 10
+        )
+        self.assertTrue(await meters[1].admit_connection(app))
 
 
 async def eventually(case: TestCase, ask: Any, expected: Any, patience: float) -> None:
