@@ -29,6 +29,10 @@ Keys (C{app} ids and node ids never contain C{:} or glob characters):
   - C{mrt:{app}:r:{peer}}: hash conn -> node (the peer registry);
   - C{mrt:nc:{node}}: hash conn -> C{app:peer} (what a reaper removes);
   - C{mrt:version}: the membership version counter;
+  - C{mrt:{app}:cc}: hash node -> the app's connections counted on it
+    (the cluster-wide concurrent connection count is the sum);
+  - C{mrt:ca:{node}}: set of the apps the node counts connections of
+    (what a reaper removes from those hashes);
   - C{mrt:lease:{node}}, C{mrt:nodes}, C{mrt:reaped:{node}}: leases.
 """
 

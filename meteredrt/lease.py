@@ -45,7 +45,10 @@ class NodeLease(Service):
     @param on_reaped: called with C{{app_id: connections}} for each reaped
         node: the connections it held, whose concurrent-connection counts
         a cluster-wide meter would release (per-node meters have nothing to
-        release).
+        release; the cluster-wide count is released by the reaper script).
+    @param recount: called whenever this node registers its connections
+        again (fenced, or Redis reconnected): writes its connection counts
+        again (L{meteredrt.clustercount.ClusterConnectionCount.recount}).
     """
 
     log = Logger()
@@ -58,6 +61,7 @@ class NodeLease(Service):
         node: ClusterNode,
         lease_seconds: float,
         on_reaped: Callable[[dict[str, int]], object] | None = None,
+        recount: Callable[[], Deferred[object]] | None = None,
     ) -> None:
         self._clock = clock
         self._client = client
@@ -65,6 +69,7 @@ class NodeLease(Service):
         self._node = node
         self.lease_seconds = lease_seconds
         self._on_reaped = on_reaped
+        self._recount = recount
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock  # type: ignore[assignment]
         self._resynced_once = False
@@ -132,6 +137,8 @@ class NodeLease(Service):
         if self.running:
             self.tick()
         self._presence.resync().addErrback(lambda f: None)
+        if self._recount is not None:
+            self._recount().addErrback(lambda f: self.log.warn("Recounting connections failed: {why}", why=f.getErrorMessage()))
 
     def tick(self) -> Deferred[None]:
         """
@@ -166,6 +173,11 @@ class NodeLease(Service):
             await self._presence.resync()
         except Exception:
             pass  # logged by the presence; the next tick tries again
+        if self._recount is not None:
+            try:
+                await self._recount()
+            except Exception as e:
+                self.log.warn("Recounting connections failed: {why}", why=str(e))
 
     async def _reap(self, dead: str) -> None:
         try:

@@ -62,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meteredrt.apps import App, Plan
+from meteredrt.clustercount import ClusterConnectionCount
 from meteredrt.interfaces import IMeter
 from meteredrt.store.usage import (
     CHARGE,
@@ -303,14 +304,19 @@ class Meter(service.Service):
         clock: IReactorTime,
         store: UsageStore,
         flush_interval: float = FLUSH_INTERVAL,
+        cluster: ClusterConnectionCount | None = None,
     ) -> None:
         """
         :param clock: tells the time (periods, ledger timestamps) and drives
             the flush loop.
         :param store: where counters and the ledger persist.
         :param flush_interval: seconds between flushes.
+        :param cluster: in a cluster, the cluster-wide connection count that
+            connections of capped apps are admitted against; without it
+            (one node) every decision is made from memory.
         """
         self._clock = clock
+        self._cluster = cluster
         self._store = store
         self._flush_interval = flush_interval
         #: Live connections per app; not per period, they cross boundaries.
@@ -424,12 +430,44 @@ class Meter(service.Service):
     def admit_connection(self, app: App) -> Deferred[bool]:
         """
         Decide on and count one authenticated connection (counted from authentication, before the welcome).
+
+        In a cluster, a connection of an app with a connection cap is
+        decided on the cluster-wide count (one Redis script); it fails with
+        L{ConnectionCountUnavailable} when Redis cannot answer.
+        """
+        plan = app.plan
+        if self._cluster is None or plan is None or plan.max_concurrent_connections is None:
+            return succeed(self._admit(app, self._live.get(app.app_id, 0)))
+        return Deferred.fromCoroutine(self._admit_in_cluster(app, self._cluster, plan.max_concurrent_connections))
+
+    async def _admit_in_cluster(self, app: App, cluster: ClusterConnectionCount, cap: int) -> bool:
+        """
+        Admit against the cluster-wide count: Redis counts the connection if
+        the cluster is under the cap, or if the plan would accept it as
+        overage now; the decision is then made as on one node, from the
+        count Redis saw (and the balance now, should it have changed).
+        """
+        usage = self._usage_at(app.app_id, _period_of(app.plan), self._clock.seconds())
+        over_cap = decide_connection(app.plan, Counters(cap, usage.messages_used, self.balance(app)))
+        counted, total = await cluster.admit(app.app_id, cap, over_cap.accepted)
+        if not counted:
+            return False
+        if self._admit(app, total):
+            return True
+        # The balance changed while Redis answered: overage no longer paid.
+        cluster.release(app.app_id)
+        return False
+
+    def _admit(self, app: App, concurrent_now: int) -> bool:
+        """
+        Decide with C{concurrent_now} connections of the app live (on this
+        node, or in the cluster) and count the connection if accepted.
         """
         now = self._clock.seconds()
         usage = self._usage_at(app.app_id, _period_of(app.plan), now)
         live = self._live.get(app.app_id, 0)
         decision = decide_connection(
-            app.plan, Counters(live, usage.messages_used, self.balance(app))
+            app.plan, Counters(concurrent_now, usage.messages_used, self.balance(app))
         )
         if decision.accepted:
             live += 1
@@ -439,7 +477,7 @@ class Meter(service.Service):
                 usage.overage_connections += 1
                 self._bill(usage, decision, now, CONNECTION_OVERAGE)
             self._dirty.add(usage.key)
-        return succeed(decision.accepted)
+        return decision.accepted
 
     def release_connection(self, app_id: str) -> None:
         """
@@ -449,6 +487,8 @@ class Meter(service.Service):
         if live == 0:
             self._log.warn("Connection of {app_id} released but none is counted", app_id=app_id)
             return
+        if self._cluster is not None:
+            self._cluster.release(app_id)
         usage = self._current.get(app_id)
         if usage is not None:
             # Roll over first, so the new period's peak sees this connection.

@@ -17,7 +17,9 @@ replicas).
   - L{RESYNC}: make Redis agree with a node's live connections after an
     outage or a fence.
   - L{TICK}, L{REAP}: renew this node's lease and list dead nodes; claim
-    and remove a dead node.
+    and remove a dead node (its connections and its connection counts).
+  - L{ADMIT}, L{RELEASE}, L{RECOUNT}: the cluster-wide concurrent
+    connection count of an app (L{meteredrt.clustercount}).
 """
 
 from __future__ import annotations
@@ -259,10 +261,74 @@ for k = 1, #held, 2 do
   table.insert(apps, app)
 end
 redis.call('DEL', 'mrt:nc:' .. dead)
+for _, app in ipairs(redis.call('SMEMBERS', 'mrt:ca:' .. dead)) do
+  redis.call('HDEL', 'mrt:' .. app .. ':cc', dead)
+end
+redis.call('DEL', 'mrt:ca:' .. dead)
 redis.call('SET', 'mrt:reaped:' .. dead, '1', 'EX', 86400)
 return apps
 """
 )
 
+#: ARGV: app, node, cap, whether to admit over the cap (0/1).
+#: Sums the app's connections over all nodes and, when the sum is below the
+#: cap or the node allows overage, counts one more for this node. Returns
+#: {admitted (0/1), the sum before this connection}.
+ADMIT = Script(
+    """
+local counts = 'mrt:' .. ARGV[1] .. ':cc'
+local total = 0
+for _, n in ipairs(redis.call('HVALS', counts)) do
+  total = total + tonumber(n)
+end
+if total < tonumber(ARGV[3]) or ARGV[4] == '1' then
+  redis.call('HINCRBY', counts, ARGV[2], 1)
+  redis.call('SADD', 'mrt:ca:' .. ARGV[2], ARGV[1])
+  return {1, total}
+end
+return {0, total}
+"""
+)
+
+#: ARGV: app, node. Counts one connection of this node less.
+RELEASE = Script(
+    """
+local counts = 'mrt:' .. ARGV[1] .. ':cc'
+if redis.call('HINCRBY', counts, ARGV[2], -1) <= 0 then
+  redis.call('HDEL', counts, ARGV[2])
+  redis.call('SREM', 'mrt:ca:' .. ARGV[2], ARGV[1])
+end
+return 1
+"""
+)
+
+#: ARGV: node, then app, count pairs: this node's live counted connections.
+#: Makes Redis hold exactly these counts for the node (after a fence, or a
+#: Redis restarted empty); apps not listed count zero.
+RECOUNT = Script(
+    """
+local node = ARGV[1]
+local wanted = {}
+for i = 2, #ARGV, 2 do
+  wanted[ARGV[i]] = tonumber(ARGV[i + 1])
+end
+for _, app in ipairs(redis.call('SMEMBERS', 'mrt:ca:' .. node)) do
+  if not wanted[app] then
+    redis.call('HDEL', 'mrt:' .. app .. ':cc', node)
+  end
+end
+redis.call('DEL', 'mrt:ca:' .. node)
+for app, n in pairs(wanted) do
+  if n > 0 then
+    redis.call('HSET', 'mrt:' .. app .. ':cc', node, n)
+    redis.call('SADD', 'mrt:ca:' .. node, app)
+  else
+    redis.call('HDEL', 'mrt:' .. app .. ':cc', node)
+  end
+end
+return 1
+"""
+)
+
 #: Every script, for L{meteredrt.redisclient.RedisClient.register}.
-ALL = (JOIN, SNAPSHOT, LEAVE, CONNECT, DISCONNECT, DIRECT, RESYNC, TICK, REAP)
+ALL = (JOIN, SNAPSHOT, LEAVE, CONNECT, DISCONNECT, DIRECT, RESYNC, TICK, REAP, ADMIT, RELEASE, RECOUNT)

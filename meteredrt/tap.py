@@ -37,6 +37,7 @@ from twisted.web.server import Site
 from meteredrt.apps import App, Key, KeyType, WebhookConfig
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.broker.redis import RedisBroker
+from meteredrt.clustercount import ClusterConnectionCount
 from meteredrt.clusterwire import ClusterNode, default_node_name
 from meteredrt.config import (
     ClusterConfig,
@@ -591,26 +592,31 @@ def stop_reactor(reactor: Any) -> None:
 
 
 def _cluster_hub(
-    cluster: ClusterConfig, meter: Meter, keys: KeyStore, reactor: Any, top: MultiService, metrics: Metrics
+    cluster: ClusterConfig,
+    count: ClusterConnectionCount,
+    meter: Meter,
+    keys: KeyStore,
+    reactor: Any,
+    top: MultiService,
+    metrics: Metrics,
 ) -> Hub:
     """
     A hub routing and keeping presence through Redis, with the node's
     Redis connections and lease as services of C{top}: added before the
     hub, they stop after the connections have drained, so every closing
-    connection still leaves presence.
+    connection still leaves presence and releases its count.
     """
-    address = parse_redis_url(cluster.redis)
-    node = ClusterNode(cluster.node_name or default_node_name())
-    client = RedisClient(reactor, address)
+    node, client = count.node, count.client
+    address = client.address
     broker = RedisBroker(client, node)
     subscriber = RedisSubscriber(reactor, address, broker.received)
     broker.start(subscriber)
     presence = RedisPresence(client, node)
     client.setServiceParent(top)
     subscriber.setServiceParent(top)
-    # The meter counts per node for now: a reaped node's connections have
-    # nothing to release here.
-    lease = NodeLease(reactor, client, presence, node, cluster.lease_seconds)
+    # The reaper script releases a dead node's connection counts; this
+    # node writes its own again whenever it registers its connections again.
+    lease = NodeLease(reactor, client, presence, node, cluster.lease_seconds, recount=count.recount)
     lease.setServiceParent(top)
     Logger().info("Cluster node {node} on Redis at {address}", node=node.node_id, address=str(address))
     hub = Hub(broker, presence, meter, keys.app, node_id=node.node_id, metrics=metrics)
@@ -676,14 +682,20 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     )
     keys.setServiceParent(top)
     usage_pool = database.open_pool(usage_tables.COMPONENT, usage_tables.MIGRATIONS, reactor, create=False)
-    meter = Meter(reactor, UsageStore.with_pool(usage_pool, database.dialect))
+    # In a cluster, capped apps' connections are admitted against the
+    # whole cluster's count; the node's Redis client starts with the hub's.
+    cluster_count = None
+    if config.cluster is not None:
+        node = ClusterNode(config.cluster.node_name or default_node_name())
+        cluster_count = ClusterConnectionCount(RedisClient(reactor, parse_redis_url(config.cluster.redis)), node)
+    meter = Meter(reactor, UsageStore.with_pool(usage_pool, database.dialect), cluster=cluster_count)
     meter.setServiceParent(top)
     # Counted whether or not [metrics] serves them: counting is cheaper
     # than asking whether to.
     metrics = Metrics()
     metrics.watch(meter=meter)
 
-    if config.cluster is None:
+    if config.cluster is None or cluster_count is None:
         # Presence webhooks: the outbox is written before the hub can take
         # note of anything, and stops after every connection has drained.
         outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
@@ -699,7 +711,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
         emitter.setServiceParent(top)
         hub = Hub(MemoryBroker(), MemoryPresence(observer=emitter), meter, keys.app, metrics=metrics)
     else:
-        hub = _cluster_hub(config.cluster, meter, keys, reactor, top, metrics)
+        hub = _cluster_hub(config.cluster, cluster_count, meter, keys, reactor, top, metrics)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.

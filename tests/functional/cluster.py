@@ -60,13 +60,15 @@ def twistd_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/")}
 
 
-def cluster_config(redis_url: str | None, node_name: str | None, lease_seconds: float, extra: str = "") -> str:
+def cluster_config(
+    redis_url: str | None, node_name: str | None, lease_seconds: float, extra: str = "", base: str = CONFIG
+) -> str:
     """
-    L{support.CONFIG} with a C{[cluster]} table (none without C{redis_url})
-    and C{extra} TOML keys added to its C{[server]} table (e.g.
-    C{"workers = 3"}).
+    C{base} (L{support.CONFIG}, or it with a plan) with a C{[cluster]} table
+    (none without C{redis_url}) and C{extra} TOML keys added to its
+    C{[server]} table (e.g. C{"workers = 3"}).
     """
-    config = CONFIG.replace("[server]\n", f"[server]\n{extra}\n", 1)
+    config = base.replace("[server]\n", f"[server]\n{extra}\n", 1)
     if redis_url is None:
         return config
     lines = ["[cluster]", f'redis = "{redis_url}"', f"lease_seconds = {lease_seconds}"]
@@ -186,9 +188,16 @@ class Cluster:
     """
 
     def __init__(
-        self, case: TestCase, base: Path, redis: RedisServer, lease_seconds: float, clustered: bool = True
+        self,
+        case: TestCase,
+        base: Path,
+        redis: RedisServer,
+        lease_seconds: float,
+        clustered: bool = True,
+        config: str = CONFIG,
     ) -> None:
         self.case = case
+        self.config = config
         self.clustered = clustered
         self.base = base
         self.redis = redis
@@ -214,7 +223,9 @@ class Cluster:
             proxy = await LoopbackProxy.start(self.case, self.redis.port)
             # --redis overrides the file (the fixed interface of issue 9).
             args = ["--redis", f"redis://127.0.0.1:{proxy.port}/0"]
-        config = cluster_config(self.redis.url if self.clustered else None, name, self.lease_seconds, extra)
+        config = cluster_config(
+            self.redis.url if self.clustered else None, name, self.lease_seconds, extra, self.config
+        )
         node = await start_node(self.case, self.base, name, config, args)
         node.proxy = proxy
         return node
@@ -229,17 +240,19 @@ async def start_cluster(
     lease_seconds: float = LEASE_SECONDS,
     proxied: Sequence[int] = (),
     clustered: bool = True,
+    config: str = CONFIG,
 ) -> Cluster:
     """
     Start a Redis and C{nodes} nodes on it (in parallel); the nodes whose
     index is in C{proxied} reach Redis through a L{LoopbackProxy}. With
     C{clustered=False} the nodes have no C{[cluster]} table: each is a
-    standalone server, the in-memory baseline.
+    standalone server, the in-memory baseline. C{config} is the nodes'
+    configuration before the C{[cluster]} table is added.
     """
     base = Path(case.mktemp()).resolve()
     base.mkdir(parents=True)
     redis = await RedisServer.start(case)
-    cluster = Cluster(case, base, redis, lease_seconds, clustered)
+    cluster = Cluster(case, base, redis, lease_seconds, clustered, config)
     names = [f"node-{i + 1}" for i in range(nodes)]
     started = await gatherResults(
         [Deferred.fromCoroutine(cluster.launch(name, i in proxied)) for i, name in enumerate(names)],
