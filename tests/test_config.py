@@ -932,8 +932,8 @@ class ClusterConfigTests(ConfigTestsMixin, SynchronousTestCase):
         """
         The issue's example reads into a L{ClusterConfig}.
         """
-        text = '[cluster]\nredis = "redis://127.0.0.1:6379/0"\nnode_name = "ws-1"\nlease_seconds = 5\n'
-        self.assertEqual(load_config(self.write(text)).cluster, ClusterConfig("redis://127.0.0.1:6379/0", "ws-1", 5.0))
+        text = '[cluster]\nredis = "redis://127.0.0.1:7000/0"\nnode_name = "ws-1"\nlease_seconds = 5\n'
+        self.assertEqual(load_config(self.write(text)).cluster, ClusterConfig("redis://127.0.0.1:7000/0", "ws-1", 5.0))
 
     def test_defaults(self) -> None:
         """
