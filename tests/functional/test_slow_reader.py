@@ -99,6 +99,9 @@ class _PeerFactory(WebSocketClientFactory):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
+        # Autobahn's client drops the link 1 s after its close (1006) if the
+        # server has not answered; a loaded CI machine may take longer.
+        self.setProtocolOptions(closeHandshakeTimeout=5)
         self.opened: Deferred[_Peer] = Deferred()
         self.closed: Deferred[int | None] = Deferred()
 
