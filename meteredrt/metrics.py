@@ -16,10 +16,9 @@ shares (and so stays in the CPU's cache), never a look-up by label. A
 per-connection list cost about 5% of the fan-out CPU in a profile: one
 more object per receiver to fetch from memory (C{docs/performance.md}).
 
-In a cluster the Redis broker will record its calls here too (latency per
-operation in a L{LatencyHistogram}, failures in a counter by operation),
-beside the handshake histogram; L{meteredrt.prometheus} documents the names
-they are to be exposed under.
+In a cluster the node's Redis client records its calls here too
+(L{Metrics.redis_call}: latency per command in a L{LatencyHistogram},
+failures counted by command).
 """
 
 from __future__ import annotations
@@ -33,6 +32,10 @@ from meteredrt.protocol import INBOUND_TYPES, OUTBOUND_TYPES
 
 #: Upper bounds (seconds) of the handshake latency buckets: from a local
 #: JWT check (well under a millisecond) to a TURN API call that times out.
+#: Redis round trips on a LAN are well under a millisecond; the top
+#: buckets show a Redis that is struggling (the client gives up at 2 s).
+REDIS_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
 HANDSHAKE_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
@@ -134,8 +137,23 @@ class Metrics:
         self.drops: Counter[str] = Counter()
         self.rest_requests: Counter[tuple[str, int]] = Counter()
         self.turn_calls: Counter[tuple[str, str]] = Counter()
+        self.redis_call_seconds: dict[str, LatencyHistogram] = {}
+        self.redis_errors: Counter[str] = Counter()
         self._hub: HubView | None = None
         self._meter: MeterView | None = None
+
+    def redis_call(self, operation: str, seconds: float | None) -> None:
+        """
+        One call of the cluster's Redis client: its round trip, or C{None}
+        when it failed (an error reply, a timeout, no connection).
+        """
+        if seconds is None:
+            self.redis_errors[operation] += 1
+            return
+        histogram = self.redis_call_seconds.get(operation)
+        if histogram is None:
+            histogram = self.redis_call_seconds[operation] = LatencyHistogram(REDIS_BUCKETS)
+        histogram.observe(seconds)
 
     def watch(self, *, hub: HubView | None = None, meter: MeterView | None = None) -> None:
         """

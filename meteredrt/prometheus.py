@@ -9,10 +9,9 @@ numbers. L{MetricsResource} serves C{/metrics}, behind a bearer token when
 it shares the public listener.
 
 Every metric, its labels and what it means are listed in
-C{docs/operator-guide.md} ("Metrics"). A cluster adds
-C{meteredrt_redis_call_seconds{operation}} (histogram) and
-C{meteredrt_redis_errors_total{operation}} here, read from what the Redis
-broker records in its L{Metrics}.
+C{docs/operator-guide.md} ("Metrics"); a cluster node also reports its
+Redis calls (C{meteredrt_redis_call_seconds{operation}},
+C{meteredrt_redis_errors_total{operation}}).
 """
 
 from __future__ import annotations
@@ -74,6 +73,27 @@ class MetricsCollector(Collector):
             sum_value=histogram.sum,
         )
         yield latency
+
+        redis_calls = HistogramMetricFamily(
+            "meteredrt_redis_call_seconds",
+            "Round trips of the cluster's Redis calls that answered, by command.",
+            labels=["operation"],
+        )
+        for operation, calls in sorted(metrics.redis_call_seconds.items()):
+            redis_calls.add_metric(
+                [operation],
+                buckets=[(floatToGoString(bound), count) for bound, count in calls.cumulative()],
+                sum_value=calls.sum,
+            )
+        yield redis_calls
+        redis_errors = CounterMetricFamily(
+            "meteredrt_redis_errors",
+            "Redis calls that failed (error reply, timeout, no connection), by command.",
+            labels=["operation"],
+        )
+        for operation, count in sorted(metrics.redis_errors.items()):
+            redis_errors.add_metric([operation], count)
+        yield redis_errors
 
         frames_in, frames_out = metrics.frames_in, metrics.frames_out
         received = CounterMetricFamily(

@@ -44,6 +44,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from meteredrt.metrics import Metrics
 from meteredrt.redisaddress import RedisAddress, parse_redis_url
 
 __all__ = [
@@ -437,6 +438,8 @@ class RedisClient(_Connector):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._scripts: dict[bytes, Script] = {}
+        #: Where each call's round trip (or failure) is counted, if set.
+        self.metrics: Metrics | None = None
 
     def register(self, script: Script) -> Script:
         """
@@ -458,9 +461,19 @@ class RedisClient(_Connector):
         connected.
         """
         protocol = self._protocol
+        metrics = self.metrics
         if protocol is None:
+            if metrics is not None:
+                metrics.redis_call(_operation(args), None)
             return fail(RedisUnavailable(f"no connection to Redis at {self.address}"))
-        return protocol.execute(*args)
+        d = protocol.execute(*args)
+        if metrics is not None:
+            d.addBoth(self._record, metrics, _operation(args), self._clock.seconds())
+        return d
+
+    def _record(self, result: Any, metrics: Metrics, operation: str, started: float) -> Any:
+        metrics.redis_call(operation, None if isinstance(result, Failure) else self._clock.seconds() - started)
+        return result
 
     def run(self, script: Script, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Deferred[Any]:
         """
@@ -475,6 +488,15 @@ class RedisClient(_Connector):
             return self.execute("EVAL", script.source, len(keys), *keys, *args)
 
         return d.addErrback(noscript)
+
+
+def _operation(args: Sequence[Arg]) -> str:
+    """
+    The command a call runs (C{PUBLISH}, C{EVALSHA}, ...), as a metric label.
+    """
+    name = args[0] if args else b"?"
+    text = name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
+    return text.upper()
 
 
 class RedisSubscriber(_Connector):

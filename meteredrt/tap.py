@@ -607,6 +607,7 @@ def _cluster_hub(
     connection still leaves presence and releases its count.
     """
     node, client = count.node, count.client
+    client.metrics = metrics
     address = client.address
     broker = RedisBroker(client, node)
     subscriber = RedisSubscriber(reactor, address, broker.received)

@@ -201,3 +201,29 @@ class CompositionTests(SynchronousTestCase):
             body = fetch(self, self.site_root(main), "/metrics", Authorization=f"Bearer {TOKEN}").body
             self.assertEqual(sample in body, shown)
         self.assertNotIn(b"meteredrt_", generate_latest(REGISTRY))
+
+
+class RedisMetricsTests(SynchronousTestCase):
+    """
+    A cluster node's Redis calls are exposed by command.
+    """
+
+    def test_families(self) -> None:
+        """
+        Round trips become a histogram and failures a counter, each labelled
+        with the command.
+        """
+        from prometheus_client import generate_latest
+        from twisted.internet.task import Clock
+
+        from meteredrt.metrics import Metrics
+        from meteredrt.prometheus import build_registry
+
+        metrics = Metrics()
+        metrics.redis_call("PUBLISH", 0.0007)
+        metrics.redis_call("PUBLISH", 0.02)
+        metrics.redis_call("EVALSHA", None)
+        text = generate_latest(build_registry(metrics, Clock())).decode()
+        self.assertIn('meteredrt_redis_call_seconds_count{operation="PUBLISH"} 2.0', text)
+        self.assertIn('meteredrt_redis_call_seconds_bucket{le="0.001",operation="PUBLISH"} 1.0', text)
+        self.assertIn('meteredrt_redis_errors_total{operation="EVALSHA"} 1.0', text)

@@ -594,3 +594,38 @@ class TlsTests(TestCase):
         await deferLater(reactor, 0.5, lambda: None)
         self.assertFalse(doubter.connected)
         self.flushLoggedErrors()
+
+
+class CallMetricsTests(SynchronousTestCase):
+    """
+    The client counts each call's round trip, or its failure, by command.
+    """
+
+    def test_recorded(self) -> None:
+        """
+        An answered call is one observation of its round trip; an error
+        reply and a call without a connection are failures.
+        """
+        from meteredrt.metrics import Metrics
+
+        clock = Clock()
+        endpoint = FakeEndpoint()
+        client = RedisClient(clock, parse_redis_url("redis://h"), endpoint=endpoint, jitter=lambda: 1.0)
+        metrics = client.metrics = Metrics()
+        self.assertEqual(len(self.failureResultOf(client.execute("PING")).value.args), 1)
+        self.assertEqual(metrics.redis_errors["PING"], 1)
+        client.startService()
+        self.addCleanup(client.stopService)
+        protocol = endpoint.protocols[0]
+        answered = client.execute(b"publish", "c", "m")
+        clock.advance(0.003)
+        protocol.dataReceived(b":1\r\n")
+        self.assertEqual(self.successResultOf(answered), 1)
+        histogram = metrics.redis_call_seconds["PUBLISH"]
+        self.assertEqual(histogram.count, 1)
+        self.assertAlmostEqual(histogram.sum, 0.003)
+        refused = client.execute("GET", "k")
+        protocol.dataReceived(b"-ERR wrong\r\n")
+        self.failureResultOf(refused)
+        self.assertEqual(metrics.redis_errors["GET"], 1)
+        self.assertNotIn("GET", metrics.redis_call_seconds)
