@@ -8,19 +8,23 @@ connect over real sockets. L{start_in} does the same outside a test case
 (C{tests/functional/webrtc_session.py} runs it in a child process).
 
 Main names: L{start_server}, L{start_in}, L{RunningServer}, L{CONFIG}, and
-L{TwistdProcess} for tests that run a real C{twistd} child.
+L{TwistdProcess}, L{start_twistd} and L{kill_twistd} for tests that run a
+real C{twistd} child.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from attrs import frozen
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -168,3 +172,46 @@ class TwistdProcess(ProcessProtocol):
         Everything the process printed so far.
         """
         return self.output.decode(errors="replace")
+
+
+#: The checkout the children run from (and import meteredrt from).
+ROOT = Path(__file__).resolve().parents[2]
+
+#: The twistd console script, run with this interpreter; the module has no
+#: C{__main__} guard, so C{-m twisted.scripts.twistd} would do nothing.
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+async def start_twistd(case: TestCase, *args: str) -> tuple[Any, TwistdProcess, int]:
+    """
+    Start C{twistd -n meteredrt *args} on an ephemeral loopback port, from
+    this checkout; fires with the process, its protocol and its port once
+    it listens. It is killed on cleanup if still running.
+    """
+    child = TwistdProcess()
+    process = reactor.spawnProcess(
+        child,
+        sys.executable,
+        [
+            sys.executable, "-c", TWISTD, "--pidfile=", "-n", "meteredrt",
+            *args,
+            "--listen", "tcp:0:interface=127.0.0.1",
+        ],  # fmt: skip
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/")},
+        path=str(ROOT),
+    )
+    case.addCleanup(kill_twistd, process, child)
+    port = await child.listening
+    return process, child, port
+
+
+def kill_twistd(process: Any, child: TwistdProcess) -> Deferred[tuple[int | None, int | None]]:
+    """
+    SIGKILL a child unless it has ended; fires when it has.
+    """
+    if not child.ended.called:
+        try:
+            process.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+    return child.ended

@@ -6,25 +6,16 @@ what it counted since its last flush (one second, see C{docs/metering.md}).
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from .support import CONFIG, TwistdProcess
+from .support import CONFIG, TwistdProcess, start_twistd
 from .test_metering_e2e import connect_client, get_usage, stored_usage
-
-ROOT = Path(__file__).resolve().parents[2]
-
-#: The twistd console script, run with this interpreter; the module has no
-#: C{__main__} guard, so C{-m twisted.scripts.twistd} would do nothing.
-TWISTD = "from twisted.scripts.twistd import run; run()"
 
 #: How long to wait for a flush to show up in the file: the flush interval
 #: is one second, so five leave room for a slow machine.
@@ -51,33 +42,7 @@ class DurabilityTests(TestCase):
         Start a server process on the test's data directory; fires once it
         listens. It is killed on cleanup if still running.
         """
-        child = TwistdProcess()
-        process = reactor.spawnProcess(
-            child,
-            sys.executable,
-            [
-                sys.executable, "-c", TWISTD, "--pidfile=", "-n", "meteredrt",
-                "--config", str(self.config),
-                "--data-dir", self.data_dir,
-                "--listen", "tcp:0:interface=127.0.0.1",
-            ],  # fmt: skip
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/")},
-            path=str(ROOT),
-        )
-        self.addCleanup(self.kill, process, child)
-        port = await child.listening
-        return process, child, port
-
-    def kill(self, process: Any, child: TwistdProcess) -> Deferred[Any]:
-        """
-        SIGKILL the process unless it has ended; fires when it has.
-        """
-        if not child.ended.called:
-            try:
-                process.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
-        return child.ended
+        return await start_twistd(self, "--config", str(self.config), "--data-dir", self.data_dir)
 
     async def terminate(self, process: Any, child: TwistdProcess) -> None:
         """

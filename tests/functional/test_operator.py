@@ -21,8 +21,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from .node_harness import ensure_node_modules, run_sdk_scenario
-from .support import CONFIG, PUBLISHABLE_KEY, TwistdProcess, start_server
-from .test_durability import TWISTD
+from .support import CONFIG, PUBLISHABLE_KEY, TWISTD, TwistdProcess, start_server
 from .test_metering_e2e import connect_client
 from .test_sdk import events_of, token
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -27,11 +24,8 @@ from meteredrt.cli import main
 from meteredrt.store.keystore import RELOAD_INTERVAL
 from tests.postgres_server import PostgresServer
 
-from .support import APP_ID, CONFIG, SECRET, SECRET_KEY_ID, TwistdProcess
+from .support import APP_ID, CONFIG, SECRET, SECRET_KEY_ID, TwistdProcess, start_twistd
 from .test_metering_e2e import ClosedBeforeWelcome, connect_client, treq
-
-ROOT = Path(__file__).resolve().parents[2]
-TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
 class PostgreSQLOutageTests(TestCase):
@@ -53,31 +47,9 @@ class PostgreSQLOutageTests(TestCase):
         self.data_dir = str(base / "data")
 
     async def start(self) -> tuple[Any, TwistdProcess, int]:
-        child = TwistdProcess()
-        process = reactor.spawnProcess(
-            child,
-            sys.executable,
-            [
-                sys.executable, "-c", TWISTD, "--pidfile=", "-n", "meteredrt",
-                "--config", str(self.config),
-                "--data-dir", self.data_dir,
-                "--database", self.database,
-                "--listen", "tcp:0:interface=127.0.0.1",
-            ],  # fmt: skip
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/")},
-            path=str(ROOT),
+        return await start_twistd(
+            self, "--config", str(self.config), "--data-dir", self.data_dir, "--database", self.database
         )
-        self.addCleanup(self.kill, process, child)
-        port = await child.listening
-        return process, child, port
-
-    def kill(self, process: Any, child: TwistdProcess) -> Deferred[Any]:
-        if not child.ended.called:
-            try:
-                process.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
-        return child.ended
 
     def operator(self, *argv: str) -> Any:
         """

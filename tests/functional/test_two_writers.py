@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
-from twisted.internet.error import ProcessExitedAlready
 from twisted.trial.unittest import TestCase
 
 from meteredrt.cli import main
 from tests.postgres_server import fresh_database
 
-from .support import APP_ID, CONFIG, TwistdProcess
+from .support import APP_ID, CONFIG, TwistdProcess, start_twistd
 from .test_metering_e2e import connect_client
-
-ROOT = Path(__file__).resolve().parents[2]
-TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
 class TwoWritersMixin:
@@ -51,30 +45,7 @@ class TwoWritersMixin:
         self.data_dir = str(base / "data")
 
     async def start(self) -> tuple[Any, TwistdProcess, int]:
-        child = TwistdProcess()
-        process = reactor.spawnProcess(
-            child,
-            sys.executable,
-            [
-                sys.executable, "-c", TWISTD, "--pidfile=", "-n", "meteredrt",
-                "--config", str(self.config),
-                "--listen", "tcp:0:interface=127.0.0.1",
-                *self.store_args(),
-            ],  # fmt: skip
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/")},
-            path=str(ROOT),
-        )
-        self.addCleanup(self.kill, process, child)  # type: ignore[attr-defined]
-        port = await child.listening
-        return process, child, port
-
-    def kill(self, process: Any, child: TwistdProcess) -> Deferred[Any]:
-        if not child.ended.called:
-            try:
-                process.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
-        return child.ended
+        return await start_twistd(self, "--config", str(self.config), *self.store_args())  # type: ignore[arg-type]
 
     async def publish(self, port: int, count: int) -> None:
         client = await connect_client(self, port)  # type: ignore[arg-type]

@@ -6,18 +6,13 @@ SIGKILL.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.error import ProcessExitedAlready
 from twisted.trial.unittest import TestCase
 
 from .node_harness import ensure_node_modules, run_sdk_scenario
-from .support import APP_ID, CONFIG, TwistdProcess, start_server
-from .test_durability import ROOT, TWISTD
+from .support import APP_ID, CONFIG, TwistdProcess, kill_twistd, start_server, start_twistd
 from .test_metering_e2e import connect_client
 from .test_sdk import steps, token
 from .webhook_receiver import WebhookReceiver, start_receiver
@@ -163,26 +158,7 @@ class CrashWebhookTests(TestCase):
     async def start(self, config: str) -> tuple[Any, TwistdProcess, int]:
         path = self.base / "meteredrt.toml"
         path.write_text(config)
-        child = TwistdProcess()
-        process = reactor.spawnProcess(
-            child,
-            sys.executable,
-            [sys.executable, "-c", TWISTD, "--pidfile=", "-n", "meteredrt", "--config", str(path),
-             "--data-dir", self.data_dir, "--listen", "tcp:0:interface=127.0.0.1"],
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/")},
-            path=str(ROOT),
-        )
-        self.addCleanup(self.kill, process, child)
-        port = await child.listening
-        return process, child, port
-
-    def kill(self, process: Any, child: TwistdProcess) -> Any:
-        if not child.ended.called:
-            try:
-                process.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
-        return child.ended
+        return await start_twistd(self, "--config", str(path), "--data-dir", self.data_dir)
 
     async def test_kill_9_then_restart(self) -> None:
         """
@@ -198,7 +174,7 @@ class CrashWebhookTests(TestCase):
         client = await connect_client(self, port)
         peer_id = (await client.welcomed)["peerId"]
         await receiver.wait_for(lambda: receiver.requests >= 1)
-        await self.kill(process, child)
+        await kill_twistd(process, child)
         self.assertEqual(receiver.accepted, [])
 
         receiver.statuses = []
