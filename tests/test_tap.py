@@ -85,6 +85,10 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(data_dir))
         hub = next(child for child in service if isinstance(child, Hub))
         self.assertIsInstance(hub._broker, MemoryBroker)
+        # The webhook services stop after the hub, so the lefts and
+        # offlines of draining connections are still stored and sent.
+        self.assertLess(kinds.index("WebhookDispatcher"), kinds.index("Hub"))
+        self.assertLess(kinds.index("WebhookEmitter"), kinds.index("Hub"))
 
     def test_cluster(self) -> None:
         """
