@@ -105,9 +105,7 @@ class ClusterUsage:
         )
         report["messagesUsed"] = unwritten.messages_used + (stored.messages_used if stored else 0)
         report["overageMessages"] = unwritten.overage_messages + (stored.overage_messages if stored else 0)
-        report["overageConnections"] = unwritten.overage_connections + (
-            stored.overage_connections if stored else 0
-        )
+        report["overageConnections"] = unwritten.overage_connections + (stored.overage_connections if stored else 0)
         return report
 
     async def share(self, counts: list[LiveCount], gone: list[str], now: float) -> list[int]:
@@ -141,7 +139,9 @@ class UsageShares(Service):
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, meter: Meter, usage: ClusterUsage, interval: float = SHARE_INTERVAL) -> None:
+    def __init__(
+        self, clock: IReactorTime, meter: Meter, usage: ClusterUsage, interval: float = SHARE_INTERVAL
+    ) -> None:
         self._clock = clock
         self._meter = meter
         self._usage = usage

@@ -71,9 +71,7 @@ class MeterShareTests(SynchronousTestCase):
         """
         self.admit(FREE, 2)
         self.admit(CAPPED)
-        self.assertEqual(
-            self.meter.live_counts(), [LiveCount("capped", 1, NOV, DEC), LiveCount("free", 2, NOV, DEC)]
-        )
+        self.assertEqual(self.meter.live_counts(), [LiveCount("capped", 1, NOV, DEC), LiveCount("free", 2, NOV, DEC)])
         self.meter.release_connection("capped")
         self.assertEqual(self.meter.live_counts(), [LiveCount("free", 2, NOV, DEC)])
 
