@@ -85,8 +85,9 @@ class ClusterUsageTests(TestCase):
     async def test_usage_of_the_cluster_after_sigterm(self) -> None:
         """
         While the nodes run, C{GET /v1/usage} on any of them reports the
-        connections and messages of all; after SIGTERM of every node the
-        CLI reports exactly the acked messages and the cluster-wide peak.
+        connections and messages of all, and the CLI the connections of
+        all; after SIGTERM of every node the CLI reports exactly the acked
+        messages, the cluster-wide peak and no connection.
         """
         cluster = await self.start()
         clients = [await connect_client(self, node.port) for node in cluster.nodes]
@@ -106,11 +107,13 @@ class ClusterUsageTests(TestCase):
         await wait_until(all_reported, 2 * FLUSH_INTERVAL + 2, "every node reports the whole cluster")
         report = await get_usage(self, cluster[2].port)
         self.assertEqual(report["peakConcurrent"], 4)
+        live = self.operator(cluster[0], "usage", "--app", APP_ID)
+        self.assertEqual((live["concurrentNow"], live["peakConcurrent"]), (4, 4))
 
         for node in cluster.nodes:
             self.assertIn(await node.terminate(), [(0, None), (None, 15)], node.child.text)
         stored = self.operator(cluster[0], "usage", "--app", APP_ID)
-        self.assertEqual((stored["messagesUsed"], stored["peakConcurrent"]), (acked, 4))
+        self.assertEqual((stored["messagesUsed"], stored["peakConcurrent"], stored["concurrentNow"]), (acked, 4, 0))
 
     async def test_sigkill_of_one_node(self) -> None:
         """
