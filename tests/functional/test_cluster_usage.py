@@ -56,31 +56,41 @@ class ClusterUsageTests(TestCase):
         self.assertEqual([frame["type"] for frame in answers], ["ack"] * count)
         return count
 
+    async def connect_new_key(self, node: Node, key: str, created: float) -> RealtimeClient:
+        """
+        Connect with C{key}, created with the CLI at C{created}
+        (monotonic), trying until C{node} knows it: refused with 4001
+        until its next re-read of the keys, which must come within about
+        2 s of the creation.
+        """
+        while True:
+            try:
+                client = await connect_client(self, node.port, f"key={key}")
+            except ClosedBeforeWelcome as e:
+                self.assertEqual(e.code, 4001)
+                self.assertLess(time.monotonic() - created, RELOAD_INTERVAL + 2, f"{node.name} never knew the key")
+                await deferLater(reactor, 0.05, lambda: None)
+                continue
+            self.assertLess(time.monotonic() - created, RELOAD_INTERVAL + 2)
+            return client
+
     async def test_cli_key_reaches_every_node(self) -> None:
         """
         A key minted with the CLI on node 1's configuration connects on node
-        3 within one key store re-read (about 2 s); once revoked, its
-        sessions on every node are closed with 4001 within about 2 s.
+        3, and on every node, within one key store re-read (about 2 s);
+        once revoked, its sessions on every node are closed with 4001
+        within about 2 s.
         """
         cluster = await self.start()
         created = time.monotonic()
         key = self.operator(cluster[0], "keys", "create", "--app", APP_ID, "--type", "publishable")["keyId"]
-        first = None
-        while first is None:
-            try:
-                first = await connect_client(self, cluster[2].port, f"key={key}")
-            except ClosedBeforeWelcome as e:
-                self.assertEqual(e.code, 4001)
-                self.assertLess(time.monotonic() - created, RELOAD_INTERVAL + 1.5, "the new key never connected")
-                await deferLater(reactor, 0.05, lambda: None)
-        self.assertLess(time.monotonic() - created, RELOAD_INTERVAL + 1.5)
-        clients = [first, *[await connect_client(self, cluster[i].port, f"key={key}") for i in (0, 1)]]
+        clients = [await self.connect_new_key(cluster[i], key, created) for i in (2, 0, 1)]
 
         revoked = time.monotonic()
         self.operator(cluster[0], "keys", "revoke", key)
         codes = await gatherResults([client.closed for client in clients])
         self.assertEqual(codes, [4001, 4001, 4001])
-        self.assertLess(time.monotonic() - revoked, RELOAD_INTERVAL + 1.5)
+        self.assertLess(time.monotonic() - revoked, RELOAD_INTERVAL + 2)
 
     async def test_usage_of_the_cluster_after_sigterm(self) -> None:
         """
