@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import threading
 from typing import Any
 
 from twisted.internet import reactor
@@ -116,6 +117,44 @@ class ClusterUsageCommandTests(TestCase):
         report = self.report(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
         self.assertIsNone(report["concurrentNow"])
         self.assertIn("timed out", report["liveUnavailable"])
+
+    async def test_tls(self) -> None:
+        """
+        A C{rediss://} URL talks TLS: a Redis without TLS cannot answer it.
+        """
+        server, _ = await self.start_redis()
+        report = self.report(f"rediss://127.0.0.1:{server.port}/0")
+        self.assertIsNone(report["concurrentNow"])
+        self.assertIn("did not answer", report["liveUnavailable"])
+
+    def test_oversized_answer(self) -> None:
+        """
+        A server that sends more than any answer holds is given up at once.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(5)
+
+        def flood() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(b"$1000000\r\n" + b"x" * 200_000)
+
+        sender = threading.Thread(target=flood)
+        sender.start()
+        self.addCleanup(sender.join, 5)
+        report = self.report(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+        self.assertIsNone(report["concurrentNow"])
+        self.assertIn("more than any answer holds", report["liveUnavailable"])
+
+    async def test_current_period_given(self) -> None:
+        """
+        The current month given with C{--period} has its live figures too.
+        """
+        server, _ = await self.start_redis()
+        self.assertEqual(self.report(server.url, "--period", "2023-11")["concurrentNow"], 5)
 
     async def test_past_period(self) -> None:
         """

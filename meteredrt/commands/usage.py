@@ -36,7 +36,7 @@ def _usage(session: Session, args: argparse.Namespace) -> Output:
     row, entries, net = session.usage(app.app_id, bounds[0])
     report = usage_report(app, row, bounds, entries, net)
     cluster = session.config.cluster
-    if cluster is not None and args.period is None:
+    if cluster is not None and bounds == period_bounds(session.now(), MONTH):
         add_live_usage(report, parse_redis_url(cluster.redis))
     return Output(report, describe_usage(report, app.plan))
 
