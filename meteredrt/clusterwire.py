@@ -33,6 +33,10 @@ Keys (C{app} ids and node ids never contain C{:} or glob characters):
     (the cluster-wide concurrent connection count is the sum);
   - C{mrt:ca:{node}}: set of the apps the node counts connections of
     (what a reaper removes from those hashes);
+  - C{mrt:{app}:live}: hash node -> the app's live connections there, as
+    the node last shared them (every app, capped or not; for usage reports);
+  - C{mrt:{app}:pk:{period start}}: the period's sampled cluster-wide peak
+    of the app's concurrent connections;
   - C{mrt:lease:{node}}, C{mrt:nodes}, C{mrt:reaped:{node}}: leases.
 """
 

@@ -11,6 +11,7 @@ this process goes through one of these:
     refcounts (in memory on one node; in Redis in a cluster, so it survives
     a node).
   - L{IMeter}: concurrent-connection admission and message counting.
+  - L{IUsageReport}: the usage figures C{GET /v1/usage} reports.
   - L{ITurnProvider}: TURN credentials for the welcome frame.
   - L{IConnectionSink}: what the hub sees of one client connection.
   - L{IPresenceObserver}: presence transitions, for webhooks.
@@ -283,9 +284,23 @@ class IPresence(Interface):
         """
 
 
-class IMeter(Interface):
+class IUsageReport(Interface):
     """
-    Usage counting and quota decisions (protocol §15).
+    What C{GET /v1/usage} answers: one node's figures
+    (L{meteredrt.metering.Meter}), or the cluster's
+    (L{meteredrt.clusterusage.ClusterUsage}).
+    """
+
+    def usage(app: App) -> Deferred[dict[str, object]]:
+        """
+        Fires with the app's usage report as the JSON object of §19.6.
+        """
+
+
+class IMeter(IUsageReport):
+    """
+    Usage counting and quota decisions (protocol §15), and the node's own
+    usage report.
 
     The hot-path calls answer from memory; implementations flush counts to
     durable storage on their own schedule.
@@ -308,11 +323,6 @@ class IMeter(Interface):
         One publish/send/REST publish passed validation and authorization.
         Fires with ``True`` to deliver it, ``False`` to soft-drop it
         (``over_message_quota``). Either way it is counted.
-        """
-
-    def usage(app: App) -> Deferred[dict[str, object]]:
-        """
-        Fires with the app's usage report as the JSON object of §19.6.
         """
 
 

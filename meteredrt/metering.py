@@ -199,6 +199,19 @@ CONNECTION_OVERAGE = "connection overage"
 AUTO_RECHARGE = "auto-recharge"
 
 
+@frozen
+class LiveCount:
+    """
+    An app's live connections on this node, and the billing period
+    ``[period_start, period_end)`` they count towards.
+    """
+
+    app_id: str
+    live: int
+    period_start: int
+    period_end: int
+
+
 @define
 class _PeriodUsage:
     """
@@ -229,11 +242,19 @@ class _PeriodUsage:
         The increments counted since the last batch, and this process's
         peak, to add to the stored row; from now on they count as written.
         """
+        row = self.untaken()
+        self.taken = (self.messages_used, self.overage_messages, self.overage_connections)
+        return row
+
+    def untaken(self) -> UsageRow:
+        """
+        The increments counted since the last batch, and this process's
+        peak, leaving them pending.
+        """
         counts = (self.messages_used, self.overage_messages, self.overage_connections)
         messages, overage_messages, overage_connections = (
             count - taken for count, taken in zip(counts, self.taken, strict=True)
         )
-        self.taken = counts
         return UsageRow(
             app_id=self.app_id,
             period_start=self.start,
@@ -540,6 +561,42 @@ class Meter(service.Service):
                 },
             }
         )
+
+    def live_counts(self) -> list[LiveCount]:
+        """
+        This node's live connections of each app that has any, with the
+        period they count towards now: the node's share of the
+        cluster-wide figures (L{meteredrt.clusterusage.UsageShares}).
+        """
+        now = self._clock.seconds()
+        counts = []
+        for app_id, live in sorted(self._live.items()):
+            current = self._current.get(app_id)
+            usage = self._usage_at(app_id, current.period if current is not None else MONTH, now)
+            counts.append(LiveCount(app_id, live, usage.start, usage.end))
+        return counts
+
+    def unwritten(self, app_id: str, period_start: int) -> UsageRow:
+        """
+        What this node counted for the app in the period that is neither
+        written to the store nor being written, with its own peak: the part
+        of a cluster-wide report that the store cannot know yet.
+        """
+        usage = self._periods.get((app_id, period_start))
+        if usage is None:
+            return UsageRow(app_id=app_id, period_start=period_start, period_end=period_bounds(period_start)[1])
+        return usage.untaken()
+
+    def raise_peak(self, app_id: str, period_start: int, peak: int) -> None:
+        """
+        Take in a cluster-wide peak of the app's concurrent connections,
+        so that the next flush writes it (the store keeps the largest peak
+        any writer reports). A period no longer in memory is left alone.
+        """
+        usage = self._periods.get((app_id, period_start))
+        if usage is not None and peak > usage.peak_concurrent:
+            usage.peak_concurrent = peak
+            self._dirty.add(usage.key)
 
     def balance(self, app: App) -> float:
         """

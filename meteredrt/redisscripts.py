@@ -20,6 +20,9 @@ replicas).
     and remove a dead node (its connections and its connection counts).
   - L{ADMIT}, L{RELEASE}, L{RECOUNT}: the cluster-wide concurrent
     connection count of an app (L{meteredrt.clustercount}).
+  - L{USAGE_SHARE}, L{USAGE_READ}: every node's live connections of each
+    app and the sampled cluster-wide peaks, for usage reports
+    (L{meteredrt.clusterusage}).
 """
 
 from __future__ import annotations
@@ -330,5 +333,78 @@ return 1
 """
 )
 
+# Shared by the usage scripts: the sum of an app's live connections over
+# the nodes that hold a lease (and this node), forgetting the others'.
+_LIVE_SUM = """
+local alive = {}
+local function live_sum(app, node, include_node)
+  local shares = 'mrt:' .. app .. ':live'
+  local flat = redis.call('HGETALL', shares)
+  local total = 0
+  for k = 1, #flat, 2 do
+    local other = flat[k]
+    if other == node then
+      if include_node then
+        total = total + tonumber(flat[k + 1])
+      end
+    else
+      if alive[other] == nil then
+        alive[other] = redis.call('EXISTS', 'mrt:lease:' .. other) == 1
+      end
+      if alive[other] then
+        total = total + tonumber(flat[k + 1])
+      else
+        redis.call('HDEL', shares, other)
+      end
+    end
+  end
+  return total
+end
+"""
+
+#: ARGV: node, number of apps gone, those apps, then app, live
+#: connections, period start, seconds to keep the peak for each app the node
+#: holds connections of. Writes the node's share of each app's live
+#: connections (and removes it for the apps gone), samples each app's
+#: cluster-wide sum into its period's peak and returns the peaks, in order.
+USAGE_SHARE = Script(
+    _LIVE_SUM
+    + """
+local node = ARGV[1]
+local gone = tonumber(ARGV[2])
+for i = 3, 2 + gone do
+  redis.call('HDEL', 'mrt:' .. ARGV[i] .. ':live', node)
+end
+local peaks = {}
+for i = 3 + gone, #ARGV, 4 do
+  local app = ARGV[i]
+  redis.call('HSET', 'mrt:' .. app .. ':live', node, ARGV[i + 1])
+  local total = live_sum(app, node, true)
+  local key = 'mrt:' .. app .. ':pk:' .. ARGV[i + 2]
+  local peak = tonumber(redis.call('GET', key) or '0')
+  if total > peak then
+    peak = total
+    redis.call('SET', key, peak)
+  end
+  redis.call('EXPIRE', key, ARGV[i + 3])
+  table.insert(peaks, peak)
+end
+return peaks
+"""
+)
+
+#: ARGV: app, node, period start. Returns {the app's live connections on
+#: the other live nodes as they last shared them, the period's sampled
+#: cluster-wide peak}.
+USAGE_READ = Script(
+    _LIVE_SUM
+    + """
+return {live_sum(ARGV[1], ARGV[2], false), tonumber(redis.call('GET', 'mrt:' .. ARGV[1] .. ':pk:' .. ARGV[3]) or '0')}
+"""
+)
+
 #: Every script, for L{meteredrt.redisclient.RedisClient.register}.
-ALL = (JOIN, SNAPSHOT, LEAVE, CONNECT, DISCONNECT, DIRECT, RESYNC, TICK, REAP, ADMIT, RELEASE, RECOUNT)
+ALL = (
+    JOIN, SNAPSHOT, LEAVE, CONNECT, DISCONNECT, DIRECT, RESYNC, TICK, REAP, ADMIT, RELEASE, RECOUNT,
+    USAGE_SHARE, USAGE_READ,
+)  # fmt: skip

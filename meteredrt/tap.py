@@ -38,6 +38,7 @@ from meteredrt.apps import App, Key, KeyType, WebhookConfig
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.broker.redis import RedisBroker
 from meteredrt.clustercount import ClusterConnectionCount
+from meteredrt.clusterusage import ClusterUsage, UsageShares
 from meteredrt.clusterwire import ClusterNode, default_node_name
 from meteredrt.config import (
     ClusterConfig,
@@ -689,13 +690,15 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     if config.cluster is not None:
         node = ClusterNode(config.cluster.node_name or default_node_name())
         cluster_count = ClusterConnectionCount(RedisClient(reactor, parse_redis_url(config.cluster.redis)), node)
-    meter = Meter(reactor, UsageStore.with_pool(usage_pool, database.dialect), cluster=cluster_count)
+    usage_store = UsageStore.with_pool(usage_pool, database.dialect)
+    meter = Meter(reactor, usage_store, cluster=cluster_count)
     meter.setServiceParent(top)
     # Counted whether or not [metrics] serves them: counting is cheaper
     # than asking whether to.
     metrics = Metrics()
     metrics.watch(meter=meter)
 
+    usage_report: ClusterUsage | None = None
     if config.cluster is None or cluster_count is None:
         # Presence webhooks: the outbox is written before the hub can take
         # note of anything, and stops after every connection has drained.
@@ -713,6 +716,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
         hub = Hub(MemoryBroker(), MemoryPresence(observer=emitter), meter, keys.app, metrics=metrics)
     else:
         hub = _cluster_hub(config.cluster, cluster_count, meter, keys, reactor, top, metrics)
+        # GET /v1/usage answers for the whole cluster: every node shares
+        # its live counts in Redis, and the store adds up their flushes.
+        usage_report = ClusterUsage(meter, usage_store, cluster_count.client, cluster_count.node)
+        UsageShares(reactor, meter, usage_report).setServiceParent(top)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.
@@ -732,7 +739,15 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
 
     v1 = V1Resource(factory, reactor, upgrades_per_minute=config.upgrade_rate_limit, trusted_proxies=trusted)
     install_rest(
-        v1, keys=keys, hub=hub, meter=meter, clock=reactor, turn=turn_api, trusted_proxies=trusted, metrics=metrics
+        v1,
+        keys=keys,
+        hub=hub,
+        meter=meter,
+        clock=reactor,
+        turn=turn_api,
+        trusted_proxies=trusted,
+        metrics=metrics,
+        usage=usage_report,
     )
     root = build_root(v1, ready=lambda: bool(keys.running) and not factory.draining)
     registry = build_registry(metrics, reactor)

@@ -184,11 +184,17 @@ def describe_usage(report: dict[str, Any], plan: Plan | None) -> str:
     """
     start = time.gmtime(report["periodStartUnix"])
     ledger = report["ledger"]
+    live = []
+    if "concurrentNow" in report:
+        # In a cluster: the connections open on every node (or why not).
+        now = report["concurrentNow"]
+        live = [f"  connected now:        {now if now is not None else 'unknown: ' + report['liveUnavailable']}"]
     return "\n".join(
         [
             f"Usage of app {report['appId']} in {time.strftime('%Y-%m', start)} "
             f"[{report['periodStartUnix']}, {report['periodEndUnix']}) UTC",
             f"  plan (current):       {plan_summary(plan)}",
+            *live,
             f"  peak concurrent:      {report['peakConcurrent']}",
             f"  messages used:        {report['messagesUsed']}",
             f"  overage messages:     {report['overageMessages']}",

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from meteredrt.clientaddress import TrustedProxies
 from meteredrt.hub import Hub
-from meteredrt.interfaces import IKeyStore, IMeter
+from meteredrt.interfaces import IKeyStore, IMeter, IUsageReport
 from meteredrt.metrics import Metrics
 from meteredrt.rest.base import JsonResource, RequestGuard, RestLimits, Route
 from meteredrt.rest.channels import ChannelsResource
@@ -46,19 +46,22 @@ def install_rest(
     limits: RestLimits | None = None,
     trusted_proxies: TrustedProxies = (),
     metrics: Metrics | None = None,
+    usage: IUsageReport | None = None,
 ) -> RequestGuard:
     """
     Put the REST resources under C{v1}.
 
     @param keys: authenticates C{sk_id_…:sk_secret_…} and finds the app.
     @param hub: lists presence, publishes and kicks.
-    @param meter: answers C{/v1/usage}.
+    @param meter: answers C{/v1/usage}, unless C{usage} is given.
     @param clock: rate limits, token times and handler timeouts.
     @param turn: mints TURN credentials for C{POST /v1/tokens} with
         C{"turn": true}.
     @param trusted_proxies: the proxies whose C{X-Forwarded-For} names the
         client that the per-IP limit counts.
     @param metrics: counts requests by route and status.
+    @param usage: answers C{/v1/usage} instead of the meter: in a cluster,
+        with the whole cluster's figures.
     @return: the guard the resources share.
     """
     guard = RequestGuard(keys, clock, limits or RestLimits(), trusted_proxies, metrics)
@@ -66,7 +69,7 @@ def install_rest(
         b"tokens": TokensResource(guard, turn),
         b"channels": ChannelsResource(guard, hub),
         b"peers": PeersResource(guard, hub),
-        b"usage": UsageResource(guard, meter),
+        b"usage": UsageResource(guard, usage if usage is not None else meter),
     }
     routes: list[Route] = [route for resource in families.values() for route in resource.routes]
     families[b"openapi.json"] = OpenApiResource(guard, build_document([*routes, *OpenApiResource.routes]))

@@ -1,7 +1,9 @@
 """
 C{GET /v1/usage}: the caller's app's usage and plan (§19.6).
 
-L{UsageResource} returns what the L{IMeter} reports; when that fails the
+L{UsageResource} returns what the L{IUsageReport} reports (the node's
+L{meteredrt.metering.Meter}, or in a cluster
+L{meteredrt.clusterusage.ClusterUsage}); when that fails the
 base resource answers 503 C{internal_error}, and live messaging is not
 affected.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from meteredrt.interfaces import IMeter
+from meteredrt.interfaces import IUsageReport
 from meteredrt.rest.base import Call, JsonResource, RequestGuard, Route
 
 ROUTES = (
@@ -34,16 +36,16 @@ class UsageResource(JsonResource):
 
     routes = ROUTES
 
-    def __init__(self, guard: RequestGuard, meter: IMeter) -> None:
+    def __init__(self, guard: RequestGuard, report: IUsageReport) -> None:
         super().__init__(guard)
-        self._meter = meter
+        self._report = report
 
     def locate(self, postpath: list[bytes]) -> tuple[str, dict[str, bytes]] | None:
         return ("/v1/usage", {}) if not postpath else None
 
     async def usage(self, call: Call) -> Mapping[str, Any]:
         """
-        The meter's §19.6 report for the caller's app.
+        The §19.6 report for the caller's app.
         """
-        report: Mapping[str, Any] = await self._meter.usage(call.app)
+        report: Mapping[str, Any] = await self._report.usage(call.app)
         return report

@@ -5,8 +5,10 @@ tests.
 L{start_cluster} starts a L{RedisServer} and N nodes, each a child process
 with the functional-test apps and keys of L{support.CONFIG}, a C{[cluster]}
 table naming the Redis (C{node_name = "node-<i>"}, a short lease), and a
-data directory of its own. A node can be pointed at Redis through a
-L{LoopbackProxy} (C{proxied}), to cut it off. Nodes are killed on cleanup.
+data directory of its own; given a C{database}, every node keeps apps, keys
+and usage in that one PostgreSQL database (C{--database}). A node can be
+pointed at Redis through a L{LoopbackProxy} (C{proxied}), to cut it off.
+Nodes are killed on cleanup.
 
 Clients: L{connect_peer} (a L{Peer} that keeps every frame it receives) and
 L{rest}/L{peers_of} for the backend's view.
@@ -99,6 +101,13 @@ class Node:
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> str:
+        """
+        The node's configuration file, as an operator would give the CLI.
+        """
+        return str(Path(self.data_dir).parent / "meteredrt.toml")
 
     @property
     def pid(self) -> int:
@@ -195,8 +204,10 @@ class Cluster:
         lease_seconds: float,
         clustered: bool = True,
         config: str = CONFIG,
+        database: str | None = None,
     ) -> None:
         self.case = case
+        self.database = database
         self.config = config
         self.clustered = clustered
         self.base = base
@@ -219,10 +230,12 @@ class Cluster:
         """
         proxy = None
         args: list[str] = []
+        if self.database is not None:
+            args += ["--database", self.database]
         if proxied:
             proxy = await LoopbackProxy.start(self.case, self.redis.port)
             # --redis overrides the file (the fixed interface of issue 9).
-            args = ["--redis", f"redis://127.0.0.1:{proxy.port}/0"]
+            args += ["--redis", f"redis://127.0.0.1:{proxy.port}/0"]
         config = cluster_config(
             self.redis.url if self.clustered else None, name, self.lease_seconds, extra, self.config
         )
@@ -241,18 +254,20 @@ async def start_cluster(
     proxied: Sequence[int] = (),
     clustered: bool = True,
     config: str = CONFIG,
+    database: str | None = None,
 ) -> Cluster:
     """
     Start a Redis and C{nodes} nodes on it (in parallel); the nodes whose
     index is in C{proxied} reach Redis through a L{LoopbackProxy}. With
     C{clustered=False} the nodes have no C{[cluster]} table: each is a
     standalone server, the in-memory baseline. C{config} is the nodes'
-    configuration before the C{[cluster]} table is added.
+    configuration before the C{[cluster]} table is added; C{database}, a
+    PostgreSQL URL, is the one store of every node.
     """
     base = Path(case.mktemp()).resolve()
     base.mkdir(parents=True)
     redis = await RedisServer.start(case)
-    cluster = Cluster(case, base, redis, lease_seconds, clustered, config)
+    cluster = Cluster(case, base, redis, lease_seconds, clustered, config, database)
     names = [f"node-{i + 1}" for i in range(nodes)]
     started = await gatherResults(
         [Deferred.fromCoroutine(cluster.launch(name, i in proxied)) for i, name in enumerate(names)],
