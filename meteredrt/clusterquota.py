@@ -92,10 +92,19 @@ def slice_size(cap: int) -> int:
     return max(1, min(MAX_SLICE, cap // 100))
 
 
-# Shared by the scripts whose key may need seeding: the milliseconds to
-# wait before seeding (0 when it may be seeded now), by Redis's clock from
-# the first request for the missing key.
+# Shared by the scripts whose key may need seeding. expire: a key expires
+# at expire_at (Unix seconds) unless that is 0 or already past (a node's
+# clock far behind Redis's). settling: the milliseconds to wait before
+# seeding (0 when it may be seeded now), by Redis's clock from the first
+# request for the missing key.
 _SETTLE = """
+local function expire(key, expire_at)
+  local at = tonumber(expire_at)
+  if at > tonumber(redis.call('TIME')[1]) then
+    redis.call('EXPIREAT', key, at)
+  end
+end
+
 local function settling(key, settle_ms, expire_at)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -103,9 +112,7 @@ local function settling(key, settle_ms, expire_at)
   if ready == 0 then
     ready = now + tonumber(settle_ms)
     redis.call('HSET', key, 'ready', string.format('%d', ready))
-    if tonumber(expire_at) > 0 then
-      redis.call('EXPIREAT', key, expire_at)
-    end
+    expire(key, expire_at)
   end
   if now < ready then
     return ready - now
@@ -143,13 +150,14 @@ return {give, 0, redis.call('HGET', key, 'epoch')}
 #: ARGV: app, period start, messages already used, new epoch, expiry.
 #: Seeds the quota key unless someone did first; returns 1 if it did.
 SEED_QUOTA = Script(
-    """
+    _SETTLE
+    + """
 local key = 'mrt:' .. ARGV[1] .. ':mq:' .. ARGV[2]
 if redis.call('HEXISTS', key, 'granted') == 1 then
   return 0
 end
 redis.call('HSET', key, 'granted', ARGV[3], 'epoch', ARGV[4])
-redis.call('EXPIREAT', key, ARGV[5])
+expire(key, ARGV[5])
 return 1
 """
 )
@@ -281,6 +289,8 @@ class _Held:
     quiet_until: float = 0.0
     #: Whether the last answer said the cluster has no more units.
     exhausted: bool = False
+    #: Whether the last answer granted units.
+    granted: bool = False
     #: What one unit was paid (money only).
     cost: float = 0.0
 
@@ -337,6 +347,7 @@ class _Book:
 
     def _answered(self, grant: Grant | Failure, key: Any, held: _Held) -> None:
         now = self._clock.seconds()
+        held.granted = not isinstance(grant, Failure) and grant.units > 0
         if isinstance(grant, Failure):
             self.log.warn("Redis gave no quota for {key}: {why}", key=key, why=grant.getErrorMessage())
             held.quiet_until = now + RECHECK_SECONDS
@@ -356,10 +367,13 @@ class _Book:
     async def _draw_or_wait(self, key: Any, held: _Held, size: int, ask: Asker) -> bool:
         """
         The slow path: no unit held. Wait for the request in flight (or
-        make one), at most twice, since the first answer may go to messages
-        that waited before this one.
+        make one), and again while Redis keeps granting units: waiters are
+        woken in arrival order, so each grant serves the oldest, and a
+        burst bigger than a slice is admitted up to the cap rather than
+        refused for want of units in flight. Stops at the first answer
+        that grants nothing.
         """
-        for _ in range(2):
+        while True:
             if self._draw(key, held, size, ask):
                 return True
             self._ask(key, held, size, ask)
@@ -368,7 +382,8 @@ class _Book:
             waiter: Deferred[None] = Deferred()
             held.waiters.append(waiter)
             await waiter
-        return self._draw(key, held, size, ask)
+            if not held.granted:
+                return self._draw(key, held, size, ask)
 
     def forget(self, give_back: Callable[[Any, _Held], Deferred[object]]) -> Deferred[None]:
         """
@@ -465,14 +480,11 @@ class MoneyBook(_Book):
         Redis when it was reserved), or C{None} when the money does not
         cover it or Redis cannot say.
         """
-        key = (app_id, kind)
+        # Units prepaid at another price (the plan changed) stay held under
+        # it until they are refunded.
+        key = (app_id, kind, cost)
         held = self.held.get(key)
-        if held is None or held.cost != cost:
-            if held is not None and held.remaining > 0:
-                # The price changed: units prepaid at the old one are
-                # paid for; they go first.
-                held.remaining -= 1
-                return succeed(held.cost)
+        if held is None:
             held = self.held[key] = _Held(cost=cost)
 
         def reserve(units: int) -> Deferred[Grant]:
@@ -496,12 +508,13 @@ class MoneyBook(_Book):
             return held.cost
         return None
 
-    def broke(self, app_id: str, kind: str) -> bool:
+    def broke(self, app_id: str, kind: str, cost: float) -> bool:
         """
         Whether Redis last said the app's money does not cover a unit of
-        C{kind} (rather than not answering, or its balance settling).
+        C{kind} costing C{cost} (rather than not answering, or its balance
+        settling).
         """
-        held = self.held.get((app_id, kind))
+        held = self.held.get((app_id, kind, cost))
         return held is not None and held.exhausted
 
 
@@ -518,9 +531,18 @@ class ClusterQuota(Service):
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, client: RedisClient, store: UsageStore) -> None:
+    def __init__(
+        self, clock: IReactorTime, client: RedisClient, store: UsageStore, settle_seconds: float = SETTLE_SECONDS
+    ) -> None:
+        """
+        :param store: the store the meters of every node flush to, which
+            missing keys are seeded from.
+        :param settle_seconds: how long a missing key waits before it is
+            seeded (L{SETTLE_SECONDS}; shorter only in tests).
+        """
         self._client = client
         self._store = store
+        self._settle_ms = int(settle_seconds * 1000)
         self.messages = QuotaBook(clock, self.take, lambda: client.connected)
         self.money = MoneyBook(clock, self.reserve, lambda: client.connected)
         for script in SCRIPTS:
@@ -538,13 +560,24 @@ class ClusterQuota(Service):
     def _forget(self) -> Deferred[None]:
         def units(key: tuple[str, int], held: _Held) -> Deferred[object]:
             app_id, start = key
-            return self._client.run(GIVE_BACK, (), (app_id, start, held.remaining, held.epoch))
+            return self._client.run(GIVE_BACK, (), (app_id, start, held.remaining, held.epoch)).addErrback(
+                self._not_given_back, app_id
+            )
 
-        def money(key: tuple[str, str], held: _Held) -> Deferred[object]:
+        def money(key: tuple[str, str, float], held: _Held) -> Deferred[object]:
             amount = repr(held.remaining * held.cost)
-            return self._client.run(REFUND, (), (key[0], amount, held.epoch))
+            return self._client.run(REFUND, (), (key[0], amount, held.epoch)).addErrback(
+                self._not_given_back, key[0]
+            )
 
         return _all_settled([self.messages.forget(units), self.money.forget(money)])
+
+    def _not_given_back(self, failure: Failure, app_id: str) -> None:
+        self.log.warn(
+            "Unused quota of {app_id} could not be given back ({why}); lost to the period",
+            app_id=app_id,
+            why=failure.getErrorMessage(),
+        )
 
     def take(self, app_id: str, start: int, end: int, cap: int, units: int) -> Deferred[Grant]:
         """
@@ -557,7 +590,7 @@ class ClusterQuota(Service):
         expiry = end + KEY_GRACE
         for _ in range(2):
             units_or_code, detail, epoch = await self._client.run(
-                TAKE, (), (app_id, start, cap, units, int(SETTLE_SECONDS * 1000), expiry)
+                TAKE, (), (app_id, start, cap, units, self._settle_ms, expiry)
             )
             if units_or_code >= 0:
                 return Grant(units_or_code, epoch, exhausted=units_or_code == 0)
@@ -587,7 +620,7 @@ class ClusterQuota(Service):
             units_or_code, detail, epoch = await self._client.run(
                 RESERVE,
                 (),
-                (app_id, repr(opening), units, repr(cost), repr(amount), repr(threshold), int(SETTLE_SECONDS * 1000)),
+                (app_id, repr(opening), units, repr(cost), repr(amount), repr(threshold), self._settle_ms),
             )
             if units_or_code >= 0:
                 return Grant(units_or_code, epoch, recharges=detail, exhausted=units_or_code == 0)

@@ -477,10 +477,11 @@ class Meter(service.Service):
             # The balance changed while Redis answered: overage no longer paid.
             cluster.release(app.app_id)
             return False
-        cost = await self._quota.money.spend(app.app_id, CONNECTION_OVERAGE, plan, plan.overage_rate_per_connection, 1)
+        price = plan.overage_rate_per_connection
+        cost = await self._quota.money.spend(app.app_id, CONNECTION_OVERAGE, plan, price, 1)
         if cost is None:
             cluster.release(app.app_id)
-            if not self._quota.money.broke(app.app_id, CONNECTION_OVERAGE):
+            if not self._quota.money.broke(app.app_id, CONNECTION_OVERAGE, price):
                 raise ConnectionCountUnavailable("cannot pay a connection overage in Redis")
             return False
         now = self._clock.seconds()
