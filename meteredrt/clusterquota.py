@@ -39,14 +39,15 @@ up, and given back (or, if Redis restarted, dropped) when it comes back, so
 after a restart every node's counts made from old slices reach the store
 within its flush interval. Seeding therefore waits L{SETTLE_SECONDS},
 measured by Redis's clock from the first request for the missing key,
-before it reads the store; meanwhile capped messages and overage are
-refused. Each seeding writes a new epoch, and units given back from an
+before it reads the store; meanwhile messages of the capped app (and its
+overage) fail with L{QuotaUnavailable}. Each seeding writes a new epoch, and units given back from an
 older epoch are ignored, so nothing granted before the restart is counted
 twice in the node's favour.
 
 When Redis cannot answer, a node uses no slice (it cannot tell whether
-Redis has lost them): messages of capped apps are soft-dropped, like
-over-quota ones, until Redis answers again. Apps without a message cap,
+Redis has lost them): messages of capped apps fail with
+L{QuotaUnavailable} (C{backend_error}, not counted: the app's usage did
+not refuse them) until Redis answers again. Apps without a message cap,
 and nodes without C{[cluster]}, never come here.
 """
 
@@ -64,6 +65,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from meteredrt.apps import Plan
+from meteredrt.interfaces import BackendUnavailable
 from meteredrt.redisclient import RedisClient, Script
 from meteredrt.store.usage import UsageStore
 
@@ -245,6 +247,16 @@ return 1
 )
 
 SCRIPTS = (TAKE, SEED_QUOTA, GIVE_BACK, RESERVE, SEED_MONEY, REFUND)
+
+
+class QuotaUnavailable(BackendUnavailable):
+    """
+    Redis cannot say whether a message of a capped app is within its quota
+    or paid for (unreachable, or the key settling): the message is not
+    counted and its sender gets C{backend_error} (REST: 503), a transient
+    error to retry after a short backoff, rather than a verdict on its
+    usage.
+    """
 
 
 @frozen

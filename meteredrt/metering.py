@@ -63,7 +63,7 @@ from zope.interface import implementer
 
 from meteredrt.apps import App, Plan
 from meteredrt.clustercount import ClusterConnectionCount, ConnectionCountUnavailable
-from meteredrt.clusterquota import OVER, WITHIN, ClusterQuota, slice_size
+from meteredrt.clusterquota import UNKNOWN, WITHIN, ClusterQuota, QuotaUnavailable, slice_size
 from meteredrt.interfaces import IMeter
 from meteredrt.store.usage import (
     CHARGE,
@@ -538,23 +538,25 @@ class Meter(service.Service):
         Count one publish/send/REST publish and decide whether it goes out.
 
         In a cluster, a message of an app with a message cap is decided
-        from the slice of the cap this node holds (L{meteredrt.clusterquota}).
+        from the slice of the cap this node holds (L{meteredrt.clusterquota});
+        when Redis cannot say (unreachable, or the period's quota settling)
+        it fails with L{QuotaUnavailable} and is not counted.
         """
         now = self._clock.seconds()
         plan = app.plan
         usage = self._usage_at(app.app_id, _period_of(plan), now)
-        usage.messages_used += 1
-        self._dirty.add(usage.key)
         if self._quota is not None and plan is not None and plan.max_messages_per_period is not None:
             verdict = self._quota.messages.take(app.app_id, usage.start, usage.end, plan.max_messages_per_period)
             return verdict.addCallback(self._over_cluster_cap, app, plan, usage)
         decision = decide_message(
             plan,
-            Counters(self._live.get(app.app_id, 0), usage.messages_used - 1, self.balance(app)),
+            Counters(self._live.get(app.app_id, 0), usage.messages_used, self.balance(app)),
         )
+        usage.messages_used += 1
         if decision.overage:
             usage.overage_messages += 1
             self._bill(usage, decision, now, MESSAGE_OVERAGE)
+        self._dirty.add(usage.key)
         return succeed(decision.accepted)
 
     def _over_cluster_cap(
@@ -563,25 +565,32 @@ class Meter(service.Service):
         """
         A message of a capped app in a cluster, once the slice has spoken:
         within plan, refused, or paid as overage from the cluster-wide
-        balance (rules 3 to 6, applied in Redis).
+        balance (rules 3 to 6, applied in Redis). Counted unless Redis
+        could not say.
         """
-        if verdict == WITHIN:
-            return True
-        if verdict != OVER or not (plan.overages_allowed and plan.overages_enabled):
-            return False
+        if verdict == UNKNOWN:
+            raise QuotaUnavailable("the message quota cannot be checked now; retry shortly")
+        if verdict == WITHIN or not (plan.overages_allowed and plan.overages_enabled):
+            usage.messages_used += 1
+            self._dirty.add(usage.key)
+            return verdict == WITHIN
         assert self._quota is not None and plan.max_messages_per_period is not None
-        cost = plan.overage_rate_per_1000_messages / 1000
+        price = plan.overage_rate_per_1000_messages / 1000
         size = slice_size(plan.max_messages_per_period)
+        money = self._quota.money
 
         def paid(cost: float | None) -> bool:
+            if cost is None and not money.broke(app.app_id, MESSAGE_OVERAGE, price):
+                raise QuotaUnavailable("the balance cannot be checked now; retry shortly")
+            usage.messages_used += 1
+            self._dirty.add(usage.key)
             if cost is None:
                 return False
             usage.overage_messages += 1
             self._charge(usage, cost, self._clock.seconds(), MESSAGE_OVERAGE)
-            self._dirty.add(usage.key)
             return True
 
-        return self._quota.money.spend(app.app_id, MESSAGE_OVERAGE, plan, cost, size).addCallback(paid)
+        return money.spend(app.app_id, MESSAGE_OVERAGE, plan, price, size).addCallback(paid)
 
     def usage(self, app: App) -> Deferred[dict[str, object]]:
         """

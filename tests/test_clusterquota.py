@@ -27,6 +27,7 @@ from meteredrt.clusterquota import (
     Grant,
     MoneyBook,
     QuotaBook,
+    QuotaUnavailable,
     slice_size,
 )
 from meteredrt.clusterwire import ClusterNode
@@ -325,8 +326,11 @@ class NoRedisTests(SynchronousTestCase):
         for app in (App("free"), App("open", Plan(max_concurrent_connections=3))):
             self.assertTrue(self.successResultOf(meter.count_message(app)))
         self.assertEqual(quota.messages.held, {})
-        # Not connected: a capped app would be refused, not admitted unchecked.
-        self.assertFalse(self.successResultOf(meter.count_message(App("capped", PLAN))))
+        # Not connected: a capped app's message is not admitted unchecked,
+        # and not counted either.
+        capped = App("capped", PLAN)
+        self.failureResultOf(meter.count_message(capped), QuotaUnavailable)
+        self.assertEqual(self.successResultOf(meter.usage(capped))["messagesUsed"], 0)
 
 
 SETTLE = 0.2
@@ -351,7 +355,25 @@ class Node:
         Send C{n} messages of C{app} at once; how many were accepted.
         """
         verdicts = [self.meter.count_message(app) for _ in range(n)]
-        return sum([await d for d in verdicts])
+        return sum([await accepted(d) for d in verdicts])
+
+
+def accepted_one(node: Node, app: App) -> Deferred[bool]:
+    """
+    Publish one message of C{app} on C{node}: whether it was accepted.
+    """
+    return Deferred.fromCoroutine(accepted(node.meter.count_message(app)))
+
+
+async def accepted(verdict: Deferred[bool]) -> bool:
+    """
+    Whether a message was accepted; one the quota could not decide on
+    (L{QuotaUnavailable}) was not.
+    """
+    try:
+        return await verdict
+    except QuotaUnavailable:
+        return False
 
 
 class RedisQuotaTests(TestCase):
@@ -378,7 +400,7 @@ class RedisQuotaTests(TestCase):
         deadline = reactor.seconds() + patience
         accepted = 0
         while reactor.seconds() < deadline:
-            if await node.meter.count_message(app):
+            if await accepted_one(node, app):
                 accepted += 1
             elif accepted:
                 return accepted
@@ -388,17 +410,21 @@ class RedisQuotaTests(TestCase):
 
     async def test_settles_then_seeds(self) -> None:
         """
-        The first messages of a period find no key: they are refused while
-        the key settles, then it is seeded with the period's messages in
-        the store, which count the refused ones (soft drops count).
+        A cap given to an app that has sent messages this period: its first
+        messages find no key and fail as unavailable (not counted) while
+        the key settles; then it is seeded with the period's messages in
+        the store, and only the rest of the cap is admitted.
         """
         _, _, [node, _] = await self.nodes()
-        app = App("a", Plan(max_messages_per_period=5))
-        self.assertEqual(await node.publish(app, 3), 0)
+        self.assertEqual(await node.publish(App("a"), 3), 3)
         await node.meter.flush()
+        app = App("a", Plan(max_messages_per_period=5))
+        self.assertEqual(await node.publish(app, 2), 0)
+        self.assertEqual((await node.meter.usage(app))["messagesUsed"], 3)
         await deferLater(reactor, SETTLE, lambda: None)
         self.assertEqual(await node.publish(app, 5), 2)
         self.assertEqual(await node.client.execute("HGET", "mrt:a:mq:0", "granted"), b"5")
+        self.assertEqual((await node.meter.usage(app))["messagesUsed"], 8)
 
     async def test_burst_bigger_than_slice(self) -> None:
         """
@@ -563,19 +589,17 @@ class RedisQuotaTests(TestCase):
             await node.meter.flush()
         await server.kill()
         await eventually(self, lambda: succeed(one.client.connected or two.client.connected), False, 3)
-        self.assertEqual(await one.publish(app, 5), 0)  # held, but unusable
+        self.assertEqual(await one.publish(app, 5), 0)  # held, but unusable, not counted
         await server.restart()
         await eventually(self, lambda: succeed(one.client.connected and two.client.connected), True, 10)
         for node in (one, two):
             self.assertEqual(sum(h.remaining for h in node.quota.messages.held.values()), 0)
-        # The 5 refused while Redis was down count as used (soft drops), as
-        # do those refused before the first seeding: the store has them all.
         await one.meter.flush()
         row = await store.load("a", START)
         assert row is not None
         stored = row.messages_used
-        self.assertGreaterEqual(stored, accepted + 5)
-        while not await two.meter.count_message(app):
+        self.assertEqual(stored, accepted)
+        while not await accepted_one(two, app):
             await deferLater(reactor, 0.05, lambda: None)
         after = 1 + await self.accepted_until_refused(two, app) + await one.publish(app, cap)
         self.assertEqual(int(await two.client.execute("HGET", "mrt:a:mq:0", "granted")), cap)
