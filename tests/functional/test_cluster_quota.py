@@ -1,15 +1,20 @@
 """
-The concurrent connection cap of a plan holds across real C{twistd} nodes
-on one real Redis: a connection over the cap closes 4010 on any node, a
-close frees a slot on every node, and a killed node's connections stop
-counting once it is reaped.
+The caps of a plan hold across real C{twistd} nodes on one real Redis: a
+connection over the cap closes 4010 on any node, a close frees a slot on
+every node, and a killed node's connections stop counting once it is
+reaped; the message cap is never exceeded, and under-admits at most one
+slice per node.
 """
 
 from __future__ import annotations
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
+
+from meteredrt.clusterquota import slice_size
+from tests.postgres_server import fresh_database
 
 from .cluster import LEASE_SECONDS, Node, Peer, connect_peer, start_cluster
 from .test_metering_e2e import ClosedBeforeWelcome, config_with_plan
@@ -65,3 +70,59 @@ class ClusterConnectionCapTests(TestCase):
                     self.fail("the killed node's connection still counts")
                 await deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(await self.refused_code(cluster[2], "full-again"), 4010)
+
+
+#: The message cap of the quota test: with 3 nodes and slices of 1
+#: (L{slice_size}), at most 3 messages under it may go unadmitted.
+MESSAGE_CAP = 60
+
+
+class ClusterMessageQuotaTests(TestCase):
+    """
+    The message cap of a plan over three real nodes on one Redis and one
+    PostgreSQL database.
+    """
+
+    timeout = 180
+
+    async def outcome(self, peer: Peer, channel: str) -> str:
+        """
+        Publish once: C{"ack"}, or the error code.
+        """
+        answer = await peer.publish(channel, "x")
+        return "ack" if answer["type"] == "ack" else answer["code"]
+
+    async def test_cap_across_three_nodes(self) -> None:
+        """
+        Every node publishes at once, twice the cap in all: the cluster
+        admits no more than the cap and at most one slice per node less;
+        once the nodes that hold slices stop cleanly, the last one admits
+        exactly up to the cap.
+        """
+        config = config_with_plan(f"max_messages_per_period = {MESSAGE_CAP}")
+        config += f'\n[storage]\ndatabase = "{fresh_database()}"\n'
+        cluster = await start_cluster(self, nodes=3, config=config)
+        peers = [await connect_peer(self, cluster[i], f"p{i}") for i in range(3)]
+        # The period's quota is seeded once its key has settled; meanwhile
+        # messages are refused as transient, and not counted.
+        deadline = reactor.seconds() + 20
+        while (first := await self.outcome(peers[0], "c")) != "ack":
+            self.assertEqual(first, "backend_error")
+            self.assertLess(reactor.seconds(), deadline, "the quota was never seeded")
+            await deferLater(reactor, 0.5, lambda: None)
+        answers = await gatherResults(
+            [Deferred.fromCoroutine(self.outcome(peer, "c")) for peer in peers for _ in range(MESSAGE_CAP * 2 // 3)]
+        )
+        self.assertEqual(set(answers) - {"ack", "over_message_quota"}, set())
+        accepted = 1 + answers.count("ack")
+        bound = 3 * slice_size(MESSAGE_CAP)
+        self.assertLessEqual(accepted, MESSAGE_CAP)
+        self.assertGreaterEqual(accepted, MESSAGE_CAP - bound)
+
+        # A clean stop gives the unused slices back to the cluster.
+        for node in (cluster[0], cluster[1]):
+            await node.terminate()
+        while await self.outcome(peers[2], "c") == "ack":
+            accepted += 1
+            self.assertLessEqual(accepted, MESSAGE_CAP)
+        self.assertEqual(accepted, MESSAGE_CAP)
