@@ -305,6 +305,8 @@ class _Held:
     granted: bool = False
     #: What one unit was paid (money only).
     cost: float = 0.0
+    #: Whether to ask for more ahead of time, once half a slice is left.
+    prefetch: bool = True
 
 
 Asker = Callable[[int], Deferred[Grant]]
@@ -340,7 +342,7 @@ class _Book:
         if held.remaining <= 0 or not self._connected():
             return False
         held.remaining -= 1
-        if held.remaining <= size // 2:
+        if held.prefetch and held.remaining <= size // 2:
             self._ask(key, held, size, ask)
         return True
 
@@ -485,19 +487,24 @@ class MoneyBook(_Book):
         self._asker = ask
         self.on_recharges: Callable[[str, int, float], None] = lambda app_id, count, amount: None
 
-    def spend(self, app_id: str, kind: str, plan: Plan, cost: float, size: int) -> Deferred[float | None]:
+    def spend(
+        self, app_id: str, kind: str, plan: Plan, cost: float, size: int, prefetch: bool = True
+    ) -> Deferred[float | None]:
         """
         Pay one overage unit of C{kind} costing C{cost} under C{plan},
         holding up to C{size} prepaid: fires with what it cost (charged in
         Redis when it was reserved), or C{None} when the money does not
-        cover it or Redis cannot say.
+        cover it or Redis cannot say. Without C{prefetch}, nothing is
+        reserved before it is needed (connections: each waits for Redis
+        anyway, and a unit reserved ahead could make a recharge for a
+        connection that never comes).
         """
         # Units prepaid at another price (the plan changed) stay held under
         # it until they are refunded.
         key = (app_id, kind, cost)
         held = self.held.get(key)
         if held is None:
-            held = self.held[key] = _Held(cost=cost)
+            held = self.held[key] = _Held(cost=cost, prefetch=prefetch)
 
         def reserve(units: int) -> Deferred[Grant]:
             return self._asker(

@@ -478,7 +478,7 @@ class Meter(service.Service):
             cluster.release(app.app_id)
             return False
         price = plan.overage_rate_per_connection
-        cost = await self._quota.money.spend(app.app_id, CONNECTION_OVERAGE, plan, price, 1)
+        cost = await self._quota.money.spend(app.app_id, CONNECTION_OVERAGE, plan, price, 1, prefetch=False)
         if cost is None:
             cluster.release(app.app_id)
             if not self._quota.money.broke(app.app_id, CONNECTION_OVERAGE, price):
