@@ -41,6 +41,11 @@ one ledger row; charges are summed into one row per app, period and kind
 units it bills. Money is kept in floats, as the plan holds it; comparisons allow
 L{MONEY_EPSILON} of rounding error so that a balance of exactly N units pays
 for N units.
+
+In a cluster the same rules hold cluster-wide: connection caps against a
+count in Redis (L{meteredrt.clustercount}), message caps from slices of
+the period's quota and overage from one balance in Redis
+(L{meteredrt.clusterquota}, where the bounds are stated).
 """
 
 from __future__ import annotations

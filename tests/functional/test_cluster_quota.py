@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from meteredrt.clusterquota import slice_size
 from tests.postgres_server import fresh_database
 
-from .cluster import LEASE_SECONDS, Node, Peer, connect_peer, start_cluster
+from .cluster import LEASE_SECONDS, Cluster, Node, Peer, connect_peer, start_cluster
 from .test_metering_e2e import ClosedBeforeWelcome, config_with_plan
 
 
@@ -92,12 +92,11 @@ class ClusterMessageQuotaTests(TestCase):
         answer = await peer.publish(channel, "x")
         return "ack" if answer["type"] == "ack" else answer["code"]
 
-    async def test_cap_across_three_nodes(self) -> None:
+    async def quota_cluster(self) -> tuple[Cluster, list[Peer]]:
         """
-        Every node publishes at once, twice the cap in all: the cluster
-        admits no more than the cap and at most one slice per node less;
-        once the nodes that hold slices stop cleanly, the last one admits
-        exactly up to the cap.
+        Three nodes with the capped plan on one Redis and one PostgreSQL,
+        a peer on each, once the period's quota is seeded: the first
+        message acked (from peer 0) counts one.
         """
         config = config_with_plan(f"max_messages_per_period = {MESSAGE_CAP}")
         config += f'\n[storage]\ndatabase = "{fresh_database()}"\n'
@@ -110,19 +109,54 @@ class ClusterMessageQuotaTests(TestCase):
             self.assertEqual(first, "backend_error")
             self.assertLess(reactor.seconds(), deadline, "the quota was never seeded")
             await deferLater(reactor, 0.5, lambda: None)
+        return cluster, peers
+
+    async def race(self, peers: list[Peer], each: int) -> int:
+        """
+        Every peer publishes C{each} messages at once; how many were acked
+        (the others must be refused for quota).
+        """
         answers = await gatherResults(
-            [Deferred.fromCoroutine(self.outcome(peer, "c")) for peer in peers for _ in range(MESSAGE_CAP * 2 // 3)]
+            [Deferred.fromCoroutine(self.outcome(peer, "c")) for peer in peers for _ in range(each)]
         )
         self.assertEqual(set(answers) - {"ack", "over_message_quota"}, set())
-        accepted = 1 + answers.count("ack")
-        bound = 3 * slice_size(MESSAGE_CAP)
+        return answers.count("ack")
+
+    async def until_refused(self, peer: Peer, accepted: int) -> int:
+        """
+        Publish from C{peer} until refused, never past the cap; the total
+        accepted, C{accepted} before included.
+        """
+        while await self.outcome(peer, "c") == "ack":
+            accepted += 1
+            self.assertLessEqual(accepted, MESSAGE_CAP)
+        return accepted
+
+    async def test_cap_across_three_nodes(self) -> None:
+        """
+        Every node publishes at once, twice the cap in all: the cluster
+        admits no more than the cap and at most one slice per node less;
+        once the nodes that hold slices stop cleanly, the last one admits
+        exactly up to the cap.
+        """
+        cluster, peers = await self.quota_cluster()
+        accepted = 1 + await self.race(peers, MESSAGE_CAP * 2 // 3)
         self.assertLessEqual(accepted, MESSAGE_CAP)
-        self.assertGreaterEqual(accepted, MESSAGE_CAP - bound)
+        self.assertGreaterEqual(accepted, MESSAGE_CAP - 3 * slice_size(MESSAGE_CAP))
 
         # A clean stop gives the unused slices back to the cluster.
         for node in (cluster[0], cluster[1]):
             await node.terminate()
-        while await self.outcome(peers[2], "c") == "ack":
-            accepted += 1
-            self.assertLessEqual(accepted, MESSAGE_CAP)
-        self.assertEqual(accepted, MESSAGE_CAP)
+        self.assertEqual(await self.until_refused(peers[2], accepted), MESSAGE_CAP)
+
+    async def test_killed_node_loses_at_most_its_slice(self) -> None:
+        """
+        A node killed with slices in hand: the cap still holds, and what it
+        held is lost to the period, at most one slice.
+        """
+        cluster, peers = await self.quota_cluster()
+        accepted = 1 + await self.race(peers[:2], MESSAGE_CAP // 4)
+        await cluster[0].kill()
+        await cluster[1].terminate()
+        accepted = await self.until_refused(peers[2], accepted)
+        self.assertGreaterEqual(accepted, MESSAGE_CAP - slice_size(MESSAGE_CAP))
