@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -31,12 +32,14 @@ from meteredrt.clusterquota import (
     slice_size,
 )
 from meteredrt.clusterwire import ClusterNode
+from meteredrt.hub import Hub
 from meteredrt.metering import AUTO_RECHARGE, CONNECTION_OVERAGE, MESSAGE_OVERAGE, Meter
 from meteredrt.redisclient import RedisClient, RedisUnavailable, parse_redis_url
 from meteredrt.store.usage import CHARGE, RECHARGE
 from meteredrt.usagestore import UsageStore
 from tests.servers import RedisServer
 from tests.test_clustercount import eventually
+from tests.test_hub import HubTestCase
 
 START, END = 0, 2678400  # January 1970, where a Clock at 0 is
 
@@ -355,6 +358,42 @@ class NoRedisTests(SynchronousTestCase):
         capped = App("capped", PLAN)
         self.failureResultOf(meter.count_message(capped), QuotaUnavailable)
         self.assertEqual(self.successResultOf(meter.usage(capped))["messagesUsed"], 0)
+
+
+class HubTests(HubTestCase):
+    """
+    What a client sees when its capped app's quota cannot be checked: a
+    hub whose meter has a cluster quota with Redis unreachable.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.apps["capped"] = App("capped", Plan(max_messages_per_period=100))
+        client = RedisClient(Clock(), parse_redis_url("redis://127.0.0.1:1/0"))
+        quota = ClusterQuota(Clock(), client, UsageStore(self.mktemp(), MemoryReactorClock()))
+        self.meter = Meter(self.clock, UsageStore(self.mktemp(), MemoryReactorClock()), quota=quota)
+        self.hub = Hub(self.broker, self.presence, self.meter, self.apps.get, node_id="n1")
+
+    def test_publish_and_send(self) -> None:
+        """
+        A publish and a send answer the transient C{backend_error},
+        deliver nothing and count nothing; an uncapped app is unaffected.
+        """
+        listener, heard = self.connect("b", app_id="capped")
+        self.subscribe(listener, "room")
+        heard.clear()
+        session, sink = self.connect("a", app_id="capped")
+        self.publish(session, "room", "x", requestId="r1")
+        self.assertError(sink, "backend_error")
+        sink.clear()
+        self.send(session, "b", "x", requestId="r1")
+        self.assertError(sink, "backend_error")
+        self.assertEqual(heard.decoded, [])
+        usage = self.successResultOf(self.meter.usage(self.apps["capped"]))
+        self.assertEqual(usage["messagesUsed"], 0)
+        free, free_sink = self.connect("c", app_id="app_1")
+        self.publish(free, "room", "x", requestId="r1")
+        self.assertEqual(free_sink.decoded, [{"type": "ack", "requestId": "r1"}])
 
 
 SETTLE = 0.2
