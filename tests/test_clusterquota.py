@@ -643,7 +643,7 @@ class RedisQuotaTests(TestCase):
         what they counted before; then it is seeded from the store and the
         cap still holds.
         """
-        server, store, [one, two] = await self.nodes(settle=1.0)
+        server, store, [one, two] = await self.nodes(settle=2.0)
         cap = 200
         app = App("a", Plan(max_messages_per_period=cap))
         await self.wait_seeded(one, app)
