@@ -322,7 +322,10 @@ class IMeter(IUsageReport):
         """
         One publish/send/REST publish passed validation and authorization.
         Fires with ``True`` to deliver it, ``False`` to soft-drop it
-        (``over_message_quota``). Either way it is counted.
+        (``over_message_quota``). Either way it is counted. Fails with a
+        L{BackendUnavailable} (``backend_error``, not counted) when the
+        shared state the decision needs cannot be reached (in a cluster,
+        the quota of an app with a message cap, in Redis).
         """
 
 

@@ -41,6 +41,11 @@ one ledger row; charges are summed into one row per app, period and kind
 units it bills. Money is kept in floats, as the plan holds it; comparisons allow
 L{MONEY_EPSILON} of rounding error so that a balance of exactly N units pays
 for N units.
+
+In a cluster the same rules hold cluster-wide: connection caps against a
+count in Redis (L{meteredrt.clustercount}), message caps from slices of
+the period's quota and overage from one balance in Redis
+(L{meteredrt.clusterquota}, where the bounds are stated).
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meteredrt.apps import App, Plan
-from meteredrt.clustercount import ClusterConnectionCount
+from meteredrt.clustercount import ClusterConnectionCount, ConnectionCountUnavailable
+from meteredrt.clusterquota import UNKNOWN, WITHIN, ClusterQuota, QuotaUnavailable, slice_size
 from meteredrt.interfaces import IMeter
 from meteredrt.store.usage import (
     CHARGE,
@@ -326,6 +332,7 @@ class Meter(service.Service):
         store: UsageStore,
         flush_interval: float = FLUSH_INTERVAL,
         cluster: ClusterConnectionCount | None = None,
+        quota: ClusterQuota | None = None,
     ) -> None:
         """
         :param clock: tells the time (periods, ledger timestamps) and drives
@@ -335,9 +342,16 @@ class Meter(service.Service):
         :param cluster: in a cluster, the cluster-wide connection count that
             connections of capped apps are admitted against; without it
             (one node) every decision is made from memory.
+        :param quota: in a cluster, the cluster-wide message quota and
+            overage money (L{meteredrt.clusterquota}): messages of apps
+            with a message cap are admitted from slices of it, and every
+            overage unit is paid from the balance kept in Redis.
         """
         self._clock = clock
         self._cluster = cluster
+        self._quota = quota
+        if quota is not None:
+            quota.money.on_recharges = self._record_recharges
         self._store = store
         self._flush_interval = flush_interval
         #: Live connections per app; not per period, they cross boundaries.
@@ -467,17 +481,43 @@ class Meter(service.Service):
         the cluster is under the cap, or if the plan would accept it as
         overage now; the decision is then made as on one node, from the
         count Redis saw (and the balance now, should it have changed).
+
+        With a cluster-wide balance (C{quota}), a connection over the cap
+        is counted if the plan allows overage at all, and then paid in
+        Redis: refused (and released) when the money does not cover it,
+        closed 1011 when Redis cannot say.
         """
-        usage = self._usage_at(app.app_id, _period_of(app.plan), self._clock.seconds())
-        over_cap = decide_connection(app.plan, Counters(cap, usage.messages_used, self.balance(app)))
-        counted, total = await cluster.admit(app.app_id, cap, over_cap.accepted)
+        plan = app.plan
+        assert plan is not None
+        if self._quota is not None:
+            over_cap = plan.overages_allowed and plan.overages_enabled
+        else:
+            usage = self._usage_at(app.app_id, _period_of(plan), self._clock.seconds())
+            over_cap = decide_connection(plan, Counters(cap, usage.messages_used, self.balance(app))).accepted
+        counted, total = await cluster.admit(app.app_id, cap, over_cap)
         if not counted:
             return False
-        if self._admit(app, total):
-            return True
-        # The balance changed while Redis answered: overage no longer paid.
-        cluster.release(app.app_id)
-        return False
+        if self._quota is None or total < cap:
+            if self._admit(app, total):
+                return True
+            # The balance changed while Redis answered: overage no longer paid.
+            cluster.release(app.app_id)
+            return False
+        price = plan.overage_rate_per_connection
+        cost = await self._quota.money.spend(app.app_id, CONNECTION_OVERAGE, plan, price, 1, prefetch=False)
+        if cost is None:
+            cluster.release(app.app_id)
+            if not self._quota.money.broke(app.app_id, CONNECTION_OVERAGE, price):
+                raise ConnectionCountUnavailable("cannot pay a connection overage in Redis")
+            return False
+        now = self._clock.seconds()
+        usage = self._usage_at(app.app_id, _period_of(plan), now)
+        live = self._live[app.app_id] = self._live.get(app.app_id, 0) + 1
+        usage.peak_concurrent = max(usage.peak_concurrent, live)
+        usage.overage_connections += 1
+        self._charge(usage, cost, now, CONNECTION_OVERAGE)
+        self._dirty.add(usage.key)
+        return True
 
     def _admit(self, app: App, concurrent_now: int) -> bool:
         """
@@ -522,11 +562,20 @@ class Meter(service.Service):
     def count_message(self, app: App) -> Deferred[bool]:
         """
         Count one publish/send/REST publish and decide whether it goes out.
+
+        In a cluster, a message of an app with a message cap is decided
+        from the slice of the cap this node holds (L{meteredrt.clusterquota});
+        when Redis cannot say (unreachable, or the period's quota settling)
+        it fails with L{QuotaUnavailable} and is not counted.
         """
         now = self._clock.seconds()
-        usage = self._usage_at(app.app_id, _period_of(app.plan), now)
+        plan = app.plan
+        usage = self._usage_at(app.app_id, _period_of(plan), now)
+        if self._quota is not None and plan is not None and plan.max_messages_per_period is not None:
+            verdict = self._quota.messages.take(app.app_id, usage.start, usage.end, plan.max_messages_per_period)
+            return verdict.addCallback(self._over_cluster_cap, app, plan, usage)
         decision = decide_message(
-            app.plan,
+            plan,
             Counters(self._live.get(app.app_id, 0), usage.messages_used, self.balance(app)),
         )
         usage.messages_used += 1
@@ -535,6 +584,39 @@ class Meter(service.Service):
             self._bill(usage, decision, now, MESSAGE_OVERAGE)
         self._dirty.add(usage.key)
         return succeed(decision.accepted)
+
+    def _over_cluster_cap(
+        self, verdict: str, app: App, plan: Plan, usage: _PeriodUsage
+    ) -> bool | Deferred[bool]:
+        """
+        A message of a capped app in a cluster, once the slice has spoken:
+        within plan, refused, or paid as overage from the cluster-wide
+        balance (rules 3 to 6, applied in Redis). Counted unless Redis
+        could not say.
+        """
+        if verdict == UNKNOWN:
+            raise QuotaUnavailable("the message quota cannot be checked now; retry shortly")
+        if verdict == WITHIN or not (plan.overages_allowed and plan.overages_enabled):
+            usage.messages_used += 1
+            self._dirty.add(usage.key)
+            return verdict == WITHIN
+        assert self._quota is not None and plan.max_messages_per_period is not None
+        price = plan.overage_rate_per_1000_messages / 1000
+        size = slice_size(plan.max_messages_per_period)
+        money = self._quota.money
+
+        def paid(cost: float | None) -> bool:
+            if cost is None and not money.broke(app.app_id, MESSAGE_OVERAGE, price):
+                raise QuotaUnavailable("the balance cannot be checked now; retry shortly")
+            usage.messages_used += 1
+            self._dirty.add(usage.key)
+            if cost is None:
+                return False
+            usage.overage_messages += 1
+            self._charge(usage, cost, self._clock.seconds(), MESSAGE_OVERAGE)
+            return True
+
+        return money.spend(app.app_id, MESSAGE_OVERAGE, plan, price, size).addCallback(paid)
 
     def usage(self, app: App) -> Deferred[dict[str, object]]:
         """
@@ -640,26 +722,44 @@ class Meter(service.Service):
         recharge, a share of this flush's charge entry, and the balance.
         """
         if decision.recharge:
-            self._entries.append(
-                LedgerEntry(
-                    app_id=usage.app_id,
-                    at=now,
-                    period_start=usage.start,
-                    kind=RECHARGE,
-                    units=1,
-                    amount=decision.recharge,
-                    reason=AUTO_RECHARGE,
-                )
-            )
+            self._record_recharges(usage.app_id, 1, decision.recharge)
+        self._charge(usage, decision.charge, now, reason)
+
+    def _charge(self, usage: _PeriodUsage, amount: float, now: float, reason: str) -> None:
+        """
+        Add one overage unit costing C{amount} to this flush's charge entry
+        of its kind, and take it off the balance.
+        """
         pending = self._charges.get((usage.app_id, usage.start, reason))
         if pending is None:
             pending = self._charges[(usage.app_id, usage.start, reason)] = _PendingCharge()
         pending.units += 1
-        pending.amount += decision.charge
+        pending.amount += amount
         pending.at = now
-        self._balance_changes[usage.app_id] = (
-            self._balance_changes.get(usage.app_id, 0.0) + decision.recharge - decision.charge
-        )
+        self._balance_changes[usage.app_id] = self._balance_changes.get(usage.app_id, 0.0) - amount
+
+    def _record_recharges(self, app_id: str, count: int, amount: float) -> None:
+        """
+        Write C{count} auto-recharges of C{amount} to the ledger (one entry
+        each) and add them to the balance: made by a decision on this node,
+        or by a reservation in Redis (L{meteredrt.clusterquota.RESERVE}).
+        """
+        now = self._clock.seconds()
+        usage = self._current.get(app_id)
+        start = usage.start if usage is not None else period_bounds(now)[0]
+        for _ in range(count):
+            self._entries.append(
+                LedgerEntry(
+                    app_id=app_id,
+                    at=now,
+                    period_start=start,
+                    kind=RECHARGE,
+                    units=1,
+                    amount=amount,
+                    reason=AUTO_RECHARGE,
+                )
+            )
+        self._balance_changes[app_id] = self._balance_changes.get(app_id, 0.0) + count * amount
 
     def _tick(self) -> Deferred[None]:
         """

@@ -38,6 +38,7 @@ from meteredrt.apps import App, Key, KeyType, WebhookConfig
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.broker.redis import RedisBroker
 from meteredrt.clustercount import ClusterConnectionCount
+from meteredrt.clusterquota import ClusterQuota
 from meteredrt.clusterusage import ClusterUsage, UsageShares
 from meteredrt.clusterwire import ClusterNode, default_node_name
 from meteredrt.config import (
@@ -595,6 +596,7 @@ def stop_reactor(reactor: Any) -> None:
 def _cluster_hub(
     cluster: ClusterConfig,
     count: ClusterConnectionCount,
+    quota: ClusterQuota,
     meter: Meter,
     keys: KeyStore,
     reactor: Any,
@@ -620,6 +622,9 @@ def _cluster_hub(
     # node writes its own again whenever it registers its connections again.
     lease = NodeLease(reactor, client, presence, node, cluster.lease_seconds, recount=count.recount)
     lease.setServiceParent(top)
+    # Stops after the connections drained and before the Redis client: the
+    # unused message slices and prepaid overage go back to the cluster.
+    quota.setServiceParent(top)
     Logger().info("Cluster node {node} on Redis at {address}", node=node.node_id, address=str(address))
     hub = Hub(broker, presence, meter, keys.app, node_id=node.node_id, metrics=metrics)
     lease.reconcile_after_outage(subscriber, hub.reconcile_presence)
@@ -686,12 +691,16 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     usage_pool = database.open_pool(usage_tables.COMPONENT, usage_tables.MIGRATIONS, reactor, create=False)
     # In a cluster, capped apps' connections are admitted against the
     # whole cluster's count; the node's Redis client starts with the hub's.
-    cluster_count = None
+    # Their messages are admitted from slices of the cluster-wide quota, and
+    # overage is paid from the balance kept in Redis.
+    usage_store = UsageStore.with_pool(usage_pool, database.dialect)
+    cluster_count = quota = None
     if config.cluster is not None:
         node = ClusterNode(config.cluster.node_name or default_node_name())
-        cluster_count = ClusterConnectionCount(RedisClient(reactor, parse_redis_url(config.cluster.redis)), node)
-    usage_store = UsageStore.with_pool(usage_pool, database.dialect)
-    meter = Meter(reactor, usage_store, cluster=cluster_count)
+        cluster_client = RedisClient(reactor, parse_redis_url(config.cluster.redis))
+        cluster_count = ClusterConnectionCount(cluster_client, node)
+        quota = ClusterQuota(reactor, cluster_client, usage_store)
+    meter = Meter(reactor, usage_store, cluster=cluster_count, quota=quota)
     meter.setServiceParent(top)
     # Counted whether or not [metrics] serves them: counting is cheaper
     # than asking whether to.
@@ -699,7 +708,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     metrics.watch(meter=meter)
 
     usage_report: ClusterUsage | None = None
-    if config.cluster is None or cluster_count is None:
+    if config.cluster is None or cluster_count is None or quota is None:
         # Presence webhooks: the outbox is written before the hub can take
         # note of anything, and stops after every connection has drained.
         outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
@@ -715,7 +724,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
         emitter.setServiceParent(top)
         hub = Hub(MemoryBroker(), MemoryPresence(observer=emitter), meter, keys.app, metrics=metrics)
     else:
-        hub = _cluster_hub(config.cluster, cluster_count, meter, keys, reactor, top, metrics)
+        hub = _cluster_hub(config.cluster, cluster_count, quota, meter, keys, reactor, top, metrics)
         # GET /v1/usage answers for the whole cluster: every node shares
         # its live counts in Redis, and the store adds up their flushes.
         usage_report = ClusterUsage(meter, usage_store, cluster_count.client, cluster_count.node)
