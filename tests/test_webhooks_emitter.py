@@ -126,11 +126,15 @@ class EmitterTests(SynchronousTestCase):
         one leaving sends C{channel.vacated} after the grace; presence
         deltas are mirrored at once with the member's metadata.
         """
+        self.emitter.channel_occupied("a", "room")
         self.emitter.member_joined("a", "room", "alice", {"n": 1})
         self.emitter.member_joined("a", "room", "bob", None)
         self.emitter.member_left("a", "room", "alice", {"n": 1})
         self.emitter.member_left("a", "room", "bob", None)
-        self.clock.advance(3)
+        self.emitter.channel_vacated("a", "room")
+        self.clock.advance(2.9)
+        self.assertNotIn(("channel.vacated", None, "room"), self.stored())
+        self.clock.advance(0.1)
         self.assertEqual(
             self.stored(),
             [
@@ -150,9 +154,9 @@ class EmitterTests(SynchronousTestCase):
         A channel that empties and fills again inside the grace is never
         reported vacated.
         """
-        self.emitter.member_joined("a", "room", "alice", None)
-        self.emitter.member_left("a", "room", "alice", None)
-        self.emitter.member_joined("a", "room", "alice", None)
+        self.emitter.channel_occupied("a", "room")
+        self.emitter.channel_vacated("a", "room")
+        self.emitter.channel_occupied("a", "room")
         self.clock.advance(10)
         self.assertNotIn("channel.vacated", [t for t, _, _ in self.stored()])
         self.assertEqual([t for t, _, _ in self.stored()].count("channel.occupied"), 1)
@@ -164,6 +168,7 @@ class EmitterTests(SynchronousTestCase):
         """
         self.configs["a"] = WebhookConfig(url=CONFIG.url, secret=CONFIG.secret, events=frozenset({"peer.offline"}))
         self.emitter.peer_connected("a", "alice")
+        self.emitter.channel_occupied("a", "room")
         self.emitter.member_joined("a", "room", "alice", None)
         self.assertEqual(self.stored(), [])
         self.emitter.peer_disconnected("a", "alice")
@@ -175,8 +180,10 @@ class EmitterTests(SynchronousTestCase):
         Apps without webhooks leave no trace: no events, marks or timers.
         """
         self.emitter.peer_connected("z", "alice")
+        self.emitter.channel_occupied("z", "room")
         self.emitter.member_joined("z", "room", "alice", None)
         self.emitter.member_left("z", "room", "alice", None)
+        self.emitter.channel_vacated("z", "room")
         self.emitter.peer_disconnected("z", "alice")
         self.assertEqual(self.successResultOf(self.outbox.online_marks()), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
