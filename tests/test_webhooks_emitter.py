@@ -14,6 +14,7 @@ from meteredrt.apps import WebhookConfig
 from meteredrt.interfaces import IPresenceObserver
 from meteredrt.webhooks.emitter import MAX_UNWRITTEN, WebhookEmitter
 from meteredrt.webhooks.events import WebhookEvent
+from meteredrt.webhooks.marks import Announcement, MemoryMarks
 from meteredrt.webhooks.outbox import CHANNEL, PEER, MemoryOutbox, OnlineMark
 
 CONFIG = WebhookConfig(url="http://127.0.0.1:1/hooks", secret="s" * 32, offline_grace_seconds=3.0)
@@ -270,3 +271,124 @@ class EmitterTests(SynchronousTestCase):
         self.assertEqual(len(outbox.waiting), 1)
 
 
+
+
+class HeldMarks(MemoryMarks):
+    """
+    Memory marks whose arrivals answer only when released, as shared marks
+    answer after a round trip.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Deferred[list[Announcement]], list[Announcement]]] = []
+
+    def arrived(self, where, now, event_id):  # type: ignore[no-untyped-def]
+        held: Deferred[list[Announcement]] = Deferred()
+        MemoryMarks.arrived(self, where, now, event_id).addCallback(lambda answer: self.held.append((held, answer)))
+        return held
+
+    def release(self) -> None:
+        held, answer = self.held.pop(0)
+        held.callback(answer)
+
+
+class SharedMarksEmitterTests(SynchronousTestCase):
+    """
+    The emitter over marks that answer later or that other emitters share,
+    as in a cluster (here: one L{MemoryMarks} shared by two emitters).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000)
+        self.outbox = MemoryOutbox()
+
+    def emitter(self, marks: MemoryMarks, sweep_seconds: float | None = None) -> WebhookEmitter:
+        emitter = WebhookEmitter({"a": CONFIG}.get, self.outbox, self.clock, on_stored=lambda app_id: None,
+                                 marks=marks, sweep_seconds=sweep_seconds)
+        emitter.startService()
+        return emitter
+
+    def stored(self) -> list[tuple[str, str | None, str | None]]:
+        batch = self.successResultOf(self.outbox.next_batch("a", 1000))
+        return [(s.event.type, s.event.peer_id, s.event.channel) for s in batch]
+
+    def test_decisions_stored_in_order(self) -> None:
+        """
+        A presence delta that follows a transition the marks have not
+        answered yet waits for it: events are stored in the order they came.
+        """
+        marks = HeldMarks()
+        emitter = self.emitter(marks)
+        emitter.peer_connected("a", "alice")
+        emitter.channel_occupied("a", "room")
+        emitter.member_joined("a", "room", "alice", None)
+        self.assertEqual(self.stored(), [])
+        marks.release()
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+        marks.release()
+        self.assertEqual(
+            self.stored(),
+            [("peer.online", "alice", None), ("channel.occupied", None, "room"), ("presence.joined", "alice", "room")],
+        )
+
+    def test_other_emitter_sweeps(self) -> None:
+        """
+        A going-away started by an emitter that stopped (its node died) is
+        announced by another emitter's periodic sweep, once.
+        """
+        marks = MemoryMarks()
+        first = self.emitter(marks)
+        second = self.emitter(marks, sweep_seconds=1.0)
+        first.peer_connected("a", "alice")
+        first.peer_disconnected("a", "alice")
+        first.stopService()
+        self.clock.advance(2)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+        self.clock.advance(1)
+        self.clock.advance(10)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None), ("peer.offline", "alice", None)])
+        self.successResultOf(second.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_arrival_after_stored_going_away(self) -> None:
+        """
+        A peer that comes back while its offline is being written is
+        announced online once that write is done, not before.
+        """
+        outbox = HeldOutbox()
+        self.outbox = outbox
+        emitter = self.emitter(MemoryMarks())
+        emitter.peer_connected("a", "alice")
+        outbox.release()
+        emitter.peer_disconnected("a", "alice")
+        self.clock.advance(3)
+        self.assertEqual([e.type for e in outbox.waiting[0][1]], ["peer.offline"])
+        emitter.peer_connected("a", "alice")
+        self.assertEqual(len(outbox.waiting), 1)
+        outbox.release()
+        self.assertEqual([e.type for e in outbox.waiting[0][1]], ["peer.online"])
+        outbox.release()
+        self.assertEqual([t for t, _, _ in self.stored()], ["peer.online", "peer.offline", "peer.online"])
+
+    def test_dropped_arrival_blocks_nothing(self) -> None:
+        """
+        An online dropped because the outbox is stuck does not hold up the
+        peer's offline later.
+        """
+        outbox = HeldOutbox()
+        self.outbox = outbox
+        emitter = WebhookEmitter({"a": CONFIG}.get, outbox, self.clock, on_stored=lambda app_id: None,
+                                 max_unwritten=1)
+        emitter.peer_connected("a", "p0")
+        emitter.peer_connected("a", "p1")
+        emitter.peer_connected("a", "alice")
+        self.assertEqual(emitter.dropped, 1)
+        self.flushLoggedErrors()
+        emitter.peer_disconnected("a", "alice")
+        outbox.release()
+        outbox.release()
+        self.assertEqual(outbox.waiting, [])
+        self.clock.advance(3)
+        self.assertEqual([(e.type, e.peer_id) for e in outbox.waiting[0][1]], [("peer.offline", "alice")])
