@@ -63,14 +63,15 @@ from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_ro
 from meteredrt.speedups import install_speedups
 from meteredrt.store import keys as key_tables
 from meteredrt.store import usage as usage_tables
+from meteredrt.store import webhooks as webhook_tables
 from meteredrt.store.database import Database, DriverMissing, require_driver
 from meteredrt.store.keystore import KeyStore
 from meteredrt.store.schema import SchemaTooNew
 from meteredrt.store.usage import UsageStore
+from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
 from meteredrt.webhooks.dispatcher import WebhookDispatcher
 from meteredrt.webhooks.emitter import WebhookEmitter
-from meteredrt.webhooks.outbox import SQLiteOutbox, webhooks_database_path
 from meteredrt.workers import ParentWatch, ReusePortEndpoint, WorkerCommand, WorkerPool, for_worker
 from meteredrt.ws import RealtimeServerFactory
 
@@ -378,7 +379,7 @@ class DataDirectory(Service):
     after the reactor has started. A PostgreSQL store is opened by its pools
     once the reactor runs (a database that cannot be reached then stops the
     start, see L{StartupGate}); its data directory is still made here, for
-    what each node keeps to itself (the webhook outbox).
+    what each node keeps to itself.
     """
 
     def __init__(self, database: Database) -> None:
@@ -392,7 +393,7 @@ class DataDirectory(Service):
             except OSError as e:
                 refuse_to_start(f"cannot use data directory {self.database.data_dir!r}: {e.strerror or e}")
             return
-        for tables in (key_tables, usage_tables):
+        for tables in (key_tables, usage_tables, webhook_tables):
             try:
                 self.database.connect(tables.COMPONENT, tables.MIGRATIONS).close()
             except OSError as e:
@@ -699,7 +700,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     if config.cluster is None or cluster_count is None:
         # Presence webhooks: the outbox is written before the hub can take
         # note of anything, and stops after every connection has drained.
-        outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
+        outbox = StoreOutbox(
+            database.open_pool(webhook_tables.COMPONENT, webhook_tables.MIGRATIONS, reactor, create=False),
+            database.dialect,
+        )
         top.addService(_Closing(outbox.close))
         # Batches go out back to back while a backlog drains: keep connections.
         webhook_pool = HTTPConnectionPool(reactor, persistent=True)
