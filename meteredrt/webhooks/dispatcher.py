@@ -16,6 +16,13 @@ time, so every peer's events arrive in order; a batch the backend did not
 acknowledge is sent again (at least once: the backend de-duplicates by
 event id).
 
+In a cluster every node appends to one outbox in PostgreSQL and one node
+runs the dispatcher, the holder of the L{DELIVERY_ROLE} lease; it finds the
+other nodes' events by polling (L{POLL_SECONDS}). Stopped when the lease is
+lost and started again when it is taken, the dispatcher begins each time
+with the oldest pending batch: a batch the previous holder sent but had not
+marked delivered is sent again, with the same event ids.
+
 Main names: L{WebhookDispatcher}, L{retry_delay}.
 """
 
@@ -53,6 +60,10 @@ BACKLOG_WARNING = 1_000
 #: How often the outbox is checked for events nobody woke the dispatcher
 #: for (replayed with the CLI, or stored by another process).
 POLL_SECONDS = 5.0
+
+#: In a cluster, the role whose lease (L{meteredrt.leadership.Leadership})
+#: says which node runs the dispatcher: Redis key C{mrt:leader:webhooks}.
+DELIVERY_ROLE = "webhooks"
 
 #: Answers that mean "try again later" rather than "never".
 _RETRIED_STATUSES = frozenset({408, 429})
