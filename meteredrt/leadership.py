@@ -38,6 +38,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from meteredrt.redisclient import RedisClient, RedisUnavailable, Script
 
@@ -134,9 +135,11 @@ class Leadership(Service):
         self._trying = True
         attempt = Deferred.fromCoroutine(self._attempt())
 
-        def done(result: object) -> object:
+        def done(result: object) -> None:
             self._trying = False
-            return result
+            if isinstance(result, Failure):
+                # Logged, not raised: a failure would end the LoopingCall.
+                self.log.failure("Trying the {role} lease failed", result, role=self.role)
 
         return attempt.addBoth(done)
 
@@ -171,9 +174,14 @@ class Leadership(Service):
                 )
                 self.term = term
             else:
+                try:
+                    self._service.startService()
+                except Exception:
+                    self.log.failure("The {role} service did not start; handing the lease on", role=self.role)
+                    await self._client.run(GIVE_UP, (), (self.role, self._holder, term)).addErrback(lambda _: None)
+                    return
                 self.term = term
                 self.log.info("This node took the {role} lease (term {term})", role=self.role, term=term)
-                self._service.startService()
         self._keep_until(sent + self.lease_seconds * LOCAL_SHARE)
 
     def _keep_until(self, when: float) -> None:

@@ -30,8 +30,12 @@ class Job(Service):
 
     def __init__(self) -> None:
         self.starts = 0
+        self.refuse = 0
 
     def startService(self) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise RuntimeError("cannot start now")
         super().startService()
         self.starts += 1
 
@@ -90,10 +94,11 @@ class LeadershipTests(TestCase):
     Two or three nodes contending for one lease on a real Redis.
     """
 
-    async def nodes(self, count: int) -> tuple[RedisServer, list[Node]]:
+    async def nodes(self, count: int, refuse: int = 0) -> tuple[RedisServer, list[Node]]:
         server = await RedisServer.start(self)
         nodes = [Node(self, server, f"node-{i}") for i in range(count)]
         for node in nodes:
+            node.job.refuse = refuse
             await node.start()
         return server, nodes
 
@@ -191,3 +196,14 @@ class LeadershipTests(TestCase):
         await eventually(self, lambda: len(running(nodes)) == 1, LEASE * 4)
         [holder] = running(nodes)
         await self.watch(nodes, LEASE, lambda now: self.assertEqual(now, [holder]))
+
+    async def test_service_that_does_not_start(self) -> None:
+        """
+        A node whose service fails to start hands the lease on rather than
+        holding it idle, and keeps trying: it runs the service once it
+        starts.
+        """
+        _, [node] = await self.nodes(1, refuse=2)
+        await eventually(self, lambda: node.job.running, LEASE * 2)
+        self.assertEqual((node.job.starts, node.leadership.term), (1, 3))
+        self.flushLoggedErrors(RuntimeError)
