@@ -712,6 +712,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
     webhook_configs = partial(_webhooks_of, keys)
     dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
+    metrics.watch_webhooks(dispatcher)
     if config.cluster is None or cluster_count is None:
         dispatcher.setServiceParent(top)
         emitter = WebhookEmitter(webhook_configs, outbox, reactor, on_stored=dispatcher.wake)

@@ -328,9 +328,23 @@ class DispatcherTests(SynchronousTestCase):
         receiver = Receiver(self.clock, [None])
         dispatcher = self.start(receiver)
         self.assertEqual(dispatcher.backlogged_apps(), {"a"})
+        self.assertEqual(dispatcher.pending_by_app(), {"a": BACKLOG_WARNING + 1})
         receiver.held.pop().finish()
         self.stub.flush()
         self.assertEqual(dispatcher.backlogged_apps(), frozenset())
+        self.assertEqual(dispatcher.pending_by_app(), {"a": 0})
+
+    def test_delivering_while_running(self) -> None:
+        """
+        The dispatcher delivers (for the metrics) while it runs; stopped,
+        as when another node took the delivery lease, it counts nothing.
+        """
+        self.add(2)
+        receiver = Receiver(self.clock, [500])
+        dispatcher = self.start(receiver)
+        self.assertEqual((dispatcher.delivering, dispatcher.pending_by_app()), (True, {"a": 2}))
+        dispatcher.stopService()
+        self.assertEqual((dispatcher.delivering, dispatcher.pending_by_app()), (False, {}))
 
 
 class Redirecting(Resource):

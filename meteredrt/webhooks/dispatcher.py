@@ -130,6 +130,7 @@ class WebhookDispatcher(Service):
         self._loops: dict[str, Deferred[None]] = {}
         self._again: set[str] = set()
         self._backlogged: set[str] = set()
+        self._pending: dict[str, int] = {}
         self._poll = LoopingCall(self._check)
         self._poll.clock = clock
         self._poll_seconds = poll_seconds
@@ -163,6 +164,8 @@ class WebhookDispatcher(Service):
         loops, self._loops = self._loops, {}
         for loop in loops.values():
             loop.cancel()
+        # Counted by whichever node delivers now.
+        self._pending.clear()
 
     def wake(self, app_id: str) -> None:
         """
@@ -198,6 +201,7 @@ class WebhookDispatcher(Service):
                 return
             batch = await self._outbox.next_batch(app_id, MAX_BATCH_EVENTS)
             if not batch:
+                self._pending[app_id] = 0
                 if app_id not in self._again:
                     return
                 continue
@@ -206,6 +210,7 @@ class WebhookDispatcher(Service):
 
     async def _note_backlog(self, app_id: str) -> None:
         status = await self._outbox.status(app_id)
+        self._pending[app_id] = status.pending
         if status.pending > BACKLOG_WARNING and app_id not in self._backlogged:
             self._backlogged.add(app_id)
             self.log.warn(
@@ -216,6 +221,21 @@ class WebhookDispatcher(Service):
         elif status.pending <= BACKLOG_WARNING and app_id in self._backlogged:
             self._backlogged.discard(app_id)
             self.log.info("Webhooks of {app_id} caught up", app_id=app_id)
+
+    @property
+    def delivering(self) -> bool:
+        """
+        Whether this node delivers: always once started on a single node,
+        while it holds the delivery lease in a cluster.
+        """
+        return bool(self.running)
+
+    def pending_by_app(self) -> dict[str, int]:
+        """
+        Pending events per app, as counted before each batch (0 once the
+        app's queue is empty); empty while not delivering.
+        """
+        return dict(self._pending)
 
     def backlogged_apps(self) -> frozenset[str]:
         """
