@@ -309,6 +309,25 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.pending(), 1)
 
+    def test_next_deliverer_resends_unacknowledged_batch(self) -> None:
+        """
+        A batch the backend took but whose answer the dispatcher never saw
+        (it stopped: its node lost the delivery lease, or died) stays
+        pending; the dispatcher of the next node sends it again, with the
+        same event ids, then goes on in order.
+        """
+        self.add(2)
+        receiver = Receiver(self.clock, [None])
+        first = self.start(receiver)
+        first.stopService()
+        self.assertEqual(self.pending(), 2)
+        self.add(1, first=2)
+        self.start(receiver)
+        [sent, again] = [json.loads(body)["events"] for _, body in receiver.received]
+        self.assertEqual([e["id"] for e in again[:2]], [e["id"] for e in sent])
+        self.assertEqual([e["peerId"] for e in again], ["p0", "p1", "p2"])
+        self.assertEqual(self.pending(), 0)
+
     def test_no_config(self) -> None:
         """
         Pending events of an app without webhooks wait, with a warning.
