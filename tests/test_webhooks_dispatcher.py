@@ -21,6 +21,7 @@ from meteredrt.backend import verify_webhook
 from meteredrt.webhooks.dispatcher import (
     BACKLOG_WARNING,
     FIRST_RETRY_SECONDS,
+    MAX_ANSWER_BYTES,
     MAX_RETRY_SECONDS,
     WebhookDispatcher,
     retry_delay,
@@ -66,6 +67,30 @@ class Receiver(Resource):
         for header, body in self.received:
             out.extend(verify_webhook(SECRET, header, body, now=self.clock.seconds()))
         return out
+
+
+class _EndlessAnswer(Resource):
+    """
+    A backend that answers 200 and then writes its answer in 64 KiB chunks
+    for as long as anybody reads, never finishing it.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = 0
+        self.written = 0
+
+    def render_POST(self, request: Request) -> int:
+        self.answered += 1
+        request.setResponseCode(200)
+        chunk = b"x" * 65536
+        # Bounded: far past any sane cap, and it stops once the reader does.
+        while self.written < 64 * 1024 * 1024 and not request._disconnected:
+            request.write(chunk)
+            self.written += len(chunk)
+        return NOT_DONE_YET
 
 
 class RetryDelayTests(SynchronousTestCase):
@@ -272,6 +297,21 @@ class DispatcherTests(SynchronousTestCase):
         self.clock.advance(0.75)
         self.assertEqual(len(receiver.received), 2)
         self.assertEqual(self.pending(), 0)
+
+    def test_endless_answer_cut_off(self) -> None:
+        """
+        A receiver that accepts the batch and then streams an answer body
+        without end is counted as having accepted it once the answer passes
+        L{MAX_ANSWER_BYTES}: the body is dropped as it comes, never kept
+        whole, and the exchange does not wait for the timeout.
+        """
+        self.add(1)
+        receiver = _EndlessAnswer()
+        self.start(receiver)
+        self.assertEqual(receiver.answered, 1)
+        self.assertGreater(receiver.written, MAX_ANSWER_BYTES)
+        self.assertEqual(self.pending(), 0)
+        self.assertIsNone(self.successResultOf(self.outbox.status("a")).last_error)
 
     def test_network_error(self) -> None:
         """

@@ -32,7 +32,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from treq import content
+from treq import collect
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -53,6 +53,13 @@ MAX_RETRY_SECONDS = 300.0
 
 #: A request (answer body included) must finish within this many seconds.
 REQUEST_TIMEOUT_SECONDS = 10.0
+
+#: The receiver's answer body is read (and dropped) up to this many bytes,
+#: so that its connection can be reused; past it the connection is closed
+#: and the answer's status alone counts. A hostile receiver can neither
+#: hold memory nor keep the exchange busy until the timeout with an
+#: endless body.
+MAX_ANSWER_BYTES = 64 * 1024
 
 #: An app with more pending events than this is logged as backing up.
 BACKLOG_WARNING = 1_000
@@ -291,8 +298,7 @@ class WebhookDispatcher(Service):
             # GET) wherever the receiver points, past any address policy,
             # and count as delivered what nobody took.
             response = await self._http.post(url, data=body, headers=headers, allow_redirects=False)
-            # Read (and drop) the body so the connection can be reused.
-            await content(response)
+            await _drain(response)
         except CancelledError:
             raise
         except Exception as e:
@@ -303,3 +309,28 @@ class WebhookDispatcher(Service):
         retry = code >= 500 or code in _RETRIED_STATUSES
         raise DeliveryError(f"the receiver answered HTTP {code}", retry=retry)
 
+
+class _AnswerTooLong(Exception):
+    """
+    The receiver's answer body passed L{MAX_ANSWER_BYTES}.
+    """
+
+
+async def _drain(response: IResponse) -> None:
+    """
+    Read and drop the answer's body, so that the connection can be reused;
+    stop reading (which closes the connection) once it passes
+    L{MAX_ANSWER_BYTES}.
+    """
+    size = 0
+
+    def count(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > MAX_ANSWER_BYTES:
+            raise _AnswerTooLong()
+
+    try:
+        await collect(response, count)
+    except _AnswerTooLong:
+        pass
