@@ -50,6 +50,7 @@ from meteredrt.config import (
 )
 from meteredrt.guard import ConnectionCap, GuardedSite
 from meteredrt.hub import Hub
+from meteredrt.leadership import Leadership
 from meteredrt.lease import NodeLease
 from meteredrt.logs import build_observer, rotate_on_sigusr1, twistd_destination
 from meteredrt.metering import Meter
@@ -63,14 +64,15 @@ from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_ro
 from meteredrt.speedups import install_speedups
 from meteredrt.store import keys as key_tables
 from meteredrt.store import usage as usage_tables
+from meteredrt.store import webhooks as webhook_tables
 from meteredrt.store.database import Database, DriverMissing, require_driver
 from meteredrt.store.keystore import KeyStore
 from meteredrt.store.schema import SchemaTooNew
 from meteredrt.store.usage import UsageStore
+from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
-from meteredrt.webhooks.dispatcher import WebhookDispatcher
+from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
 from meteredrt.webhooks.emitter import WebhookEmitter
-from meteredrt.webhooks.outbox import SQLiteOutbox, webhooks_database_path
 from meteredrt.workers import ParentWatch, ReusePortEndpoint, WorkerCommand, WorkerPool, for_worker
 from meteredrt.ws import RealtimeServerFactory
 
@@ -378,7 +380,7 @@ class DataDirectory(Service):
     after the reactor has started. A PostgreSQL store is opened by its pools
     once the reactor runs (a database that cannot be reached then stops the
     start, see L{StartupGate}); its data directory is still made here, for
-    what each node keeps to itself (the webhook outbox).
+    what each node keeps to itself.
     """
 
     def __init__(self, database: Database) -> None:
@@ -392,7 +394,7 @@ class DataDirectory(Service):
             except OSError as e:
                 refuse_to_start(f"cannot use data directory {self.database.data_dir!r}: {e.strerror or e}")
             return
-        for tables in (key_tables, usage_tables):
+        for tables in (key_tables, usage_tables, webhook_tables):
             try:
                 self.database.connect(tables.COMPONENT, tables.MIGRATIONS).close()
             except OSError as e:
@@ -696,23 +698,37 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     metrics = Metrics()
     metrics.watch(meter=meter)
 
+    # Presence webhooks: the outbox is in the store (a cluster's nodes share
+    # it in PostgreSQL). It is opened before the hub can take note of
+    # anything and closes after every connection has drained.
+    outbox = StoreOutbox(
+        database.open_pool(webhook_tables.COMPONENT, webhook_tables.MIGRATIONS, reactor, create=False),
+        database.dialect,
+    )
+    top.addService(_Closing(outbox.close))
+    # Batches go out back to back while a backlog drains: keep connections.
+    webhook_pool = HTTPConnectionPool(reactor, persistent=True)
+    top.addService(_Closing(webhook_pool.closeCachedConnections))
+    webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
+    webhook_configs = partial(_webhooks_of, keys)
+    dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
+    metrics.watch_webhooks(dispatcher)
     if config.cluster is None or cluster_count is None:
-        # Presence webhooks: the outbox is written before the hub can take
-        # note of anything, and stops after every connection has drained.
-        outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
-        top.addService(_Closing(outbox.close))
-        # Batches go out back to back while a backlog drains: keep connections.
-        webhook_pool = HTTPConnectionPool(reactor, persistent=True)
-        top.addService(_Closing(webhook_pool.closeCachedConnections))
-        webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
-        webhook_configs = partial(_webhooks_of, keys)
-        dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
         dispatcher.setServiceParent(top)
         emitter = WebhookEmitter(webhook_configs, outbox, reactor, on_stored=dispatcher.wake)
         emitter.setServiceParent(top)
         hub = Hub(MemoryBroker(), MemoryPresence(observer=emitter), meter, keys.app, metrics=metrics)
     else:
         hub = _cluster_hub(config.cluster, cluster_count, meter, keys, reactor, top, metrics)
+        # One node of the cluster delivers the shared outbox: the holder of
+        # the delivery lease. Added after the Redis client and before the
+        # hub, it stops after the hub and gives the lease up before the
+        # client closes.
+        delivery = Leadership(
+            reactor, cluster_count.client, DELIVERY_ROLE, cluster_count.node.node_id,
+            config.cluster.lease_seconds, dispatcher,
+        )  # fmt: skip
+        delivery.setServiceParent(top)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.

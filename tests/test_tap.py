@@ -25,9 +25,12 @@ from meteredrt.apps import App, Key, KeyType
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.broker.redis import RedisBroker
 from meteredrt.hub import Hub
+from meteredrt.leadership import Leadership
 from meteredrt.metering import Meter
 from meteredrt.presence.redis import RedisPresence
 from meteredrt.site import V1Resource, build_root
+from meteredrt.store.dialect import POSTGRESQL
+from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.tap import (
     FIRST_KEYS_FILE,
     ConnectionDrain,
@@ -40,6 +43,7 @@ from meteredrt.tap import (
     makeService,
     show_bootstrap,
 )
+from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
 from tests.test_site import UPGRADE_HEADERS, RawClient, connect_to_site
 from tests.test_ws import WebSocketTestCase
 
@@ -107,6 +111,31 @@ class MakeServiceTests(SynchronousTestCase):
         hub = next(child for child in service if isinstance(child, Hub))
         self.assertIsInstance(hub._broker, RedisBroker)
         self.assertIsInstance(hub._presence, RedisPresence)
+        # The dispatcher runs only while this node holds the delivery
+        # lease: started by the lease, never by the node's start. The lease
+        # stops after the hub and gives itself up before Redis closes.
+        self.assertNotIn("WebhookDispatcher", kinds)
+        delivery = next(child for child in service if isinstance(child, Leadership))
+        self.assertIsInstance(delivery._service, WebhookDispatcher)
+        self.assertEqual(delivery.role, DELIVERY_ROLE)
+        self.assertLess(kinds.index("RedisClient"), kinds.index("Leadership"))
+        self.assertLess(kinds.index("Leadership"), kinds.index("Hub"))
+
+    def test_cluster_outbox_in_postgresql(self) -> None:
+        """
+        With the store in PostgreSQL, every node's webhook outbox is the
+        shared database's.
+        """
+        options = Options()
+        options.parseOptions(
+            ["--data-dir", self.mktemp(), "--redis", "redis://127.0.0.1:1/0",
+             "--database", "postgresql://meteredrt@127.0.0.1:1/meteredrt"]
+        )  # fmt: skip
+        service = makeService(options, MemoryReactorClock())
+        delivery = next(child for child in service if isinstance(child, Leadership))
+        outbox = delivery._service._outbox
+        self.assertIsInstance(outbox, StoreOutbox)
+        self.assertIs(outbox._dialect, POSTGRESQL)
 
     def test_bad_redis_url(self) -> None:
         """

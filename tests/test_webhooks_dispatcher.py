@@ -21,6 +21,7 @@ from meteredrt.backend import verify_webhook
 from meteredrt.webhooks.dispatcher import (
     BACKLOG_WARNING,
     FIRST_RETRY_SECONDS,
+    MAX_ANSWER_BYTES,
     MAX_RETRY_SECONDS,
     WebhookDispatcher,
     retry_delay,
@@ -66,6 +67,30 @@ class Receiver(Resource):
         for header, body in self.received:
             out.extend(verify_webhook(SECRET, header, body, now=self.clock.seconds()))
         return out
+
+
+class _EndlessAnswer(Resource):
+    """
+    A backend that answers 200 and then writes its answer in 64 KiB chunks
+    for as long as anybody reads, never finishing it.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = 0
+        self.written = 0
+
+    def render_POST(self, request: Request) -> int:
+        self.answered += 1
+        request.setResponseCode(200)
+        chunk = b"x" * 65536
+        # Bounded: far past any sane cap, and it stops once the reader does.
+        while self.written < 64 * 1024 * 1024 and not request._disconnected:
+            request.write(chunk)
+            self.written += len(chunk)
+        return NOT_DONE_YET
 
 
 class RetryDelayTests(SynchronousTestCase):
@@ -273,6 +298,21 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(len(receiver.received), 2)
         self.assertEqual(self.pending(), 0)
 
+    def test_endless_answer_cut_off(self) -> None:
+        """
+        A receiver that accepts the batch and then streams an answer body
+        without end is counted as having accepted it once the answer passes
+        L{MAX_ANSWER_BYTES}: the body is dropped as it comes, never kept
+        whole, and the exchange does not wait for the timeout.
+        """
+        self.add(1)
+        receiver = _EndlessAnswer()
+        self.start(receiver)
+        self.assertEqual(receiver.answered, 1)
+        self.assertGreater(receiver.written, MAX_ANSWER_BYTES)
+        self.assertEqual(self.pending(), 0)
+        self.assertIsNone(self.successResultOf(self.outbox.status("a")).last_error)
+
     def test_network_error(self) -> None:
         """
         A request that fails on the network is retried.
@@ -309,6 +349,25 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.pending(), 1)
 
+    def test_next_deliverer_resends_unacknowledged_batch(self) -> None:
+        """
+        A batch the backend took but whose answer the dispatcher never saw
+        (it stopped: its node lost the delivery lease, or died) stays
+        pending; the dispatcher of the next node sends it again, with the
+        same event ids, then goes on in order.
+        """
+        self.add(2)
+        receiver = Receiver(self.clock, [None])
+        first = self.start(receiver)
+        first.stopService()
+        self.assertEqual(self.pending(), 2)
+        self.add(1, first=2)
+        self.start(receiver)
+        [sent, again] = [json.loads(body)["events"] for _, body in receiver.received]
+        self.assertEqual([e["id"] for e in again[:2]], [e["id"] for e in sent])
+        self.assertEqual([e["peerId"] for e in again], ["p0", "p1", "p2"])
+        self.assertEqual(self.pending(), 0)
+
     def test_no_config(self) -> None:
         """
         Pending events of an app without webhooks wait, with a warning.
@@ -328,9 +387,23 @@ class DispatcherTests(SynchronousTestCase):
         receiver = Receiver(self.clock, [None])
         dispatcher = self.start(receiver)
         self.assertEqual(dispatcher.backlogged_apps(), {"a"})
+        self.assertEqual(dispatcher.pending_by_app(), {"a": BACKLOG_WARNING + 1})
         receiver.held.pop().finish()
         self.stub.flush()
         self.assertEqual(dispatcher.backlogged_apps(), frozenset())
+        self.assertEqual(dispatcher.pending_by_app(), {"a": 0})
+
+    def test_delivering_while_running(self) -> None:
+        """
+        The dispatcher delivers (for the metrics) while it runs; stopped,
+        as when another node took the delivery lease, it counts nothing.
+        """
+        self.add(2)
+        receiver = Receiver(self.clock, [500])
+        dispatcher = self.start(receiver)
+        self.assertEqual((dispatcher.delivering, dispatcher.pending_by_app()), (True, {"a": 2}))
+        dispatcher.stopService()
+        self.assertEqual((dispatcher.delivering, dispatcher.pending_by_app()), (False, {}))
 
 
 class Redirecting(Resource):

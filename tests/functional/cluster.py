@@ -6,7 +6,10 @@ L{start_cluster} starts a L{RedisServer} and N nodes, each a child process
 with the functional-test apps and keys of L{support.CONFIG}, a C{[cluster]}
 table naming the Redis (C{node_name = "node-<i>"}, a short lease), and a
 data directory of its own. A node can be pointed at Redis through a
-L{LoopbackProxy} (C{proxied}), to cut it off. Nodes are killed on cleanup.
+L{LoopbackProxy} (C{proxied}), to cut it off. With a C{database} URL
+(a throwaway PostgreSQL, L{tests.postgres_server}) every node keeps its
+store there (C{--database}), as a cluster sharing PostgreSQL does. Nodes
+are killed on cleanup.
 
 Clients: L{connect_peer} (a L{Peer} that keeps every frame it receives) and
 L{rest}/L{peers_of} for the backend's view.
@@ -195,9 +198,11 @@ class Cluster:
         lease_seconds: float,
         clustered: bool = True,
         config: str = CONFIG,
+        database: str | None = None,
     ) -> None:
         self.case = case
         self.config = config
+        self.database = database
         self.clustered = clustered
         self.base = base
         self.redis = redis
@@ -223,6 +228,8 @@ class Cluster:
             proxy = await LoopbackProxy.start(self.case, self.redis.port)
             # --redis overrides the file (the fixed interface of issue 9).
             args = ["--redis", f"redis://127.0.0.1:{proxy.port}/0"]
+        if self.database is not None:
+            args += ["--database", self.database]
         config = cluster_config(
             self.redis.url if self.clustered else None, name, self.lease_seconds, extra, self.config
         )
@@ -241,18 +248,20 @@ async def start_cluster(
     proxied: Sequence[int] = (),
     clustered: bool = True,
     config: str = CONFIG,
+    database: str | None = None,
 ) -> Cluster:
     """
     Start a Redis and C{nodes} nodes on it (in parallel); the nodes whose
     index is in C{proxied} reach Redis through a L{LoopbackProxy}. With
     C{clustered=False} the nodes have no C{[cluster]} table: each is a
     standalone server, the in-memory baseline. C{config} is the nodes'
-    configuration before the C{[cluster]} table is added.
+    configuration before the C{[cluster]} table is added. With
+    C{database} (a PostgreSQL URL) every node keeps its store there.
     """
     base = Path(case.mktemp()).resolve()
     base.mkdir(parents=True)
     redis = await RedisServer.start(case)
-    cluster = Cluster(case, base, redis, lease_seconds, clustered, config)
+    cluster = Cluster(case, base, redis, lease_seconds, clustered, config, database)
     names = [f"node-{i + 1}" for i in range(nodes)]
     started = await gatherResults(
         [Deferred.fromCoroutine(cluster.launch(name, i in proxied)) for i, name in enumerate(names)],
