@@ -73,6 +73,7 @@ from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
 from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
 from meteredrt.webhooks.emitter import WebhookEmitter
+from meteredrt.webhooks.redismarks import SWEEP_SECONDS, RedisMarks
 from meteredrt.workers import ParentWatch, ReusePortEndpoint, WorkerCommand, WorkerPool, for_worker
 from meteredrt.ws import RealtimeServerFactory
 
@@ -601,12 +602,18 @@ def _cluster_hub(
     reactor: Any,
     top: MultiService,
     metrics: Metrics,
+    emitter: WebhookEmitter,
 ) -> Hub:
     """
     A hub routing and keeping presence through Redis, with the node's
     Redis connections and lease as services of C{top}: added before the
     hub, they stop after the connections have drained, so every closing
     connection still leaves presence and releases its count.
+
+    The presence tells C{emitter} of the cluster-wide transitions this
+    node's steps make (and those of the nodes it reaps); the emitter is
+    added after the lease, so that it stops after the hub and before the
+    Redis connection its marks need.
     """
     node, client = count.node, count.client
     client.metrics = metrics
@@ -614,13 +621,14 @@ def _cluster_hub(
     broker = RedisBroker(client, node)
     subscriber = RedisSubscriber(reactor, address, broker.received)
     broker.start(subscriber)
-    presence = RedisPresence(client, node)
+    presence = RedisPresence(client, node, observer=emitter)
     client.setServiceParent(top)
     subscriber.setServiceParent(top)
     # The reaper script releases a dead node's connection counts; this
     # node writes its own again whenever it registers its connections again.
     lease = NodeLease(reactor, client, presence, node, cluster.lease_seconds, recount=count.recount)
     lease.setServiceParent(top)
+    emitter.setServiceParent(top)
     Logger().info("Cluster node {node} on Redis at {address}", node=node.node_id, address=str(address))
     hub = Hub(broker, presence, meter, keys.app, node_id=node.node_id, metrics=metrics)
     lease.reconcile_after_outage(subscriber, hub.reconcile_presence)
@@ -719,7 +727,13 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
         emitter.setServiceParent(top)
         hub = Hub(MemoryBroker(), MemoryPresence(observer=emitter), meter, keys.app, metrics=metrics)
     else:
-        hub = _cluster_hub(config.cluster, cluster_count, meter, keys, reactor, top, metrics)
+        # Each event is emitted by one node: the presence scripts say which
+        # node made each transition, and the debounce is shared in Redis.
+        emitter = WebhookEmitter(
+            webhook_configs, outbox, reactor, on_stored=dispatcher.wake,
+            marks=RedisMarks(cluster_count.client), sweep_seconds=SWEEP_SECONDS,
+        )  # fmt: skip
+        hub = _cluster_hub(config.cluster, cluster_count, meter, keys, reactor, top, metrics, emitter)
         # One node of the cluster delivers the shared outbox: the holder of
         # the delivery lease. Added after the Redis client and before the
         # hub, it stops after the hub and gives the lease up before the

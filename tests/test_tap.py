@@ -44,6 +44,8 @@ from meteredrt.tap import (
     show_bootstrap,
 )
 from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
+from meteredrt.webhooks.emitter import WebhookEmitter
+from meteredrt.webhooks.redismarks import RedisMarks
 from tests.test_site import UPGRADE_HEADERS, RawClient, connect_to_site
 from tests.test_ws import WebSocketTestCase
 
@@ -120,6 +122,14 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(delivery.role, DELIVERY_ROLE)
         self.assertLess(kinds.index("RedisClient"), kinds.index("Leadership"))
         self.assertLess(kinds.index("Leadership"), kinds.index("Hub"))
+        # Every node emits, over marks shared in Redis, the transitions its
+        # presence steps make; its emitter stops after the hub drained and
+        # before the Redis connection its marks need.
+        emitter = next(child for child in service if isinstance(child, WebhookEmitter))
+        self.assertIs(hub._presence._observer, emitter)
+        self.assertIsInstance(emitter._marks, RedisMarks)
+        self.assertLess(kinds.index("RedisClient"), kinds.index("WebhookEmitter"))
+        self.assertLess(kinds.index("WebhookEmitter"), kinds.index("Hub"))
 
     def test_cluster_outbox_in_postgresql(self) -> None:
         """

@@ -5,8 +5,10 @@ ordering, recovery after a crash, and writing to the outbox.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -392,3 +394,55 @@ class SharedMarksEmitterTests(SynchronousTestCase):
         self.assertEqual(outbox.waiting, [])
         self.clock.advance(3)
         self.assertEqual([(e.type, e.peer_id) for e in outbox.waiting[0][1]], [("peer.offline", "alice")])
+
+    def test_flushed_waits_for_marks(self) -> None:
+        """
+        A stop waits for the marks to answer what was decided before it,
+        and stores the answer.
+        """
+        marks = HeldMarks()
+        emitter = self.emitter(marks)
+        emitter.peer_connected("a", "alice")
+        stopped = emitter.stopService()
+        self.assertNoResult(stopped)
+        marks.release()
+        self.successResultOf(stopped)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+
+    def test_no_timer_after_stop(self) -> None:
+        """
+        A last connection that closes after the emitter stopped (the node
+        reaping itself on its way out) is handed to the marks, with no
+        timer left behind.
+        """
+        marks = MemoryMarks()
+        emitter = self.emitter(marks)
+        emitter.peer_connected("a", "alice")
+        self.successResultOf(emitter.stopService())
+        emitter.peer_disconnected("a", "alice")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.successResultOf(marks.due(self.clock.seconds() + 3))), 1)
+
+    def test_sweep_failures_logged_once(self) -> None:
+        """
+        Sweeps failing one after the other (Redis away) are logged once,
+        and once more when a sweep works again.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        marks = MemoryMarks()
+        broken = [True]
+        working_due = marks.due
+
+        def due(now: float) -> Deferred[list[Announcement]]:
+            return fail(OSError("Redis away")) if broken[0] else working_due(now)
+
+        marks.due = due  # type: ignore[method-assign]
+        self.emitter(marks, sweep_seconds=1.0)
+        self.clock.advance(1)
+        self.clock.advance(1)
+        broken[0] = False
+        self.clock.advance(1)
+        self.clock.advance(1)
+        texts = [formatEvent(event) for event in logged if "sweep" in formatEvent(event).lower()]
+        self.assertEqual(texts, ["Could not sweep the webhook marks: Redis away; retrying",
+                                 "Sweeping the webhook marks works again"])

@@ -128,6 +128,8 @@ class WebhookEmitter(Service):
         # Decisions not yet answered by the marks, in the order they came.
         self._order: deque[_Step] = deque()
         self._releasing = False
+        self._stopped = False
+        self._sweep_failing = False
         self._unwritten: list[_Entry] = []
         self._writing: Deferred[None] | None = None
         self._waiters: list[Deferred[None]] = []
@@ -170,6 +172,7 @@ class WebhookEmitter(Service):
         the grace, so a restart inside the grace sends nothing.
         """
         super().stopService()
+        self._stopped = True
         for call in self._wakeups.values():
             if call.active():
                 call.cancel()
@@ -186,9 +189,9 @@ class WebhookEmitter(Service):
 
     def flushed(self) -> Deferred[None]:
         """
-        Fires once everything noted so far is stored.
+        Fires once every decision taken so far is answered and stored.
         """
-        if self._writing is None and not self._unwritten:
+        if self._idle():
             return succeed(None)
         done: Deferred[None] = Deferred()
         self._waiters.append(done)
@@ -242,8 +245,13 @@ class WebhookEmitter(Service):
         )
         self._wake_at(deadline)
 
+    def _idle(self) -> bool:
+        return self._writing is None and not self._unwritten and not self._order
+
     def _wake_at(self, deadline: float) -> None:
-        if deadline in self._wakeups:
+        if self._stopped or deadline in self._wakeups:
+            # Stopped: the marks keep the deadline (for the next start, or
+            # another node's sweep).
             return
         delay = max(0.0, deadline - self._clock.seconds())
         self._wakeups[deadline] = self._clock.callLater(delay, self._woken, deadline)
@@ -253,7 +261,20 @@ class WebhookEmitter(Service):
         self._sweep()
 
     def _sweep(self) -> None:
-        self._decided(self._marks.due(self._clock.seconds()))
+        self._in_order(self._marks.due(self._clock.seconds()).addCallbacks(self._swept, self._sweep_failed))
+
+    def _swept(self, announcements: list[Announcement]) -> list[_Entry]:
+        if self._sweep_failing:
+            self._sweep_failing = False
+            self.log.info("Sweeping the webhook marks works again")
+        return [self._entry(a) for a in announcements]
+
+    def _sweep_failed(self, failure: Any) -> list[_Entry]:
+        # Every second while Redis is away: say so once, not every time.
+        if not self._sweep_failing:
+            self._sweep_failing = True
+            self.log.warn("Could not sweep the webhook marks: {why}; retrying", why=failure.getErrorMessage())
+        return []
 
     def _decided(self, announced: Deferred[list[Announcement]]) -> None:
         self._in_order(announced.addCallback(lambda announcements: [self._entry(a) for a in announcements]))
@@ -309,6 +330,8 @@ class WebhookEmitter(Service):
                     self._note(entry)
         finally:
             self._releasing = False
+        if self._idle():
+            self._release_waiters()
 
     # -- writing --------------------------------------------------------------
 
@@ -371,7 +394,8 @@ class WebhookEmitter(Service):
         if self._unwritten:
             self._write()
             return
-        self._release_waiters()
+        if not self._order:
+            self._release_waiters()
 
     def _release_waiters(self) -> None:
         waiters, self._waiters = self._waiters, []

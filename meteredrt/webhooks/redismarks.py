@@ -38,6 +38,10 @@ from meteredrt.interfaces import IWebhookMarks
 from meteredrt.redisclient import RedisClient
 from meteredrt.webhooks.marks import CLAIM_SECONDS, Announcement, Where
 
+#: How often each node sweeps the shared marks: the most a going-away
+#: another node started (or a dead node left) waits past its grace.
+SWEEP_SECONDS = 1.0
+
 #: Going-aways (and re-handed announcements) claimed per script call.
 SWEEP_LIMIT = 100
 
@@ -116,6 +120,10 @@ class RedisMarks:
         return Deferred.fromCoroutine(self._restore(marks))
 
     async def _restore(self, marks: Sequence[tuple[Where, float]]) -> None:
+        if not self._client.connected:
+            # At startup, before the first connection; later, a call fails
+            # at once with the connection down.
+            await self._client.ready
         # In slices, so that no one script holds Redis up for long.
         for start in range(0, len(marks), self._limit):
             args: list[Any] = []
