@@ -3,9 +3,12 @@ Presence webhooks in a cluster, end to end: three real nodes on one real
 Redis and one real PostgreSQL, a real receiver on a loopback port, and the
 delivering node killed with SIGKILL.
 
-The events are appended to the shared outbox by three writers of their own,
-as the nodes' emitters do: what is tested here is the outbox and its
-delivery, one node at a time, across a crash.
+L{ClusterDeliveryTests} appends events to the shared outbox through three
+writers of its own, as the nodes' emitters do: what it tests is the outbox
+and its delivery, one node at a time, across a crash.
+L{ClusterEmissionTests} connects real clients to the nodes: what it tests
+is which node emits what, once, across nodes and across a node killed with
+SIGKILL.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.webhooks.events import PEER_OFFLINE, PEER_ONLINE, WebhookEvent, new_event
 from tests.postgres_server import fresh_database
 
-from .cluster import LEASE_SECONDS, Cluster, Node, start_cluster
+from .cluster import LEASE_SECONDS, Cluster, Node, connect_peer, start_cluster
 from .support import APP_ID
 from .test_webhooks import WEBHOOK_SECRET, config_with_webhooks, per_peer
 from .webhook_receiver import WebhookReceiver, start_receiver
@@ -135,6 +138,61 @@ class ClusterDeliveryTests(TestCase):
 
         status = self.operator(cluster, "webhooks", "status", "--app", APP_ID)
         self.assertEqual((status["pending"], status["failed"], status["delivered"]), (0, 0, 24))
+
+
+#: The functional tests' grace (L{config_with_webhooks}'s default).
+GRACE = 1.0
+
+
+class ClusterEmissionTests(TestCase):
+    """
+    Clients on three nodes; what the backend hears of them.
+    """
+
+    timeout = 120
+
+    async def test_peers_across_nodes_and_a_crash(self) -> None:
+        """
+        A peer connected to two nodes is online once and offline once,
+        only after its last connection anywhere closed; a reconnect to
+        another node inside the grace sends nothing; when a node is killed
+        with SIGKILL, its peers connected nowhere else are announced
+        offline once (by a survivor, after the reap and the grace), and a
+        peer also connected to a survivor is not.
+        """
+        receiver, url = await start_receiver(self, WEBHOOK_SECRET)
+        database = fresh_database()
+        cluster = await start_cluster(self, 3, config=config_with_webhooks(url, GRACE), database=database)
+        one, two, three = cluster.nodes
+        alice_on_one = await connect_peer(self, one, "alice")
+        alice_on_two = await connect_peer(self, two, "alice")
+        await connect_peer(self, three, "bob")
+        await connect_peer(self, three, "carol")
+        await connect_peer(self, one, "carol")
+        dave = await connect_peer(self, one, "dave")
+        await receiver.wait_for(lambda: len(receiver.of_type("peer.online")) == 4)
+
+        alice_on_one.sendClose()
+        await alice_on_one.closed
+        dave.sendClose()
+        await dave.closed
+        await connect_peer(self, two, "dave")
+        await three.kill()
+        # Reaped within 3 leases, then the grace, then a sweep.
+        await receiver.wait_for(lambda: len(receiver.of_type("peer.offline")) == 1, timeout=3 * LEASE_SECONDS + 10)
+        alice_on_two.sendClose()
+        await alice_on_two.closed
+        await receiver.wait_for(lambda: len(receiver.of_type("peer.offline")) == 2)
+        await _pause(3 * LEASE_SECONDS + GRACE + 1)  # nothing late, nothing twice
+
+        events = receiver.accepted
+        self.assertEqual(per_peer(events, "alice"), ["peer.online", "peer.offline"])
+        self.assertEqual(per_peer(events, "bob"), ["peer.online", "peer.offline"])
+        self.assertEqual(per_peer(events, "carol"), ["peer.online"])
+        self.assertEqual(per_peer(events, "dave"), ["peer.online"])
+        ids = [event["id"] for event in events]
+        self.assertEqual(len(ids), len(set(ids)))
+        self.assertEqual(receiver.bad_signatures, 0)
 
 
 def _event(kind: str, peer_id: str) -> WebhookEvent:
