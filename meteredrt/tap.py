@@ -58,7 +58,7 @@ from meteredrt.metrics import Metrics
 from meteredrt.presence.memory import MemoryPresence
 from meteredrt.presence.redis import RedisPresence
 from meteredrt.prometheus import MetricsResource, build_registry, metrics_root
-from meteredrt.redisclient import RedisClient, RedisSubscriber, parse_redis_url
+from meteredrt.redisclient import BACKOFF_CAP, RedisClient, RedisSubscriber, parse_redis_url
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
@@ -733,6 +733,10 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
             webhook_configs, outbox, reactor, on_stored=dispatcher.wake,
             marks=RedisMarks(cluster_count.client), sweep_seconds=SWEEP_SECONDS,
         )  # fmt: skip
+        # A Redis that restarted empty forgot the marks: the outbox's come
+        # back once every node had time to register its connections again.
+        after_outage = BACKOFF_CAP + config.cluster.lease_seconds
+        cluster_count.client.on_reconnected(lambda: emitter.recover(after_outage))
         hub = _cluster_hub(config.cluster, cluster_count, meter, keys, reactor, top, metrics, emitter)
         # One node of the cluster delivers the shared outbox: the holder of
         # the delivery lease. Added after the Redis client and before the

@@ -28,6 +28,7 @@ from meteredrt.hub import Hub
 from meteredrt.leadership import Leadership
 from meteredrt.metering import Meter
 from meteredrt.presence.redis import RedisPresence
+from meteredrt.redisclient import BACKOFF_CAP, RedisClient
 from meteredrt.site import V1Resource, build_root
 from meteredrt.store.dialect import POSTGRESQL
 from meteredrt.store.webhooks import StoreOutbox
@@ -130,6 +131,16 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(emitter._marks, RedisMarks)
         self.assertLess(kinds.index("RedisClient"), kinds.index("WebhookEmitter"))
         self.assertLess(kinds.index("WebhookEmitter"), kinds.index("Hub"))
+        # When the Redis connection comes back (Redis may have restarted
+        # empty), the outbox's marks are handed to the marks again, once
+        # every node had time to register its connections again.
+        recovered: list[float] = []
+        emitter.recover = recovered.append  # type: ignore[assignment, method-assign]
+        client = next(child for child in service if isinstance(child, RedisClient))
+        for hook in client._hooks:
+            hook()
+        self.flushLoggedErrors()
+        self.assertEqual(recovered, [BACKOFF_CAP + 5.0])
 
     def test_cluster_outbox_in_postgresql(self) -> None:
         """

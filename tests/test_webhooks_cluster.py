@@ -298,6 +298,32 @@ class ClusterWebhookTests(TestCase):
         await self.settle()
         self.assertEqual([t for t, _, _ in self.sent()], ["peer.online", "peer.offline", "peer.online"])
 
+    async def test_redis_restarted_empty(self) -> None:
+        """
+        Redis restarting empty forgets the marks: after the nodes register
+        their connections again and reload the outbox's marks, a peer that
+        left meanwhile is announced offline once, and one still connected
+        is announced online a second time, never offline.
+        """
+        one, two = await self.cluster()
+        await one.connect("alice", "a1")
+        await one.connect("bob", "a2")
+        await self.settle()
+        await self.server.command("FLUSHALL")
+        await one.close("bob", "a2")
+        await one.presence.resync()
+        await one.emitter.recover(2 * GRACE)
+        await self.settle()
+        await self.advance(GRACE + SWEEP)
+        self.assertNotIn(("peer.offline", "bob", None), self.sent())
+        await self.advance(GRACE + 2 * SWEEP)
+        await self.advance(3 * GRACE)
+        self.assertEqual(
+            self.sent(),
+            [("peer.online", "alice", None), ("peer.online", "bob", None), ("peer.online", "alice", None),
+             ("peer.offline", "bob", None)],
+        )
+
     async def test_node_dies_during_grace(self) -> None:
         """
         The node where a peer's last connection closed dies during the

@@ -205,6 +205,22 @@ class EmitterTests(SynchronousTestCase):
         self.assertEqual(sorted(self.stored()), [("channel.vacated", None, "room"), ("peer.offline", "alice", None)])
         self.assertEqual(self.successResultOf(self.outbox.online_marks()), [OnlineMark("a", PEER, "bob")])
 
+    def test_recover_later(self) -> None:
+        """
+        Recovering again with a delay longer than the grace (after Redis
+        lost the marks) announces the outbox's unknown marks gone only
+        after the delay; known ones are left alone.
+        """
+        self.emitter.peer_connected("a", "alice")
+        self.outbox.append([], [OnlineMark("a", PEER, "bob")])
+        self.successResultOf(self.emitter.recover(10))
+        self.clock.advance(9.9)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+        self.clock.advance(0.1)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None), ("peer.offline", "bob", None)])
+        self.clock.advance(100)
+        self.assertEqual(len(self.stored()), 2)
+
     def test_stop_keeps_marks(self) -> None:
         """
         A graceful stop inside the grace sends nothing and keeps the mark,

@@ -141,28 +141,36 @@ class WebhookEmitter(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._outbox.online_marks().addCallback(self._recover).addErrback(self._recovery_failed)
+        self.recover().addBoth(lambda _: self.loaded.callback(None))
         if self._sweep_seconds is not None:
             self._sweeper = LoopingCall(self._sweep)
             self._sweeper.clock = self._clock
             self._sweeper.start(self._sweep_seconds, now=False)
 
-    def _recover(self, stored: list[OnlineMark]) -> Deferred[None]:
+    def recover(self, delay: float = 0.0) -> Deferred[None]:
         """
-        Marks left by an earlier run belong to peers and channels that no
-        connection of this process holds: announce them gone after the
-        grace, unless they come back first (in a cluster: unless presence
-        holds them anywhere, or the shared marks know them already).
+        Hand the marks every online mark the outbox holds that they do not
+        know, to be announced gone after the grace (or C{delay}, if longer)
+        unless it comes back first. At start, those are an earlier run's,
+        whose connections no longer exist. In a cluster the shared marks
+        know them all, unless Redis lost its data: then this runs again
+        when the node reconnects, with a C{delay} long enough for every
+        node to register its connections again (a peer connected anywhere
+        by the deadline is not announced gone).
         """
+        return self._outbox.online_marks().addCallback(self._restore, delay).addErrback(self._recovery_failed)
+
+    def _restore(self, stored: list[OnlineMark], delay: float) -> Deferred[None]:
         now = self._clock.seconds()
-        marks = [((mark.app_id, mark.kind, mark.name), now + self._grace(mark.app_id)) for mark in stored]
+        marks = [
+            ((mark.app_id, mark.kind, mark.name), now + max(delay, self._grace(mark.app_id))) for mark in stored
+        ]
         for _, deadline in marks:
             self._wake_at(deadline)
-        return self._marks.restore(marks).addCallback(lambda _: self.loaded.callback(None))
+        return self._marks.restore(marks)
 
     def _recovery_failed(self, failure: Any) -> None:
-        self.log.failure("Could not read the webhook online marks; no offline events for an earlier run", failure)
-        self.loaded.callback(None)
+        self.log.failure("Could not restore the webhook online marks; no offline events for them", failure)
 
     def stopService(self) -> Deferred[None]:
         """
