@@ -141,6 +141,7 @@ class WebhookEmitter(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._stopped = False
         self.recover().addBoth(lambda _: self.loaded.callback(None))
         if self._sweep_seconds is not None:
             self._sweeper = LoopingCall(self._sweep)
