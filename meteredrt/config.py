@@ -93,10 +93,13 @@ PLAN_PERIODS: frozenset[str] = frozenset({"month"})
 # An http(s) URL with a host and no white space or control characters.
 _WEBHOOK_URL = re.compile(r"https?://[^/?#\s@\x00-\x1f\x7f]+(?:[/?#][^\s\x00-\x1f\x7f]*)?")
 
-#: Why an app may not declare webhooks on a cluster node yet: each node
-#: would announce its own connections' peers, so a peer connected to two
-#: nodes would be reported twice (docs/webhooks.md).
-WEBHOOKS_IN_CLUSTER = "presence webhooks are not available in a cluster yet: run them on a single node"
+#: Why an app may not declare webhooks on a cluster node whose store is
+#: SQLite: the nodes append to one outbox and one node delivers it, which
+#: per-node files cannot be (docs/webhooks.md).
+WEBHOOKS_NEED_SHARED_STORE = (
+    "presence webhooks in a cluster need the store in PostgreSQL ([storage] database or --database): "
+    "every node writes to one shared outbox and one node delivers it, which a SQLite file per node cannot be"
+)
 
 #: A webhook secret shorter than this is refused (HMAC-SHA256 keys want
 #: at least 32 bytes of entropy; the generated ones have more).
@@ -342,18 +345,28 @@ def apply_options(
         if problem is not None:
             raise ConfigError(where, "--redis", problem)
         cluster = ClusterConfig(redis) if cluster is None else evolve(cluster, redis=redis)
-        for index, declaration in enumerate(config.apps):
-            if declaration.app.webhooks is not None:
-                raise ConfigError(
-                    config.source or where, f"apps[{index}].webhooks", WEBHOOKS_IN_CLUSTER + " (--redis makes one)"
-                )
-    return evolve(
+    config = evolve(
         config,
         listen=tuple(listen) if listen else config.listen,
         data_dir=config.data_dir if data_dir is None else data_dir,
         database=config.database if database is None else database,
         cluster=cluster,
     )
+    _check_webhooks_store(config)
+    return config
+
+
+def _check_webhooks_store(config: Config) -> None:
+    """
+    Refuse webhooks on a cluster node without the shared PostgreSQL store
+    (L{WEBHOOKS_NEED_SHARED_STORE}). Checked once every option is applied:
+    C{--redis} and C{--database} each change the answer.
+    """
+    if config.cluster is None or config.database is not None:
+        return
+    for index, declaration in enumerate(config.apps):
+        if declaration.app.webhooks is not None:
+            raise ConfigError(config.source or "<command line>", f"apps[{index}].webhooks", WEBHOOKS_NEED_SHARED_STORE)
 
 
 #: The endpoint types several workers can share (with ``SO_REUSEPORT``).
@@ -730,10 +743,6 @@ def _read_document(source: str, document: dict[str, Any]) -> Config:
     webhooks = top.table("webhooks", _WEBHOOKS_SERVER_KEYS)
     if webhooks is not None and webhooks.boolean("refuse_private_addresses", False):
         _refuse_private_webhooks(top, declarations)
-    if config.cluster is not None:
-        for index, declaration in enumerate(declarations):
-            if declaration.app.webhooks is not None:
-                top.fail(f"apps[{index}].webhooks", WEBHOOKS_IN_CLUSTER)
     _check_unique(top, declarations)
     return evolve(config, apps=declarations)
 

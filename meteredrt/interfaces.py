@@ -15,6 +15,9 @@ this process goes through one of these:
   - L{ITurnProvider}: TURN credentials for the welcome frame.
   - L{IConnectionSink}: what the hub sees of one client connection.
   - L{IPresenceObserver}: presence transitions, for webhooks.
+  - L{IWebhookMarks}: which peers and channels the backend was told are
+    present, and the going-aways waiting out their grace (in memory on one
+    node; in Redis in a cluster, shared by the nodes).
   - L{IWebhookOutbox}: the durable queue of webhook events.
 
 Methods that may have to cross the network in some implementation return
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from meteredrt.membership import Joining, Member
     from meteredrt.protocol import OutboundFrame
     from meteredrt.webhooks.events import WebhookEvent
+    from meteredrt.webhooks.marks import Announcement, Where
     from meteredrt.webhooks.outbox import OnlineMark, OutboxStatus, StoredEvent
 
 
@@ -368,6 +372,65 @@ class IPresenceObserver(Interface):
     def member_left(app_id: str, channel: str, peer_id: str, metadata: dict[str, Any] | None) -> None:
         """
         A C{left} delta went out for this peer in this channel.
+        """
+
+    def channel_occupied(app_id: str, channel: str) -> None:
+        """
+        The channel got its first member (told before that member's
+        L{member_joined}).
+        """
+
+    def channel_vacated(app_id: str, channel: str) -> None:
+        """
+        The channel's last member left (told after that member's
+        L{member_left}).
+        """
+
+
+class IWebhookMarks(Interface):
+    """
+    Debouncing for the presence webhooks: which peers and channels the
+    backend was told are present (their marks), which going-aways wait out
+    their grace, and which announcements are under way to an outbox.
+
+    Each announcement is handed to exactly one caller, which stores it in
+    its outbox and then confirms it (L{stored}); until then nothing
+    contradicting it is announced, so the events of one peer (channel) are
+    stored in the order they were decided. An announcement not confirmed
+    within the claim time is handed out again by L{due}, with the same id.
+    Times are Unix seconds from the caller's clock.
+    """
+
+    def arrived(where: Where, now: float, event_id: str) -> Deferred[list[Announcement]]:
+        """
+        A peer's first connection or a channel's first member: cancels a
+        pending going-away; fires with its announcement (id C{event_id})
+        when the backend does not know it present.
+        """
+
+    def going(where: Where, deadline: float) -> Deferred[None]:
+        """
+        Its last connection (member) is gone: announce it gone at the
+        deadline unless it arrives first. Nothing when it is not marked.
+        """
+
+    def due(now: float) -> Deferred[list[Announcement]]:
+        """
+        Claim the going-aways due by C{now} of things still absent, and the
+        announcements whose claim ran out.
+        """
+
+    def stored(announcements: Sequence[Announcement], now: float) -> Deferred[list[Announcement]]:
+        """
+        These announcements are in the outbox. Fires with the arrivals
+        that had to wait for a going-away to be stored.
+        """
+
+    def restore(marks: Sequence[tuple[Where, float]]) -> Deferred[None]:
+        """
+        Marks an outbox holds, each with a deadline: those not known here
+        (an earlier run's, or lost) are marked and go away at their
+        deadline unless they arrive first.
         """
 
 

@@ -128,9 +128,12 @@ class NodeLease(Service):
         lease = f"mrt:lease:{self._node.node_id}"
         try:
             self._client.execute("DEL", lease)
-            await self._client.run(redisscripts.REAP, (), (self._node.node_id, self._node.prefix(EVERYONE)))
+            reaped = await self._client.run(redisscripts.REAP, (), (self._node.node_id, self._node.prefix(EVERYONE)))
         except Exception as e:
             self.log.warn("Could not retire node {node}: {why}", node=self._node.name, why=str(e))
+            return
+        if reaped is not None:
+            self._presence.report(reaped[1])
 
     def _reconnected(self) -> None:
         # The lease first, so that nobody reaps what the resync registers.
@@ -181,12 +184,16 @@ class NodeLease(Service):
 
     async def _reap(self, dead: str) -> None:
         try:
-            apps = await self._client.run(redisscripts.REAP, (), (dead, self._node.prefix(EVERYONE)))
+            reaped = await self._client.run(redisscripts.REAP, (), (dead, self._node.prefix(EVERYONE)))
         except Exception:
             self.log.failure("Reaping node {dead} failed", dead=dead)
             return
-        if apps is None:
+        if reaped is None:
             return  # another node claimed it first, or it came back
+        apps, transitions = reaped
+        # The dead node's peers that lost their last connection, channels
+        # that lost their last member: told here, exactly once.
+        self._presence.report(transitions)
         released = dict(Counter(app.decode() for app in apps))
         self.log.info("Reaped node {dead}: removed {count} connections", dead=dead, count=sum(released.values()))
         if self._on_reaped is not None:

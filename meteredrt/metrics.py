@@ -105,6 +105,17 @@ class MeterView(Protocol):
     def flush_failures(self) -> int: ...
 
 
+class WebhooksView(Protocol):
+    """
+    What L{Metrics.watch_webhooks} reads from the webhook dispatcher.
+    """
+
+    @property
+    def delivering(self) -> bool: ...
+
+    def pending_by_app(self) -> dict[str, int]: ...
+
+
 class Metrics:
     """
     One node's counters, histograms and the live state read at scrape time.
@@ -141,6 +152,7 @@ class Metrics:
         self.redis_errors: Counter[str] = Counter()
         self._hub: HubView | None = None
         self._meter: MeterView | None = None
+        self._webhooks: WebhooksView | None = None
 
     def redis_call(self, operation: str, seconds: float | None) -> None:
         """
@@ -164,6 +176,22 @@ class Metrics:
             self._hub = hub
         if meter is not None:
             self._meter = meter
+
+    def watch_webhooks(self, dispatcher: WebhooksView) -> None:
+        """
+        Read the webhook dispatcher at scrape time: whether this node
+        delivers, and the pending events per app it last counted.
+        """
+        self._webhooks = dispatcher
+
+    def webhook_delivery(self) -> tuple[bool, dict[str, int]] | None:
+        """
+        Whether this node delivers webhooks and, if it does, the pending
+        events per app; C{None} when no dispatcher is watched.
+        """
+        if self._webhooks is None:
+            return None
+        return self._webhooks.delivering, self._webhooks.pending_by_app()
 
     def connections_by_app(self) -> dict[str, int]:
         """

@@ -169,6 +169,24 @@ class MetricsCollector(Collector):
                 "meteredrt_meter_flush_failures", "Usage meter flushes that failed.", value=failures
             )
 
+        webhooks = metrics.webhook_delivery()
+        if webhooks is not None:
+            delivering, pending_by_app = webhooks
+            yield GaugeMetricFamily(
+                "meteredrt_webhooks_delivering",
+                "1 when this node delivers presence webhooks (in a cluster: holds the delivery lease), else 0.",
+                value=int(delivering),
+            )
+            pending = GaugeMetricFamily(
+                "meteredrt_webhooks_pending",
+                "Presence webhook events waiting for delivery per app, as the delivering node last counted "
+                "them (an app far over its usual figure is backing up: is its receiver down or slow?).",
+                labels=["app"],
+            )
+            for app, count in sorted(pending_by_app.items()):
+                pending.add_metric([app], count)
+            yield pending
+
 
 def build_registry(metrics: Metrics, clock: IReactorTime) -> CollectorRegistry:
     """

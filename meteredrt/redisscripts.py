@@ -23,6 +23,12 @@ replicas).
   - L{USAGE_SHARE}, L{USAGE_READ}: every node's live connections of each
     app and the sampled cluster-wide peaks, for usage reports
     (L{meteredrt.clusterusage}).
+  - L{MARK_ARRIVED}, L{MARK_GOING}, L{MARK_SWEEP}, L{MARK_STORED},
+    L{MARK_RESTORE}: the webhook marks shared by the nodes
+    (L{meteredrt.webhooks.redismarks}).
+
+The presence scripts also return the transitions they made, for the
+node's presence observer (the webhooks): see C{note} below.
 """
 
 from __future__ import annotations
@@ -36,11 +42,24 @@ local function announce(app, channel, prefix, version, joined, left, exclude)
     prefix .. app .. '|' .. version .. '|["p",' .. cjson.encode(channel) .. ',' .. joined .. ',' .. left .. ',' .. exclude .. ']')
 end
 
+-- A transition for the node's presence observer (webhooks): five fields,
+-- {tag, app, channel or peer, peer, metadata JSON}, appended to tr. Tags:
+-- P+ / P- a peer's first connection anywhere / its last one gone; C+ / C-
+-- a channel's first member / its last one gone; J / L a member joined /
+-- left (exactly when the joined / left delta is announced).
+local function note(tr, tag, app, name, peer, meta)
+  table.insert(tr, tag)
+  table.insert(tr, app)
+  table.insert(tr, name)
+  table.insert(tr, peer or '')
+  table.insert(tr, meta or '')
+end
+
 local function entry(peer, meta)
   return '[[' .. cjson.encode(peer) .. ',' .. meta .. ']]'
 end
 
-local function join(app, channel, peer, conn, meta, prefix)
+local function join(app, channel, peer, conn, meta, prefix, tr)
   local base = 'mrt:' .. app .. ':'
   redis.call('SADD', base .. 'k:' .. #channel .. ':' .. channel .. ':' .. peer, conn)
   redis.call('SADD', 'mrt:cs:' .. conn, channel)
@@ -51,13 +70,17 @@ local function join(app, channel, peer, conn, meta, prefix)
     redis.call('HSET', members, peer, string.sub(stored, 1, bar) .. meta)
     return 0, tonumber(redis.call('GET', 'mrt:version') or '0')
   end
+  if redis.call('EXISTS', members) == 0 then
+    note(tr, 'C+', app, channel)
+  end
   local version = redis.call('INCR', 'mrt:version')
   redis.call('HSET', members, peer, version .. '|' .. meta)
   announce(app, channel, prefix, version, entry(peer, meta), '[]', cjson.encode(conn))
+  note(tr, 'J', app, channel, peer, meta)
   return 1, version
 end
 
-local function leave(app, channel, peer, conn, prefix, out)
+local function leave(app, channel, peer, conn, prefix, out, tr)
   local base = 'mrt:' .. app .. ':'
   local refs = base .. 'k:' .. #channel .. ':' .. channel .. ':' .. peer
   if redis.call('SREM', refs, conn) == 0 or redis.call('SCARD', refs) > 0 then
@@ -75,28 +98,45 @@ local function leave(app, channel, peer, conn, prefix, out)
   table.insert(out, channel)
   table.insert(out, version)
   table.insert(out, meta)
+  note(tr, 'L', app, channel, peer, meta)
+  if redis.call('EXISTS', members) == 0 then
+    note(tr, 'C-', app, channel)
+  end
 end
 
-local function drop(app, peer, conn, node, prefix, out)
+local function drop(app, peer, conn, node, prefix, out, tr)
   local held = 'mrt:cs:' .. conn
   local channels = redis.call('SMEMBERS', held)
   table.sort(channels)
   redis.call('DEL', held)
   for _, channel in ipairs(channels) do
-    leave(app, channel, peer, conn, prefix, out)
+    leave(app, channel, peer, conn, prefix, out, tr)
   end
-  redis.call('HDEL', 'mrt:' .. app .. ':r:' .. peer, conn)
+  local registry = 'mrt:' .. app .. ':r:' .. peer
+  if redis.call('HDEL', registry, conn) == 1 and redis.call('EXISTS', registry) == 0 then
+    note(tr, 'P-', app, peer)
+  end
   redis.call('HDEL', 'mrt:nc:' .. node, conn)
+end
+
+-- Register a live connection; a peer's first connection anywhere is a P+.
+local function register(app, peer, conn, node, tr)
+  local registry = 'mrt:' .. app .. ':r:' .. peer
+  if redis.call('HSET', registry, conn, node) == 1 and redis.call('HLEN', registry) == 1 then
+    note(tr, 'P+', app, peer)
+  end
+  redis.call('HSET', 'mrt:nc:' .. node, conn, app .. ':' .. peer)
 end
 """
 
 #: ARGV: app, channel, peer, conn, metadata JSON, message prefix.
-#: Returns {first (0/1), version, HGETALL of the members hash}.
+#: Returns {first (0/1), version, HGETALL of the members hash, transitions}.
 JOIN = Script(
     _LIB
     + """
-local first, version = join(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-return {first, version, redis.call('HGETALL', 'mrt:' .. ARGV[1] .. ':m:' .. ARGV[2])}
+local tr = {}
+local first, version = join(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tr)
+return {first, version, redis.call('HGETALL', 'mrt:' .. ARGV[1] .. ':m:' .. ARGV[2]), tr}
 """
 )
 
@@ -108,35 +148,38 @@ return {tonumber(redis.call('GET', 'mrt:version') or '0'), redis.call('HGETALL',
 )
 
 #: ARGV: app, channel, peer, conn, message prefix.
-#: Returns {} or {channel, version, metadata JSON} when the peer left.
+#: Returns {lefts, transitions}: lefts is {} or {channel, version, metadata
+#: JSON} when the peer left.
 LEAVE = Script(
     _LIB
     + """
 redis.call('SREM', 'mrt:cs:' .. ARGV[4], ARGV[2])
-local out = {}
-leave(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], out)
-return out
+local out, tr = {}, {}
+leave(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], out, tr)
+return {out, tr}
 """
 )
 
-#: ARGV: app, peer, conn, node.
+#: ARGV: app, peer, conn, node. Returns the transitions (a P+ when this
+#: is the peer's first connection anywhere).
 CONNECT = Script(
-    """
-redis.call('HSET', 'mrt:' .. ARGV[1] .. ':r:' .. ARGV[2], ARGV[3], ARGV[4])
-redis.call('HSET', 'mrt:nc:' .. ARGV[4], ARGV[3], ARGV[1] .. ':' .. ARGV[2])
+    _LIB
+    + """
+local tr = {}
+register(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tr)
 redis.call('SADD', 'mrt:nodes', ARGV[4])
-return 1
+return tr
 """
 )
 
 #: ARGV: app, peer, conn, node, message prefix.
-#: Returns the lefts, flat: {channel, version, metadata, ...}.
+#: Returns {lefts, transitions}; lefts flat: {channel, version, metadata, ...}.
 DISCONNECT = Script(
     _LIB
     + """
-local out = {}
-drop(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], out)
-return out
+local out, tr = {}, {}
+drop(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], out, tr)
+return {out, tr}
 """
 )
 
@@ -167,6 +210,9 @@ return count
 #: Drops what Redis holds for this node's connections that are gone, and
 #: registers the live ones with exactly their memberships, announcing the
 #: differences (with an origin every node delivers, its own included).
+#: Returns {live connection count, transitions}: what the differences mean
+#: cluster-wide (a peer reaped while this node was cut off is connected
+#: again, a connection that closed meanwhile may have been the peer's last).
 RESYNC = Script(
     _LIB
     + """
@@ -188,30 +234,29 @@ while i <= #ARGV do
   table.insert(wanted, {conn, app, peer, meta, channels})
   i = i + 5 + n
 end
-local out = {}
+local out, tr = {}, {}
 local held = redis.call('HGETALL', 'mrt:nc:' .. node)
 for k = 1, #held, 2 do
   local conn, owner = held[k], held[k + 1]
   if not live[conn] then
     local colon = string.find(owner, ':', 1, true)
-    drop(string.sub(owner, 1, colon - 1), string.sub(owner, colon + 1), conn, node, prefix, out)
+    drop(string.sub(owner, 1, colon - 1), string.sub(owner, colon + 1), conn, node, prefix, out, tr)
   end
 end
 for _, w in ipairs(wanted) do
   local conn, app, peer, meta, channels = w[1], w[2], w[3], w[4], w[5]
-  redis.call('HSET', 'mrt:' .. app .. ':r:' .. peer, conn, node)
-  redis.call('HSET', 'mrt:nc:' .. node, conn, app .. ':' .. peer)
+  register(app, peer, conn, node, tr)
   for _, channel in ipairs(redis.call('SMEMBERS', 'mrt:cs:' .. conn)) do
     if not channels[channel] then
       redis.call('SREM', 'mrt:cs:' .. conn, channel)
-      leave(app, channel, peer, conn, prefix, out)
+      leave(app, channel, peer, conn, prefix, out, tr)
     end
   end
   for channel in pairs(channels) do
-    join(app, channel, peer, conn, meta, prefix)
+    join(app, channel, peer, conn, meta, prefix, tr)
   end
 end
-return #wanted
+return {#wanted, tr}
 """
 )
 
@@ -245,8 +290,9 @@ return {state, dead}
 #: ARGV: dead node, message prefix (origin: everyone).
 #: Claims the node if its lease is still gone and nobody claimed it first,
 #: then removes its connections, announcing each last-connection C{left}.
-#: Returns {} when not claimed, else the app id of every removed
-#: connection (for the connection counts the node held).
+#: Returns nil when not claimed, else {the app id of every removed
+#: connection (for the connection counts the node held), transitions}: the
+#: reaping node tells its observer, so each is told exactly once.
 REAP = Script(
     _LIB
     + """
@@ -255,12 +301,12 @@ if redis.call('EXISTS', 'mrt:lease:' .. dead) == 1 or redis.call('SREM', 'mrt:no
   return false
 end
 local held = redis.call('HGETALL', 'mrt:nc:' .. dead)
-local apps, out = {}, {}
+local apps, out, tr = {}, {}, {}
 for k = 1, #held, 2 do
   local conn, owner = held[k], held[k + 1]
   local colon = string.find(owner, ':', 1, true)
   local app = string.sub(owner, 1, colon - 1)
-  drop(app, string.sub(owner, colon + 1), conn, dead, prefix, out)
+  drop(app, string.sub(owner, colon + 1), conn, dead, prefix, out, tr)
   table.insert(apps, app)
 end
 redis.call('DEL', 'mrt:nc:' .. dead)
@@ -269,7 +315,7 @@ for _, app in ipairs(redis.call('SMEMBERS', 'mrt:ca:' .. dead)) do
 end
 redis.call('DEL', 'mrt:ca:' .. dead)
 redis.call('SET', 'mrt:reaped:' .. dead, '1', 'EX', 86400)
-return apps
+return {apps, tr}
 """
 )
 
@@ -402,6 +448,214 @@ USAGE_READ = Script(
 return {live_sum(ARGV[1], ARGV[2], false), tonumber(redis.call('GET', 'mrt:' .. ARGV[1] .. ':pk:' .. ARGV[3]) or '0')}
 """
 )
+
+# Webhook marks (L{meteredrt.webhooks.redismarks}): which peers and
+# channels the backend was told are present, going-away announcements
+# waiting out their grace, and announcements under way to an outbox.
+#   mrt:{app}:wm  hash {kind}:{name} -> state: '1' (announced present and
+#                 stored), or {sign}{event id}|{timestamp ms}|{then}: an
+#                 announcement being stored ('+' present, '-' gone); then is
+#                 '1' when the opposite is due as soon as it is stored (it
+#                 came back, or its grace ran out, meanwhile)
+#   mrt:wp        sorted set {app}:{kind}:{name} by going-away deadline (ms)
+#   mrt:wf        sorted set {app}:{kind}:{name} by when an announcement
+#                 under way is made again unless its node confirmed it (ms)
+# Every announcement a script returns is six fields: app, kind, name, sign
+# ('+' or '-'), event id, timestamp (ms).
+_MARKS_LIB = """
+local function split(member)
+  local a = string.find(member, ':', 1, true)
+  local b = string.find(member, ':', a + 1, true)
+  return string.sub(member, 1, a - 1), string.sub(member, a + 1, b - 1), string.sub(member, b + 1)
+end
+
+local function parse(state)
+  local sign = string.sub(state, 1, 1)
+  if sign == '1' then
+    return sign
+  end
+  local a = string.find(state, '|', 2, true)
+  local b = string.find(state, '|', a + 1, true)
+  return sign, string.sub(state, 2, a - 1), string.sub(state, a + 1, b - 1), string.sub(state, b + 1)
+end
+
+-- Whether presence holds the peer (a registered connection) or the channel
+-- (a member) right now, on any node.
+local function present(app, kind, name)
+  if kind == 'peer' then
+    return redis.call('EXISTS', 'mrt:' .. app .. ':r:' .. name) == 1
+  end
+  return redis.call('EXISTS', 'mrt:' .. app .. ':m:' .. name) == 1
+end
+
+local function set_then(key, field, state, flag)
+  redis.call('HSET', key, field, string.sub(state, 1, -2) .. flag)
+end
+
+local function claim(app, kind, name, sign, evt, ts, retry_at, out)
+  redis.call('HSET', 'mrt:' .. app .. ':wm', kind .. ':' .. name, sign .. evt .. '|' .. ts .. '|0')
+  redis.call('ZADD', 'mrt:wf', retry_at, app .. ':' .. kind .. ':' .. name)
+  for _, v in ipairs({app, kind, name, sign, evt, ts}) do
+    table.insert(out, v)
+  end
+end
+"""
+
+#: ARGV: app, kind, name, now (ms), a new event id, claim (ms).
+#: Something arrived: cancels its pending going-away; announces it present
+#: (under way, with this id) unless the backend already knows it, or, when
+#: its going-away is being stored, has it announced again after that.
+#: Returns the announcements.
+MARK_ARRIVED = Script(
+    _MARKS_LIB
+    + """
+local app, kind, name, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key, field = 'mrt:' .. app .. ':wm', kind .. ':' .. name
+redis.call('ZREM', 'mrt:wp', app .. ':' .. field)
+local state = redis.call('HGET', key, field)
+local out = {}
+if not state then
+  claim(app, kind, name, '+', ARGV[5], now, tonumber(now) + tonumber(ARGV[6]), out)
+elseif string.sub(state, 1, 1) == '-' then
+  set_then(key, field, state, '1')
+elseif string.sub(state, 1, 1) == '+' then
+  set_then(key, field, state, '0')
+end
+return out
+"""
+)
+
+#: ARGV: app, kind, name, deadline (ms).
+#: Something's last presence is gone: its going-away is announced at the
+#: deadline unless it arrives first (the earliest pending deadline stays).
+MARK_GOING = Script(
+    _MARKS_LIB
+    + """
+local app, kind, name = ARGV[1], ARGV[2], ARGV[3]
+local key, field = 'mrt:' .. app .. ':wm', kind .. ':' .. name
+local state = redis.call('HGET', key, field)
+if not state then
+  return 0
+end
+if string.sub(state, 1, 1) == '-' then
+  set_then(key, field, state, '0')
+  return 0
+end
+redis.call('ZADD', 'mrt:wp', 'NX', ARGV[4], app .. ':' .. field)
+return 1
+"""
+)
+
+#: ARGV: now (ms), claim (ms), event id prefix, limit.
+#: Claims, for the calling node, announcements under way whose node did not
+#: confirm them in time (again, with the same id and timestamp), and due
+#: going-aways of things still absent everywhere (new ids: the prefix and a
+#: counter; timestamp: the deadline). A going-away of something whose
+#: arrival is still being stored follows once that is stored. At most
+#: C{limit} of each. Returns {announcements, 1 when there may be more due}.
+MARK_SWEEP = Script(
+    _MARKS_LIB
+    + """
+local now, claim_ms, prefix, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local out, made = {}, 0
+local stale = redis.call('ZRANGEBYSCORE', 'mrt:wf', '-inf', now, 'LIMIT', 0, limit)
+for _, member in ipairs(stale) do
+  local app, kind, name = split(member)
+  local state = redis.call('HGET', 'mrt:' .. app .. ':wm', kind .. ':' .. name)
+  local sign, evt, ts = 'none'
+  if state then
+    sign, evt, ts = parse(state)
+  end
+  if sign == '+' or sign == '-' then
+    redis.call('ZADD', 'mrt:wf', now + claim_ms, member)
+    for _, v in ipairs({app, kind, name, sign, evt, ts}) do
+      table.insert(out, v)
+    end
+  else
+    redis.call('ZREM', 'mrt:wf', member)
+  end
+end
+local due = redis.call('ZRANGEBYSCORE', 'mrt:wp', '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+for i = 1, #due, 2 do
+  local member, deadline = due[i], due[i + 1]
+  local app, kind, name = split(member)
+  local key, field = 'mrt:' .. app .. ':wm', kind .. ':' .. name
+  local state = redis.call('HGET', key, field)
+  redis.call('ZREM', 'mrt:wp', member)
+  if state and not present(app, kind, name) then
+    if state == '1' then
+      made = made + 1
+      claim(app, kind, name, '-', prefix .. string.format('%08x', made), deadline, now + claim_ms, out)
+    elseif string.sub(state, 1, 1) == '+' then
+      set_then(key, field, state, '1')
+    end
+  end
+end
+local more = 0
+if #stale >= limit or #due >= 2 * limit then
+  more = 1
+end
+return {out, more}
+"""
+)
+
+#: ARGV: now (ms), claim (ms), event id prefix, then app, kind, name, event
+#: id of each announcement this node stored. An arrival becomes a plain
+#: mark, or is followed by its going-away (now) when its grace ran out
+#: meanwhile; a going-away clears the mark, or is followed by a new arrival
+#: when the thing is back meanwhile (either under way, for this node).
+#: Announcements already confirmed are left alone. Returns the new
+#: announcements.
+MARK_STORED = Script(
+    _MARKS_LIB
+    + """
+local now, claim_ms, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out, made = {}, 0
+for i = 4, #ARGV, 4 do
+  local app, kind, name, evt = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key, field = 'mrt:' .. app .. ':wm', kind .. ':' .. name
+  local state = redis.call('HGET', key, field)
+  if state then
+    local sign, held, _, after = parse(state)
+    if held == evt then
+      redis.call('ZREM', 'mrt:wf', app .. ':' .. field)
+      local here = present(app, kind, name)
+      if sign == '+' and after == '1' and not here then
+        made = made + 1
+        claim(app, kind, name, '-', prefix .. string.format('%08x', made), now, tonumber(now) + claim_ms, out)
+      elseif sign == '+' then
+        redis.call('HSET', key, field, '1')
+      elseif after == '1' or here then
+        made = made + 1
+        claim(app, kind, name, '+', prefix .. string.format('%08x', made), now, tonumber(now) + claim_ms, out)
+      else
+        redis.call('HDEL', key, field)
+      end
+    end
+  end
+end
+return out
+"""
+)
+
+#: ARGV: app, kind, name, deadline (ms) of each mark an outbox holds.
+#: Marks Redis does not know (it lost them, or they are an earlier run's)
+#: are set again, going away at their deadline unless they arrive first (or
+#: are present: the sweep checks).
+MARK_RESTORE = Script(
+    """
+for i = 1, #ARGV, 4 do
+  local app, kind, name = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HSETNX', 'mrt:' .. app .. ':wm', kind .. ':' .. name, '1') == 1 then
+    redis.call('ZADD', 'mrt:wp', 'NX', ARGV[i + 3], app .. ':' .. kind .. ':' .. name)
+  end
+end
+return 1
+"""
+)
+
+#: The scripts of the webhook marks.
+MARKS = (MARK_ARRIVED, MARK_GOING, MARK_SWEEP, MARK_STORED, MARK_RESTORE)
 
 #: Every script, for L{meteredrt.redisclient.RedisClient.register}.
 ALL = (

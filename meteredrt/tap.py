@@ -52,6 +52,7 @@ from meteredrt.config import (
 )
 from meteredrt.guard import ConnectionCap, GuardedSite
 from meteredrt.hub import Hub
+from meteredrt.leadership import Leadership
 from meteredrt.lease import NodeLease
 from meteredrt.logs import build_observer, rotate_on_sigusr1, twistd_destination
 from meteredrt.metering import Meter
@@ -59,20 +60,22 @@ from meteredrt.metrics import Metrics
 from meteredrt.presence.memory import MemoryPresence
 from meteredrt.presence.redis import RedisPresence
 from meteredrt.prometheus import MetricsResource, build_registry, metrics_root
-from meteredrt.redisclient import RedisClient, RedisSubscriber, parse_redis_url
+from meteredrt.redisclient import BACKOFF_CAP, RedisClient, RedisSubscriber, parse_redis_url
 from meteredrt.rest import install_rest
 from meteredrt.site import BoundedRequest, V1Resource, access_log_line, build_root
 from meteredrt.speedups import install_speedups
 from meteredrt.store import keys as key_tables
 from meteredrt.store import usage as usage_tables
+from meteredrt.store import webhooks as webhook_tables
 from meteredrt.store.database import Database, DriverMissing, require_driver
 from meteredrt.store.keystore import KeyStore
 from meteredrt.store.schema import SchemaTooNew
 from meteredrt.store.usage import UsageStore
+from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.turn import TurnApiClient, TurnCredentialCache
-from meteredrt.webhooks.dispatcher import WebhookDispatcher
+from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
 from meteredrt.webhooks.emitter import WebhookEmitter
-from meteredrt.webhooks.outbox import SQLiteOutbox, webhooks_database_path
+from meteredrt.webhooks.redismarks import SWEEP_SECONDS, RedisMarks
 from meteredrt.workers import ParentWatch, ReusePortEndpoint, WorkerCommand, WorkerPool, for_worker
 from meteredrt.ws import RealtimeServerFactory
 
@@ -380,7 +383,7 @@ class DataDirectory(Service):
     after the reactor has started. A PostgreSQL store is opened by its pools
     once the reactor runs (a database that cannot be reached then stops the
     start, see L{StartupGate}); its data directory is still made here, for
-    what each node keeps to itself (the webhook outbox).
+    what each node keeps to itself.
     """
 
     def __init__(self, database: Database) -> None:
@@ -394,7 +397,7 @@ class DataDirectory(Service):
             except OSError as e:
                 refuse_to_start(f"cannot use data directory {self.database.data_dir!r}: {e.strerror or e}")
             return
-        for tables in (key_tables, usage_tables):
+        for tables in (key_tables, usage_tables, webhook_tables):
             try:
                 self.database.connect(tables.COMPONENT, tables.MIGRATIONS).close()
             except OSError as e:
@@ -602,12 +605,18 @@ def _cluster_hub(
     reactor: Any,
     top: MultiService,
     metrics: Metrics,
+    emitter: WebhookEmitter,
 ) -> Hub:
     """
     A hub routing and keeping presence through Redis, with the node's
     Redis connections and lease as services of C{top}: added before the
     hub, they stop after the connections have drained, so every closing
     connection still leaves presence and releases its count.
+
+    The presence tells C{emitter} of the cluster-wide transitions this
+    node's steps make (and those of the nodes it reaps); the emitter is
+    added after the lease, so that it stops after the hub and before the
+    Redis connection its marks need.
     """
     node, client = count.node, count.client
     client.metrics = metrics
@@ -615,7 +624,7 @@ def _cluster_hub(
     broker = RedisBroker(client, node)
     subscriber = RedisSubscriber(reactor, address, broker.received)
     broker.start(subscriber)
-    presence = RedisPresence(client, node)
+    presence = RedisPresence(client, node, observer=emitter)
     client.setServiceParent(top)
     subscriber.setServiceParent(top)
     # The reaper script releases a dead node's connection counts; this
@@ -625,6 +634,7 @@ def _cluster_hub(
     # Stops after the connections drained and before the Redis client: the
     # unused message slices and prepaid overage go back to the cluster.
     quota.setServiceParent(top)
+    emitter.setServiceParent(top)
     Logger().info("Cluster node {node} on Redis at {address}", node=node.node_id, address=str(address))
     hub = Hub(broker, presence, meter, keys.app, node_id=node.node_id, metrics=metrics)
     lease.reconcile_after_outage(subscriber, hub.reconcile_presence)
@@ -707,28 +717,52 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     metrics = Metrics()
     metrics.watch(meter=meter)
 
+    # Presence webhooks: the outbox is in the store (a cluster's nodes share
+    # it in PostgreSQL). It is opened before the hub can take note of
+    # anything and closes after every connection has drained.
+    outbox = StoreOutbox(
+        database.open_pool(webhook_tables.COMPONENT, webhook_tables.MIGRATIONS, reactor, create=False),
+        database.dialect,
+    )
+    top.addService(_Closing(outbox.close))
+    # Batches go out back to back while a backlog drains: keep connections.
+    webhook_pool = HTTPConnectionPool(reactor, persistent=True)
+    top.addService(_Closing(webhook_pool.closeCachedConnections))
+    webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
+    webhook_configs = partial(_webhooks_of, keys)
+    dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
+    metrics.watch_webhooks(dispatcher)
     usage_report: ClusterUsage | None = None
     if config.cluster is None or cluster_count is None or quota is None:
-        # Presence webhooks: the outbox is written before the hub can take
-        # note of anything, and stops after every connection has drained.
-        outbox = SQLiteOutbox(webhooks_database_path(config.data_dir), reactor)
-        top.addService(_Closing(outbox.close))
-        # Batches go out back to back while a backlog drains: keep connections.
-        webhook_pool = HTTPConnectionPool(reactor, persistent=True)
-        top.addService(_Closing(webhook_pool.closeCachedConnections))
-        webhook_http = HTTPClient(Agent(reactor, pool=webhook_pool))
-        webhook_configs = partial(_webhooks_of, keys)
-        dispatcher = WebhookDispatcher(webhook_configs, outbox, webhook_http, reactor)
         dispatcher.setServiceParent(top)
         emitter = WebhookEmitter(webhook_configs, outbox, reactor, on_stored=dispatcher.wake)
         emitter.setServiceParent(top)
         hub = Hub(MemoryBroker(), MemoryPresence(observer=emitter), meter, keys.app, metrics=metrics)
     else:
-        hub = _cluster_hub(config.cluster, cluster_count, quota, meter, keys, reactor, top, metrics)
+        # Each event is emitted by one node: the presence scripts say which
+        # node made each transition, and the debounce is shared in Redis.
+        emitter = WebhookEmitter(
+            webhook_configs, outbox, reactor, on_stored=dispatcher.wake,
+            marks=RedisMarks(cluster_count.client), sweep_seconds=SWEEP_SECONDS,
+        )  # fmt: skip
+        # A Redis that restarted empty forgot the marks: the outbox's come
+        # back once every node had time to register its connections again.
+        after_outage = BACKOFF_CAP + config.cluster.lease_seconds
+        cluster_count.client.on_reconnected(lambda: emitter.recover(after_outage))
+        hub = _cluster_hub(config.cluster, cluster_count, quota, meter, keys, reactor, top, metrics, emitter)
         # GET /v1/usage answers for the whole cluster: every node shares
         # its live counts in Redis, and the store adds up their flushes.
         usage_report = ClusterUsage(meter, usage_store, cluster_count.client, cluster_count.node)
         UsageShares(reactor, meter, usage_report).setServiceParent(top)
+        # One node of the cluster delivers the shared outbox: the holder of
+        # the delivery lease. Added after the Redis client and before the
+        # hub, it stops after the hub and gives the lease up before the
+        # client closes.
+        delivery = Leadership(
+            reactor, cluster_count.client, DELIVERY_ROLE, cluster_count.node.node_id,
+            config.cluster.lease_seconds, dispatcher,
+        )  # fmt: skip
+        delivery.setServiceParent(top)
     hub.setServiceParent(top)
     # A suspension made while running closes the app's live connections
     # with 4012 at the key store's next re-read.

@@ -1,6 +1,7 @@
 """
 Tests for C{meteredrt webhooks status} and C{meteredrt webhooks replay}
-against an outbox a real L{SQLiteOutbox} wrote.
+against an outbox a real L{StoreOutbox} wrote, on SQLite in the data
+directory and on PostgreSQL (C{--database}).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import os
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
+from meteredrt.store import webhooks as webhook_tables
+from meteredrt.store.database import Database
+from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.webhooks.events import PEER_ONLINE, new_event
-from meteredrt.webhooks.outbox import SQLiteOutbox, webhooks_database_path
+from tests.postgres_server import fresh_database
 from tests.test_cli import CommandLineMixin
 
 WEBHOOK_CONFIG = """
@@ -44,8 +48,13 @@ class WebhooksCommandTests(CommandLineMixin, TestCase):
         with open(self.config, "w") as f:
             f.write(WEBHOOK_CONFIG.format(data_dir=self.data_dir))
 
-    def outbox(self) -> SQLiteOutbox:
-        outbox = SQLiteOutbox(webhooks_database_path(self.data_dir), reactor)
+    def database(self) -> Database:
+        return Database(self.data_dir)
+
+    def outbox(self) -> StoreOutbox:
+        database = self.database()
+        pool = database.open_pool(webhook_tables.COMPONENT, webhook_tables.MIGRATIONS, reactor)
+        outbox = StoreOutbox(pool, database.dialect)
         self.addCleanup(outbox.close)
         return outbox
 
@@ -58,7 +67,7 @@ class WebhooksCommandTests(CommandLineMixin, TestCase):
         self.assertEqual(data["url"], "https://backend.example/metered-hooks")
         self.assertEqual(data["events"], ["peer.offline", "peer.online"])
         self.assertEqual((data["pending"], data["failed"], data["delivered"]), (0, 0, 0))
-        self.assertFalse(os.path.exists(webhooks_database_path(self.data_dir)))
+        self.assertFalse(os.path.exists(self.database().sqlite_path(webhook_tables.COMPONENT)))
 
     def test_status_unconfigured(self) -> None:
         """
@@ -96,3 +105,19 @@ class WebhooksCommandTests(CommandLineMixin, TestCase):
         self.assertEqual(self.json("webhooks", "replay", "--app", "hooked", "--config", self.config)["replayed"], 0)
         pending = await outbox.next_batch("hooked", 10)
         self.assertEqual([s.event.peer_id for s in pending], ["p1", "p2", "p3"])
+
+
+class PostgreSQLWebhooksCommandTests(WebhooksCommandTests):
+    """
+    The same commands on the outbox a cluster shares in PostgreSQL, named
+    by the configuration's C{[storage] database}.
+    """
+
+    def setUp(self) -> None:
+        self.url = fresh_database()
+        super().setUp()
+        with open(self.config, "a") as f:
+            f.write(f'\n[storage]\ndatabase = "{self.url}"\n')
+
+    def database(self) -> Database:
+        return Database(self.data_dir, self.url)

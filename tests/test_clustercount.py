@@ -218,7 +218,7 @@ class RedisCountTests(TestCase):
         self.assertFalse(await self.admitted(two, app))
         # node0 is a member without a lease: dead, as after kill -9.
         await second.client.execute("SADD", "mrt:nodes", first.node.node_id)
-        apps = await second.client.run(redisscripts.REAP, (), (first.node.node_id, second.node.prefix(EVERYONE)))
+        apps, _ = await second.client.run(redisscripts.REAP, (), (first.node.node_id, second.node.prefix(EVERYONE)))
         self.assertEqual(apps, [])
         self.assertEqual([await self.admitted(two, app) for _ in range(4)], [True, True, True, False])
 

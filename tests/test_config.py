@@ -973,33 +973,59 @@ class ClusterConfigTests(ConfigTestsMixin, SynchronousTestCase):
 
 class WebhooksInClusterTests(ConfigTestsMixin, SynchronousTestCase):
     """
-    Presence webhooks are refused on a cluster node, from the file or with
-    C{--redis}, until they are cluster-wide.
+    Presence webhooks on a cluster node need the store in PostgreSQL (one
+    outbox all nodes share); whether they have it is known once every
+    command-line option is applied.
     """
 
     HOOKED = (
         '[[apps]]\nid = "a"\n\n[apps.webhooks]\nurl = "https://backend.example/hooks"\n'
         'secret = "whsec_0123456789abcdef0123456789abcdef"\n'
     )
+    CLUSTER = '[cluster]\nredis = "redis://127.0.0.1:7000/0"\n\n'
+    STORAGE = '[storage]\ndatabase = "postgresql://meteredrt@127.0.0.1:5433/meteredrt"\n\n'
 
-    def test_file(self) -> None:
+    def test_cluster_on_sqlite(self) -> None:
         """
-        C{[cluster]} and an app's C{[apps.webhooks]} in one file are refused.
+        C{[cluster]} and an app's C{[apps.webhooks]} without C{[storage]
+        database} are refused, naming the app's webhooks and the fix.
         """
-        self.assertConfigError(
-            '[cluster]\nredis = "redis://127.0.0.1:7000/0"\n\n' + self.HOOKED,
-            "apps[0].webhooks",
-            "not available in a cluster",
-        )
+        path = self.write(self.CLUSTER + self.HOOKED)
+        error = self.assertRaises(ConfigError, apply_options, load_config(path))
+        self.assertEqual((error.source, error.where), (path, "apps[0].webhooks"))
+        self.assertIn("[storage] database or --database", error.problem)
 
-    def test_redis_option(self) -> None:
+    def test_redis_option_on_sqlite(self) -> None:
         """
-        C{--redis} over a file whose apps have webhooks is refused.
+        C{--redis} over a file whose apps have webhooks is refused too.
         """
         config = load_config(self.write(self.HOOKED))
         error = self.assertRaises(ConfigError, apply_options, config, redis="redis://127.0.0.1:7000/0")
-        self.assertIn("apps[0].webhooks", str(error))
-        self.assertIn("--redis", str(error))
+        self.assertEqual(error.where, "apps[0].webhooks")
+
+    def test_cluster_on_postgresql(self) -> None:
+        """
+        With the store in PostgreSQL, from the file or from C{--database},
+        webhooks work on a cluster node.
+        """
+        config = apply_options(load_config(self.write(self.STORAGE + self.CLUSTER + self.HOOKED)))
+        self.assertIsNotNone(config.apps[0].app.webhooks)
+        config = apply_options(
+            load_config(self.write(self.CLUSTER + self.HOOKED)), database="postgresql://u@127.0.0.1/db"
+        )
+        self.assertIsNotNone(config.cluster)
+        config = apply_options(
+            load_config(self.write(self.STORAGE + self.HOOKED)), redis="redis://127.0.0.1:7000/0"
+        )
+        self.assertIsNotNone(config.cluster)
+
+    def test_single_node_on_sqlite(self) -> None:
+        """
+        A single node keeps its outbox in SQLite, as before.
+        """
+        config = apply_options(load_config(self.write(self.HOOKED)))
+        self.assertIsNone(config.cluster)
+        self.assertIsNone(config.database)
 
 
 class NonFiniteNumberTests(ConfigTestsMixin, SynchronousTestCase):

@@ -40,6 +40,12 @@ class RecordingObserver:
     def member_left(self, app_id: str, channel: str, peer_id: str, metadata: dict[str, Any] | None) -> None:
         self.calls.append(("left", app_id, channel, peer_id, metadata))
 
+    def channel_occupied(self, app_id: str, channel: str) -> None:
+        self.calls.append(("occupied", app_id, channel))
+
+    def channel_vacated(self, app_id: str, channel: str) -> None:
+        self.calls.append(("vacated", app_id, channel))
+
 
 class HubObserverTests(HubTestCase):
     """
@@ -95,8 +101,9 @@ class HubObserverTests(HubTestCase):
 
     def test_close_leaves_channels(self) -> None:
         """
-        A close reports a leave for every channel the peer leaves, then the
-        disconnect.
+        A close reports a leave for every channel the peer leaves (each
+        channel vacated after its last member's leave), then the disconnect;
+        a channel is occupied before its first member's join.
         """
         session, _ = self.connect("bob")
         self.subscribe(session, "a")
@@ -104,9 +111,27 @@ class HubObserverTests(HubTestCase):
         self.successResultOf(self.hub.disconnect(session))
         self.assertEqual(
             [call[0:3] for call in self.observer.calls],
-            [("connected", "app_1", "bob"), ("joined", "app_1", "a"), ("joined", "app_1", "b"),
-             ("left", "app_1", "a"), ("left", "app_1", "b"), ("disconnected", "app_1", "bob")],
+            [("connected", "app_1", "bob"), ("occupied", "app_1", "a"), ("joined", "app_1", "a"),
+             ("occupied", "app_1", "b"), ("joined", "app_1", "b"),
+             ("left", "app_1", "a"), ("vacated", "app_1", "a"), ("left", "app_1", "b"), ("vacated", "app_1", "b"),
+             ("disconnected", "app_1", "bob")],
         )
+
+    def test_channel_occupied_once(self) -> None:
+        """
+        A second member neither occupies the channel again nor vacates it
+        when it leaves first.
+        """
+        one, _ = self.connect("alice")
+        two, _ = self.connect("bob")
+        self.subscribe(one, "room")
+        self.subscribe(two, "room")
+        self.request(one, type="unsubscribe", channel="room")
+        self.assertEqual(
+            [call[0] for call in self.observer.calls if call[0] in ("occupied", "vacated")], ["occupied"]
+        )
+        self.request(two, type="unsubscribe", channel="room")
+        self.assertEqual(self.observer.calls[-1], ("vacated", "app_1", "room"))
 
 
 class HubWebhookTests(HubTestCase):

@@ -335,7 +335,7 @@ class LeaseTimingTests(SynchronousTestCase):
         """
         reaped: list[dict[str, int]] = []
         self.lease._on_reaped = reaped.append
-        self.client.replies = [[1, [b"dead.1"]], [b"app_1", b"app_1", b"app_2"], [2, []], 0]
+        self.client.replies = [[1, [b"dead.1"]], [[b"app_1", b"app_1", b"app_2"], []], [2, []], [0, []]]
         self.successResultOf(self.lease.tick())
         self.assertEqual(reaped, [{"app_1": 2, "app_2": 1}])
         self.successResultOf(self.lease.tick())

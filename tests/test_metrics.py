@@ -314,6 +314,41 @@ class MeterFlushScrapeTests(SynchronousTestCase):
         self.assertEqual(value(samples, "meteredrt_meter_flush_failures_total"), 2)
 
 
+@define
+class _WebhooksView:
+    delivering: bool
+    pending: dict[str, int]
+
+    def pending_by_app(self) -> dict[str, int]:
+        return self.pending
+
+
+class WebhookScrapeTests(SynchronousTestCase):
+    """
+    Whether this node delivers webhooks, and the pending events per app,
+    are read at scrape time.
+    """
+
+    def test_delivering(self) -> None:
+        """
+        The delivering node exposes 1 and each app's pending events; a node
+        that does not deliver exposes 0; without a watched dispatcher
+        neither metric is exposed.
+        """
+        clock = Clock()
+        metrics = Metrics()
+        self.assertNotIn(("meteredrt_webhooks_delivering", ()), scrape(metrics, clock))
+        metrics.watch_webhooks(_WebhooksView(True, {"a": 1500, "b": 0}))
+        samples = scrape(metrics, clock)
+        self.assertEqual(value(samples, "meteredrt_webhooks_delivering"), 1)
+        self.assertEqual(value(samples, "meteredrt_webhooks_pending", app="a"), 1500)
+        self.assertEqual(value(samples, "meteredrt_webhooks_pending", app="b"), 0)
+        metrics.watch_webhooks(_WebhooksView(False, {}))
+        samples = scrape(metrics, clock)
+        self.assertEqual(value(samples, "meteredrt_webhooks_delivering"), 0)
+        self.assertNotIn(("meteredrt_webhooks_pending", (("app", "a"),)), samples)
+
+
 class RestScrapeTests(SynchronousTestCase):
     """
     REST requests count by operation and status.

@@ -257,4 +257,4 @@ class ObserverFailureTests(SynchronousTestCase):
         presence.remove_connection("a", "alice", "c1")
         self.assertEqual(self.successResultOf(presence.members("a", "room")), [])
         self.assertEqual(self.successResultOf(presence.connections_of("a", "alice")), frozenset())
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 6)

@@ -96,6 +96,9 @@ class DialectTests(SynchronousTestCase):
         self.assertEqual(
             POSTGRESQL.ddl(ddl), "CREATE TABLE t (id BIGSERIAL PRIMARY KEY, n BIGINT, x DOUBLE PRECISION)"
         )
+        # A key never reused, even after the rows holding the largest went.
+        self.assertEqual(SQLITE.ddl("{serial}"), "INTEGER PRIMARY KEY AUTOINCREMENT")
+        self.assertEqual(POSTGRESQL.ddl("{serial}"), "BIGSERIAL PRIMARY KEY")
 
     def test_sqlite_write_lock(self) -> None:
         """

@@ -25,9 +25,13 @@ from meteredrt.apps import App, Key, KeyType
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.broker.redis import RedisBroker
 from meteredrt.hub import Hub
+from meteredrt.leadership import Leadership
 from meteredrt.metering import Meter
 from meteredrt.presence.redis import RedisPresence
+from meteredrt.redisclient import BACKOFF_CAP, RedisClient
 from meteredrt.site import V1Resource, build_root
+from meteredrt.store.dialect import POSTGRESQL
+from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.tap import (
     FIRST_KEYS_FILE,
     ConnectionDrain,
@@ -40,6 +44,9 @@ from meteredrt.tap import (
     makeService,
     show_bootstrap,
 )
+from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
+from meteredrt.webhooks.emitter import WebhookEmitter
+from meteredrt.webhooks.redismarks import RedisMarks
 from tests.test_site import UPGRADE_HEADERS, RawClient, connect_to_site
 from tests.test_ws import WebSocketTestCase
 
@@ -107,6 +114,49 @@ class MakeServiceTests(SynchronousTestCase):
         hub = next(child for child in service if isinstance(child, Hub))
         self.assertIsInstance(hub._broker, RedisBroker)
         self.assertIsInstance(hub._presence, RedisPresence)
+        # The dispatcher runs only while this node holds the delivery
+        # lease: started by the lease, never by the node's start. The lease
+        # stops after the hub and gives itself up before Redis closes.
+        self.assertNotIn("WebhookDispatcher", kinds)
+        delivery = next(child for child in service if isinstance(child, Leadership))
+        self.assertIsInstance(delivery._service, WebhookDispatcher)
+        self.assertEqual(delivery.role, DELIVERY_ROLE)
+        self.assertLess(kinds.index("RedisClient"), kinds.index("Leadership"))
+        self.assertLess(kinds.index("Leadership"), kinds.index("Hub"))
+        # Every node emits, over marks shared in Redis, the transitions its
+        # presence steps make; its emitter stops after the hub drained and
+        # before the Redis connection its marks need.
+        emitter = next(child for child in service if isinstance(child, WebhookEmitter))
+        self.assertIs(hub._presence._observer, emitter)
+        self.assertIsInstance(emitter._marks, RedisMarks)
+        self.assertLess(kinds.index("RedisClient"), kinds.index("WebhookEmitter"))
+        self.assertLess(kinds.index("WebhookEmitter"), kinds.index("Hub"))
+        # When the Redis connection comes back (Redis may have restarted
+        # empty), the outbox's marks are handed to the marks again, once
+        # every node had time to register its connections again.
+        recovered: list[float] = []
+        emitter.recover = recovered.append  # type: ignore[assignment, method-assign]
+        client = next(child for child in service if isinstance(child, RedisClient))
+        for hook in client._hooks:
+            hook()
+        self.flushLoggedErrors()
+        self.assertEqual(recovered, [BACKOFF_CAP + 5.0])
+
+    def test_cluster_outbox_in_postgresql(self) -> None:
+        """
+        With the store in PostgreSQL, every node's webhook outbox is the
+        shared database's.
+        """
+        options = Options()
+        options.parseOptions(
+            ["--data-dir", self.mktemp(), "--redis", "redis://127.0.0.1:1/0",
+             "--database", "postgresql://meteredrt@127.0.0.1:1/meteredrt"]
+        )  # fmt: skip
+        service = makeService(options, MemoryReactorClock())
+        delivery = next(child for child in service if isinstance(child, Leadership))
+        outbox = delivery._service._outbox
+        self.assertIsInstance(outbox, StoreOutbox)
+        self.assertIs(outbox._dialect, POSTGRESQL)
 
     def test_bad_redis_url(self) -> None:
         """

@@ -349,6 +349,25 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.pending(), 1)
 
+    def test_next_deliverer_resends_unacknowledged_batch(self) -> None:
+        """
+        A batch the backend took but whose answer the dispatcher never saw
+        (it stopped: its node lost the delivery lease, or died) stays
+        pending; the dispatcher of the next node sends it again, with the
+        same event ids, then goes on in order.
+        """
+        self.add(2)
+        receiver = Receiver(self.clock, [None])
+        first = self.start(receiver)
+        first.stopService()
+        self.assertEqual(self.pending(), 2)
+        self.add(1, first=2)
+        self.start(receiver)
+        [sent, again] = [json.loads(body)["events"] for _, body in receiver.received]
+        self.assertEqual([e["id"] for e in again[:2]], [e["id"] for e in sent])
+        self.assertEqual([e["peerId"] for e in again], ["p0", "p1", "p2"])
+        self.assertEqual(self.pending(), 0)
+
     def test_no_config(self) -> None:
         """
         Pending events of an app without webhooks wait, with a warning.
@@ -368,9 +387,23 @@ class DispatcherTests(SynchronousTestCase):
         receiver = Receiver(self.clock, [None])
         dispatcher = self.start(receiver)
         self.assertEqual(dispatcher.backlogged_apps(), {"a"})
+        self.assertEqual(dispatcher.pending_by_app(), {"a": BACKLOG_WARNING + 1})
         receiver.held.pop().finish()
         self.stub.flush()
         self.assertEqual(dispatcher.backlogged_apps(), frozenset())
+        self.assertEqual(dispatcher.pending_by_app(), {"a": 0})
+
+    def test_delivering_while_running(self) -> None:
+        """
+        The dispatcher delivers (for the metrics) while it runs; stopped,
+        as when another node took the delivery lease, it counts nothing.
+        """
+        self.add(2)
+        receiver = Receiver(self.clock, [500])
+        dispatcher = self.start(receiver)
+        self.assertEqual((dispatcher.delivering, dispatcher.pending_by_app()), (True, {"a": 2}))
+        dispatcher.stopService()
+        self.assertEqual((dispatcher.delivering, dispatcher.pending_by_app()), (False, {}))
 
 
 class Redirecting(Resource):

@@ -5,8 +5,10 @@ ordering, recovery after a crash, and writing to the outbox.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -14,6 +16,7 @@ from meteredrt.apps import WebhookConfig
 from meteredrt.interfaces import IPresenceObserver
 from meteredrt.webhooks.emitter import MAX_UNWRITTEN, WebhookEmitter
 from meteredrt.webhooks.events import WebhookEvent
+from meteredrt.webhooks.marks import Announcement, MemoryMarks
 from meteredrt.webhooks.outbox import CHANNEL, PEER, MemoryOutbox, OnlineMark
 
 CONFIG = WebhookConfig(url="http://127.0.0.1:1/hooks", secret="s" * 32, offline_grace_seconds=3.0)
@@ -126,11 +129,15 @@ class EmitterTests(SynchronousTestCase):
         one leaving sends C{channel.vacated} after the grace; presence
         deltas are mirrored at once with the member's metadata.
         """
+        self.emitter.channel_occupied("a", "room")
         self.emitter.member_joined("a", "room", "alice", {"n": 1})
         self.emitter.member_joined("a", "room", "bob", None)
         self.emitter.member_left("a", "room", "alice", {"n": 1})
         self.emitter.member_left("a", "room", "bob", None)
-        self.clock.advance(3)
+        self.emitter.channel_vacated("a", "room")
+        self.clock.advance(2.9)
+        self.assertNotIn(("channel.vacated", None, "room"), self.stored())
+        self.clock.advance(0.1)
         self.assertEqual(
             self.stored(),
             [
@@ -150,9 +157,9 @@ class EmitterTests(SynchronousTestCase):
         A channel that empties and fills again inside the grace is never
         reported vacated.
         """
-        self.emitter.member_joined("a", "room", "alice", None)
-        self.emitter.member_left("a", "room", "alice", None)
-        self.emitter.member_joined("a", "room", "alice", None)
+        self.emitter.channel_occupied("a", "room")
+        self.emitter.channel_vacated("a", "room")
+        self.emitter.channel_occupied("a", "room")
         self.clock.advance(10)
         self.assertNotIn("channel.vacated", [t for t, _, _ in self.stored()])
         self.assertEqual([t for t, _, _ in self.stored()].count("channel.occupied"), 1)
@@ -164,6 +171,7 @@ class EmitterTests(SynchronousTestCase):
         """
         self.configs["a"] = WebhookConfig(url=CONFIG.url, secret=CONFIG.secret, events=frozenset({"peer.offline"}))
         self.emitter.peer_connected("a", "alice")
+        self.emitter.channel_occupied("a", "room")
         self.emitter.member_joined("a", "room", "alice", None)
         self.assertEqual(self.stored(), [])
         self.emitter.peer_disconnected("a", "alice")
@@ -175,8 +183,10 @@ class EmitterTests(SynchronousTestCase):
         Apps without webhooks leave no trace: no events, marks or timers.
         """
         self.emitter.peer_connected("z", "alice")
+        self.emitter.channel_occupied("z", "room")
         self.emitter.member_joined("z", "room", "alice", None)
         self.emitter.member_left("z", "room", "alice", None)
+        self.emitter.channel_vacated("z", "room")
         self.emitter.peer_disconnected("z", "alice")
         self.assertEqual(self.successResultOf(self.outbox.online_marks()), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -194,6 +204,22 @@ class EmitterTests(SynchronousTestCase):
         self.clock.advance(3)
         self.assertEqual(sorted(self.stored()), [("channel.vacated", None, "room"), ("peer.offline", "alice", None)])
         self.assertEqual(self.successResultOf(self.outbox.online_marks()), [OnlineMark("a", PEER, "bob")])
+
+    def test_recover_later(self) -> None:
+        """
+        Recovering again with a delay longer than the grace (after Redis
+        lost the marks) announces the outbox's unknown marks gone only
+        after the delay; known ones are left alone.
+        """
+        self.emitter.peer_connected("a", "alice")
+        self.outbox.append([], [OnlineMark("a", PEER, "bob")])
+        self.successResultOf(self.emitter.recover(10))
+        self.clock.advance(9.9)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+        self.clock.advance(0.1)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None), ("peer.offline", "bob", None)])
+        self.clock.advance(100)
+        self.assertEqual(len(self.stored()), 2)
 
     def test_stop_keeps_marks(self) -> None:
         """
@@ -263,3 +289,176 @@ class EmitterTests(SynchronousTestCase):
         self.assertEqual(len(outbox.waiting), 1)
 
 
+
+
+class HeldMarks(MemoryMarks):
+    """
+    Memory marks whose arrivals answer only when released, as shared marks
+    answer after a round trip.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Deferred[list[Announcement]], list[Announcement]]] = []
+
+    def arrived(self, where, now, event_id):  # type: ignore[no-untyped-def]
+        held: Deferred[list[Announcement]] = Deferred()
+        MemoryMarks.arrived(self, where, now, event_id).addCallback(lambda answer: self.held.append((held, answer)))
+        return held
+
+    def release(self) -> None:
+        held, answer = self.held.pop(0)
+        held.callback(answer)
+
+
+class SharedMarksEmitterTests(SynchronousTestCase):
+    """
+    The emitter over marks that answer later or that other emitters share,
+    as in a cluster (here: one L{MemoryMarks} shared by two emitters).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000)
+        self.outbox = MemoryOutbox()
+
+    def emitter(self, marks: MemoryMarks, sweep_seconds: float | None = None) -> WebhookEmitter:
+        emitter = WebhookEmitter({"a": CONFIG}.get, self.outbox, self.clock, on_stored=lambda app_id: None,
+                                 marks=marks, sweep_seconds=sweep_seconds)
+        emitter.startService()
+        return emitter
+
+    def stored(self) -> list[tuple[str, str | None, str | None]]:
+        batch = self.successResultOf(self.outbox.next_batch("a", 1000))
+        return [(s.event.type, s.event.peer_id, s.event.channel) for s in batch]
+
+    def test_decisions_stored_in_order(self) -> None:
+        """
+        A presence delta that follows a transition the marks have not
+        answered yet waits for it: events are stored in the order they came.
+        """
+        marks = HeldMarks()
+        emitter = self.emitter(marks)
+        emitter.peer_connected("a", "alice")
+        emitter.channel_occupied("a", "room")
+        emitter.member_joined("a", "room", "alice", None)
+        self.assertEqual(self.stored(), [])
+        marks.release()
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+        marks.release()
+        self.assertEqual(
+            self.stored(),
+            [("peer.online", "alice", None), ("channel.occupied", None, "room"), ("presence.joined", "alice", "room")],
+        )
+
+    def test_other_emitter_sweeps(self) -> None:
+        """
+        A going-away started by an emitter that stopped (its node died) is
+        announced by another emitter's periodic sweep, once.
+        """
+        marks = MemoryMarks()
+        first = self.emitter(marks)
+        second = self.emitter(marks, sweep_seconds=1.0)
+        first.peer_connected("a", "alice")
+        first.peer_disconnected("a", "alice")
+        first.stopService()
+        self.clock.advance(2)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+        self.clock.advance(1)
+        self.clock.advance(10)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None), ("peer.offline", "alice", None)])
+        self.successResultOf(second.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_arrival_after_stored_going_away(self) -> None:
+        """
+        A peer that comes back while its offline is being written is
+        announced online once that write is done, not before.
+        """
+        outbox = HeldOutbox()
+        self.outbox = outbox
+        emitter = self.emitter(MemoryMarks())
+        emitter.peer_connected("a", "alice")
+        outbox.release()
+        emitter.peer_disconnected("a", "alice")
+        self.clock.advance(3)
+        self.assertEqual([e.type for e in outbox.waiting[0][1]], ["peer.offline"])
+        emitter.peer_connected("a", "alice")
+        self.assertEqual(len(outbox.waiting), 1)
+        outbox.release()
+        self.assertEqual([e.type for e in outbox.waiting[0][1]], ["peer.online"])
+        outbox.release()
+        self.assertEqual([t for t, _, _ in self.stored()], ["peer.online", "peer.offline", "peer.online"])
+
+    def test_dropped_arrival_blocks_nothing(self) -> None:
+        """
+        An online dropped because the outbox is stuck does not hold up the
+        peer's offline later.
+        """
+        outbox = HeldOutbox()
+        self.outbox = outbox
+        emitter = WebhookEmitter({"a": CONFIG}.get, outbox, self.clock, on_stored=lambda app_id: None,
+                                 max_unwritten=1)
+        emitter.peer_connected("a", "p0")
+        emitter.peer_connected("a", "p1")
+        emitter.peer_connected("a", "alice")
+        self.assertEqual(emitter.dropped, 1)
+        self.flushLoggedErrors()
+        emitter.peer_disconnected("a", "alice")
+        outbox.release()
+        outbox.release()
+        self.assertEqual(outbox.waiting, [])
+        self.clock.advance(3)
+        self.assertEqual([(e.type, e.peer_id) for e in outbox.waiting[0][1]], [("peer.offline", "alice")])
+
+    def test_flushed_waits_for_marks(self) -> None:
+        """
+        A stop waits for the marks to answer what was decided before it,
+        and stores the answer.
+        """
+        marks = HeldMarks()
+        emitter = self.emitter(marks)
+        emitter.peer_connected("a", "alice")
+        stopped = emitter.stopService()
+        self.assertNoResult(stopped)
+        marks.release()
+        self.successResultOf(stopped)
+        self.assertEqual(self.stored(), [("peer.online", "alice", None)])
+
+    def test_no_timer_after_stop(self) -> None:
+        """
+        A last connection that closes after the emitter stopped (the node
+        reaping itself on its way out) is handed to the marks, with no
+        timer left behind.
+        """
+        marks = MemoryMarks()
+        emitter = self.emitter(marks)
+        emitter.peer_connected("a", "alice")
+        self.successResultOf(emitter.stopService())
+        emitter.peer_disconnected("a", "alice")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.successResultOf(marks.due(self.clock.seconds() + 3))), 1)
+
+    def test_sweep_failures_logged_once(self) -> None:
+        """
+        Sweeps failing one after the other (Redis away) are logged once,
+        and once more when a sweep works again.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        marks = MemoryMarks()
+        broken = [True]
+        working_due = marks.due
+
+        def due(now: float) -> Deferred[list[Announcement]]:
+            return fail(OSError("Redis away")) if broken[0] else working_due(now)
+
+        marks.due = due  # type: ignore[method-assign]
+        self.emitter(marks, sweep_seconds=1.0)
+        self.clock.advance(1)
+        self.clock.advance(1)
+        broken[0] = False
+        self.clock.advance(1)
+        self.clock.advance(1)
+        texts = [formatEvent(event) for event in logged if "sweep" in formatEvent(event).lower()]
+        self.assertEqual(texts, ["Could not sweep the webhook marks: Redis away; retrying",
+                                 "Sweeping the webhook marks works again"])

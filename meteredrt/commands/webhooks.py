@@ -1,21 +1,20 @@
 """
 C{meteredrt webhooks status} and C{meteredrt webhooks replay}: the presence
-webhook outbox a server writes in its data directory, read and changed with
-plain C{sqlite3} (WAL lets a running server and this command share it).
+webhook outbox the servers write in the store (C{webhooks.sqlite3} in the
+data directory, or the PostgreSQL database a cluster shares), read and
+changed with the same statements the server runs, while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sqlite3
 import time
 
 from meteredrt.apps import App
 from meteredrt.commands.registry import Output, UsageError, argument, command
 from meteredrt.commands.session import Session
-from meteredrt.store.database import BUSY_TIMEOUT_MS
-from meteredrt.webhooks.outbox import OutboxStatus, read_status, replay_failed, webhooks_database_path
+from meteredrt.store import webhooks as webhook_tables
+from meteredrt.webhooks.outbox import OutboxStatus
 
 
 def _webhooks_of(session: Session, app_id: str) -> App:
@@ -23,22 +22,6 @@ def _webhooks_of(session: Session, app_id: str) -> App:
     if app is None:
         raise UsageError(f"no app {app_id!r}")
     return app
-
-
-def _open_outbox(session: Session) -> sqlite3.Connection | None:
-    """
-    The outbox file of the data directory for plain C{sqlite3} access, or
-    C{None} when the server never wrote one.
-    """
-    path = webhooks_database_path(session.data_dir)
-    if not os.path.exists(path):
-        return None
-    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
-    cursor = connection.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'webhook_events'")
-    if cursor.fetchone()[0] == 0:
-        connection.close()
-        return None
-    return connection
 
 
 def _when(at: float | None) -> str:
@@ -53,14 +36,11 @@ def _when(at: float | None) -> str:
 )
 def _webhooks_status(session: Session, args: argparse.Namespace) -> Output:
     app = _webhooks_of(session, args.app)
-    connection = _open_outbox(session)
-    if connection is None:
-        status = OutboxStatus()
-    else:
-        try:
-            status = read_status(connection.cursor(), app.app_id)
-        finally:
-            connection.close()
+    status = OutboxStatus()
+    # Asking must not create an empty SQLite outbox.
+    if session.database.exists(webhook_tables.COMPONENT):
+        with session.transaction(webhook_tables.COMPONENT, webhook_tables.MIGRATIONS) as cursor:
+            status = webhook_tables.read_status(cursor, app.app_id)
     config = app.webhooks
     data = {
         "appId": app.app_id,
@@ -102,13 +82,8 @@ def _webhooks_status(session: Session, args: argparse.Namespace) -> Output:
 )
 def _webhooks_replay(session: Session, args: argparse.Namespace) -> Output:
     app = _webhooks_of(session, args.app)
-    connection = _open_outbox(session)
-    if connection is None:
-        count = 0
-    else:
-        try:
-            with connection:
-                count = replay_failed(connection.cursor(), app.app_id)
-        finally:
-            connection.close()
+    count = 0
+    if session.database.exists(webhook_tables.COMPONENT):
+        with session.transaction(webhook_tables.COMPONENT, webhook_tables.MIGRATIONS) as cursor:
+            count = webhook_tables.replay_failed(cursor, app.app_id)
     return Output({"appId": app.app_id, "replayed": count}, f"{count} failed events of {app.app_id} are pending again.")

@@ -39,8 +39,9 @@ class MemoryPresence:
     Deferreds.
 
     @param observer: told of every transition this presence makes, in the
-        step that makes it: a peer's first and last connection, a member's
-        join and leave (the presence webhooks).
+        step that makes it: a peer's first and last connection, a channel's
+        first and last member, a member's join and leave (the presence
+        webhooks).
     """
 
     def __init__(self, observer: IPresenceObserver | None = None) -> None:
@@ -79,6 +80,8 @@ class MemoryPresence:
         membership = members.get(peer_id)
         first = membership is None
         if membership is None:
+            if not members:
+                self._tell("channel_occupied", app_id, channel)
             members[peer_id] = _Membership(metadata, {conn_id})
             joined = (presence_entry(peer_id, metadata),)
             self._announce(app_id, PresenceChange(channel, joined, (), conn_id))
@@ -99,12 +102,15 @@ class MemoryPresence:
         if membership.connections:
             return None
         del members[peer_id]  # type: ignore[union-attr]
-        if not members:
+        vacated = not members
+        if vacated:
             del self._channels[(app_id, channel)]
         gone = Member(peer_id, membership.metadata)
         left = (presence_entry(peer_id, gone.metadata),)
         self._announce(app_id, PresenceChange(channel, (), left, None))
         self._tell("member_left", app_id, channel, peer_id, gone.metadata)
+        if vacated:
+            self._tell("channel_vacated", app_id, channel)
         return gone
 
     def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:

@@ -18,6 +18,17 @@ publishes (per-sender FIFO across nodes).
 The presence also keeps a mirror of this node's live connections and their
 memberships; after Redis was unreachable, or the node was fenced, L{resync}
 makes Redis agree with it in one script.
+
+Every script also returns the cluster-wide transitions its step made (a
+peer's first connection anywhere and its last one gone, a channel's first
+member and its last one gone, a member's join and leave), and the node
+that ran it tells its L{IPresenceObserver} (the webhooks): each transition
+is told once in the whole cluster, by one node, without a round trip of
+its own. A dead node's transitions are told by the node that reaps it
+(L{report}, from L{meteredrt.lease.NodeLease}); a resynchronization tells
+what it changed: the connections that closed while Redis could not hear of
+them go (possibly a peer's last), and connections a reaper removed while
+this node was cut off come back (possibly a peer's first again).
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from zope.interface import implementer
 from meteredrt import redisscripts
 from meteredrt.clusterwire import EVERYONE, ClusterNode, dumps
 from meteredrt.envelopes import PresenceChange
-from meteredrt.interfaces import BackendUnavailable, IDeliveryTarget, IPresence
+from meteredrt.interfaces import BackendUnavailable, IDeliveryTarget, IPresence, IPresenceObserver
 from meteredrt.membership import Joining, Member
 from meteredrt.protocol import presence_entry
 from meteredrt.redisclient import RedisClient, RedisUnavailable
@@ -68,13 +79,17 @@ def _members(flat: list[bytes]) -> tuple[Member, ...]:
 class RedisPresence:
     """
     Presence shared by every node on one Redis.
+
+    @param observer: told of the cluster-wide transitions this node's
+        steps make (and those of the nodes it reaps).
     """
 
     log = Logger()
 
-    def __init__(self, client: RedisClient, node: ClusterNode) -> None:
+    def __init__(self, client: RedisClient, node: ClusterNode, observer: IPresenceObserver | None = None) -> None:
         self._client = client
         self._node = node
+        self._observer = observer
         self._target: IDeliveryTarget | None = None
         self._connections: dict[str, _Connection] = {}
         for script in redisscripts.ALL:
@@ -82,6 +97,33 @@ class RedisPresence:
 
     def attach(self, target: IDeliveryTarget) -> None:
         self._target = target
+
+    def report(self, transitions: list[bytes]) -> None:
+        """
+        Tell the observer, if any, of the transitions a script returned
+        (five fields each, see L{meteredrt.redisscripts}), in order. A side
+        channel that fails is logged and never stops presence itself.
+        """
+        observer = self._observer
+        if observer is None:
+            return
+        for i in range(0, len(transitions), 5):
+            tag, app, name, peer, meta = (value.decode() for value in transitions[i : i + 5])
+            try:
+                if tag == "P+":
+                    observer.peer_connected(app, name)
+                elif tag == "P-":
+                    observer.peer_disconnected(app, name)
+                elif tag == "C+":
+                    observer.channel_occupied(app, name)
+                elif tag == "C-":
+                    observer.channel_vacated(app, name)
+                elif tag == "J":
+                    observer.member_joined(app, name, peer, json.loads(meta))
+                elif tag == "L":
+                    observer.member_left(app, name, peer, json.loads(meta))
+            except Exception:
+                self.log.failure("The presence observer failed on {tag} {app} {name}", tag=tag, app=app, name=name)
 
     def _announce(self, app_id: str, change: PresenceChange) -> None:
         if change.version is not None:
@@ -104,7 +146,7 @@ class RedisPresence:
             local.channels.add(channel)
             local.metadata = _json(metadata)
         try:
-            first, version, flat = await self._run(
+            first, version, flat, transitions = await self._run(
                 redisscripts.JOIN, app_id, channel, peer_id, conn_id, _json(metadata), self._node.prefix()
             )
         except BackendUnavailable:
@@ -116,6 +158,7 @@ class RedisPresence:
             self._announce(app_id, PresenceChange(channel, joined, (), conn_id, version))
         else:
             self._node.observe_version(version)
+        self.report(transitions)
         return Joining(bool(first), _members(flat), version)
 
     def add_member(
@@ -137,14 +180,16 @@ class RedisPresence:
         if local is not None:
             local.channels.discard(channel)
         try:
-            flat = await self._client.run(
+            flat, transitions = await self._client.run(
                 redisscripts.LEAVE, (), (app_id, channel, peer_id, conn_id, self._node.prefix())
             )
         except RedisUnavailable:
             # Done here; Redis forgets the membership when it is back (resync)
             # and the others hear the left then (the hub's reconcile).
             return None
-        return self._announce_lefts(app_id, peer_id, flat)
+        gone = self._announce_lefts(app_id, peer_id, flat)
+        self.report(transitions)
+        return gone
 
     def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:
         return Deferred.fromCoroutine(self._remove_member(app_id, channel, peer_id, conn_id))
@@ -169,11 +214,14 @@ class RedisPresence:
     async def _add_connection(self, app_id: str, peer_id: str, conn_id: str) -> None:
         self._connections[conn_id] = _Connection(app_id, peer_id)
         try:
-            await self._client.run(redisscripts.CONNECT, (), (app_id, peer_id, conn_id, self._node.node_id))
+            transitions = await self._client.run(
+                redisscripts.CONNECT, (), (app_id, peer_id, conn_id, self._node.node_id)
+            )
         except RedisUnavailable:
             # The connection works locally; the registry learns of it when
             # Redis is back (resync).
-            pass
+            return
+        self.report(transitions)
 
     def add_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._add_connection(app_id, peer_id, conn_id))
@@ -181,7 +229,7 @@ class RedisPresence:
     async def _remove_connection(self, app_id: str, peer_id: str, conn_id: str) -> None:
         self._connections.pop(conn_id, None)
         try:
-            flat = await self._client.run(
+            flat, transitions = await self._client.run(
                 redisscripts.DISCONNECT, (), (app_id, peer_id, conn_id, self._node.node_id, self._node.prefix())
             )
         except RedisUnavailable:
@@ -189,6 +237,7 @@ class RedisPresence:
             # is back.
             return
         self._announce_lefts(app_id, peer_id, flat)
+        self.report(transitions)
 
     def remove_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._remove_connection(app_id, peer_id, conn_id))
@@ -217,8 +266,9 @@ class RedisPresence:
             args.extend((conn_id, local.app_id, local.peer_id, local.metadata, len(local.channels)))
             args.extend(sorted(local.channels))
         try:
-            count = await self._client.run(redisscripts.RESYNC, (), args)
+            count, transitions = await self._client.run(redisscripts.RESYNC, (), args)
         except Exception:
             self.log.failure("Resynchronizing presence with Redis failed; retrying at the next lease renewal")
             raise
+        self.report(transitions)
         self.log.info("Presence resynchronized with Redis: {count} live connections", count=count)

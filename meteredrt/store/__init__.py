@@ -14,9 +14,10 @@ directory (the embedded default) or one PostgreSQL database.
   - L{meteredrt.store.keystore}: the server's L{meteredrt.interfaces.IKeyStore}
     over those tables.
   - L{meteredrt.store.usage}: the usage counters and the billing ledger.
+  - L{meteredrt.store.webhooks}: the presence webhook outbox
+    (L{meteredrt.store.webhooks.StoreOutbox}).
 
 Each group of tables is a I{component} with its own migrations
-(C{COMPONENT} and C{MIGRATIONS} in its module). A new one, such as the
-webhook outbox, is one more module beside these: its tables, its
-migrations, its store.
+(C{COMPONENT} and C{MIGRATIONS} in its module). A new one is one more
+module beside these: its tables, its migrations, its store.
 """

@@ -9,7 +9,7 @@ C{meteredrt} command line, which has no reactor. Both come configured the
 same way and both bring the component's schema up to date (L{migrate}).
 
 SQLite keeps each component in its own file (C{meteredrt.sqlite3},
-C{usage.sqlite3}), as earlier releases did, so existing data directories
+C{usage.sqlite3}, C{webhooks.sqlite3}), as earlier releases did, so existing data directories
 upgrade in place. PostgreSQL keeps every component in one database.
 
 Every query has a time limit: SQLite waits at most L{BUSY_TIMEOUT_MS} for
@@ -48,7 +48,7 @@ STATEMENT_TIMEOUT_MS = 5000
 LOCK_TIMEOUT_MS = 4000
 
 #: The SQLite file of each component inside the data directory.
-SQLITE_FILES = {"keys": "meteredrt.sqlite3", "usage": "usage.sqlite3"}
+SQLITE_FILES = {"keys": "meteredrt.sqlite3", "usage": "usage.sqlite3", "webhooks": "webhooks.sqlite3"}
 
 class DriverMissing(RuntimeError):
     """

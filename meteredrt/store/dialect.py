@@ -26,7 +26,8 @@ class Dialect:
 
     :ivar name: ``"sqlite"`` or ``"postgresql"``.
     :ivar types: the column types the schema uses, by the names the
-        migrations write (C{{int}}, C{{float}}, C{{id}}).
+        migrations write (C{{int}}, C{{float}}, C{{id}}, and C{{serial}}: a
+        key the database assigns in increasing order and never reuses).
     :ivar greatest: the two-argument maximum function.
     """
 
@@ -54,14 +55,24 @@ class Dialect:
 
 SQLITE = Dialect(
     name="sqlite",
-    types={"int": "INTEGER", "float": "REAL", "id": "INTEGER PRIMARY KEY"},
+    types={
+        "int": "INTEGER",
+        "float": "REAL",
+        "id": "INTEGER PRIMARY KEY",
+        "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    },
     greatest="MAX",
     placeholder="?",
 )
 
 POSTGRESQL = Dialect(
     name="postgresql",
-    types={"int": "BIGINT", "float": "DOUBLE PRECISION", "id": "BIGSERIAL PRIMARY KEY"},
+    types={
+        "int": "BIGINT",
+        "float": "DOUBLE PRECISION",
+        "id": "BIGSERIAL PRIMARY KEY",
+        "serial": "BIGSERIAL PRIMARY KEY",
+    },
     greatest="GREATEST",
     placeholder="%s",
 )

@@ -1,8 +1,8 @@
 """
 Versioned schema creation and upgrades.
 
-Each part of the store (a I{component}: ``keys``, ``usage``, and later the
-webhook outbox) owns its tables and an ordered list of L{Migration}s. The
+Each part of the store (a I{component}: ``keys``, ``usage``, ``webhooks``)
+owns its tables and an ordered list of L{Migration}s. The
 table C{schema_versions} records, per component, the version its tables
 are at. L{migrate} brings a component up to the newest version this code
 knows, one step per transaction-ordered migration, and refuses a database

@@ -16,6 +16,13 @@ time, so every peer's events arrive in order; a batch the backend did not
 acknowledge is sent again (at least once: the backend de-duplicates by
 event id).
 
+In a cluster every node appends to one outbox in PostgreSQL and one node
+runs the dispatcher, the holder of the L{DELIVERY_ROLE} lease; it finds the
+other nodes' events by polling (L{POLL_SECONDS}). Stopped when the lease is
+lost and started again when it is taken, the dispatcher begins each time
+with the oldest pending batch: a batch the previous holder sent but had not
+marked delivered is sent again, with the same event ids.
+
 Main names: L{WebhookDispatcher}, L{retry_delay}.
 """
 
@@ -60,6 +67,10 @@ BACKLOG_WARNING = 1_000
 #: How often the outbox is checked for events nobody woke the dispatcher
 #: for (replayed with the CLI, or stored by another process).
 POLL_SECONDS = 5.0
+
+#: In a cluster, the role whose lease (L{meteredrt.leadership.Leadership})
+#: says which node runs the dispatcher: Redis key C{mrt:leader:webhooks}.
+DELIVERY_ROLE = "webhooks"
 
 #: Answers that mean "try again later" rather than "never".
 _RETRIED_STATUSES = frozenset({408, 429})
@@ -126,6 +137,7 @@ class WebhookDispatcher(Service):
         self._loops: dict[str, Deferred[None]] = {}
         self._again: set[str] = set()
         self._backlogged: set[str] = set()
+        self._pending: dict[str, int] = {}
         self._poll = LoopingCall(self._check)
         self._poll.clock = clock
         self._poll_seconds = poll_seconds
@@ -159,6 +171,8 @@ class WebhookDispatcher(Service):
         loops, self._loops = self._loops, {}
         for loop in loops.values():
             loop.cancel()
+        # Counted by whichever node delivers now.
+        self._pending.clear()
 
     def wake(self, app_id: str) -> None:
         """
@@ -194,6 +208,7 @@ class WebhookDispatcher(Service):
                 return
             batch = await self._outbox.next_batch(app_id, MAX_BATCH_EVENTS)
             if not batch:
+                self._pending[app_id] = 0
                 if app_id not in self._again:
                     return
                 continue
@@ -202,6 +217,7 @@ class WebhookDispatcher(Service):
 
     async def _note_backlog(self, app_id: str) -> None:
         status = await self._outbox.status(app_id)
+        self._pending[app_id] = status.pending
         if status.pending > BACKLOG_WARNING and app_id not in self._backlogged:
             self._backlogged.add(app_id)
             self.log.warn(
@@ -212,6 +228,21 @@ class WebhookDispatcher(Service):
         elif status.pending <= BACKLOG_WARNING and app_id in self._backlogged:
             self._backlogged.discard(app_id)
             self.log.info("Webhooks of {app_id} caught up", app_id=app_id)
+
+    @property
+    def delivering(self) -> bool:
+        """
+        Whether this node delivers: always once started on a single node,
+        while it holds the delivery lease in a cluster.
+        """
+        return bool(self.running)
+
+    def pending_by_app(self) -> dict[str, int]:
+        """
+        Pending events per app, as counted before each batch (0 once the
+        app's queue is empty); empty while not delivering.
+        """
+        return dict(self._pending)
 
     def backlogged_apps(self) -> frozenset[str]:
         """

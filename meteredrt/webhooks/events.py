@@ -4,7 +4,7 @@ and of a batch.
 
 Pure values and functions; no I/O, no clock (C{now} is an argument).
 
-Main names: L{WebhookEvent}, L{new_event}, L{batch_body}; the per-app
+Main names: L{WebhookEvent}, L{new_event}, L{new_event_id}, L{batch_body}; the per-app
 configuration is L{meteredrt.apps.WebhookConfig}.
 """
 
@@ -81,6 +81,13 @@ class WebhookEvent:
         )
 
 
+def new_event_id() -> str:
+    """
+    A fresh random event id.
+    """
+    return f"evt_{uuid.uuid4().hex}"
+
+
 def new_event(
     event_type: str,
     app_id: str,
@@ -94,7 +101,7 @@ def new_event(
     A fresh event with a random id, stamped at C{now} (Unix seconds).
     """
     return WebhookEvent(
-        event_id=f"evt_{uuid.uuid4().hex}",
+        event_id=new_event_id(),
         type=event_type,
         app_id=app_id,
         timestamp_ms=int(now * 1000),
