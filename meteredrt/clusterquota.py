@@ -50,7 +50,9 @@ seeded at once unless the store may still lack counts it needs:
     have not read the new plan yet (the key store's reload interval). Only
     a cap applied mid-period leaves such messages, and then the store
     already holds some of them. So a quota key whose period the store
-    holds messages of I{settles}: seeding waits L{SETTLE_SECONDS},
+    holds messages of (a cap applied mid-period, or a key Redis lost
+    mid-period: the store cannot tell them apart) I{settles}: seeding
+    waits L{SETTLE_SECONDS},
     measured by Redis's clock from the first request for the key, then
     reads the store again. Money has no such case: every overage unit a
     node charges is paid in Redis first.
