@@ -33,16 +33,42 @@ message:
 Seeding, and a Redis restarted empty. A key that does not exist yet (first
 use of a period or of a cap, a Redis restarted empty) is seeded from the
 store: the period's stored C{messages_used} (which also counts soft-dropped
-messages: seeding errs towards refusing) and the app's ledger total. A
-node's slices and prepaid units are only used while its Redis connection is
-up, and given back (or, if Redis restarted, dropped) when it comes back, so
-after a restart every node's counts made from old slices reach the store
-within its flush interval. Seeding therefore waits L{SETTLE_SECONDS},
-measured by Redis's clock from the first request for the missing key,
-before it reads the store; meanwhile messages of the capped app (and its
-overage) fail with L{QuotaUnavailable}. Each seeding writes a new epoch, and units given back from an
-older epoch are ignored, so nothing granted before the restart is counted
-twice in the node's favour.
+messages: seeding errs towards refusing) and the app's ledger total. It is
+seeded at once unless the store may still lack counts it needs:
+
+  - Counts made from slices (and charges of units prepaid) of a Redis that
+    restarted empty. A node uses those only while its Redis connection is
+    up, and drops them when it comes back, so they reach the store within
+    the node's flush interval of the restart. A Redis-wide marker
+    (L{MARKER}: the Redis process's run id and, by Redis's clock, when a
+    node first saw it; each node makes it when it connects) dates the
+    restart: it is remade when missing or written by another Redis process
+    (a restart, a restored snapshot, a failover, a flush). While it is
+    younger than L{SETTLE_SECONDS}, seeding waits until it is that old.
+  - Messages the nodes counted without a cap in this period, before the
+    app got one: the last flush interval of them, and those of nodes that
+    have not read the new plan yet (the key store's reload interval). Only
+    a cap applied mid-period leaves such messages, and then the store
+    already holds some of them. So a quota key whose period the store
+    holds messages of (a cap applied mid-period, or a key Redis lost
+    mid-period: the store cannot tell them apart) I{settles}: seeding
+    waits L{SETTLE_SECONDS},
+    measured by Redis's clock from the first request for the key, then
+    reads the store again. Money has no such case: every overage unit a
+    node charges is paid in Redis first.
+
+Meanwhile messages of the capped app (and its overage) fail with
+L{QuotaUnavailable}. So the first message of a period of an app capped all
+along, on a Redis known for longer than L{SETTLE_SECONDS}, is decided
+without waiting. The one gap: a cap applied so soon after the app's first
+messages of the period that no node has flushed any of them yet finds the
+store at 0, and is seeded without the messages counted uncapped (those of
+at most one flush interval before the seeding, and of one reload interval
+after it on nodes that have not read the cap yet).
+
+Each seeding writes a new epoch, and units given back from an older epoch
+are ignored, so nothing granted before the restart is counted twice in the
+node's favour.
 
 When Redis cannot answer, a node uses no slice (it cannot tell whether
 Redis has lost them): messages of capped apps fail with
@@ -69,9 +95,11 @@ from meteredrt.interfaces import BackendUnavailable
 from meteredrt.redisclient import RedisClient, Script
 from meteredrt.store.usage import UsageStore
 
-#: Seconds a missing key waits before it is seeded from the store: longer
-#: than a node's flush interval and flush, so that what the nodes counted
-#: from slices of a Redis that restarted empty is stored by then.
+#: Seconds a missing key waits before it is seeded from the store when it
+#: must settle, and how old the marker must be before any is: longer
+#: than a node's flush interval and flush (so that what the nodes counted
+#: from slices of a Redis that restarted empty is stored by then) plus the
+#: key store's reload interval (so that every node counts a new cap).
 SETTLE_SECONDS = 5.0
 
 #: Seconds a node waits before asking Redis again for an app whose quota
@@ -94,12 +122,25 @@ def slice_size(cap: int) -> int:
     return max(1, min(MAX_SLICE, cap // 100))
 
 
-# Shared by the scripts whose key may need seeding. expire: a key expires
-# at expire_at (Unix seconds) unless that is 0 or already past (a node's
-# clock far behind Redis's). settling: the milliseconds to wait before
-# seeding (0 when it may be seeded now), by Redis's clock from the first
-# request for the missing key.
-_SETTLE = """
+#: The Redis-wide marker: a hash of the Redis process's C{run_id} and
+#: C{at}, when a script first saw that process (ms, Redis's clock).
+MARKER = "mrt:quota:born"
+
+# Shared by the scripts that seed. expire: a key expires at expire_at
+# (Unix seconds) unless that is 0 or already past (a node's clock far
+# behind Redis's). settling: the milliseconds to wait before seeding (0
+# when it may be seeded now), by Redis's clock from the first request for
+# the missing key. marker_age: how long ago (ms) this Redis process was
+# first seen, remaking the marker (age 0) when it is missing or names
+# another process. A time ahead of Redis's clock (the clock stepped back)
+# is replaced by now: a step back never makes a wait longer than settle_ms.
+_SEEDING = (
+    """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 local function expire(key, expire_at)
   local at = tonumber(expire_at)
   if at > tonumber(redis.call('TIME')[1]) then
@@ -108,10 +149,9 @@ local function expire(key, expire_at)
 end
 
 local function settling(key, settle_ms, expire_at)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   local ready = tonumber(redis.call('HGET', key, 'ready') or '0')
-  if ready == 0 then
+  if ready == 0 or ready > now + tonumber(settle_ms) then
     ready = now + tonumber(settle_ms)
     redis.call('HSET', key, 'ready', string.format('%d', ready))
     expire(key, expire_at)
@@ -121,22 +161,37 @@ local function settling(key, settle_ms, expire_at)
   end
   return 0
 end
-"""
 
-#: ARGV: app, period start, cap, units asked, settle ms, expiry (Unix s).
-#: Returns {units granted, 0, epoch}, or {-1, ms to wait, ""} while a
-#: missing key settles, {-2, 0, ""} when it must be seeded.
+local function marker_age()
+  local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local marker = redis.call('HMGET', '"""
+    + MARKER
+    + """', 'run_id', 'at')
+  local now = now_ms()
+  if marker[1] ~= run_id or not marker[2] or tonumber(marker[2]) > now then
+    redis.call('HSET', '"""
+    + MARKER
+    + """', 'run_id', run_id, 'at', string.format('%d', now))
+    return 0
+  end
+  return now - tonumber(marker[2])
+end
+"""
+)
+
+#: Makes the marker if this Redis process has none yet (on each connect,
+#: so that it is old by the time a period starts); returns its age in ms.
+MARK = Script(_SEEDING + "return marker_age()\n")
+
+#: ARGV: app, period start, cap, units asked, expiry (Unix s).
+#: Returns {units granted, 0, epoch}, or {-1, 0, ""} when the key is
+#: missing: to be seeded (L{SEED_QUOTA}), which may say to wait.
 TAKE = Script(
-    _SETTLE
-    + """
+    """
 local key = 'mrt:' .. ARGV[1] .. ':mq:' .. ARGV[2]
 local granted = redis.call('HGET', key, 'granted')
 if not granted then
-  local wait = settling(key, ARGV[5], ARGV[6])
-  if wait > 0 then
-    return {-1, wait, ''}
-  end
-  return {-2, 0, ''}
+  return {-1, 0, ''}
 end
 local left = tonumber(ARGV[3]) - tonumber(granted)
 local give = math.min(tonumber(ARGV[4]), left)
@@ -149,18 +204,29 @@ return {give, 0, redis.call('HGET', key, 'epoch')}
 """
 )
 
-#: ARGV: app, period start, messages already used, new epoch, expiry.
-#: Seeds the quota key unless someone did first; returns 1 if it did.
+#: ARGV: app, period start, messages already used (stored), new epoch,
+#: expiry, settle ms. Seeds the quota key unless someone did first, or it
+#: must wait: until the marker is settle ms old, and if the store holds
+#: messages of the period, settle ms from the first request for the key.
+#: Returns {1, 0} if it seeded, {0, 0} if someone did, {-1, ms to wait}.
 SEED_QUOTA = Script(
-    _SETTLE
+    _SEEDING
     + """
 local key = 'mrt:' .. ARGV[1] .. ':mq:' .. ARGV[2]
 if redis.call('HEXISTS', key, 'granted') == 1 then
-  return 0
+  return {0, 0}
+end
+local settle_ms = tonumber(ARGV[6])
+local wait = settle_ms - marker_age()
+if tonumber(ARGV[3]) > 0 then
+  wait = math.max(wait, settling(key, settle_ms, ARGV[5]))
+end
+if wait > 0 then
+  return {-1, wait}
 end
 redis.call('HSET', key, 'granted', ARGV[3], 'epoch', ARGV[4])
 expire(key, ARGV[5])
-return 1
+return {1, 0}
 """
 )
 
@@ -178,22 +244,17 @@ return 1
 )
 
 #: ARGV: app, opening balance, units asked, cost of one, auto-recharge
-#: amount, auto-recharge threshold, settle ms.
+#: amount, auto-recharge threshold.
 #: Charges up to the units asked, one by one, each with its auto-recharge
 #: when due (rules 5 and 6), and stops at the first the money does not
-#: cover. Returns {units charged, recharges made, epoch}, or the -1/-2
-#: answers of L{TAKE}.
+#: cover. Returns {units charged, recharges made, epoch}, or {-1, 0, ""}
+#: when the balance is missing: to be seeded (L{SEED_MONEY}).
 RESERVE = Script(
-    _SETTLE
-    + """
+    """
 local key = 'mrt:' .. ARGV[1] .. ':money'
 local stored = redis.call('HGET', key, 'changes')
 if not stored then
-  local wait = settling(key, ARGV[7], 0)
-  if wait > 0 then
-    return {-1, wait, ''}
-  end
-  return {-2, 0, ''}
+  return {-1, 0, ''}
 end
 local changes = tonumber(stored)
 local opening, cost, amount = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -220,16 +281,22 @@ return {units, recharges, redis.call('HGET', key, 'epoch')}
 """
 )
 
-#: ARGV: app, ledger total (recharges minus charges), new epoch.
-#: Seeds the money key unless someone did first; returns 1 if it did.
+#: ARGV: app, ledger total (recharges minus charges), new epoch, settle
+#: ms. Seeds the money key unless someone did first, or the marker is not
+#: settle ms old yet; answers as L{SEED_QUOTA}.
 SEED_MONEY = Script(
-    """
+    _SEEDING
+    + """
 local key = 'mrt:' .. ARGV[1] .. ':money'
 if redis.call('HEXISTS', key, 'changes') == 1 then
-  return 0
+  return {0, 0}
+end
+local wait = tonumber(ARGV[4]) - marker_age()
+if wait > 0 then
+  return {-1, wait}
 end
 redis.call('HSET', key, 'changes', ARGV[2], 'epoch', ARGV[3])
-return 1
+return {1, 0}
 """
 )
 
@@ -246,7 +313,7 @@ return 1
 """
 )
 
-SCRIPTS = (TAKE, SEED_QUOTA, GIVE_BACK, RESERVE, SEED_MONEY, REFUND)
+SCRIPTS = (MARK, TAKE, SEED_QUOTA, GIVE_BACK, RESERVE, SEED_MONEY, REFUND)
 
 
 class QuotaUnavailable(BackendUnavailable):
@@ -557,7 +624,8 @@ class ClusterQuota(Service):
         :param store: the store the meters of every node flush to, which
             missing keys are seeded from.
         :param settle_seconds: how long a missing key waits before it is
-            seeded (L{SETTLE_SECONDS}; shorter only in tests).
+            seeded when it must settle, and how old the marker must be
+            for it not to (L{SETTLE_SECONDS}; shorter only in tests).
         """
         self._client = client
         self._store = store
@@ -567,6 +635,7 @@ class ClusterQuota(Service):
         for script in SCRIPTS:
             client.register(script)
         client.on_reconnected(self._reconnected)
+        client.ready.addCallback(lambda _: self._mark())
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -575,6 +644,18 @@ class ClusterQuota(Service):
     def _reconnected(self) -> None:
         # Redis may have restarted empty: nothing held is known to be valid.
         self._forget()
+        self._mark()
+
+    def _mark(self) -> None:
+        """
+        Make the marker of a Redis that has none as soon as a node sees it,
+        so that a restart costs the settle time only to keys missing within
+        L{SETTLE_SECONDS} of it (not to the next period's first messages).
+        Best effort: a seeding makes it too.
+        """
+        self._client.run(MARK, (), ()).addErrback(
+            lambda failure: self.log.warn("Could not mark Redis: {why}", why=failure.getErrorMessage())
+        )
 
     def _forget(self) -> Deferred[None]:
         def units(key: tuple[str, int], held: _Held) -> Deferred[object]:
@@ -608,16 +689,17 @@ class ClusterQuota(Service):
     async def _take(self, app_id: str, start: int, end: int, cap: int, units: int) -> Grant:
         expiry = end + KEY_GRACE
         for _ in range(2):
-            units_or_code, detail, epoch = await self._client.run(
-                TAKE, (), (app_id, start, cap, units, self._settle_ms, expiry)
-            )
+            units_or_code, _, epoch = await self._client.run(TAKE, (), (app_id, start, cap, units, expiry))
             if units_or_code >= 0:
                 return Grant(units_or_code, epoch, exhausted=units_or_code == 0)
-            if units_or_code == -1:
-                return Grant(0, retry_after=detail / 1000)
             row = await self._store.load(app_id, start)
             used = row.messages_used if row is not None else 0
-            if await self._client.run(SEED_QUOTA, (), (app_id, start, used, uuid.uuid4().hex, expiry)):
+            seeded, wait = await self._client.run(
+                SEED_QUOTA, (), (app_id, start, used, uuid.uuid4().hex, expiry, self._settle_ms)
+            )
+            if seeded == -1:
+                return Grant(0, retry_after=wait / 1000)
+            if seeded:
                 self.log.info("Seeded the message quota of {app_id} with {used} used", app_id=app_id, used=used)
         return Grant(0, retry_after=RECHECK_SECONDS)
 
@@ -639,13 +721,16 @@ class ClusterQuota(Service):
             units_or_code, detail, epoch = await self._client.run(
                 RESERVE,
                 (),
-                (app_id, repr(opening), units, repr(cost), repr(amount), repr(threshold), self._settle_ms),
+                (app_id, repr(opening), units, repr(cost), repr(amount), repr(threshold)),
             )
             if units_or_code >= 0:
                 return Grant(units_or_code, epoch, recharges=detail, exhausted=units_or_code == 0)
-            if units_or_code == -1:
-                return Grant(0, retry_after=detail / 1000)
             changes = (await self._store.balance_changes()).get(app_id, 0.0)
-            if await self._client.run(SEED_MONEY, (), (app_id, repr(changes), uuid.uuid4().hex)):
+            seeded, wait = await self._client.run(
+                SEED_MONEY, (), (app_id, repr(changes), uuid.uuid4().hex, self._settle_ms)
+            )
+            if seeded == -1:
+                return Grant(0, retry_after=wait / 1000)
+            if seeded:
                 self.log.info("Seeded the balance of {app_id} from the ledger", app_id=app_id)
         return Grant(0, retry_after=RECHECK_SECONDS)

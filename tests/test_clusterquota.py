@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from meteredrt.apps import App, Plan
 from meteredrt.clustercount import ClusterConnectionCount, ConnectionCountUnavailable
 from meteredrt.clusterquota import (
+    MARKER,
     MAX_SLICE,
     OVER,
     RECHECK_SECONDS,
@@ -411,7 +412,9 @@ class Node:
         self.quota = ClusterQuota(reactor, self.client, store, settle_seconds=settle)
         self.quota.startService()
         self.count = ClusterConnectionCount(self.client, ClusterNode(name))
-        self.meter = Meter(Clock(), store, cluster=self.count, quota=self.quota)
+        #: The meter's clock: it tells the period, not Redis's time.
+        self.clock = Clock()
+        self.meter = Meter(self.clock, store, cluster=self.count, quota=self.quota)
 
     async def publish(self, app: App, n: int) -> int:
         """
@@ -455,6 +458,17 @@ class RedisQuotaTests(TestCase):
             await node.client.ready
         return server, store, nodes
 
+    async def marker_aged(self, node: Node) -> None:
+        """
+        Wait until Redis has held its marker for longer than the settle
+        time: the marker the nodes made when they connected.
+        """
+        deadline = reactor.seconds() + 5
+        while await node.client.execute("HGET", MARKER, "at") is None:
+            self.assertLess(reactor.seconds(), deadline)
+            await deferLater(reactor, 0.01, lambda: None)
+        await deferLater(reactor, SETTLE + 0.05, lambda: None)
+
     async def accepted_until_refused(self, node: Node, app: App, patience: float = 5.0) -> int:
         """
         Publish on C{node} until a message is refused after others were
@@ -476,9 +490,12 @@ class RedisQuotaTests(TestCase):
         A cap given to an app that has sent messages this period: its first
         messages find no key and fail as unavailable (not counted) while
         the key settles; then it is seeded with the period's messages in
-        the store, and only the rest of the cap is admitted.
+        the store, and only the rest of the cap is admitted. It settles
+        although Redis has been up for long: the store holds messages of
+        the period, counted without a cap, and more may not be stored yet.
         """
         _, _, [node, _] = await self.nodes()
+        await self.marker_aged(node)
         self.assertEqual(await node.publish(App("a"), 3), 3)
         await node.meter.flush()
         app = App("a", Plan(max_messages_per_period=5))
@@ -670,3 +687,119 @@ class RedisQuotaTests(TestCase):
         self.assertEqual(int(await two.client.execute("HGET", "mrt:a:mq:0", "granted")), cap)
         self.assertLessEqual(accepted + after, cap)
         self.assertGreaterEqual(accepted + after, cap - 2 * slice_size(cap))
+
+    async def test_new_period_seeded_at_once(self) -> None:
+        """
+        On a Redis up for longer than the settle time, the first message of
+        each period of an app capped all along is decided at once: nothing
+        was counted in the period without a cap, so the store is complete.
+        """
+        _, _, [node, _] = await self.nodes()
+        await self.marker_aged(node)
+        app = App("a", Plan(max_messages_per_period=5))
+        self.assertTrue(await accepted_one(node, app))
+        self.assertEqual(await node.publish(app, 5), 4)
+        await node.meter.flush()
+        node.clock.advance(END)
+        self.assertTrue(await accepted_one(node, app))
+        self.assertIsNotNone(await node.client.execute("HGET", f"mrt:a:mq:{END}", "epoch"))
+        self.assertEqual((await node.meter.usage(app))["messagesUsed"], 1)
+
+    async def test_restarted_empty_before_a_flush(self) -> None:
+        """
+        Redis restarts empty before the nodes have flushed what they
+        counted from its slices: the store says 0, yet the key settles
+        (the marker is new) while they flush, and the cap still holds.
+        """
+        server, _, [one, two] = await self.nodes()
+        await self.marker_aged(one)
+        cap = 200
+        app = App("a", Plan(max_messages_per_period=cap))
+        self.assertEqual(await one.publish(app, 60), 60)
+        await server.kill()
+        await eventually(self, lambda: succeed(one.client.connected or two.client.connected), False, 3)
+        await server.restart()
+        await eventually(self, lambda: succeed(one.client.connected and two.client.connected), True, 10)
+        self.assertFalse(await accepted_one(two, app))
+        await one.meter.flush()
+        after = await self.accepted_until_refused(two, app)
+        self.assertEqual(int(await two.client.execute("HGET", "mrt:a:mq:0", "granted")), cap)
+        self.assertLessEqual(60 + after, cap)
+        self.assertGreaterEqual(60 + after, cap - slice_size(cap))
+
+    async def test_marker_of_another_redis(self) -> None:
+        """
+        A marker written by another Redis process (a snapshot restored, a
+        failover to a replica) counts as new: a missing quota or balance
+        waits, however old the marker says it is; so does a quota whose
+        settle time, set by that other process, is already past (app
+        C{b}, capped mid-period).
+        """
+        _, _, [one, two] = await self.nodes()
+        self.assertEqual(await one.publish(App("b"), 3), 3)
+        await one.meter.flush()
+        await self.marker_aged(one)
+        await one.client.execute("HSET", MARKER, "run_id", "0" * 40, "at", "0")
+        await one.client.execute("HSET", "mrt:b:mq:0", "ready", "1")
+        plan = Plan(
+            max_messages_per_period=5,
+            max_concurrent_connections=1,
+            overages_allowed=True,
+            overage_rate_per_connection=1.0,
+            balance=1.0,
+        )
+        for app in (App("a", plan), App("b", plan)):
+            self.assertFalse(await accepted_one(one, app))
+        self.assertTrue(await one.meter.admit_connection(App("a", plan)))
+        with self.assertRaises(ConnectionCountUnavailable):
+            await two.meter.admit_connection(App("a", plan))
+        self.assertNotEqual(await one.client.execute("HGET", MARKER, "at"), b"0")
+
+    async def test_money_seeded_at_once(self) -> None:
+        """
+        On a Redis up for longer than the settle time, the first overage
+        of an app is paid at once: every charge a node makes is paid in
+        Redis, so the ledger misses nothing of a balance Redis never held.
+        """
+        _, _, [one, two] = await self.nodes()
+        await self.marker_aged(one)
+        plan = Plan(
+            max_concurrent_connections=1, overages_allowed=True, overage_rate_per_connection=1.0, balance=1.0
+        )
+        app = App("a", plan)
+        self.assertTrue(await one.meter.admit_connection(app))
+        self.assertTrue(await two.meter.admit_connection(app))
+        self.assertFalse(await one.meter.admit_connection(app))
+
+    async def test_restart_long_before_a_period(self) -> None:
+        """
+        A Redis restarted empty is marked as soon as the nodes reconnect,
+        not at the next seeding: the first message of a period that starts
+        long after the restart is decided at once.
+        """
+        server, _, [one, two] = await self.nodes()
+        await server.kill()
+        await eventually(self, lambda: succeed(one.client.connected or two.client.connected), False, 3)
+        await server.restart()
+        await eventually(self, lambda: succeed(one.client.connected and two.client.connected), True, 10)
+        await self.marker_aged(one)
+        self.assertTrue(await accepted_one(two, App("a", Plan(max_messages_per_period=5))))
+
+    async def test_clock_stepped_back(self) -> None:
+        """
+        Times in Redis ahead of its clock (the clock stepped back since
+        they were written) are taken as now: a key waits one settle time,
+        not until Redis's clock catches up.
+        """
+        _, _, [node, _] = await self.nodes()
+        self.assertEqual(await node.publish(App("b"), 3), 3)
+        await node.meter.flush()
+        info = (await node.client.execute("INFO", "server")).decode()
+        [run_id] = [line[len("run_id:") :] for line in info.splitlines() if line.startswith("run_id:")]
+        future = str(4_000_000_000_000)  # year 2096, in ms
+        await node.client.execute("HSET", MARKER, "run_id", run_id, "at", future)
+        await node.client.execute("HSET", "mrt:b:mq:0", "ready", future)
+        plan = Plan(max_messages_per_period=5)
+        for app in (App("a", plan), App("b", plan)):
+            self.assertGreater(await self.accepted_until_refused(node, app, patience=SETTLE * 10), 0)
+        self.assertNotEqual(await node.client.execute("HGET", MARKER, "at"), future.encode())

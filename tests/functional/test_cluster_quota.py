@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from meteredrt.clusterquota import slice_size
+from meteredrt.clusterquota import SETTLE_SECONDS, slice_size
 from tests.postgres_server import fresh_database
 
 from .cluster import LEASE_SECONDS, Cluster, Node, Peer, connect_peer, start_cluster
@@ -98,18 +98,38 @@ class ClusterMessageQuotaTests(TestCase):
         a peer on each, once the period's quota is seeded: the first
         message acked (from peer 0) counts one.
         """
-        config = config_with_plan(f"max_messages_per_period = {MESSAGE_CAP}")
-        config += f'\n[storage]\ndatabase = "{fresh_database()}"\n'
-        cluster = await start_cluster(self, nodes=3, config=config)
+        cluster = await self.capped_cluster()
         peers = [await connect_peer(self, cluster[i], f"p{i}") for i in range(3)]
-        # The period's quota is seeded once its key has settled; meanwhile
-        # messages are refused as transient, and not counted.
+        # On a Redis younger than the settle time (just started, like a
+        # Redis restarted empty) the period's quota is seeded once it has
+        # settled; meanwhile messages are refused as transient, and not
+        # counted.
         deadline = reactor.seconds() + 20
         while (first := await self.outcome(peers[0], "c")) != "ack":
             self.assertEqual(first, "backend_error")
             self.assertLess(reactor.seconds(), deadline, "the quota was never seeded")
             await deferLater(reactor, 0.5, lambda: None)
         return cluster, peers
+
+    async def capped_cluster(self) -> Cluster:
+        """
+        Three nodes with the capped plan on one Redis and one PostgreSQL.
+        """
+        config = config_with_plan(f"max_messages_per_period = {MESSAGE_CAP}")
+        config += f'\n[storage]\ndatabase = "{fresh_database()}"\n'
+        return await start_cluster(self, nodes=3, config=config)
+
+    async def test_first_message_not_delayed(self) -> None:
+        """
+        Once the nodes have known their Redis for the settle time, the
+        first message of a period of an app capped all along is acked at
+        once on every node: a period does not start with C{backend_error}.
+        """
+        cluster = await self.capped_cluster()
+        await deferLater(reactor, SETTLE_SECONDS + 1, lambda: None)
+        for i in range(3):
+            peer = await connect_peer(self, cluster[i], f"p{i}")
+            self.assertEqual(await self.outcome(peer, "c"), "ack")
 
     async def race(self, peers: list[Peer], each: int) -> int:
         """
