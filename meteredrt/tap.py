@@ -689,6 +689,12 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
             rotate_on_sigusr1(destination, reactor)
     database = Database(config.data_dir, config.database)
     Logger().info("Keeping apps, keys and usage in {where}", where=database.describe())
+    if config.cluster is not None and database.url is None:
+        Logger().warn(
+            "This cluster node keeps apps, keys and usage in its own SQLite files: keys made with the "
+            "CLI reach only this node and usage does not add up across nodes. Give every node one "
+            "PostgreSQL database ([storage] database or --database)."
+        )
     DataDirectory(database).setServiceParent(top)
     keys = KeyStore(
         database.open_pool(key_tables.COMPONENT, key_tables.MIGRATIONS, reactor, create=False),

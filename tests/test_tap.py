@@ -142,6 +142,27 @@ class MakeServiceTests(SynchronousTestCase):
         self.flushLoggedErrors()
         self.assertEqual(recovered, [BACKOFF_CAP + 5.0])
 
+    def test_cluster_on_own_sqlite_warns(self) -> None:
+        """
+        A cluster node keeping its store in its own SQLite files is told,
+        once, that keys made with the CLI and usage do not reach the other
+        nodes; with the store in PostgreSQL, and on one node, nothing is said.
+        """
+
+        def warnings(*args: str) -> list[str]:
+            observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            options = Options()
+            options.parseOptions(["--data-dir", self.mktemp(), *args])
+            makeService(options, MemoryReactorClock())
+            return [formatEvent(e) for e in observed if e["log_level"] == LogLevel.warn]
+
+        [warning] = warnings("--redis", "redis://127.0.0.1:1/0")
+        self.assertIn("[storage] database", warning)
+        self.assertIn("SQLite", warning)
+        shared = ["--redis", "redis://127.0.0.1:1/0", "--database", "postgresql://meteredrt@127.0.0.1:1/meteredrt"]
+        self.assertEqual(warnings(*shared), [])
+        self.assertEqual(warnings(), [])
+
     def test_cluster_outbox_in_postgresql(self) -> None:
         """
         With the store in PostgreSQL, every node's webhook outbox is the
