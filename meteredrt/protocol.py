@@ -173,8 +173,12 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 #: A run of digits long enough to spell an integer outside 64 bits, which
 #: orjson would turn into a float; such documents go to the stdlib decoder.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+#: In bytes (what Autobahn hands over) it is found by mapping every digit to
+#: "0" and looking for 19 zeros: two C loops, several times cheaper than
+#: the regular expression (which text frames still use).
 _LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_RUN = b"0" * 19
 
 
 def _loads(payload: bytes | str) -> Any:
@@ -189,8 +193,11 @@ def _loads(payload: bytes | str) -> Any:
     verdict stands. The one document orjson accepts differently, an integer
     outside 64 bits (made a float), never reaches it.
     """
-    digits = _LONG_DIGITS_TEXT if isinstance(payload, str) else _LONG_DIGITS
-    if digits.search(payload) is None:  # type: ignore[arg-type]
+    if isinstance(payload, str):
+        long_number = _LONG_DIGITS_TEXT.search(payload) is not None
+    else:
+        long_number = _LONG_RUN in payload.translate(_DIGITS_AS_ZERO)
+    if not long_number:
         try:
             return orjson.loads(payload)
         except orjson.JSONDecodeError:
