@@ -956,7 +956,7 @@ encodable_values = st.recursive(
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats()
-    | st.text(),
+    | st.text(alphabet=st.characters(exclude_categories=())),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
     max_leaves=12,
 )
@@ -1107,7 +1107,7 @@ class SharedCodecTests(SynchronousTestCase):
         """
         Every character up to U+01FF, DEL, NaN, the infinities, the integers
         at orjson's 64-bit limits, the floats at each side of the notation
-        thresholds, strings that look like floats, a StrEnum and data
+        thresholds, strings that look like floats, a lone surrogate, a StrEnum and data
         nested past orjson's limit encode as the stdlib encodes them.
         """
         for code in range(0x200):
@@ -1119,7 +1119,7 @@ class SharedCodecTests(SynchronousTestCase):
                 value = float(f"{mantissa}e{magnitude}")
                 self.assertSameEncoding(value)
                 self.assertSameEncoding(-value)
-        for special in [float("nan"), float("inf"), -float("inf"), None, "null", "0.00001", "1e-05", "2e+16"]:
+        for special in [float("nan"), float("inf"), -float("inf"), None, "null", "0.00001", "1e-05", "2e+16", "\ud800"]:
             self.assertSameEncoding(special)
         self.assertSameEncoding(KeyType.SECRET)
         self.assertSameEncoding([[[]]] * 3)
