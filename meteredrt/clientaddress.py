@@ -25,11 +25,14 @@ This module is pure: standard library only.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 #: The networks whose peers may say, in C{X-Forwarded-For}, whom they
 #: forward for.
 TrustedProxies = tuple[IPv4Network | IPv6Network, ...]
+#: How many client addresses' rate-limit keys L{rate_limit_key} remembers.
+RATE_LIMIT_KEYS_CACHED = 4096
 
 
 def client_address(peer_host: str, forwarded_for: Sequence[str] | None, trusted: TrustedProxies) -> str:
@@ -73,9 +76,16 @@ def is_trusted_proxy(peer_host: str, trusted: TrustedProxies) -> bool:
     return peer is not None and _is_trusted(peer, trusted)
 
 
+@lru_cache(maxsize=RATE_LIMIT_KEYS_CACHED)
 def rate_limit_key(address: str) -> str:
     """
     The bucket a per-IP rate limit counts a client address in.
+
+    Asked twice per WebSocket connect (the connection cap, the upgrade
+    limit) of the same few addresses, and parsing one with C{ipaddress}
+    was ~2% of a connect's CPU: the answers for the most recent
+    L{RATE_LIMIT_KEYS_CACHED} addresses are kept (a pure function of the
+    text, so a cached answer is the answer).
 
     :param address: a client address as L{client_address} returns it.
     :return: for an IPv6 address, its /64 network (``2001:db8:1:2::/64``):

@@ -9,7 +9,13 @@ from ipaddress import ip_network
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meteredrt.clientaddress import TrustedProxies, client_address, is_trusted_proxy, rate_limit_key
+from meteredrt.clientaddress import (
+    RATE_LIMIT_KEYS_CACHED,
+    TrustedProxies,
+    client_address,
+    is_trusted_proxy,
+    rate_limit_key,
+)
 
 LOOPBACK: TrustedProxies = (ip_network("127.0.0.1"), ip_network("::1"))
 INTERNAL: TrustedProxies = (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
@@ -187,6 +193,18 @@ class RateLimitKeyTests(SynchronousTestCase):
         self.assertEqual(rate_limit_key("-"), "-")
         self.assertEqual(rate_limit_key(""), "")
         self.assertEqual(rate_limit_key("unix:/run/x.sock"), "unix:/run/x.sock")
+
+
+    def test_remembered(self) -> None:
+        """
+        Asking again for a recent address answers from the cache, and
+        the cache is bounded.
+        """
+        rate_limit_key.cache_clear()
+        rate_limit_key("198.51.100.7")
+        self.assertEqual(rate_limit_key("198.51.100.7"), "198.51.100.7")
+        self.assertEqual(rate_limit_key.cache_info().hits, 1)
+        self.assertEqual(rate_limit_key.cache_info().maxsize, RATE_LIMIT_KEYS_CACHED)
 
 
 class IsTrustedProxyTests(SynchronousTestCase):

@@ -20,7 +20,7 @@ from meteredrt.apps import ACTIONS, App, Plan
 from meteredrt.auth import Grant, Refusal
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.envelopes import PresenceChange
-from meteredrt.hub import Hub, Session, _start
+from meteredrt.hub import _PENDING, Hub, Session, _fired, _start
 from meteredrt.interfaces import BackendUnavailable
 from meteredrt.metering import Meter
 from meteredrt.presence.memory import MemoryPresence
@@ -1336,6 +1336,22 @@ class BackendUnavailableTests(HubTestCase):
         self.assertEqual(broker.watched, {("peer", "app_1", "a")})
 
 
+    def test_send_failed_at_once(self) -> None:
+        """
+        A send whose broker answers with a Deferred that has already
+        failed is answered C{backend_error}, as one that fails later.
+        """
+
+        def unreachable(*args: Any) -> Deferred[Any]:
+            return fail(BackendUnavailable("routing goes through Redis, which is unreachable"))
+
+        self.broker.direct = unreachable  # type: ignore[method-assign]
+        session, sink = self.connect("a")
+        self.connect("b")
+        self.send(session, "b", 1, requestId="r1")
+        self.assertError(sink, "backend_error")
+
+
 class WatchInFlightTests(HeldHubTestCase):
     """
     A subscribe that joins a channel or pattern whose watch by the broker
@@ -1583,3 +1599,39 @@ class StartTests(SynchronousTestCase):
         result = _start(waits())
         waited.errback(ValueError("late"))
         self.failureResultOf(result, ValueError)
+
+
+class FiredTests(SynchronousTestCase):
+    """
+    L{meteredrt.hub._fired} gives what C{await} would give at once, and
+    leaves everything else to C{await}.
+    """
+
+    def test_value(self) -> None:
+        """
+        A Deferred that has fired gives its value, C{None} included.
+        """
+        self.assertEqual(_fired(succeed(7)), 7)
+        self.assertIsNone(_fired(succeed(None)))
+
+    def test_waiting(self) -> None:
+        """
+        A Deferred without a result, or one paused waiting on another,
+        is pending.
+        """
+        self.assertIs(_fired(Deferred()), _PENDING)
+        inner: Deferred[int] = Deferred()
+        outer = succeed(1)
+        outer.addCallback(lambda _: inner)
+        self.assertIs(_fired(outer), _PENDING)
+        inner.callback(2)
+        self.assertEqual(_fired(outer), 2)
+
+    def test_failure(self) -> None:
+        """
+        A failed Deferred is pending, and keeps its failure for C{await}
+        to raise.
+        """
+        failed: Deferred[int] = fail(ValueError("no"))
+        self.assertIs(_fired(failed), _PENDING)
+        self.failureResultOf(failed, ValueError)

@@ -18,6 +18,7 @@ from meteredrt.clusterwire import ClusterNode
 from meteredrt.envelopes import PresenceChange
 from meteredrt.interfaces import IDeliveryTarget, IPresence
 from meteredrt.membership import Member
+from meteredrt.presence import memory
 from meteredrt.presence.memory import MemoryPresence
 from meteredrt.presence.redis import RedisPresence
 from meteredrt.redisclient import RedisClient, parse_redis_url
@@ -258,3 +259,33 @@ class ObserverFailureTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(presence.members("a", "room")), [])
         self.assertEqual(self.successResultOf(presence.connections_of("a", "alice")), frozenset())
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 6)
+
+
+class MemoryJoinCostTests(SynchronousTestCase):
+    """
+    A join in a big channel costs what it costs in a small one: the
+    snapshot reuses the members already there.
+    """
+
+    def test_members_built_per_join(self) -> None:
+        """
+        Joining a channel of 1 or of 1,000 members builds one L{Member}
+        (the joiner), and the snapshot still lists everyone in join order.
+        """
+        built: list[str] = []
+
+        class CountedMember(Member):
+            def __init__(self, peer_id: str, metadata: dict | None) -> None:
+                built.append(peer_id)
+                super().__init__(peer_id, metadata)
+
+        self.patch(memory, "Member", CountedMember)
+        for size in (1, 1000):
+            presence = MemoryPresence()
+            for n in range(size):
+                presence.add_member("a", "room", f"p{n}", f"c{n}", None)
+            del built[:]
+            joining = self.successResultOf(presence.add_member("a", "room", "new", "c-new", {"m": 1}))
+            self.assertEqual(built, ["new"])
+            self.assertEqual([m.peer_id for m in joining.members], [f"p{n}" for n in range(size)] + ["new"])
+            self.assertEqual(joining.members[-1].metadata, {"m": 1})

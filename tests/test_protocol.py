@@ -5,6 +5,7 @@ Tests for L{meteredrt.protocol}: client frame parsing and validation
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt import protocol
+from meteredrt.apps import KeyType
 from meteredrt.protocol import (
     MAX_JSON_DEPTH,
     MAX_MESSAGE_SIZE,
@@ -947,6 +949,33 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
     max_leaves=12,
 )
+#: What a frame may carry: JSON values as any parser here makes them, and
+#: the non-finite floats that only the stdlib encoder's refusal keeps out.
+encodable_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(alphabet=st.characters(exclude_categories=())),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
+    max_leaves=12,
+)
+_STDLIB_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+class _SpyEncoder:
+    """
+    The stdlib encoder, recording what it is asked to encode.
+    """
+
+    def __init__(self, calls: list[object]) -> None:
+        self.calls = calls
+
+    def encode(self, value: object) -> str:
+        self.calls.append(value)
+        return _STDLIB_ENCODER.encode(value)
+
+
 _JSONISH = [
     b"{", b"}", b"[", b"]", b",", b":", b'"', b"a", b"1", b"-", b".", b"e", b"400", b"9" * 20,
     b"NaN", b"Infinity", b"true", b"null", b" ", b"\\", b"\\u", b"d800", b"\xef\xbb\xbf", b"\xff",
@@ -1047,6 +1076,67 @@ class SharedCodecTests(SynchronousTestCase):
             ).encode("ascii"),
         )
         self.assertRaises(ValueError, message_frame, "c", "p", float("inf"), None)
+
+    def assertSameEncoding(self, value: Any) -> None:
+        """
+        L{protocol._dumps} (orjson where it cannot differ) writes the bytes
+        the stdlib encoder writes, or refuses what it refuses.
+        """
+        frame = {"type": "direct", "from": "p", "data": value}
+        try:
+            expected: Any = _STDLIB_ENCODER.encode(frame).encode("ascii")
+        except ValueError:
+            expected = "refused"
+        try:
+            got: Any = protocol._dumps(frame)
+        except ValueError:
+            got = "refused"
+        self.assertEqual(got, expected, repr(value))
+
+    @settings(max_examples=500, deadline=None)
+    @given(encodable_values)
+    def test_fast_encoding_agrees_on_documents(self, value: Any) -> None:
+        """
+        Documents of every shape, with integers beyond 64 bits, floats of
+        every magnitude and non-finite ones, any character including lone
+        surrogates, encode as the stdlib encodes them.
+        """
+        self.assertSameEncoding(value)
+
+    def test_fast_encoding_edge_cases(self) -> None:
+        """
+        Every character up to U+01FF, DEL, NaN, the infinities, the integers
+        at orjson's 64-bit limits, the floats at each side of the notation
+        thresholds, strings that look like floats, a lone surrogate, a StrEnum and data
+        nested past orjson's limit encode as the stdlib encodes them.
+        """
+        for code in range(0x200):
+            self.assertSameEncoding(f"a{chr(code)}b")
+        for number in [2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 0, -0.0]:
+            self.assertSameEncoding(number)
+        for magnitude in range(-330, 310):
+            for mantissa in ("1", "1.5", "4.9406564584124654", "9.999999999999999"):
+                value = float(f"{mantissa}e{magnitude}")
+                self.assertSameEncoding(value)
+                self.assertSameEncoding(-value)
+        for special in [float("nan"), float("inf"), -float("inf"), None, "null", "0.00001", "1e-05", "2e+16", "\ud800"]:
+            self.assertSameEncoding(special)
+        self.assertSameEncoding(KeyType.SECRET)
+        self.assertSameEncoding([[[]]] * 3)
+        self.assertSameEncoding(functools.reduce(lambda inner, _: [inner], range(300), []))
+
+    def test_fast_encoding_used(self) -> None:
+        """
+        A frame of strings, integers and a float between the thresholds is
+        written by orjson (the stdlib encoder is not called).
+        """
+        calls: list[object] = []
+        self.patch(protocol, "_ENCODER", _SpyEncoder(calls))
+        frame = direct_frame("p", {"t": 1234.5, "n": [1, -2], "ok": True, "s": "x"}, None)
+        self.assertEqual(frame.payload, b'{"type":"direct","from":"p","data":{"t":1234.5,"n":[1,-2],"ok":true,"s":"x"}}')
+        self.assertEqual(calls, [])
+        direct_frame("p", "é", None)
+        self.assertEqual(len(calls), 1)
 
     def test_control_characters(self) -> None:
         """

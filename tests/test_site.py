@@ -6,7 +6,9 @@ the upgrade itself.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from functools import partial
 from io import StringIO
 from ipaddress import ip_network
@@ -110,6 +112,28 @@ class SiteTests(WebSocketTestCase):
         self.assertEqual(headers["content-type"], "application/json")
         self.assertEqual(headers["upgrade"].lower(), "websocket")
         self.assertEqual(json.loads(body)["error"], "invalid_request")
+
+    def test_upgraded_request_freed(self) -> None:
+        """
+        Once the WebSocket has taken the connection over, the HTTP request
+        is freed by reference counting alone: the channel, which lives on
+        under the connection, no longer holds it, so the handshake leaves
+        no cycle for the garbage collector.
+        """
+        requests: list[weakref.ref[Request]] = []
+
+        class TrackedRequest(Request):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                requests.append(weakref.ref(self))
+
+        self.site.requestFactory = TrackedRequest
+        gc.disable()
+        self.addCleanup(gc.enable)
+        client = RawClient(b"GET /v1?token=secret HTTP/1.1\r\nHost: localhost\r\n" + UPGRADE_HEADERS + b"\r\n")
+        self.connect(client)
+        self.assertEqual(client.response()[0], 101)
+        self.assertEqual([request() for request in requests], [None])
 
     def test_draining(self) -> None:
         """

@@ -5,10 +5,12 @@ the order in which the server stops.
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import sys
 from io import StringIO
+from typing import Any
 
 from twisted.application.service import IServiceMaker, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -373,6 +375,64 @@ class ListenerTests(SynchronousTestCase):
         port = self.successResultOf(Deferred.fromCoroutine(listener.accept()))
         self.assertEqual(port.getHost().port, 0)
         self.successResultOf(maybeDeferred(listener.stopService))
+
+
+class _Loading:
+    """
+    A key store or meter that has not loaded yet: C{ready} and C{loaded}
+    fire when the test says.
+    """
+
+    def __init__(self) -> None:
+        self.ready: Deferred[None] = Deferred()
+        self.loaded: Deferred[None] = Deferred()
+
+
+class StartupGateTests(SynchronousTestCase):
+    """
+    L{StartupGate} tells once that start-up has settled: after the stores
+    have loaded, before anyone is accepted.
+    """
+
+    def test_settled_before_accepting(self) -> None:
+        """
+        C{settled} runs once both stores have loaded and before the
+        listeners accept.
+        """
+        reactor = MemoryReactorClock()
+        keys, meter = _Loading(), _Loading()
+        seen: list[str] = []
+        listener = Listener("tcp:0:interface=127.0.0.1", Factory(), reactor)
+        accept = listener.accept
+
+        async def accepting() -> Any:
+            seen.append("accept")
+            return await accept()
+
+        listener.accept = accepting  # type: ignore[method-assign]
+        gate = StartupGate(keys, meter, reactor, lambda: seen.append("settled"))  # type: ignore[arg-type]
+        listener.setServiceParent(gate)
+        gate.startService()
+        self.assertEqual(seen, [])
+        keys.ready.callback(None)
+        self.assertEqual(seen, [])
+        meter.loaded.callback(None)
+        self.assertEqual(seen, ["settled", "accept"])
+        self.assertEqual(len(self.successResultOf(gate.listening)), 1)
+        self.successResultOf(maybeDeferred(gate.stopService))
+
+    def test_freezes_under_twistd(self) -> None:
+        """
+        L{makeService} run by twistd (options with a parent) freezes the
+        start-up heap when the gate settles; run in process it does not.
+        """
+        options = Options()
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp()])
+        gate = makeService(options).getServiceNamed("listeners")
+        self.assertIsNot(gate._settled, gc.freeze)
+        options.parent = {}  # type: ignore[attr-defined]
+        gate = makeService(options).getServiceNamed("listeners")
+        self.assertIs(gate._settled, gc.freeze)
 
 
 class ShowBootstrapTests(SynchronousTestCase):

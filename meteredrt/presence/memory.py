@@ -25,9 +25,18 @@ from meteredrt.protocol import presence_entry
 
 
 @define
-class _Membership:
-    metadata: dict | None
-    connections: set[str]
+class _Channel:
+    """
+    One channel's membership.
+
+    @ivar members: peer id -> the member as snapshots show it, in join
+        order. Kept as L{Member}s so that a join's snapshot is a copy of
+        this dict's values, not a new L{Member} for everyone already there.
+    @ivar connections: peer id -> its connections in the channel.
+    """
+
+    members: dict[str, Member]
+    connections: dict[str, set[str]]
 
 _log = Logger()
 
@@ -47,7 +56,7 @@ class MemoryPresence:
     def __init__(self, observer: IPresenceObserver | None = None) -> None:
         self._observer = observer
         # Dicts keep insertion order, which is join order for snapshots.
-        self._channels: dict[tuple[str, str], dict[str, _Membership]] = {}
+        self._channels: dict[tuple[str, str], _Channel] = {}
         self._peers: dict[tuple[str, str], set[str]] = {}
         # conn id -> the channels it is a member of, for one-step disconnects
         self._held: dict[str, set[str]] = {}
@@ -75,37 +84,39 @@ class MemoryPresence:
     def add_member(
         self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None
     ) -> Deferred[Joining]:
-        members = self._channels.setdefault((app_id, channel), {})
+        room = self._channels.get((app_id, channel))
+        if room is None:
+            room = self._channels[(app_id, channel)] = _Channel({}, {})
         self._held.setdefault(conn_id, set()).add(channel)
-        membership = members.get(peer_id)
-        first = membership is None
-        if membership is None:
-            if not members:
-                self._tell("channel_occupied", app_id, channel)
-            members[peer_id] = _Membership(metadata, {conn_id})
+        connections = room.connections.get(peer_id)
+        first = connections is None
+        if first and not room.connections:
+            self._tell("channel_occupied", app_id, channel)
+        # A rejoining peer keeps its place; the most recent connection's
+        # peerMetadata is shown.
+        room.members[peer_id] = Member(peer_id, metadata)
+        if connections is None:
+            room.connections[peer_id] = {conn_id}
             joined = (presence_entry(peer_id, metadata),)
             self._announce(app_id, PresenceChange(channel, joined, (), conn_id))
             self._tell("member_joined", app_id, channel, peer_id, metadata)
         else:
-            # The most recent connection's peerMetadata is shown.
-            membership.metadata = metadata
-            membership.connections.add(conn_id)
-        snapshot = tuple(Member(peer, m.metadata) for peer, m in members.items())
-        return succeed(Joining(first, snapshot))
+            connections.add(conn_id)
+        return succeed(Joining(first, tuple(room.members.values())))
 
     def _leave(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Member | None:
-        members = self._channels.get((app_id, channel))
-        membership = members.get(peer_id) if members else None
-        if membership is None or conn_id not in membership.connections:
+        room = self._channels.get((app_id, channel))
+        connections = room.connections.get(peer_id) if room is not None else None
+        if room is None or connections is None or conn_id not in connections:
             return None
-        membership.connections.discard(conn_id)
-        if membership.connections:
+        connections.discard(conn_id)
+        if connections:
             return None
-        del members[peer_id]  # type: ignore[union-attr]
-        vacated = not members
+        del room.connections[peer_id]
+        gone = room.members.pop(peer_id)
+        vacated = not room.connections
         if vacated:
             del self._channels[(app_id, channel)]
-        gone = Member(peer_id, membership.metadata)
         left = (presence_entry(peer_id, gone.metadata),)
         self._announce(app_id, PresenceChange(channel, (), left, None))
         self._tell("member_left", app_id, channel, peer_id, gone.metadata)
@@ -120,12 +131,12 @@ class MemoryPresence:
         return succeed(self._leave(app_id, channel, peer_id, conn_id))
 
     def members(self, app_id: str, channel: str) -> Deferred[list[Member]]:
-        members = self._channels.get((app_id, channel), {})
-        return succeed([Member(peer_id, m.metadata) for peer_id, m in members.items()])
+        room = self._channels.get((app_id, channel))
+        return succeed(list(room.members.values()) if room is not None else [])
 
     def snapshot(self, app_id: str, channel: str) -> Deferred[Joining]:
-        members = self._channels.get((app_id, channel), {})
-        return succeed(Joining(False, tuple(Member(peer_id, m.metadata) for peer_id, m in members.items())))
+        room = self._channels.get((app_id, channel))
+        return succeed(Joining(False, tuple(room.members.values()) if room is not None else ()))
 
     def add_connection(self, app_id: str, peer_id: str, conn_id: str) -> Deferred[None]:
         connections = self._peers.setdefault((app_id, peer_id), set())
