@@ -14,7 +14,7 @@ import gc
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from types import TracebackType
 from typing import Any, NoReturn, TextIO
@@ -513,16 +513,27 @@ class StartupGate(MultiService):
         listener accepts.
     @param settled: called once, when the stores have loaded and just
         before the listeners accept (see L{makeService}).
+    @param also: what else must be up before anyone is accepted: a cluster
+        node's first Redis connection, without which every capped
+        admission, subscribe and send would fail.
     """
 
     log = Logger()
 
-    def __init__(self, keys: KeyStore, meter: Meter, reactor: Any, settled: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        keys: KeyStore,
+        meter: Meter,
+        reactor: Any,
+        settled: Callable[[], None] = lambda: None,
+        also: Sequence[Deferred[None]] = (),
+    ) -> None:
         super().__init__()
         self._keys = keys
         self._meter = meter
         self._reactor = reactor
         self._settled = settled
+        self._also = list(also)
         self.listening: Deferred[list[IListeningPort]] = Deferred()
 
     def startService(self) -> None:
@@ -535,6 +546,8 @@ class StartupGate(MultiService):
         await self._keys.ready
         # Quotas must see the counts of earlier runs before anyone connects.
         await self._meter.loaded
+        for waiting in self._also:
+            await waiting
         self._settled()
         ports = []
         for listener in self:
@@ -716,9 +729,15 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     # overage is paid from the balance kept in Redis.
     usage_store = UsageStore.with_pool(usage_pool, database.dialect)
     cluster_count = quota = None
+    before_listening: list[Deferred[None]] = []
     if config.cluster is not None:
         node = ClusterNode(config.cluster.node_name or default_node_name())
         cluster_client = RedisClient(reactor, parse_redis_url(config.cluster.redis))
+        # The listeners open once Redis is reached (a fresh Deferred: others
+        # chain work on the client's own).
+        redis_up: Deferred[None] = Deferred()
+        cluster_client.ready.addCallback(redis_up.callback)
+        before_listening.append(redis_up)
         cluster_count = ClusterConnectionCount(cluster_client, node)
         quota = ClusterQuota(reactor, cluster_client, usage_store)
     meter = Meter(reactor, usage_store, cluster=cluster_count, quota=quota)
@@ -826,7 +845,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     # and again (measured: a fifth of the full collections' time over
     # 10,000 connects).
     settled = gc.freeze if twistd_options is not None else (lambda: None)
-    gate = StartupGate(keys, meter, reactor, settled)
+    gate = StartupGate(keys, meter, reactor, settled, also=before_listening)
     gate.setName("listeners")
     for description in config.listen:
         Listener(description, capped, reactor, shared=config.workers > 1).setServiceParent(gate)

@@ -421,6 +421,45 @@ class StartupGateTests(SynchronousTestCase):
         self.assertEqual(len(self.successResultOf(gate.listening)), 1)
         self.successResultOf(maybeDeferred(gate.stopService))
 
+    def test_cluster_waits_for_redis(self) -> None:
+        """
+        A cluster node accepts nobody before its Redis connection is up:
+        until then every capped admission, subscribe and send would fail
+        (1011), while a closed port sends clients (and load balancers) to
+        the other nodes. Without a cluster nothing is awaited but the stores.
+        """
+        reactor = MemoryReactorClock()
+        keys, meter = _Loading(), _Loading()
+        redis_up: Deferred[None] = Deferred()
+        listener = Listener("tcp:0:interface=127.0.0.1", Factory(), reactor)
+        gate = StartupGate(keys, meter, reactor, also=[redis_up])  # type: ignore[arg-type]
+        listener.setServiceParent(gate)
+        gate.startService()
+        keys.ready.callback(None)
+        meter.loaded.callback(None)
+        self.assertNoResult(gate.listening)
+        redis_up.callback(None)
+        self.assertEqual(len(self.successResultOf(gate.listening)), 1)
+        self.successResultOf(maybeDeferred(gate.stopService))
+
+    def test_cluster_composition_waits_for_redis(self) -> None:
+        """
+        L{makeService} gives a cluster node's gate the Redis client's first
+        connection to wait for, and a single node's nothing.
+        """
+        options = Options()
+        options.parseOptions(["--data-dir", self.mktemp(), "--redis", "redis://127.0.0.1:1/0"])
+        service = makeService(options, MemoryReactorClock())
+        gate = service.getServiceNamed("listeners")
+        [waiting] = gate._also
+        self.assertNoResult(waiting)
+        client = next(child for child in service if isinstance(child, RedisClient))
+        client.ready.callback(None)
+        self.successResultOf(waiting)
+        options = Options()
+        options.parseOptions(["--data-dir", self.mktemp()])
+        self.assertEqual(makeService(options, MemoryReactorClock()).getServiceNamed("listeners")._also, [])
+
     def test_freezes_under_twistd(self) -> None:
         """
         L{makeService} run by twistd (options with a parent) freezes the
