@@ -474,10 +474,17 @@ class Hub(Service):
             subscription.held_presence = []
         try:
             # The presence announces the joined itself, in the same step
-            # that takes the snapshot (IPresence).
+            # that takes the snapshot (IPresence). Only a subscriber holding
+            # presence is shown the members: the others' joins do not read
+            # them, which keeps a join's cost apart from the channel's size.
             try:
                 joining = await self._presence.add_member(
-                    session.app_id, channel, session.peer_id, session.conn_id, session.grant.peer_metadata
+                    session.app_id,
+                    channel,
+                    session.peer_id,
+                    session.conn_id,
+                    session.grant.peer_metadata,
+                    snapshot=wants_presence,
                 )
             except BackendUnavailable:
                 # Refused: a new subscription does not stay half made.
@@ -496,7 +503,7 @@ class Hub(Service):
             # Ack, then the snapshot: MeteredPeer drops a snapshot that
             # arrives before the subscribe resolves (§7.1).
             self._ack(session, frame.request_id)
-            if wants_presence:
+            if wants_presence and joining.members is not None:
                 entries = [_entry(m) for m in joining.members if m.peer_id != session.peer_id]
                 for snapshot in snapshot_frames(channel, entries):
                     session.sink.send_frame(snapshot)
@@ -767,7 +774,10 @@ class Hub(Service):
 
     def _catch_up(self, app_id: str, channel: str, snapshot: Joining, exclude_conn: str | None) -> None:
         view = self._views.get((app_id, channel))
-        if view is None or snapshot.version is None:
+        # A join without a snapshot (its subscriber does not hold presence)
+        # has nothing to catch up with: the deltas it would have
+        # anticipated still arrive, each in its turn.
+        if view is None or snapshot.version is None or snapshot.members is None:
             return
         joined, left = view.catch_up(snapshot.members, snapshot.version)
         if joined or left:

@@ -242,13 +242,23 @@ class IPresence(Interface):
         """
 
     def add_member(
-        app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict[str, Any] | None
+        app_id: str,
+        channel: str,
+        peer_id: str,
+        conn_id: str,
+        metadata: dict[str, Any] | None,
+        *,
+        snapshot: bool,
     ) -> Deferred[Joining]:
         """
         Record that a connection of a peer subscribed to a concrete channel;
         if the peer was not a member, announce its C{joined} (to everyone
         but this connection). Fires with the L{Joining}: whether it was new,
-        and the snapshot taken in the same step.
+        the membership version, and, when C{snapshot} is true, the members
+        read in the same step. Without C{snapshot} the members are not read
+        at all (L{Joining.members} is C{None}): only a subscriber holding
+        C{presence} is shown them, and reading them makes a join cost as
+        much as the channel is big.
         """
 
     def remove_member(app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:

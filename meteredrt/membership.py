@@ -30,7 +30,9 @@ class Joining:
     @ivar first: the peer was not a member before (its C{joined} delta was
         announced in that step).
     @ivar members: the channel's members right after the step, the peer
-        included, ordered by join time: the subscriber's snapshot.
+        included, ordered by join time: the subscriber's snapshot. C{None}
+        when the caller did not ask for it, so that a join costs the same
+        in a channel of ten members as in one of ten thousand.
     @ivar version: the channel membership's version after the step; every
         delta announced with a version at or below it is already reflected
         in C{members}, every later one is not. C{None} when the
@@ -39,5 +41,5 @@ class Joining:
     """
 
     first: bool
-    members: tuple[Member, ...]
+    members: tuple[Member, ...] | None
     version: int | None = None

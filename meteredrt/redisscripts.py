@@ -8,7 +8,8 @@ Cluster would not: meteredrt needs one Redis server, or a primary with
 replicas).
 
   - L{JOIN}: add a membership, announce C{joined} if new, return the
-    snapshot and version (presence); L{SNAPSHOT}: the same read alone.
+    version and, when asked, the snapshot (presence); L{SNAPSHOT}: the
+    same read alone.
   - L{LEAVE}: end one membership, announce C{left} if it was the last.
   - L{CONNECT}, L{DISCONNECT}: register a connection; end all of one's
     memberships and registrations.
@@ -129,14 +130,21 @@ local function register(app, peer, conn, node, tr)
 end
 """
 
-#: ARGV: app, channel, peer, conn, metadata JSON, message prefix.
-#: Returns {first (0/1), version, HGETALL of the members hash, transitions}.
+#: ARGV: app, channel, peer, conn, metadata JSON, message prefix, snapshot
+#: ("1": return the members; "0": not, which keeps a join's cost and reply
+#: independent of the channel's size).
+#: Returns {first (0/1), version, HGETALL of the members hash or {},
+#: transitions}.
 JOIN = Script(
     _LIB
     + """
 local tr = {}
 local first, version = join(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tr)
-return {first, version, redis.call('HGETALL', 'mrt:' .. ARGV[1] .. ':m:' .. ARGV[2]), tr}
+local members = {}
+if ARGV[7] == '1' then
+  members = redis.call('HGETALL', 'mrt:' .. ARGV[1] .. ':m:' .. ARGV[2])
+end
+return {first, version, members, tr}
 """
 )
 

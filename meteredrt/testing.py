@@ -303,9 +303,16 @@ class HeldPresence:
         self._presence.attach(target)
 
     def add_member(
-        self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict[str, Any] | None
+        self,
+        app_id: str,
+        channel: str,
+        peer_id: str,
+        conn_id: str,
+        metadata: dict[str, Any] | None,
+        *,
+        snapshot: bool,
     ) -> Deferred[Joining]:
-        answer = self._presence.add_member(app_id, channel, peer_id, conn_id, metadata)
+        answer = self._presence.add_member(app_id, channel, peer_id, conn_id, metadata, snapshot=snapshot)
         return self._answers.hold("add_member", answer)
 
     def remove_member(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Deferred[Member | None]:

@@ -33,7 +33,7 @@ from meteredrt.redisclient import RedisClient, RedisSubscriber, parse_redis_url
 from meteredrt.testing import RecordingSink
 from meteredrt.usagestore import UsageStore
 from tests.servers import RedisServer
-from tests.test_hub import make_grant
+from tests.test_hub import BLIND, make_grant
 
 #: How long a test waits for a delivery that crosses Redis.
 PATIENCE = 5.0
@@ -279,6 +279,39 @@ class BrokerTestsMixin:
         await self.settle()
         self.assertTrue(converged())
 
+    async def test_presence_beside_blind_subscribers(self) -> None:
+        """
+        Subscribers without C{presence} joining on both nodes among
+        watchers (their joins take no snapshot) are acked and shown no
+        presence; the watchers still hear every member exactly once.
+        """
+        await self.setUpNodes()
+        nodes = (self.one, self.two)
+        watchers = []
+        for n, hub in enumerate(nodes):
+            watcher, seen = await self.connect(hub, f"w{n}")
+            await self.request(hub, watcher, type="subscribe", channel="room")
+            watchers.append((watcher, seen))
+        blind = [await self.connect(nodes[i % 2], f"b{i}", actions=BLIND) for i in range(6)]
+        await gather(
+            [
+                self.request(nodes[i % 2], session, type="subscribe", channel="room", requestId="r")
+                for i, (session, _) in enumerate(blind)
+            ]
+        )
+        for _, sink in blind:
+            self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r"}])
+        everyone = {"w0", "w1"} | {f"b{i}" for i in range(6)}
+
+        def heard(seen: RecordingSink) -> list[str]:
+            return [entry["peerId"] for frame in seen.of_type("presence") for entry in frame["joined"]]
+
+        def converged() -> bool:
+            return all(sorted(heard(seen)) == sorted(everyone - {w.peer_id}) for w, seen in watchers)
+
+        await self.eventually(converged)
+        await self.settle()
+        self.assertTrue(converged())
 
 async def gather(calls: list[Any]) -> None:
     for call in calls:

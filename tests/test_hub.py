@@ -791,6 +791,41 @@ class PresenceTests(HubTestCase):
         self.assertEqual([(m.peer_id, m.metadata) for m in members], [("alice", {"n": 1})])
 
 
+class JoinCostTests(HubTestCase):
+    """
+    A subscribe costs the same in a channel of ten members as in one of a
+    thousand, unless its subscriber is to be shown them (protocol §10).
+    """
+
+    def test_snapshot_only_for_presence(self) -> None:
+        """
+        Subscribers without C{presence} join without the members being
+        read, however many there are; one holding C{presence} reads them
+        once, for its snapshot.
+        """
+        reads: list[int] = []
+
+        class CountedMembers(dict):
+            def values(self) -> Any:
+                reads.append(len(self))
+                return super().values()
+
+        for n in range(1000):
+            session, _ = self.connect(f"p{n}", actions=BLIND)
+            self.subscribe(session, "room")
+        room = self.presence._channels[("app_1", "room")]
+        room.members = CountedMembers(room.members)
+        blind, blind_sink = self.connect("blind", actions=BLIND)
+        self.subscribe(blind, "room", requestId="r")
+        self.assertEqual((reads, blind_sink.decoded), ([], [{"type": "ack", "requestId": "r"}]))
+        seeing, seeing_sink = self.connect("seeing")
+        self.subscribe(seeing, "room", requestId="r")
+        self.assertEqual(reads, [1002])
+        [ack, *snapshots] = seeing_sink.decoded
+        self.assertEqual(ack, {"type": "ack", "requestId": "r"})
+        self.assertEqual(sum(len(frame["joined"]) for frame in snapshots), 1001)
+
+
 class DeliveryTests(HubTestCase):
     """
     Who receives publishes and directs, and with what.
@@ -1324,7 +1359,7 @@ class BackendUnavailableTests(HubTestCase):
         broker = HeldBroker(MemoryBroker(), HeldAnswers())
         self.hub = Hub(broker, self.presence, self.meter, self.apps.get, node_id="n1")
 
-        def unreachable(*args: Any) -> Deferred[Any]:
+        def unreachable(*args: Any, **kwargs: Any) -> Deferred[Any]:
             return fail(BackendUnavailable("presence is shared through Redis, which is unreachable"))
 
         self.presence.add_member = unreachable  # type: ignore[method-assign]

@@ -12,14 +12,26 @@ import signal
 import sys
 from collections.abc import Callable
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.application.service import Application
-from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    eventAsJSON,
+    eventFromJSON,
+    formatEvent,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 
+from meteredrt import logs
 from meteredrt.config import LogConfig
-from meteredrt.logs import build_observer, json_line, rotate_on_sigusr1, twistd_destination
+from meteredrt.logs import _Stamps, build_observer, json_line, message, rotate_on_sigusr1, text_line, twistd_destination
 from meteredrt.tap import Options, OrderedServices, makeService
 
 
@@ -84,6 +96,120 @@ class JsonLineTests(SynchronousTestCase):
         out = io.StringIO()
         emit(build_observer(LogConfig(), out), LogLevel.info, who="Ada")
         self.assertRegex(out.getvalue(), r"^\S+ \[tests\.logs#info\] hello Ada\n$")
+
+
+def twisted_text(event: dict) -> str:
+    """
+    What Twisted's own text observer (twistd's) writes for C{event}.
+    """
+    out = io.StringIO()
+    textFileLogObserver(out)(event)
+    return out.getvalue()
+
+
+def session_end(**changes: object) -> dict:
+    """
+    A session-end event as the WebSocket adapter logs it, as a L{Logger}
+    hands it to observers.
+    """
+    event: dict = {
+        "log_format": "WebSocket session ended: app={app} peer={peer} conn={conn} remote={remote} "
+        "duration={duration:.3f}s code={code} by={closed_by} reason={reason!r} "
+        "frames_in={frames_in} frames_out={frames_out}",
+        "log_level": LogLevel.info,
+        "log_namespace": "meteredrt.ws.RealtimeServerProtocol",
+        "log_source": None,
+        "log_time": 1764561600.75,
+        "event": "session_end",
+        "app": "app_1",
+        "peer": "p{1}",
+        "conn": "c1",
+        "remote": "127.0.0.1:4000",
+        "duration": 1.23456,
+        "code": 1000,
+        "closed_by": "client",
+        "reason": "bye {now}\n",
+        "frames_in": 3,
+        "frames_out": 4,
+    }
+    event.update(changes)
+    return event
+
+
+class TextTests(SynchronousTestCase):
+    """
+    The lines are Twisted's, made more cheaply (L{message}, L{text_line}).
+    """
+
+    def assertSameAsTwisted(self, event: dict) -> None:
+        self.assertEqual(message(dict(event)), formatEvent(dict(event)))
+        self.assertEqual(text_line(dict(event)) or "", twisted_text(dict(event)))
+        if event.get("log_time") is not None:  # every Logger sets it; json_line needs it
+            self.assertEqual(json.loads(json_line(dict(event)))["message"], formatEvent(dict(event)))
+
+    def test_session_end(self) -> None:
+        """
+        The session-end line is Twisted's, braces and newlines in its
+        values included, and is formatted without Twisted's formatter.
+        """
+        self.assertSameAsTwisted(session_end())
+        self.patch(logs, "formatEvent", lambda event: self.fail("formatted by Twisted"))
+        self.assertIn("reason='bye {now}\\n'", message(session_end()))
+
+    def test_awkward_events(self) -> None:
+        """
+        Calls, positional or missing fields, flattened, byte, empty and
+        missing formats, failures, no time and a system of their own all
+        come out as Twisted writes them.
+        """
+        failure = Failure(RuntimeError("boom {x}"))
+        flattened = eventFromJSON(eventAsJSON(session_end()))
+        for event in [
+            session_end(log_format="calls {peer.upper()} and {code}"),
+            session_end(log_format="positional {0} and {}"),
+            session_end(log_format="missing {nowhere}"),
+            session_end(log_format="bad spec {code:Q}"),
+            session_end(log_format=b"bytes {code}"),
+            session_end(log_format=""),
+            session_end(log_format=None),
+            session_end(log_format="index {remote[0]} attribute {duration.real}"),
+            session_end(log_failure=failure, log_format="failed {code}"),
+            session_end(log_time=None),
+            session_end(log_system="the system"),
+            flattened,
+        ]:
+            self.assertSameAsTwisted(event)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.text(alphabet=st.sampled_from(list("ab{}!:r.[]0 ()s\n\u00e9")), max_size=24),
+        st.dictionaries(
+            st.sampled_from(["a", "b", "ab", "s"]),
+            st.one_of(st.integers(), st.text(max_size=6), st.floats(allow_nan=False), st.none()),
+        ),
+    )
+    def test_any_format(self, text: str, fields: dict) -> None:
+        """
+        Whatever the format and fields, the message and the line are
+        Twisted's.
+        """
+        self.assertSameAsTwisted(session_end(log_format=text, **fields))
+
+    def test_stamps_per_second(self) -> None:
+        """
+        The time stamp is Twisted's, made once per second.
+        """
+        stamps = _Stamps()
+        made = []
+        self.patch(logs, "formatTime", lambda when, *rest: made.append(when) or twisted_stamp(when))
+
+        def twisted_stamp(when: float) -> str:
+            return twisted_text(session_end(log_time=when, log_format="x")).split(" ")[0]
+
+        self.assertEqual(stamps(100.25), twisted_stamp(100.25))
+        self.assertEqual(stamps(100.75), twisted_stamp(100.75))
+        self.assertEqual(stamps(101.0), twisted_stamp(101.0))
+        self.assertEqual(made, [100.25, 101.0])
 
 
 class LevelTests(SynchronousTestCase):

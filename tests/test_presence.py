@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from meteredrt import redisscripts
 from meteredrt.clusterwire import ClusterNode
 from meteredrt.envelopes import PresenceChange
 from meteredrt.interfaces import IDeliveryTarget, IPresence
@@ -65,7 +66,7 @@ class PresenceTestsMixin:
         self.presence.attach(self.heard)
 
     async def add(self, peer_id: str, conn_id: str, metadata: dict | None = None, channel: str = "room") -> bool:
-        return (await self.presence.add_member("app", channel, peer_id, conn_id, metadata)).first
+        return (await self.presence.add_member("app", channel, peer_id, conn_id, metadata, snapshot=False)).first
 
     async def remove(self, peer_id: str, conn_id: str, channel: str = "room") -> Member | None:
         return await self.presence.remove_member("app", channel, peer_id, conn_id)
@@ -89,7 +90,7 @@ class PresenceTestsMixin:
         self.assertTrue(await self.add("alice", "c1"))
         self.assertFalse(await self.add("alice", "c2"))
         self.assertFalse(await self.add("alice", "c1"))
-        self.assertFalse((await self.other.add_member("app", "room", "alice", "c4", None)).first)
+        self.assertFalse((await self.other.add_member("app", "room", "alice", "c4", None, snapshot=False)).first)
         self.assertTrue(await self.add("bob", "c3"))
 
     async def test_last_connection_leaves(self) -> None:
@@ -99,7 +100,7 @@ class PresenceTestsMixin:
         """
         await self.setUpPresence()
         await self.add("alice", "c1", {"n": 1})
-        await self.other.add_member("app", "room", "alice", "c2", {"n": 1})
+        await self.other.add_member("app", "room", "alice", "c2", {"n": 1}, snapshot=False)
         self.assertIsNone(await self.remove("alice", "c1"))
         self.assertEqual(await self.other.remove_member("app", "room", "alice", "c2"), Member("alice", {"n": 1}))
         self.assertEqual(await self.members(), [])
@@ -124,10 +125,35 @@ class PresenceTestsMixin:
         await self.setUpPresence()
         await self.add("alice", "c1", {"v": 1})
         await self.add("bob", "c2")
-        joining = await self.presence.add_member("app", "room", "alice", "c3", {"v": 2})
+        joining = await self.presence.add_member("app", "room", "alice", "c3", {"v": 2}, snapshot=True)
         expected = [Member("alice", {"v": 2}), Member("bob", None)]
         self.assertEqual(await self.members(), expected)
         self.assertEqual(list(joining.members), expected)
+
+    async def test_join_without_snapshot(self) -> None:
+        """
+        A join not asking for the snapshot reads no members (C{None}), and
+        is otherwise the same join: new or not, announced, versioned as a
+        join with the snapshot; one asking for it is shown everyone.
+        """
+        await self.setUpPresence()
+        await self.add("alice", "c1", {"v": 1})
+        blind = await self.presence.add_member("app", "room", "bob", "c2", None, snapshot=False)
+        again = await self.other.add_member("app", "room", "bob", "c3", {"v": 3}, snapshot=False)
+        seeing = await self.presence.add_member("app", "room", "carol", "c4", None, snapshot=True)
+        self.assertIsNone(blind.members)
+        self.assertIsNone(again.members)
+        self.assertEqual(
+            list(seeing.members), [Member("alice", {"v": 1}), Member("bob", {"v": 3}), Member("carol", None)]
+        )
+        self.assertEqual((blind.first, again.first, seeing.first), (True, False, True))
+        self.assertEqual(self.heard.summary(), [("room", ["alice"], []), ("room", ["bob"], []), ("room", ["carol"], [])])
+        versions = [change.version for _, change in self.heard.changes]
+        self.assertEqual([blind.version, seeing.version], versions[1:])
+        if blind.version is not None:
+            # A repeat join shows the version it saw, at or after its own.
+            self.assertGreaterEqual(again.version, blind.version)
+            self.assertLess(again.version, seeing.version)
 
     async def test_apps_and_channels_apart(self) -> None:
         """
@@ -135,7 +161,7 @@ class PresenceTestsMixin:
         """
         await self.setUpPresence()
         await self.add("alice", "c1")
-        self.assertTrue((await self.presence.add_member("other", "room", "alice", "c2", None)).first)
+        self.assertTrue((await self.presence.add_member("other", "room", "alice", "c2", None, snapshot=False)).first)
         self.assertTrue(await self.add("alice", "c1", channel="hall"))
         self.assertEqual(await self.members("other"), [Member("alice", None)])
         await self.remove("alice", "c1")
@@ -150,9 +176,9 @@ class PresenceTestsMixin:
         covers exactly the deltas before it.
         """
         await self.setUpPresence()
-        first = await self.presence.add_member("app", "room", "alice", "c1", {"a": 1})
+        first = await self.presence.add_member("app", "room", "alice", "c1", {"a": 1}, snapshot=True)
         await self.add("alice", "c2")
-        second = await self.presence.add_member("app", "room", "bob", "c3", None)
+        second = await self.presence.add_member("app", "room", "bob", "c3", None, snapshot=True)
         await self.remove("alice", "c1")
         await self.remove("alice", "c2")
         self.assertEqual(
@@ -223,6 +249,7 @@ class RedisPresenceTests(PresenceTestsMixin, TestCase):
     async def make(self) -> tuple[Any, Any]:
         server = await RedisServer.start(self)
         made = []
+        self.clients = []
         for name in ("one", "two"):
             client = RedisClient(reactor, parse_redis_url(server.url), timeout=5.0)
             presence = RedisPresence(client, ClusterNode(name))
@@ -230,7 +257,25 @@ class RedisPresenceTests(PresenceTestsMixin, TestCase):
             self.addCleanup(client.stopService)
             await client.ready
             made.append(presence)
+            self.clients.append(client)
         return made[0], made[1]
+
+    async def test_join_reply_size(self) -> None:
+        """
+        The JOIN script's reply carries the members only when asked: a join
+        without the snapshot into a channel of 200 gets none over the
+        wire, one with it gets all 200.
+        """
+        await self.setUpPresence()
+        for n in range(199):
+            await self.add(f"p{n}", f"c{n}")
+        client = self.clients[0]
+        prefix = ClusterNode("one").prefix()
+        join = ("app", "room", "new", "c-new", b"null", prefix)
+        blind = await client.run(redisscripts.JOIN, (), (*join, b"0"))
+        seeing = await client.run(redisscripts.JOIN, (), (*join, b"1"))
+        self.assertEqual(blind[2], [])
+        self.assertEqual(len(seeing[2]), 2 * 200)
 
 
 class ObserverFailureTests(SynchronousTestCase):
@@ -254,7 +299,7 @@ class ObserverFailureTests(SynchronousTestCase):
 
         presence = MemoryPresence(observer=Broken())  # type: ignore[arg-type]
         presence.add_connection("a", "alice", "c1")
-        presence.add_member("a", "room", "alice", "c1", None)
+        presence.add_member("a", "room", "alice", "c1", None, snapshot=False)
         presence.remove_connection("a", "alice", "c1")
         self.assertEqual(self.successResultOf(presence.members("a", "room")), [])
         self.assertEqual(self.successResultOf(presence.connections_of("a", "alice")), frozenset())
@@ -283,9 +328,32 @@ class MemoryJoinCostTests(SynchronousTestCase):
         for size in (1, 1000):
             presence = MemoryPresence()
             for n in range(size):
-                presence.add_member("a", "room", f"p{n}", f"c{n}", None)
+                presence.add_member("a", "room", f"p{n}", f"c{n}", None, snapshot=False)
             del built[:]
-            joining = self.successResultOf(presence.add_member("a", "room", "new", "c-new", {"m": 1}))
+            joining = self.successResultOf(presence.add_member("a", "room", "new", "c-new", {"m": 1}, snapshot=True))
             self.assertEqual(built, ["new"])
             self.assertEqual([m.peer_id for m in joining.members], [f"p{n}" for n in range(size)] + ["new"])
             self.assertEqual(joining.members[-1].metadata, {"m": 1})
+
+    def test_join_without_snapshot_reads_no_members(self) -> None:
+        """
+        A join without the snapshot does not read the channel's members
+        at all, however many there are; one with it reads them once.
+        """
+        reads = []
+
+        class CountedMembers(dict):
+            def values(self) -> Any:
+                reads.append(len(self))
+                return super().values()
+
+        presence = MemoryPresence()
+        for n in range(1000):
+            presence.add_member("a", "room", f"p{n}", f"c{n}", None, snapshot=False)
+        room = presence._channels[("a", "room")]
+        room.members = CountedMembers(room.members)
+        blind = self.successResultOf(presence.add_member("a", "room", "blind", "c-blind", None, snapshot=False))
+        self.assertEqual((blind.members, reads), (None, []))
+        seeing = self.successResultOf(presence.add_member("a", "room", "seeing", "c-seeing", None, snapshot=True))
+        self.assertEqual(reads, [1002])
+        self.assertEqual(len(seeing.members), 1002)

@@ -324,7 +324,7 @@ class HeldPresenceTests(SynchronousTestCase):
         inner = MemoryPresence()
         presence = HeldPresence(inner, answers)
         answers.holding = True
-        added = presence.add_member("a", "room", "p", "c1", {"n": 1})
+        added = presence.add_member("a", "room", "p", "c1", {"n": 1}, snapshot=True)
         members = presence.members("a", "room")
         removed = presence.remove_member("a", "room", "p", "c1")
         connected = presence.add_connection("a", "p", "c1")

@@ -299,7 +299,7 @@ class RedisMarksTests(MarksTestsMixin, TestCase):
         await self.online(ALICE)
         await self.online(ROOM)
         await presence.add_connection("a", "alice", "c1")
-        await presence.add_member("a", "room", "alice", "c1", None)
+        await presence.add_member("a", "room", "alice", "c1", None, snapshot=False)
         await self.marks.going(ALICE, T0 + 3)
         await self.marks.going(ROOM, T0 + 3)
         self.assertEqual(await self.marks.due(T0 + 3), [])

@@ -82,7 +82,7 @@ class MemoryPresence:
             self._target.deliver(app_id, change)
 
     def add_member(
-        self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None
+        self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None, *, snapshot: bool
     ) -> Deferred[Joining]:
         room = self._channels.get((app_id, channel))
         if room is None:
@@ -102,7 +102,7 @@ class MemoryPresence:
             self._tell("member_joined", app_id, channel, peer_id, metadata)
         else:
             connections.add(conn_id)
-        return succeed(Joining(first, tuple(room.members.values())))
+        return succeed(Joining(first, tuple(room.members.values()) if snapshot else None))
 
     def _leave(self, app_id: str, channel: str, peer_id: str, conn_id: str) -> Member | None:
         room = self._channels.get((app_id, channel))

@@ -138,7 +138,7 @@ class RedisPresence:
             raise BackendUnavailable(f"presence is shared through Redis, which is unreachable: {e}") from None
 
     async def _add_member(
-        self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None
+        self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None, snapshot: bool
     ) -> Joining:
         local = self._connections.get(conn_id)
         new = local is not None and channel not in local.channels
@@ -147,7 +147,14 @@ class RedisPresence:
             local.metadata = _json(metadata)
         try:
             first, version, flat, transitions = await self._run(
-                redisscripts.JOIN, app_id, channel, peer_id, conn_id, _json(metadata), self._node.prefix()
+                redisscripts.JOIN,
+                app_id,
+                channel,
+                peer_id,
+                conn_id,
+                _json(metadata),
+                self._node.prefix(),
+                b"1" if snapshot else b"0",
             )
         except BackendUnavailable:
             if new and local is not None:
@@ -159,12 +166,12 @@ class RedisPresence:
         else:
             self._node.observe_version(version)
         self.report(transitions)
-        return Joining(bool(first), _members(flat), version)
+        return Joining(bool(first), _members(flat) if snapshot else None, version)
 
     def add_member(
-        self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None
+        self, app_id: str, channel: str, peer_id: str, conn_id: str, metadata: dict | None, *, snapshot: bool
     ) -> Deferred[Joining]:
-        return Deferred.fromCoroutine(self._add_member(app_id, channel, peer_id, conn_id, metadata))
+        return Deferred.fromCoroutine(self._add_member(app_id, channel, peer_id, conn_id, metadata, snapshot))
 
     def _announce_lefts(self, app_id: str, peer_id: str, flat: list[bytes]) -> Member | None:
         gone = None
