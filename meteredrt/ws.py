@@ -553,6 +553,10 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         if handshake is not None:
             handshake.cancel()
             self.closeHandshakeTimeoutCall = None
+        # Autobahn has just resolved is_closed with the protocol itself: a
+        # cycle that left every closed connection, with all it holds, to
+        # the garbage collector's full collections. Nothing waits on it.
+        self.is_closed = None
         self.factory.connections.discard(self)
         session, self._session = self._session, None
         if session is not None:

@@ -6,8 +6,10 @@ L{RealtimeServerProtocol} over L{twisted.test.iosim}, with every timer
 
 from __future__ import annotations
 
+import gc
 import json
 import uuid
+import weakref
 from ipaddress import ip_network
 from typing import Any
 
@@ -1162,6 +1164,34 @@ class DrainTests(WebSocketTestCase):
         done = self.factory.drain(timeout=5.0)
         self.clock.advance(5.0)
         self.successResultOf(done)
+
+
+class TeardownTests(WebSocketTestCase):
+    """
+    What a closed connection leaves behind.
+    """
+
+    def test_freed_without_collector(self) -> None:
+        """
+        A closed connection is freed by reference counting alone, once its
+        transport has let go of it (as TCP's does when the connection is
+        lost): nothing it holds waits for a full collection of the garbage
+        collector, whether the client closed it or the server refused it.
+        """
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for query, client_closes in [("token=" + self.token("alice"), True), ("token=not-a-jwt", False)]:
+            client, server, pump = self.open(query)
+            pump.flush()
+            if client_closes:
+                client.sendClose(1000)
+                pump.flush()
+            self.assertIsNotNone(client.closed)
+            server.transport.protocol = client.transport.protocol = None
+            freed = weakref.ref(server)
+            del client, server, pump
+            self.assertIsNone(freed(), query)
 
 
 class KickTests(WebSocketTestCase):
