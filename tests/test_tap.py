@@ -36,6 +36,7 @@ from meteredrt.store.dialect import POSTGRESQL
 from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.tap import (
     FIRST_KEYS_FILE,
+    FULL_COLLECTION_THRESHOLDS,
     ConnectionDrain,
     Listener,
     Options,
@@ -44,6 +45,7 @@ from meteredrt.tap import (
     StartupGate,
     bootstrap_text,
     makeService,
+    settle_heap,
     show_bootstrap,
 )
 from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
@@ -421,18 +423,31 @@ class StartupGateTests(SynchronousTestCase):
         self.assertEqual(len(self.successResultOf(gate.listening)), 1)
         self.successResultOf(maybeDeferred(gate.stopService))
 
-    def test_freezes_under_twistd(self) -> None:
+    def test_settles_heap_under_twistd(self) -> None:
         """
-        L{makeService} run by twistd (options with a parent) freezes the
-        start-up heap when the gate settles; run in process it does not.
+        L{makeService} run by twistd (options with a parent) settles the
+        heap when the gate settles; run in process it does not.
         """
         options = Options()
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp()])
         gate = makeService(options).getServiceNamed("listeners")
-        self.assertIsNot(gate._settled, gc.freeze)
+        self.assertIsNot(gate._settled, settle_heap)
         options.parent = {}  # type: ignore[attr-defined]
         gate = makeService(options).getServiceNamed("listeners")
-        self.assertIs(gate._settled, gc.freeze)
+        self.assertIs(gate._settled, settle_heap)
+
+    def test_settle_heap(self) -> None:
+        """
+        L{settle_heap} freezes the heap as it is and makes full collections
+        ten times rarer, leaving young collections as they were.
+        """
+        thresholds = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *thresholds)
+        self.addCleanup(gc.unfreeze)
+        frozen = gc.get_freeze_count()
+        settle_heap()
+        self.assertGreater(gc.get_freeze_count(), frozen)
+        self.assertEqual(gc.get_threshold(), FULL_COLLECTION_THRESHOLDS)
 
 
 class ShowBootstrapTests(SynchronousTestCase):
