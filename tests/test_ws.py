@@ -872,6 +872,26 @@ class ExpiryTests(WebSocketTestCase):
         self.assertEqual(self.successResultOf(self.hub.members("app_1", "room")), [])
         self.assertNoTimers()
 
+    def test_closed_before_expiry(self) -> None:
+        """
+        Connections whose tokens expire in the same second wait on one
+        timer; one that closes first is not closed again, and the last one
+        to close takes the timer with it.
+        """
+        first, _, first_pump = self.open_token("alice", expires_in=100)
+        second, _, second_pump = self.open_token("bob", expires_in=100)
+        expiry_calls = [call for call in self.clock.getDelayedCalls() if call.time == START + 99.75]
+        self.assertEqual(len(expiry_calls), 1)
+        first.sendClose(1000)
+        first_pump.flush()
+        self.advance(100, second_pump)
+        self.assertEqual(first.close_code, 1000)
+        self.assertClosed(second, 4002)
+        third, _, third_pump = self.open_token("carol", expires_in=100)
+        third.sendClose(1000)
+        third_pump.flush()
+        self.assertNoTimers()
+
     def test_publishable_never_expires(self) -> None:
         """
         A publishable-key connection has no expiry timer.
