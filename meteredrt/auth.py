@@ -224,9 +224,9 @@ def _parse_json(data: bytes) -> Any:
 
     orjson refuses some documents the stdlib decoder accepts (NaN and
     infinities, a BOM, lone surrogates, other encodings than UTF-8): those go
-    to the stdlib decoder, whose verdict stands. It refuses nothing the
-    stdlib accepts in a different way, and the one document it reads
-    differently, an integer outside 64 bits (made a float), never reaches it.
+    to the stdlib decoder, whose verdict stands. What orjson accepts, it
+    reads as the stdlib does, but for an integer outside 64 bits (made a
+    float): a document with a digit run that long never reaches it.
     """
     if not has_long_digit_run(data):
         try:
