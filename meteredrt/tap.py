@@ -407,10 +407,33 @@ class DataDirectory(Service):
                 refuse_to_start(f"cannot use {self.database.sqlite_path(tables.COMPONENT)!r}: {e}")
 
 
+#: The accept queue of a listener whose endpoint string sets no backlog.
+#: Twisted's default, 50, overflows in a burst of connects (a reconnect
+#: storm after a restart or a drain): the kernel drops the SYNs beyond it
+#: and the clients retry a second later. The kernel caps it at
+#: C{net.core.somaxconn}.
+DEFAULT_BACKLOG = 1024
+
+#: The endpoint types whose strings take a C{backlog}.
+_BACKLOG_ENDPOINTS = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def with_default_backlog(description: str) -> str:
+    """
+    C{description} with C{backlog=DEFAULT_BACKLOG} added when it is a TCP,
+    TLS or UNIX endpoint string that sets no backlog of its own.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in _BACKLOG_ENDPOINTS or "backlog=" in description:
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
+
+
 class Listener(Service):
     """
-    Listens on one Twisted endpoint string while running; with
-    C{shared=True} on a C{SO_REUSEPORT} socket that other workers bind too.
+    Listens on one Twisted endpoint string while running (with a backlog of
+    L{DEFAULT_BACKLOG} unless the string sets one); with C{shared=True} on
+    a C{SO_REUSEPORT} socket that other workers bind too.
 
     The socket is bound as soon as the service starts (in
     C{privilegedStartService} under twistd, so ports below 1024 work with
@@ -421,8 +444,9 @@ class Listener(Service):
 
     def __init__(self, description: str, factory: Any, reactor: Any, shared: bool = False) -> None:
         self.description = description
+        queued = with_default_backlog(description)
         self._endpoint: Any = (
-            ReusePortEndpoint(reactor, description) if shared else endpoints.serverFromString(reactor, description)
+            ReusePortEndpoint(reactor, queued) if shared else endpoints.serverFromString(reactor, queued)
         )
         self._factory = factory
         self._binding: Deferred[IListeningPort] | None = None

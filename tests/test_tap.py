@@ -35,6 +35,7 @@ from meteredrt.site import V1Resource, build_root
 from meteredrt.store.dialect import POSTGRESQL
 from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.tap import (
+    DEFAULT_BACKLOG,
     FIRST_KEYS_FILE,
     FULL_COLLECTION_THRESHOLDS,
     ConnectionDrain,
@@ -47,6 +48,7 @@ from meteredrt.tap import (
     makeService,
     settle_heap,
     show_bootstrap,
+    with_default_backlog,
 )
 from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
 from meteredrt.webhooks.emitter import WebhookEmitter
@@ -377,6 +379,37 @@ class ListenerTests(SynchronousTestCase):
         port = self.successResultOf(Deferred.fromCoroutine(listener.accept()))
         self.assertEqual(port.getHost().port, 0)
         self.successResultOf(maybeDeferred(listener.stopService))
+
+
+    def test_default_backlog(self) -> None:
+        """
+        A TCP listener whose endpoint string sets no backlog queues
+        L{DEFAULT_BACKLOG} connections (Twisted's own default, 50, drops the
+        SYNs of a connect burst); one that sets a backlog keeps it.
+        """
+        reactor = MemoryReactorClock()
+        for description, backlog in [
+            ("tcp:0:interface=127.0.0.1", DEFAULT_BACKLOG),
+            ("tcp:0:interface=127.0.0.1:backlog=7", 7),
+        ]:
+            Listener(description, Factory(), reactor).privilegedStartService()
+            self.assertEqual(reactor.tcpServers[-1][2], backlog, description)
+        self.assertEqual(DEFAULT_BACKLOG, 1024)
+
+    def test_with_default_backlog(self) -> None:
+        """
+        The default goes to TCP, TLS and UNIX endpoint strings without a
+        backlog, and nowhere else.
+        """
+        for description, expected in [
+            ("tcp:8080", "tcp:8080:backlog=1024"),
+            ("TCP6:8080:interface=\\:\\:1", "TCP6:8080:interface=\\:\\:1:backlog=1024"),
+            ("ssl:443:privateKey=k.pem", "ssl:443:privateKey=k.pem:backlog=1024"),
+            ("unix:/run/m.sock", "unix:/run/m.sock:backlog=1024"),
+            ("tcp:8080:backlog=10", "tcp:8080:backlog=10"),
+            ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+        ]:
+            self.assertEqual(with_default_backlog(description), expected)
 
 
 class _Loading:
