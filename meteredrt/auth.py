@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeGuard
 
 import jwt
+import orjson
 from attrs import frozen
 
 from meteredrt.apps import ACTIONS, App, Key, KeyType
@@ -28,6 +29,7 @@ from meteredrt.icelist import ice_servers_error
 from meteredrt.protocol import (
     MAX_JSON_DEPTH,
     CloseCode,
+    has_long_digit_run,
     is_finite_json_number,
     is_valid_peer_id,
     json_size,
@@ -215,6 +217,25 @@ def _segment(data: bytes) -> bytes:
     return decoded
 
 
+def _parse_json(data: bytes) -> Any:
+    """
+    C{json.loads(data)}, PyJWT's parser, with orjson (~5 times faster) for
+    the documents on which both agree.
+
+    orjson refuses some documents the stdlib decoder accepts (NaN and
+    infinities, a BOM, lone surrogates, other encodings than UTF-8): those go
+    to the stdlib decoder, whose verdict stands. What orjson accepts, it
+    reads as the stdlib does, but for an integer outside 64 bits (made a
+    float): a document with a digit run that long never reaches it.
+    """
+    if not has_long_digit_run(data):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
 def _json_object(data: bytes) -> dict:
     """
     A JSON object from a decoded segment.
@@ -222,7 +243,7 @@ def _json_object(data: bytes) -> dict:
     @raise Refusal: 4001 C{invalid_token} for anything else.
     """
     try:
-        value = json.loads(data)
+        value = _parse_json(data)
     except (ValueError, RecursionError):
         raise _invalid("invalid_token") from None
     if not isinstance(value, dict):

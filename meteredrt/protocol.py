@@ -196,13 +196,22 @@ def _loads(payload: bytes | str) -> Any:
     if isinstance(payload, str):
         long_number = _LONG_DIGITS_TEXT.search(payload) is not None
     else:
-        long_number = _LONG_RUN in payload.translate(_DIGITS_AS_ZERO)
+        long_number = has_long_digit_run(payload)
     if not long_number:
         try:
             return orjson.loads(payload)
         except orjson.JSONDecodeError:
             pass
     return _stdlib_loads(payload)
+
+
+def has_long_digit_run(payload: bytes) -> bool:
+    """
+    Whether C{payload} has a run of digits long enough to spell an integer
+    outside 64 bits, which orjson would parse as a float where the stdlib
+    decoder makes an int: such a document must go to the stdlib decoder.
+    """
+    return _LONG_RUN in payload.translate(_DIGITS_AS_ZERO)
 
 
 def _stdlib_loads(payload: bytes | str) -> Any:

@@ -36,6 +36,7 @@ from zope.interface import implementer
 from meteredrt.apps import DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_RATE, App, message_limits
 from meteredrt.auth import Grant, Refusal, authenticate
 from meteredrt.clientaddress import TrustedProxies, client_address
+from meteredrt.expiry import ExpiryTimers
 from meteredrt.hub import Hub, Session
 from meteredrt.interfaces import IConnectionSink, IKeyStore, ITurnProvider, StoreUnavailable
 from meteredrt.metrics import Metrics
@@ -155,7 +156,9 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._closing = False
         self._cut_off = False
         self._gone = False
-        self._expiry: IDelayedCall | None = None
+        # The token's expiry instant while this connection waits for it in
+        # the factory's expiry timers.
+        self._expires_at: float | None = None
         self._farewell: IDelayedCall | None = None
         self._bucket: TokenBucket | None = None  # set once authenticated
         self._frames: TokenBucket | None = None  # set once the socket is open
@@ -265,8 +268,8 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         for frame in early or ():
             self._write(frame)
         if grant.expires_at is not None:
-            delay = max(0.0, grant.expires_at - factory.clock.seconds() - EXPIRY_LEAD_SECONDS)
-            self._expiry = factory.clock.callLater(delay, self._expire)
+            self._expires_at = grant.expires_at
+            factory.expiries.add(grant.expires_at, self)
         self._pump()
 
     def _sink_for(self, conn_id: str) -> IConnectionSink:
@@ -300,8 +303,8 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             return metadata
         return {**(metadata or {}), "iceServers": servers}
 
-    def _expire(self) -> None:
-        self._expiry = None
+    def token_expired(self) -> None:
+        self._expires_at = None
         self._close(CloseCode.TOKEN_EXPIRED, "token_expired")
 
     # -- inbound ---------------------------------------------------------------
@@ -543,16 +546,22 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._gone = self._closing = True
         self._queue = None
-        for call in (self._expiry, self._farewell):
-            if call is not None and call.active():
-                call.cancel()
-        self._expiry = self._farewell = None
+        if self._expires_at is not None:
+            self.factory.expiries.discard(self._expires_at, self)
+            self._expires_at = None
+        farewell, self._farewell = self._farewell, None
+        if farewell is not None and farewell.active():
+            farewell.cancel()
         # Autobahn keeps its close-handshake timer past connectionLost when
         # the peer never answered our close (an aborted slow reader).
         handshake = self.closeHandshakeTimeoutCall
         if handshake is not None:
             handshake.cancel()
             self.closeHandshakeTimeoutCall = None
+        # Autobahn has just resolved is_closed with the protocol itself: a
+        # cycle that left every closed connection, with all it holds, to
+        # the garbage collector's full collections. Nothing waits on it.
+        self.is_closed = None
         self.factory.connections.discard(self)
         session, self._session = self._session, None
         if session is not None:
@@ -653,6 +662,7 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.frame_burst = frame_burst
         self.outbound_limit = outbound_limit
         self.connections: set[RealtimeServerProtocol] = set()
+        self.expiries = ExpiryTimers(clock, EXPIRY_LEAD_SECONDS)
         self.metrics = metrics if metrics is not None else Metrics()
         self.trusted_proxies = trusted_proxies
         self.draining = False

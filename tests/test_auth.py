@@ -28,6 +28,7 @@ from meteredrt.auth import (
     Grant,
     MintError,
     Refusal,
+    _parse_json,
     authenticate,
     mint_token,
     verify_publishable,
@@ -653,6 +654,19 @@ class VerifyTokenTests(_AuthAssertions):
             accepted = False
         self.assertEqual(accepted, expected, token)
 
+    def test_claims_parsed_as_pyjwt_parses_them(self) -> None:
+        """
+        Claims are read as PyJWT's parser (the stdlib's) reads them, where orjson alone would
+        not: an integer beyond 64 bits stays an integer (an C{exp} out of range, not a missing
+        one), and a lone surrogate, which orjson refuses, is judged by the claim's own check.
+        """
+        header = {"alg": "HS256", "kid": "sk_id_main"}
+        claims = json.dumps(_claims(exp=...), separators=(",", ":"))[:-1]
+        long_exp = _b64(f'{claims},"exp":123456789012345678901234}}'.encode())
+        self.assertEqual(self.assertRefused(_hand_token(header, long_exp)).reason, "exp out of range")
+        lone_surrogate = _b64(f'{{"sub":"u_\\ud800","exp":{NOW + 60}}}'.encode())
+        self.assertEqual(self.assertRefused(_hand_token(header, lone_surrogate)).reason, "invalid sub")
+
     def test_payload_not_object(self) -> None:
         """
         A correctly signed token whose payload is not a JSON object closes with 4001.
@@ -690,6 +704,59 @@ class VerifyTokenTests(_AuthAssertions):
                 auto_inject_turn=False,
             ),
         )
+
+
+_JSON_TEXT = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+class ParseJsonTests(SynchronousTestCase):
+    """
+    Tests for C{auth._parse_json}: orjson where it reads a document as the stdlib does.
+    """
+
+    def assertSameAsStdlib(self, data: bytes) -> None:
+        try:
+            expected: Any = ("value", json.dumps(json.loads(data)))
+        except (ValueError, RecursionError):
+            expected = "refused"
+        try:
+            parsed: Any = ("value", json.dumps(_parse_json(data)))
+        except (ValueError, RecursionError):
+            parsed = "refused"
+        self.assertEqual(parsed, expected, data)
+
+    @settings(max_examples=300, deadline=None)
+    @given(_JSON_TEXT, st.booleans(), st.sampled_from(["utf-8", "utf-16", "utf-8-sig"]))
+    def test_agrees_with_stdlib(self, value: Any, ascii_only: bool, encoding: str) -> None:
+        """
+        Any document (NaN, infinities, big integers, lone surrogates, other encodings included)
+        parses to the stdlib's value, or is refused when the stdlib refuses it.
+        """
+        self.assertSameAsStdlib(json.dumps(value, ensure_ascii=ascii_only).encode(encoding, "surrogatepass"))
+
+    def test_edge_documents(self) -> None:
+        """
+        Documents on which orjson and the stdlib disagree, or which both refuse.
+        """
+        for data in [
+            b"123456789012345678901234",
+            b"18446744073709551616",
+            b'{"a":1,"a":2}',
+            b"NaN",
+            b"[-Infinity]",
+            b"1e400",
+            b'"\\ud800"',
+            b"\xef\xbb\xbf{}",
+            b"\xff",
+            b"[" * 100_000,
+            b"",
+            b"{} x",
+        ]:
+            self.assertSameAsStdlib(data)
 
 
 class KeyCacheTests(SynchronousTestCase):

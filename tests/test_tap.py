@@ -35,7 +35,9 @@ from meteredrt.site import V1Resource, build_root
 from meteredrt.store.dialect import POSTGRESQL
 from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.tap import (
+    DEFAULT_BACKLOG,
     FIRST_KEYS_FILE,
+    FULL_COLLECTION_THRESHOLDS,
     ConnectionDrain,
     Listener,
     Options,
@@ -44,7 +46,9 @@ from meteredrt.tap import (
     StartupGate,
     bootstrap_text,
     makeService,
+    settle_heap,
     show_bootstrap,
+    with_default_backlog,
 )
 from meteredrt.webhooks.dispatcher import DELIVERY_ROLE, WebhookDispatcher
 from meteredrt.webhooks.emitter import WebhookEmitter
@@ -377,6 +381,37 @@ class ListenerTests(SynchronousTestCase):
         self.successResultOf(maybeDeferred(listener.stopService))
 
 
+    def test_default_backlog(self) -> None:
+        """
+        A TCP listener whose endpoint string sets no backlog queues
+        L{DEFAULT_BACKLOG} connections (Twisted's own default, 50, drops the
+        SYNs of a connect burst); one that sets a backlog keeps it.
+        """
+        reactor = MemoryReactorClock()
+        for description, backlog in [
+            ("tcp:0:interface=127.0.0.1", DEFAULT_BACKLOG),
+            ("tcp:0:interface=127.0.0.1:backlog=7", 7),
+        ]:
+            Listener(description, Factory(), reactor).privilegedStartService()
+            self.assertEqual(reactor.tcpServers[-1][2], backlog, description)
+        self.assertEqual(DEFAULT_BACKLOG, 1024)
+
+    def test_with_default_backlog(self) -> None:
+        """
+        The default goes to TCP, TLS and UNIX endpoint strings without a
+        backlog, and nowhere else.
+        """
+        for description, expected in [
+            ("tcp:8080", "tcp:8080:backlog=1024"),
+            ("TCP6:8080:interface=\\:\\:1", "TCP6:8080:interface=\\:\\:1:backlog=1024"),
+            ("ssl:443:privateKey=k.pem", "ssl:443:privateKey=k.pem:backlog=1024"),
+            ("unix:/run/m.sock", "unix:/run/m.sock:backlog=1024"),
+            ("tcp:8080:backlog=10", "tcp:8080:backlog=10"),
+            ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+        ]:
+            self.assertEqual(with_default_backlog(description), expected)
+
+
 class _Loading:
     """
     A key store or meter that has not loaded yet: C{ready} and C{loaded}
@@ -460,18 +495,31 @@ class StartupGateTests(SynchronousTestCase):
         options.parseOptions(["--data-dir", self.mktemp()])
         self.assertEqual(makeService(options, MemoryReactorClock()).getServiceNamed("listeners")._also, [])
 
-    def test_freezes_under_twistd(self) -> None:
+    def test_settles_heap_under_twistd(self) -> None:
         """
-        L{makeService} run by twistd (options with a parent) freezes the
-        start-up heap when the gate settles; run in process it does not.
+        L{makeService} run by twistd (options with a parent) settles the
+        heap when the gate settles; run in process it does not.
         """
         options = Options()
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp()])
         gate = makeService(options).getServiceNamed("listeners")
-        self.assertIsNot(gate._settled, gc.freeze)
+        self.assertIsNot(gate._settled, settle_heap)
         options.parent = {}  # type: ignore[attr-defined]
         gate = makeService(options).getServiceNamed("listeners")
-        self.assertIs(gate._settled, gc.freeze)
+        self.assertIs(gate._settled, settle_heap)
+
+    def test_settle_heap(self) -> None:
+        """
+        L{settle_heap} freezes the heap as it is and makes full collections
+        ten times rarer, leaving young collections as they were.
+        """
+        thresholds = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *thresholds)
+        self.addCleanup(gc.unfreeze)
+        frozen = gc.get_freeze_count()
+        settle_heap()
+        self.assertGreater(gc.get_freeze_count(), frozen)
+        self.assertEqual(gc.get_threshold(), FULL_COLLECTION_THRESHOLDS)
 
 
 class ShowBootstrapTests(SynchronousTestCase):

@@ -6,8 +6,10 @@ L{RealtimeServerProtocol} over L{twisted.test.iosim}, with every timer
 
 from __future__ import annotations
 
+import gc
 import json
 import uuid
+import weakref
 from ipaddress import ip_network
 from typing import Any
 
@@ -870,6 +872,26 @@ class ExpiryTests(WebSocketTestCase):
         self.assertEqual(self.successResultOf(self.hub.members("app_1", "room")), [])
         self.assertNoTimers()
 
+    def test_closed_before_expiry(self) -> None:
+        """
+        Connections whose tokens expire in the same second wait on one
+        timer; one that closes first is not closed again, and the last one
+        to close takes the timer with it.
+        """
+        first, _, first_pump = self.open_token("alice", expires_in=100)
+        second, _, second_pump = self.open_token("bob", expires_in=100)
+        expiry_calls = [call for call in self.clock.getDelayedCalls() if call.time == START + 99.75]
+        self.assertEqual(len(expiry_calls), 1)
+        first.sendClose(1000)
+        first_pump.flush()
+        self.advance(100, second_pump)
+        self.assertEqual(first.close_code, 1000)
+        self.assertClosed(second, 4002)
+        third, _, third_pump = self.open_token("carol", expires_in=100)
+        third.sendClose(1000)
+        third_pump.flush()
+        self.assertNoTimers()
+
     def test_publishable_never_expires(self) -> None:
         """
         A publishable-key connection has no expiry timer.
@@ -1162,6 +1184,34 @@ class DrainTests(WebSocketTestCase):
         done = self.factory.drain(timeout=5.0)
         self.clock.advance(5.0)
         self.successResultOf(done)
+
+
+class TeardownTests(WebSocketTestCase):
+    """
+    What a closed connection leaves behind.
+    """
+
+    def test_freed_without_collector(self) -> None:
+        """
+        A closed connection is freed by reference counting alone, once its
+        transport has let go of it (as TCP's does when the connection is
+        lost): nothing it holds waits for a full collection of the garbage
+        collector, whether the client closed it or the server refused it.
+        """
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for query, client_closes in [("token=" + self.token("alice"), True), ("token=not-a-jwt", False)]:
+            client, server, pump = self.open(query)
+            pump.flush()
+            if client_closes:
+                client.sendClose(1000)
+                pump.flush()
+            self.assertIsNotNone(client.closed)
+            server.transport.protocol = client.transport.protocol = None
+            freed = weakref.ref(server)
+            del client, server, pump
+            self.assertIsNone(freed(), query)
 
 
 class KickTests(WebSocketTestCase):
