@@ -178,6 +178,11 @@ def _peer_not_found(frame: Send) -> FrameError:
     return FrameError(ErrorCode.PEER_NOT_FOUND, f"peer not connected: {frame.to}", frame.request_id)
 
 
+#: While shared state is unreachable every request that needs it fails: the
+#: first failure is logged, then one in this many (each is counted in the
+#: metrics), so that an outage under load does not flood the log.
+BACKEND_ERROR_LOG_EVERY = 1000
+
 _MESSAGE, _PRESENCE, _DIRECT, _DISCONNECT = (
     DELIVERY_KINDS.index(kind) for kind in ("message", "presence", "direct", "disconnect")
 )
@@ -213,6 +218,7 @@ class Hub(Service):
         self._meter = meter
         self._apps = apps
         self._node_id = node_id or os.urandom(6).hex()
+        self._backend_errors = 0
         self._conn_ids = itertools.count(1)
         self._sessions: dict[str, Session] = {}
         self._channels: dict[tuple[str, str], dict[str, Session]] = {}
@@ -360,7 +366,17 @@ class Hub(Service):
                 self.metrics.errors[e.code] += 1
                 session.sink.send_frame(error_frame(e.code, e.message, e.request_id))
         except BackendUnavailable as e:
-            self.log.warn("{frame!r} from {conn} failed: {why}", frame=frame, conn=session.conn_id, why=str(e))
+            self.metrics.errors[ErrorCode.BACKEND_ERROR] += 1
+            self._backend_errors += 1
+            count = self._backend_errors
+            if count == 1 or count % BACKEND_ERROR_LOG_EVERY == 0:
+                self.log.warn(
+                    "{frame!r} from {conn} failed: {why} ({count} backend errors since start)",
+                    frame=frame,
+                    conn=session.conn_id,
+                    why=str(e),
+                    count=count,
+                )
             if not session.closed:
                 session.sink.send_frame(error_frame(ErrorCode.BACKEND_ERROR, str(e), request_id))
         except Exception:

@@ -13,14 +13,15 @@ import attrs
 from attrs import frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt.apps import ACTIONS, App, Plan
 from meteredrt.auth import Grant, Refusal
 from meteredrt.broker.memory import MemoryBroker
 from meteredrt.envelopes import PresenceChange
-from meteredrt.hub import _PENDING, Hub, Session, _fired, _start
+from meteredrt.hub import _PENDING, BACKEND_ERROR_LOG_EVERY, Hub, Session, _fired, _start
 from meteredrt.interfaces import BackendUnavailable
 from meteredrt.metering import Meter
 from meteredrt.presence.memory import MemoryPresence
@@ -1385,6 +1386,30 @@ class BackendUnavailableTests(HubTestCase):
         self.connect("b")
         self.send(session, "b", 1, requestId="r1")
         self.assertError(sink, "backend_error")
+
+
+    def test_counted_and_logged_sparingly(self) -> None:
+        """
+        Every C{backend_error} is counted in the metrics, but an outage
+        answered to a busy app does not write a log line per frame: the
+        first failure is logged, then one line per
+        L{BACKEND_ERROR_LOG_EVERY} with the count so far.
+        """
+
+        def unreachable(*args: Any) -> Deferred[Any]:
+            return fail(BackendUnavailable("routing goes through Redis, which is unreachable"))
+
+        self.broker.direct = unreachable  # type: ignore[method-assign]
+        session, sink = self.connect("a")
+        self.connect("b")
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        sends = BACKEND_ERROR_LOG_EVERY * 2 + 1
+        for n in range(sends):
+            self.send(session, "b", n)
+        self.assertEqual(len(sink.of_type("error")), sends)
+        self.assertEqual(self.hub.metrics.errors["backend_error"], sends)
+        warnings = [e for e in observed if e["log_level"] == LogLevel.warn]
+        self.assertEqual([e["count"] for e in warnings], [1, BACKEND_ERROR_LOG_EVERY, BACKEND_ERROR_LOG_EVERY * 2])
 
 
 class WatchInFlightTests(HeldHubTestCase):
