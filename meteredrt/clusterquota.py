@@ -470,16 +470,30 @@ class _Book:
         """
         Give every held unit back (C{give_back} per key with units) and
         hold nothing: on a clean stop, and when Redis reconnects (it may
-        have restarted empty).
+        have restarted empty). A request in flight is waited for and what
+        it grants given back too: Redis counted those units as granted, so
+        a node that stopped before they landed would lose them for the
+        period.
         """
-        calls = []
+        calls: list[Deferred[Any]] = []
         for key, held in self.held.items():
-            if held.remaining > 0:
-                calls.append(give_back(key, held))
-            held.remaining = 0
-            held.exhausted = False
-            held.quiet_until = 0.0
+            calls.append(self._give_back(key, held, give_back))
+            if held.waiters is not None:
+                landed: Deferred[None] = Deferred()
+                held.waiters.append(landed)  # woken last: waiting messages draw first
+                calls.append(landed.addCallback(lambda _, key, held: self._give_back(key, held, give_back), key, held))
         return _all_settled(calls)
+
+    @staticmethod
+    def _give_back(key: Any, held: _Held, give_back: Callable[[Any, _Held], Deferred[object]]) -> Deferred[object]:
+        """
+        Give back what C{held} holds now, if anything, and hold nothing.
+        """
+        call: Deferred[object] = give_back(key, held) if held.remaining > 0 else succeed(None)
+        held.remaining = 0
+        held.exhausted = False
+        held.quiet_until = 0.0
+        return call
 
 
 class QuotaBook(_Book):

@@ -244,6 +244,28 @@ class QuotaBookTests(SynchronousTestCase):
         self.assertEqual(given, [(("a", START), 9, b"e")])
         self.assertEqual(self.book.held[("a", START)].remaining, 0)
 
+    def test_forget_gives_back_units_in_flight(self) -> None:
+        """
+        A request in flight when the book forgets: once it lands, the
+        messages waiting for it draw first and the rest is given back, not
+        held by a node that has stopped.
+        """
+        waiting = self.take()
+        given: list[int] = []
+
+        def give_back(key: Any, held: Any) -> Deferred[object]:
+            given.append(held.remaining)
+            return succeed(None)
+
+        forgotten = self.book.forget(give_back)
+        self.assertNoResult(forgotten)
+        self.assertEqual(given, [])
+        self.redis.answer(Grant(10, b"e"))
+        self.assertEqual(self.successResultOf(waiting), WITHIN)
+        self.successResultOf(forgotten)
+        self.assertEqual(given, [9])
+        self.assertEqual(self.book.held[("a", START)].remaining, 0)
+
 
 PLAN = Plan(
     max_messages_per_period=100,
@@ -561,6 +583,24 @@ class RedisQuotaTests(TestCase):
         self.assertGreater(one.quota.messages.held[("a", START)].remaining, 0)
         await one.quota.stopService()
         accepted = 1 + 10 + await self.accepted_until_refused(two, app)
+        self.assertEqual(accepted, cap)
+
+    async def test_clean_stop_gives_back_prefetch_in_flight(self) -> None:
+        """
+        A node that stops while its prefetch is in flight (slices of 1:
+        the message that draws the unit asks for the next) gives back what
+        the prefetch is granted once it lands: the other node reaches the
+        cap exactly.
+        """
+        _, _, [one, two] = await self.nodes()
+        cap = 20
+        app = App("a", Plan(max_messages_per_period=cap))
+        await self.wait_seeded(one, app)
+        self.assertEqual(await one.publish(app, 1), 1)
+        self.assertIsNotNone(one.quota.messages.held[("a", START)].waiters)
+        await one.quota.stopService()
+        self.assertEqual(one.quota.messages.held[("a", START)].remaining, 0)
+        accepted = 1 + await self.accepted_until_refused(two, app)
         self.assertEqual(accepted, cap)
 
     async def test_overage_limited_balance(self) -> None:
