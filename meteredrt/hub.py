@@ -218,7 +218,6 @@ class Hub(Service):
         self._meter = meter
         self._apps = apps
         self._node_id = node_id or os.urandom(6).hex()
-        self._backend_errors = 0
         self._conn_ids = itertools.count(1)
         self._sessions: dict[str, Session] = {}
         self._channels: dict[tuple[str, str], dict[str, Session]] = {}
@@ -367,8 +366,7 @@ class Hub(Service):
                 session.sink.send_frame(error_frame(e.code, e.message, e.request_id))
         except BackendUnavailable as e:
             self.metrics.errors[ErrorCode.BACKEND_ERROR] += 1
-            self._backend_errors += 1
-            count = self._backend_errors
+            count = self.metrics.errors[ErrorCode.BACKEND_ERROR]
             if count == 1 or count % BACKEND_ERROR_LOG_EVERY == 0:
                 self.log.warn(
                     "{frame!r} from {conn} failed: {why} ({count} backend errors since start)",
