@@ -634,13 +634,7 @@ class Meter(service.Service):
                 "messagesUsed": usage.messages_used,
                 "overageMessages": usage.overage_messages,
                 "overageConnections": usage.overage_connections,
-                "plan": {
-                    "name": plan.name if plan else None,
-                    "maxConcurrentConnections": plan.max_concurrent_connections if plan else None,
-                    "maxMessagesPerPeriod": plan.max_messages_per_period if plan else None,
-                    "overagesAllowed": plan.overages_allowed if plan else None,
-                    "overagesEnabled": plan.overages_enabled if plan else None,
-                },
+                "plan": plan_report(plan),
             }
         )
 
@@ -892,6 +886,20 @@ class Meter(service.Service):
         Log a failed load or flush; the counts stay in memory.
         """
         self._log.failure(message, failure)
+
+
+def plan_report(plan: Plan | None) -> dict[str, object]:
+    """
+    The C{plan} object of a usage report (§19.6), for the server's report
+    and the CLI's alike.
+    """
+    return {
+        "name": plan.name if plan else None,
+        "maxConcurrentConnections": plan.max_concurrent_connections if plan else None,
+        "maxMessagesPerPeriod": plan.max_messages_per_period if plan else None,
+        "overagesAllowed": plan.overages_allowed if plan else None,
+        "overagesEnabled": plan.overages_enabled if plan else None,
+    }
 
 
 def _period_of(plan: Plan | None) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 from meteredrt.apps import App, Key, KeyType, Plan
-from meteredrt.metering import CONNECTION_OVERAGE, MESSAGE_OVERAGE
+from meteredrt.metering import CONNECTION_OVERAGE, MESSAGE_OVERAGE, plan_report
 from meteredrt.store.tenancy import Tenancy
 from meteredrt.store.usage import CHARGE, RECHARGE, LedgerEntry, UsageRow
 
@@ -143,13 +143,7 @@ def usage_report(
         "messagesUsed": row.messages_used if row else 0,
         "overageMessages": row.overage_messages if row else 0,
         "overageConnections": row.overage_connections if row else 0,
-        "plan": {
-            "name": plan.name if plan else None,
-            "maxConcurrentConnections": plan.max_concurrent_connections if plan else None,
-            "maxMessagesPerPeriod": plan.max_messages_per_period if plan else None,
-            "overagesAllowed": plan.overages_allowed if plan else None,
-            "overagesEnabled": plan.overages_enabled if plan else None,
-        },
+        "plan": plan_report(plan),
         "ledger": {
             "entries": len(entries),
             "chargedMessages": sum(e.units for e in charges if e.reason == MESSAGE_OVERAGE),
