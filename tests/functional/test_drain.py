@@ -11,17 +11,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, ProcessExitedAlready
+from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from .support import CONFIG, TwistdProcess
+from .support import CONFIG, TwistdProcess, kill_twistd
 from .test_metering_e2e import connect_client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,13 +52,6 @@ class DrainTests(TestCase):
         code: int = response.code
         return code
 
-    def kill(self, process: Any, child: TwistdProcess) -> Deferred[Any]:
-        if not child.ended.called:
-            try:
-                process.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
-        return child.ended
 
     async def test_sigterm_sequence(self) -> None:
         """
@@ -86,7 +77,7 @@ class DrainTests(TestCase):
             env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(base)},
             path=str(ROOT),
         )
-        self.addCleanup(self.kill, process, child)
+        self.addCleanup(kill_twistd, process, child)
         port = await child.listening
         client = await connect_client(self, port)
         self.assertEqual(await self.status(port, "/readyz"), 200)

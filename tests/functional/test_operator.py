@@ -16,12 +16,11 @@ from typing import Any
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.error import ProcessExitedAlready
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from .node_harness import ensure_node_modules, run_sdk_scenario
-from .support import CONFIG, PUBLISHABLE_KEY, TWISTD, TwistdProcess, start_server
+from .support import CONFIG, PUBLISHABLE_KEY, TWISTD, TwistdProcess, kill_twistd, start_server
 from .test_metering_e2e import connect_client
 from .test_sdk import events_of, token
 
@@ -156,7 +155,7 @@ class JsonLogTests(TestCase):
             env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/")},
             path=str(ROOT),
         )
-        self.addCleanup(self.kill, process, child)
+        self.addCleanup(kill_twistd, process, child)
         port = await child.listening
         client = await connect_client(self, port, f"key={PUBLISHABLE_KEY}")
         client.sendClose(1000)
@@ -175,10 +174,3 @@ class JsonLogTests(TestCase):
         )
         self.assertEqual(session["namespace"], "meteredrt.ws.RealtimeServerProtocol")
 
-    def kill(self, process: Any, child: TwistdProcess) -> Any:
-        if not child.ended.called:
-            try:
-                process.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
-        return child.ended
