@@ -14,6 +14,7 @@ real C{twistd} child.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from attrs import frozen
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -215,3 +217,89 @@ def kill_twistd(process: Any, child: TwistdProcess) -> Deferred[tuple[int | None
         except ProcessExitedAlready:
             pass
     return child.ended
+
+
+Frame = dict[str, Any]
+
+
+class FramePeer(WebSocketClientProtocol):
+    """
+    A client that records the frames it receives and lets a test wait for
+    one that matches, and for the end of the connection.
+    """
+
+    factory: FramePeerFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[Frame] = []
+        self._waiting: list[tuple[Callable[[Frame], bool], Deferred[Frame]]] = []
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.deliver(json.loads(payload))
+
+    def deliver(self, frame: Frame) -> None:
+        """
+        Keep C{frame} and fire whoever waits for one like it.
+        """
+        self.frames.append(frame)
+        still = []
+        for match, d in self._waiting:
+            if match(frame):
+                d.callback(frame)
+            else:
+                still.append((match, d))
+        self._waiting = still
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.closed.callback(code)
+
+    def frame(self, match: Callable[[Frame], bool]) -> Deferred[Frame]:
+        """
+        Fire with the first frame, already received or yet to come, for
+        which C{match} is true.
+        """
+        for frame in self.frames:
+            if match(frame):
+                return succeed(frame)
+        d: Deferred[Frame] = Deferred()
+        self._waiting.append((match, d))
+        return d
+
+    def send_json(self, frame: Frame) -> None:
+        """
+        Send C{frame} as one text frame.
+        """
+        self.sendMessage(json.dumps(frame).encode("utf-8"))
+
+    def messages(self) -> list[Frame]:
+        """
+        The channel messages received so far.
+        """
+        return [f for f in self.frames if f["type"] == "message"]
+
+
+class FramePeerFactory(WebSocketClientFactory):
+    """
+    Makes one L{FramePeer} (or C{protocol}) and fires when it opens and when it closes.
+    """
+
+    protocol = FramePeer
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        # Autobahn's client drops the link 1 s after its close (1006) if the
+        # server has not answered; a loaded CI machine may take longer.
+        self.setProtocolOptions(closeHandshakeTimeout=5)
+        self.opened: Deferred[FramePeer] = Deferred()
+        self.closed: Deferred[int | None] = Deferred()
+
+
+def frame_is(kind: str, **fields: Any) -> Callable[[Frame], bool]:
+    """
+    Matches a server frame of type C{kind} whose C{fields} have these values.
+    """
+    return lambda f: f["type"] == kind and all(f.get(k) == v for k, v in fields.items())

@@ -19,12 +19,11 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+from autobahn.twisted.websocket import connectWS
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
@@ -36,7 +35,18 @@ from meteredrt.auth import mint_token
 from meteredrt.hub import Hub
 from meteredrt.ws import RealtimeServerFactory, RealtimeServerProtocol
 
-from .support import APP_ID, CONFIG, SECRET, SECRET_KEY_ID, RunningServer, start_server
+from .support import (
+    APP_ID,
+    CONFIG,
+    SECRET,
+    SECRET_KEY_ID,
+    Frame,
+    FramePeer,
+    FramePeerFactory,
+    RunningServer,
+    frame_is,
+    start_server,
+)
 
 SECRET_KEY = Key(SECRET_KEY_ID, APP_ID, KeyType.SECRET, ("**",), ACTIONS, secret=SECRET)
 #: Where the attacker connects from.
@@ -47,73 +57,28 @@ LATENCY_LIMIT = 0.5
 #: Bystander messages per second (under the 100/s message rate).
 BYSTANDER_RATE = 50
 
-Frame = dict[str, Any]
-
-
 def _token(peer_id: str) -> str:
     return mint_token(SECRET_KEY, peer_id, now=int(time.time()), expires_in=600)
 
 
-def _is(kind: str, **fields: Any) -> Callable[[Frame], bool]:
-    return lambda f: f["type"] == kind and all(f.get(k) == v for k, v in fields.items())
-
-
-class _Peer(WebSocketClientProtocol):
+class _Peer(FramePeer):
     """
-    A bystander client: records frames, and when each channel message
-    arrived.
+    A bystander client: also records when each channel message arrived.
     """
-
-    factory: _PeerFactory
 
     def __init__(self) -> None:
         super().__init__()
-        self.frames: list[Frame] = []
         self.latencies: list[float] = []
-        self._waiting: list[tuple[Callable[[Frame], bool], Deferred[Frame]]] = []
-
-    def onOpen(self) -> None:
-        self.factory.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         frame = json.loads(payload)
         if frame["type"] == "message":
             self.latencies.append(time.monotonic() - frame["data"]["t"])
-        self.frames.append(frame)
-        still = []
-        for match, d in self._waiting:
-            if match(frame):
-                d.callback(frame)
-            else:
-                still.append((match, d))
-        self._waiting = still
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.closed.callback(code)
-
-    def frame(self, match: Callable[[Frame], bool]) -> Deferred[Frame]:
-        for frame in self.frames:
-            if match(frame):
-                return succeed(frame)
-        d: Deferred[Frame] = Deferred()
-        self._waiting.append((match, d))
-        return d
-
-    def send_json(self, frame: Frame) -> None:
-        self.sendMessage(json.dumps(frame).encode("utf-8"))
+        self.deliver(frame)
 
 
-class _PeerFactory(WebSocketClientFactory):
+class _PeerFactory(FramePeerFactory):
     protocol = _Peer
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        # Autobahn's client gives the server 1 s to answer its close, then
-        # drops the link (1006); on a loaded CI machine the test's own 5 s
-        # bound is the one that should decide.
-        self.setProtocolOptions(closeHandshakeTimeout=5)
-        self.opened: Deferred[_Peer] = Deferred()
-        self.closed: Deferred[int | None] = Deferred()
 
 
 class Bystander:
@@ -132,14 +97,14 @@ class Bystander:
         factory = _PeerFactory(f"{self._server.url}/v1?token={_token(peer_id)}")
         connectWS(factory)
         peer = await factory.opened
-        await peer.frame(_is("welcome"))
+        await peer.frame(frame_is("welcome"))
         return peer, factory
 
     async def start(self) -> None:
         self.publisher, self._publisher_factory = await self._connect("bystander-publisher")
         self.receiver, self._receiver_factory = await self._connect("bystander-receiver")
         self.receiver.send_json({"type": "subscribe", "channel": "calm", "requestId": "s"})
-        await self.receiver.frame(_is("ack", requestId="s"))
+        await self.receiver.frame(frame_is("ack", requestId="s"))
         self._loop.start(1.0 / BYSTANDER_RATE)
 
     def _publish(self) -> None:
@@ -359,7 +324,7 @@ class AttackTests(TestCase):
         newcomer_factory = _PeerFactory(f"{server.url}/v1?token={_token('newcomer')}")
         connectWS(newcomer_factory)
         newcomer = await _within(5.0, newcomer_factory.opened)
-        await newcomer.frame(_is("welcome"))
+        await newcomer.frame(frame_is("welcome"))
         for attacker in attackers:
             await _within(10.0, attacker.lost)
         elapsed = time.monotonic() - started
