@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-import treq
 from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -36,6 +35,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from meteredrt.apps import App, TurnConfig
+from meteredrt.httpbody import BodyTooLarge, read_body
 from meteredrt.icelist import ice_servers_error
 from meteredrt.interfaces import ITurnProvider
 from meteredrt.metrics import Metrics
@@ -110,12 +110,6 @@ class _TreqLike(Protocol):
 
     @property
     def post(self) -> Callable[..., Awaitable[IResponse]]: ...
-
-
-class _BodyTooLarge(Exception):
-    """
-    A response body went past L{MAX_BODY_BYTES}.
-    """
 
 
 class TurnApiClient:
@@ -258,7 +252,7 @@ class TurnApiClient:
             status, body = await exchange
         except (TurnApiError, CancelledError):
             raise
-        except _BodyTooLarge:
+        except BodyTooLarge:
             raise TurnApiError(f"{where}: answer larger than {MAX_BODY_BYTES} bytes") from None
         except Exception as error:
             if _cancelled(error):
@@ -287,18 +281,7 @@ class TurnApiClient:
         response = await send(
             url, params=params, headers={"Accept": ["application/json"]}, **kwargs
         )
-        chunks: list[bytes] = []
-        size = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > MAX_BODY_BYTES:
-                raise _BodyTooLarge()
-            chunks.append(data)
-
-        await treq.collect(response, collect)
-        return response.code, b"".join(chunks)
+        return response.code, await read_body(response, MAX_BODY_BYTES)
 
 
 def _cancelled(error: Exception) -> bool:

@@ -32,7 +32,6 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from treq import collect
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -41,6 +40,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from meteredrt.apps import WebhookConfig
+from meteredrt.httpbody import BodyTooLarge, read_body
 from meteredrt.interfaces import IWebhookOutbox
 from meteredrt.webhooks.events import MAX_BATCH_EVENTS, batch_body
 from meteredrt.webhooks.signing import SIGNATURE_HEADER, signature_header
@@ -298,7 +298,12 @@ class WebhookDispatcher(Service):
             # GET) wherever the receiver points, past any address policy,
             # and count as delivered what nobody took.
             response = await self._http.post(url, data=body, headers=headers, allow_redirects=False)
-            await _drain(response)
+            try:
+                # Read (and drop) the answer so that the connection can be
+                # reused; past the limit it is closed instead.
+                await read_body(response, MAX_ANSWER_BYTES, keep=False)
+            except BodyTooLarge:
+                pass
         except CancelledError:
             raise
         except Exception as e:
@@ -308,29 +313,3 @@ class WebhookDispatcher(Service):
             return
         retry = code >= 500 or code in _RETRIED_STATUSES
         raise DeliveryError(f"the receiver answered HTTP {code}", retry=retry)
-
-
-class _AnswerTooLong(Exception):
-    """
-    The receiver's answer body passed L{MAX_ANSWER_BYTES}.
-    """
-
-
-async def _drain(response: IResponse) -> None:
-    """
-    Read and drop the answer's body, so that the connection can be reused;
-    stop reading (which closes the connection) once it passes
-    L{MAX_ANSWER_BYTES}.
-    """
-    size = 0
-
-    def count(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > MAX_ANSWER_BYTES:
-            raise _AnswerTooLong()
-
-    try:
-        await collect(response, count)
-    except _AnswerTooLong:
-        pass
