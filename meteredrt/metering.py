@@ -448,6 +448,10 @@ class Meter(service.Service):
         return final
 
     async def _final_flush(self) -> None:
+        if not self._unwritten():
+            # Nothing to lose: a stop after a failed start (the store never
+            # reachable) ends at once instead of retrying for ten intervals.
+            return
         for attempt in range(1, FINAL_FLUSH_ATTEMPTS + 1):
             try:
                 await self._run_exclusively(self._sync)
@@ -837,6 +841,12 @@ class Meter(service.Service):
         self._unconfirmed = None
         self._last_flush = started
         self._forget_finished(batch)
+
+    def _unwritten(self) -> bool:
+        """
+        Whether anything counted is not known to be written yet.
+        """
+        return bool(self._dirty or self._charges or self._entries or self._unconfirmed is not None)
 
     def _take_batch(self) -> FlushBatch:
         """

@@ -730,6 +730,30 @@ class MeterDurabilityTests(MeterTestCase):
         self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
         self.assertIsNone(self.persisted())
 
+    def test_final_flush_with_nothing_to_write(self) -> None:
+        """
+        A stop with nothing counted since the last flush ends at once, even
+        with the store down (a start that never reached its database);
+        with a batch whose write failed, it still retries.
+        """
+        meter, clock, store = self.start_meter()
+        store.failures = FINAL_FLUSH_ATTEMPTS
+        self.successResultOf(meter.stopService())
+        self.assertEqual(self.flushLoggedErrors(sqlite3.OperationalError), [])
+        meter, clock, store = self.start_meter()
+        self.send(meter, App("app_a"), 2)
+        store.failures = 1
+        clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        store.failures = 1
+        stopped = meter.stopService()
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        row = self.persisted()
+        assert row is not None
+        self.assertEqual(row.messages_used, 2)
+
     def test_lost_commit_counted_once(self) -> None:
         """
         A flush that was written but whose answer was lost is retried
