@@ -10,6 +10,7 @@ may import the global reactor.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import sqlite3
@@ -68,7 +69,7 @@ from meteredrt.speedups import install_speedups
 from meteredrt.store import keys as key_tables
 from meteredrt.store import usage as usage_tables
 from meteredrt.store import webhooks as webhook_tables
-from meteredrt.store.database import Database, DriverMissing, require_driver
+from meteredrt.store.database import Database, DriverMissing, driver_errors, first_line, require_driver
 from meteredrt.store.keystore import KeyStore
 from meteredrt.store.schema import SchemaTooNew
 from meteredrt.store.usage import UsageStore
@@ -393,6 +394,7 @@ class DataDirectory(Service):
     def startService(self) -> None:
         super().startService()
         if self.database.url is not None:
+            self._reach_postgresql()
             try:
                 os.makedirs(self.database.data_dir, mode=0o700, exist_ok=True)
             except OSError as e:
@@ -405,6 +407,22 @@ class DataDirectory(Service):
                 refuse_to_start(f"cannot use data directory {self.database.data_dir!r}: {e.strerror or e}")
             except (sqlite3.Error, SchemaTooNew) as e:
                 refuse_to_start(f"cannot use {self.database.sqlite_path(tables.COMPONENT)!r}: {e}")
+
+    def _reach_postgresql(self) -> None:
+        """
+        Connect to PostgreSQL once per component, bringing its schema up to
+        date, before the reactor runs (the start waits at most the
+        connection timeout for it): a database that cannot be reached, or
+        whose schema is newer than this release, is then a L{StartupError}
+        with exit status 1, which a supervisor restarts, rather than a
+        failure after the reactor has started.
+        """
+        unusable: tuple[type[Exception], ...] = (*driver_errors(), SchemaTooNew)
+        for tables in (key_tables, usage_tables, webhook_tables):
+            try:
+                self.database.connect(tables.COMPONENT, tables.MIGRATIONS).close()
+            except unusable as e:
+                refuse_to_start(f"cannot use {self.database.describe()}: {first_line(e)}")
 
 
 #: The accept queue of a listener whose endpoint string sets no backlog.
@@ -569,6 +587,8 @@ class StartupGate(MultiService):
     @param also: what else must be up before anyone is accepted: a cluster
         node's first Redis connection, without which every capped
         admission, subscribe and send would fail.
+    @param failed: called with the one-line problem when the start fails
+        (under twistd, L{fail_the_process}).
     """
 
     log = Logger()
@@ -580,12 +600,14 @@ class StartupGate(MultiService):
         reactor: Any,
         settled: Callable[[], None] = lambda: None,
         also: Sequence[Deferred[None]] = (),
+        failed: Callable[[str], None] = lambda problem: None,
     ) -> None:
         super().__init__()
         self._keys = keys
         self._meter = meter
         self._reactor = reactor
         self._settled = settled
+        self._report_failure = failed
         self._also = list(also)
         self.listening: Deferred[list[IListeningPort]] = Deferred()
 
@@ -620,9 +642,12 @@ class StartupGate(MultiService):
             self.listening.addErrback(lambda _: None)
             return
         if failure.check(StartupError):
-            self.log.critical("meteredrt: {problem}", problem=str(failure.value))
+            problem = str(failure.value)
+            self.log.critical("meteredrt: {problem}", problem=problem)
         else:
+            problem = f"could not start: {first_line(failure.value)}"
             self.log.failure("meteredrt could not start", failure)
+        self._report_failure(problem)
         self.listening.errback(failure)
         # Whoever waits on listening has seen it; nobody else must log it.
         self.listening.addErrback(lambda _: None)
@@ -655,6 +680,31 @@ def _start_workers(ports: list[IListeningPort], pool: WorkerPool, main_listeners
     """
     pool.start_workers(ports[:main_listeners])
     return ports
+
+
+def fail_the_process(problem: str) -> None:
+    """
+    Report a start that failed after the reactor began running, the way
+    one that failed before it is reported: C{meteredrt: <problem>} on the
+    terminal's standard error, and exit status 1 once twistd has shut down.
+
+    twistd exits 0 whenever its reactor stops, so without this a database
+    or Redis failure during start-up would look like a clean stop and a
+    supervisor (systemd's C{Restart=on-failure}) would not start the server
+    again. The status is set at interpreter exit, after twistd has removed
+    its pid file and closed its log.
+    """
+    err = sys.__stderr__ or sys.stderr
+    err.write(f"meteredrt: {problem}\n")
+    err.flush()
+
+    def exit_1() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        os._exit(1)
+
+    atexit.register(exit_1)
 
 
 def stop_reactor(reactor: Any) -> None:
@@ -890,10 +940,13 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     site.displayTracebacks = False
     # Every listener counts connections per client address in one table.
     capped = ConnectionCap(site, config.max_connections_per_ip, trusted)
-    # Under twistd the process is the server's alone, and the collector is
-    # tuned for it once the stores have loaded (settle_heap).
-    settled = settle_heap if twistd_options is not None else (lambda: None)
-    gate = StartupGate(keys, meter, reactor, settled, also=before_listening)
+    # Under twistd the process is the server's alone: the collector is tuned
+    # for it once the stores have loaded (settle_heap), and a failed start
+    # sets its exit status.
+    if twistd_options is not None:
+        gate = StartupGate(keys, meter, reactor, settle_heap, also=before_listening, failed=fail_the_process)
+    else:
+        gate = StartupGate(keys, meter, reactor, also=before_listening)
     gate.setName("listeners")
     for description in config.listen:
         Listener(description, capped, reactor, shared=config.workers > 1).setServiceParent(gate)

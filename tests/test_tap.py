@@ -45,6 +45,7 @@ from meteredrt.tap import (
     StartupError,
     StartupGate,
     bootstrap_text,
+    fail_the_process,
     makeService,
     settle_heap,
     show_bootstrap,
@@ -507,6 +508,59 @@ class StartupGateTests(SynchronousTestCase):
         options.parent = {}  # type: ignore[attr-defined]
         gate = makeService(options).getServiceNamed("listeners")
         self.assertIs(gate._settled, settle_heap)
+
+    def test_failure_sets_exit_status_under_twistd(self) -> None:
+        """
+        Only under twistd does a failed start end the process with status
+        1 (L{fail_the_process}); in process it must not touch the
+        interpreter's exit.
+        """
+        options = Options()
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp()])
+        gate = makeService(options).getServiceNamed("listeners")
+        self.assertIsNot(gate._report_failure, fail_the_process)
+        options.parent = {}  # type: ignore[attr-defined]
+        gate = makeService(options).getServiceNamed("listeners")
+        self.assertIs(gate._report_failure, fail_the_process)
+
+    def test_failure_reported_in_one_line(self) -> None:
+        """
+        A store that cannot load stops the reactor and is reported once, in
+        one line, whatever the driver's message spans; a L{StartupError}
+        is reported as it is.
+        """
+        for error, problem in [
+            (RuntimeError("connection refused\n\tIs the server running?"), "could not start: connection refused"),
+            (StartupError("cannot listen on tcp:1"), "cannot listen on tcp:1"),
+        ]:
+            reactor = MemoryReactorClock()
+            reactor.running = True
+            keys, meter = _Loading(), _Loading()
+            reported: list[str] = []
+            gate = StartupGate(keys, meter, reactor, failed=reported.append)  # type: ignore[arg-type]
+            Listener("tcp:0:interface=127.0.0.1", Factory(), reactor).setServiceParent(gate)
+            gate.startService()
+            keys.ready.errback(error)
+            self.assertEqual(reported, [problem])
+            self.assertTrue(reactor.hasStopped)
+            self.flushLoggedErrors(RuntimeError)
+
+    def test_no_report_when_stopped_while_starting(self) -> None:
+        """
+        A stop (SIGTERM) while the stores load is no failure: nothing is
+        reported and the exit status stays 0.
+        """
+        reactor = MemoryReactorClock()
+        keys, meter = _Loading(), _Loading()
+        reported: list[str] = []
+        gate = StartupGate(keys, meter, reactor, failed=reported.append)  # type: ignore[arg-type]
+        Listener("tcp:0:interface=127.0.0.1", Factory(), reactor).setServiceParent(gate)
+        gate.startService()
+        self.successResultOf(maybeDeferred(gate.stopService))
+        keys.ready.callback(None)
+        meter.loaded.callback(None)
+        self.assertEqual(reported, [])
+        self.assertFalse(reactor.hasStopped)
 
     def test_settle_heap(self) -> None:
         """

@@ -299,3 +299,13 @@ def driver_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         return (sqlite3.Error,)
     return (sqlite3.Error, psycopg2.Error)
+
+
+def first_line(error: BaseException) -> str:
+    """
+    The first line of an error's message: psycopg2 adds hint lines ("Is
+    the server running on that host…") that do not belong in a one-line
+    report.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -7,6 +7,7 @@ behind (no data directory, no pid file).
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -163,6 +164,48 @@ class StartupFailureTests(TestCase):
         self.assertNotIn("Traceback", out)
         self.assertEqual(sorted(os.listdir(self.data_dir)), ["meteredrt.sqlite3"])
         self.assertFalse(self.pidfile.exists(), "the pid file was left behind")
+
+    async def test_database_unreachable(self) -> None:
+        """
+        A PostgreSQL store that cannot be reached stops the start with the
+        database (never its password) and the driver's reason, in one
+        line, before the data directory is created: a supervisor sees a
+        failure and starts the server again.
+        """
+        port = _closed_port()
+        url = f"postgresql://meteredrt:secret@127.0.0.1:{port}/meteredrt"
+        out, err, code = await self.twistd("--database", url, "--listen", "tcp:0:interface=127.0.0.1")
+        self.assert_refused(
+            out,
+            err,
+            code,
+            f'meteredrt: cannot use PostgreSQL 127.0.0.1:{port}/meteredrt: connection to server at "127.0.0.1", '
+            f"port {port} failed: Connection refused",
+        )
+        self.assertNotIn("secret", out + err)
+
+    async def test_failure_after_reactor_started(self) -> None:
+        """
+        A start that fails once the reactor runs (L{fail_the_process}) ends
+        the process with status 1 and one line, not twistd's 0.
+        """
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from meteredrt.tap import fail_the_process; fail_the_process('the store went away')"],
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)},
+            path=str(self.base),
+        )
+        self.assertEqual((out, err.decode().splitlines(), code), (b"", ["meteredrt: the store went away"], 1))
+
+
+def _closed_port() -> int:
+    """
+    A loopback port nobody listens on (bound for a moment, then closed).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 class _RecordingFactory(Factory):
