@@ -170,6 +170,16 @@ class SiteTests(WebSocketTestCase):
         status, _, _ = self.http(b"/v1?x=1", UPGRADE_HEADERS)
         self.assertEqual(status, 101)
 
+    def test_handshake_refused_by_autobahn(self) -> None:
+        """
+        An upgrade that Autobahn cannot accept (no C{Sec-WebSocket-Key}) is
+        answered 400 by Autobahn, and no connection reaches the hub.
+        """
+        headers = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        status, _, _ = self.http(b"/v1?token=" + self.token("alice").encode(), headers)
+        self.assertEqual(status, 400)
+        self.assertEqual(self.hub.connection_count, 0)
+
     def test_upgrade_rate_counted_once(self) -> None:
         """
         Each upgrade refused for its address's rate is counted once.
