@@ -13,6 +13,13 @@ with a JSON body; a connection idle between requests is closed silently.
 A WebSocket upgrade is a complete request, so the deadline ends there and
 Autobahn's opening-handshake timeout takes over.
 
+A L{GuardedSite} may be given a C{direct_upgrade}: each connection's first
+bytes are offered to it before C{twisted.web} parses them, and when it
+takes them (a plain WebSocket upgrade, L{meteredrt.upgradehead}) it hands
+the connection to a WebSocket protocol with L{DeadlineChannel.hand_over};
+C{twisted.web} never sees that connection. Whatever it declines, it leaves
+untouched, and the channel goes on as if it had not been asked.
+
 L{ConnectionCap} wraps the site's factory and counts open TCP connections
 per client address (L{meteredrt.clientaddress.rate_limit_key}: IPv6 by
 its /64); one over the cap is closed as soon as it is accepted, before a
@@ -160,7 +167,25 @@ def hold_client(request: http.Request, client: str) -> bool:
         when counted, or when the connection is not behind a
         L{ConnectionCap} (nothing to count against).
     """
-    connection = _counted(request)
+    return hold_on(_counted(request), client)
+
+
+def can_hold(connection: CountedConnection | None, client: str) -> bool:
+    """
+    Whether L{hold_on} would count C{connection} against C{client}, without
+    counting it.
+    """
+    if connection is None:
+        return True
+    key = rate_limit_key(client)
+    counts = connection.factory.counts
+    return key in connection.held or counts.count(key) < counts.per_client
+
+
+def hold_on(connection: CountedConnection | None, client: str) -> bool:
+    """
+    L{hold_client} for a connection rather than a request.
+    """
     if connection is None:
         return True
     key = rate_limit_key(client)
@@ -238,8 +263,11 @@ class DeadlineChannel(HTTPChannel):
     request_timeout: float = 15.0
     #: What counts this connection, if anything does.
     counted: CountedConnection | None = None
+    site: GuardedSite
     _deadline: IDelayedCall | None = None
     _receiving = False
+    #: Until the connection's first bytes have arrived.
+    _fresh = True
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -256,8 +284,37 @@ class DeadlineChannel(HTTPChannel):
             deadline.cancel()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._fresh:
+            self._fresh = False
+            direct = self.site.direct_upgrade
+            if direct is not None and direct(self, data):
+                return
         self._receiving = True
         super().dataReceived(data)
+
+    def hand_over(self, protocol: Any) -> Any:
+        """
+        Give this channel's connection to C{protocol} before any request
+        was parsed: what C{WebSocketResource} does for a parsed upgrade,
+        keeping the L{CountedConnection} in between as L{take_over} does.
+
+        @return: the transport C{protocol} is now connected to.
+        """
+        transport: Any = self.transport
+        self._disarm()
+        self.setTimeout(None)
+        self.transport = None
+        counted = self.counted
+        if counted is not None:
+            counted.wrappedProtocol = protocol
+        elif isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = protocol  # TLS without a cap
+        elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+            transport.protocol.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return transport
 
     def allContentReceived(self) -> None:
         # The request is in; how long answering it takes is not the
@@ -295,13 +352,24 @@ class DeadlineChannel(HTTPChannel):
 class GuardedSite(Site):
     """
     A C{Site} whose channels are L{DeadlineChannel}s (HTTP/1.1 only).
+
+    @ivar direct_upgrade: offered each connection's first bytes with its
+        channel; returns whether it took the connection over (see the
+        module docstring).
     """
 
     protocol = DeadlineChannel  # type: ignore[assignment]
 
-    def __init__(self, resource: Any, request_timeout: float = 15.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resource: Any,
+        request_timeout: float = 15.0,
+        direct_upgrade: Callable[[DeadlineChannel, bytes], bool] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(resource, **kwargs)
         self.request_timeout = request_timeout
+        self.direct_upgrade = direct_upgrade
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         channel = super().buildProtocol(addr)

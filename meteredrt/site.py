@@ -4,7 +4,9 @@ The HTTP resource tree that one C{Site} serves on every listening port.
 C{/v1} is both the WebSocket endpoint and the REST base (§2, §19):
 L{V1Resource} hands a bare C{/v1} upgrade to Autobahn's
 C{WebSocketResource} after the pre-upgrade checks (drain, per-IP upgrade
-rate, §5.2) and routes every longer path to its REST children. C{/healthz}
+rate, §5.2) and routes every longer path to its REST children; a plain
+upgrade that passes those checks goes to Autobahn before C{twisted.web}
+parses it at all (L{V1Resource.upgrade_directly}). C{/healthz}
 and C{/readyz} serve load balancers. L{client_host} is the one way to ask
 which address a request counts as coming from.
 """
@@ -22,8 +24,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from meteredrt.clientaddress import TrustedProxies, client_address, is_trusted_proxy, rate_limit_key
-from meteredrt.guard import connection_cap, hold_client, take_over
+from meteredrt.guard import DeadlineChannel, can_hold, connection_cap, hold_client, hold_on, take_over
 from meteredrt.ratelimit import KeyedLimiter
+from meteredrt.upgradehead import plain_upgrade
 from meteredrt.ws import RealtimeServerFactory
 
 #: REST request bodies are capped at this many bytes (§19.1: 413 above).
@@ -181,6 +184,52 @@ class V1Resource(JsonRoot):
                 error_body("too_many_connections", f"at most {cap} connections per client address"),
             )
         return take_over(request, self._websocket.render)
+
+    def upgrade_directly(self, channel: DeadlineChannel, data: bytes) -> bool:
+        """
+        Give a connection whose first bytes C{data} are a plain upgrade
+        (L{meteredrt.upgradehead}) to Autobahn straight, when L{render}
+        would: not draining, within the address's upgrade rate and, behind
+        a trusted proxy, within the client's connection cap. Autobahn
+        reads the same bytes that C{render} would have handed it.
+
+        Anything else is declined, before any count is taken, so that
+        C{twisted.web} can parse the request and L{render} refuse it with
+        its usual status, headers and counters. (An address over its
+        upgrade rate is asked twice at the same instant: a refused take
+        takes nothing.)
+
+        @return: whether the connection was taken over.
+        """
+        head = plain_upgrade(data)
+        factory = self._factory
+        if head is None or factory.draining:
+            return False
+        transport = channel.transport
+        if transport is None:
+            return False
+        address = transport.getPeer()
+        peer = getattr(address, "host", None)
+        trusted = self._trusted_proxies
+        if not trusted:
+            client = peer or "-"
+        else:
+            forwarded_for = None if head.forwarded_for is None else [head.forwarded_for]
+            client = client_address(peer or "-", forwarded_for, trusted)
+        behind_proxy = peer is not None and is_trusted_proxy(peer, trusted)
+        counted = channel.counted
+        if behind_proxy and not can_hold(counted, client):
+            return False
+        if not self._upgrades.take(rate_limit_key(client), self._clock.seconds()):
+            return False
+        protocol = factory.buildProtocol(address)
+        if protocol is None:
+            return False
+        if behind_proxy:
+            hold_on(counted, client)
+        channel.hand_over(protocol)
+        protocol.dataReceived(data)
+        return True
 
 
 class Probe(Resource):

@@ -933,6 +933,8 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     site = GuardedSite(
         root,
         request_timeout=config.request_timeout_seconds,
+        # A plain upgrade of /v1 skips twisted.web; everything else is parsed by it.
+        direct_upgrade=v1.upgrade_directly,
         requestFactory=BoundedRequest,
         logFormatter=log_line,
         reactor=reactor,

@@ -18,6 +18,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.protocols.policies import WrappingFactory
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -85,7 +86,13 @@ class SiteTests(WebSocketTestCase):
         super().setUp()
         self.ready = True
         self.v1 = V1Resource(self.factory, self.clock)
-        self.site = Site(build_root(self.v1, lambda: self.ready), reactor=Clock())
+        self.site = self.make_site(build_root(self.v1, lambda: self.ready))
+
+    def make_site(self, root: Resource) -> Site:
+        """
+        The site under test, serving C{root}.
+        """
+        return Site(root, reactor=Clock())
 
     def connect(self, client: Any, host: str = "192.0.2.7") -> Any:
         """
@@ -163,6 +170,27 @@ class SiteTests(WebSocketTestCase):
         status, _, _ = self.http(b"/v1?x=1", UPGRADE_HEADERS)
         self.assertEqual(status, 101)
 
+    def test_handshake_refused_by_autobahn(self) -> None:
+        """
+        An upgrade that Autobahn cannot accept (no C{Sec-WebSocket-Key}) is
+        answered 400 by Autobahn, and no connection reaches the hub.
+        """
+        headers = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        status, _, _ = self.http(b"/v1?token=" + self.token("alice").encode(), headers)
+        self.assertEqual(status, 400)
+        self.assertEqual(self.hub.connection_count, 0)
+
+    def test_upgrade_rate_counted_once(self) -> None:
+        """
+        Each upgrade refused for its address's rate is counted once.
+        """
+        for _ in range(60):
+            self.http(b"/v1?x=1", UPGRADE_HEADERS)
+        self.assertEqual(self.metrics.drops["upgrade_rate"], 0)
+        self.assertEqual(self.http(b"/v1?x=1", UPGRADE_HEADERS)[0], 429)
+        self.assertEqual(self.http(b"/v1?x=1", UPGRADE_HEADERS)[0], 429)
+        self.assertEqual(self.metrics.drops["upgrade_rate"], 2)
+
     def test_not_found(self) -> None:
         """
         Unknown paths, at the root and under C{/v1}, get a JSON 404.
@@ -213,13 +241,19 @@ class TrustedProxySiteTests(WebSocketTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.v1 = V1Resource(self.factory, self.clock, trusted_proxies=self.trusted)
-        self.site = Site(
+        self.site = self.make_site(
             build_root(self.v1, lambda: True),
             reactor=Clock(),
             logFormatter=partial(access_log_line, trusted_proxies=self.trusted),
         )
         self.log = StringIO()
         self.site.logFile = self.log
+
+    def make_site(self, root: Resource, **kwargs: Any) -> Site:
+        """
+        The site under test, serving C{root}.
+        """
+        return Site(root, **kwargs)
 
     def upgrade(self, host: str, forwarded_for: str | None = None, headers: bytes = UPGRADE_HEADERS) -> int:
         """
@@ -298,10 +332,16 @@ class GuardedSiteTests(WebSocketTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        v1 = V1Resource(self.factory, self.clock, trusted_proxies=self.trusted)
-        self.site = GuardedSite(build_root(v1, lambda: True), request_timeout=5.0, reactor=self.clock)
+        self.v1 = V1Resource(self.factory, self.clock, trusted_proxies=self.trusted)
+        self.site = self.make_site(build_root(self.v1, lambda: True))
         self.cap = ConnectionCap(self.site, 2, self.trusted)
         self.pumps: dict[RawClient, Any] = {}
+
+    def make_site(self, root: Resource) -> GuardedSite:
+        """
+        The site under test, serving C{root}.
+        """
+        return GuardedSite(root, request_timeout=5.0, reactor=self.clock)
 
     def upgrade(self, host: str, forwarded_for: str) -> RawClient:
         """
@@ -334,6 +374,19 @@ class GuardedSiteTests(WebSocketTestCase):
         self.pumps[first].flush()
         self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.1").response()[0], 101)
 
+    def test_cap_refusal_takes_one_upgrade_token(self) -> None:
+        """
+        An upgrade refused for the client's connection cap uses up one of
+        its upgrades, as any upgrade attempt does, and only one.
+        """
+        self.v1 = V1Resource(self.factory, self.clock, upgrades_per_minute=3, trusted_proxies=self.trusted)
+        self.cap = ConnectionCap(self.make_site(build_root(self.v1, lambda: True)), 1, self.trusted)
+        self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.1").response()[0], 101)
+        for _ in range(2):
+            status, _, body = self.upgrade("10.0.0.5", "198.51.100.1").response()
+            self.assertEqual((status, json.loads(body)["error"]), (429, "too_many_connections"))
+        self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.1").response()[:3:2], (429, b""))
+
     def test_websocket_outlives_deadline(self) -> None:
         """
         The request deadline ends with the upgrade: a WebSocket stays open
@@ -352,6 +405,153 @@ class GuardedSiteTests(WebSocketTestCase):
         client.sendClose(1000)
         pump.flush()
         self.assertEqual(self.cap.counts.count("192.0.2.7"), 0)
+
+
+def track_requests(site: Site) -> list[weakref.ref[Request]]:
+    """
+    Make C{site} record every request it builds; return the record.
+    """
+    requests: list[weakref.ref[Request]] = []
+
+    class TrackedRequest(site.requestFactory):  # type: ignore[name-defined,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            requests.append(weakref.ref(self))
+
+    site.requestFactory = TrackedRequest
+    return requests
+
+
+class TwoPieceClient(RawClient):
+    """
+    Sends its request in two writes, the second when L{finish} is called.
+    """
+
+    def __init__(self, request: bytes, split: int) -> None:
+        super().__init__(request[:split])
+        self.rest = request[split:]
+
+    def finish(self) -> None:
+        self.transport.write(self.rest)
+
+
+class DirectSiteTests(SiteTests):
+    """
+    L{SiteTests} again, on a L{GuardedSite} that offers each connection's
+    first bytes to L{V1Resource.upgrade_directly}: a plain upgrade reaches
+    Autobahn without C{twisted.web}, and everything else (including every
+    refusal) goes through C{twisted.web} as before.
+    """
+
+    def make_site(self, root: Resource) -> Site:
+        site = GuardedSite(root, reactor=Clock(), direct_upgrade=self.v1.upgrade_directly)
+        self.requests = track_requests(site)
+        return site
+
+    def plain_upgrade(self, peer_id: str = "alice") -> bytes:
+        return (
+            b"GET /v1?token="
+            + self.token(peer_id).encode()
+            + b" HTTP/1.1\r\nHost: localhost\r\n"
+            + UPGRADE_HEADERS
+            + b"\r\n"
+        )
+
+    def test_upgraded_request_freed(self) -> None:
+        """
+        A plain upgrade makes no C{Request} at all (in place of the base
+        test: this site's requests are not freed but never made).
+        """
+        client = RawClient(self.plain_upgrade())
+        self.connect(client)
+        self.assertEqual(client.response()[0], 101)
+        self.assertEqual(self.requests, [])
+
+    def test_websocket_without_twisted_web(self) -> None:
+        """
+        An Autobahn client's upgrade is served without a C{Request}, gets
+        its welcome and can talk.
+        """
+        self.test_websocket()
+        self.assertEqual(self.requests, [])
+
+    def test_under_wrapper(self) -> None:
+        """
+        Under a protocol wrapper (as under TLS without a connection cap)
+        the WebSocket takes the wrapper's place above the transport.
+        """
+        wrapped = WrappingFactory(self.site)
+        client_factory = WebSocketClientFactory("ws://localhost/v1?token=" + self.token("alice"))
+        client_factory.protocol = RecordingClient
+        client = client_factory.buildProtocol(CLIENT_ADDRESS)
+        _, _, pump = connect_to_site(wrapped, client, self.clock)  # type: ignore[arg-type]
+        self.assertEqual(client.received[0]["peerId"], "alice")
+        self.assertEqual(self.requests, [])
+        client.sendClose(1000)
+        pump.flush()
+        self.assertEqual(self.hub.connection_count, 0)
+
+    def test_split_head(self) -> None:
+        """
+        A head that arrives in two pieces is parsed by C{twisted.web}, and
+        upgraded as before.
+        """
+        client = TwoPieceClient(self.plain_upgrade(), 20)
+        _, _, pump = self.connect(client)
+        client.finish()
+        pump.flush()
+        self.assertEqual(client.response()[0], 101)
+        self.assertEqual(len(self.requests), 1)
+        self.assertEqual(self.hub.connection_count, 1)
+
+    def test_bytes_after_head(self) -> None:
+        """
+        Bytes after the head in the same read (pipelined garbage, a frame
+        sent before the answer) send the request through C{twisted.web},
+        which upgrades it and drops them, as before.
+        """
+        for extra in (b"garbage", b"\x81\x85abcd12345", b"GET / HTTP/1.1\r\n\r\n"):
+            client = RawClient(self.plain_upgrade() + extra)
+            _, _, pump = self.connect(client)
+            pump.flush()
+            status, _, body = client.response()
+            self.assertEqual(status, 101)
+            self.assertTrue(body.startswith(b"\x81"), body)
+            self.assertEqual(body.count(b"\x81"), 1, body)
+        self.assertEqual(len(self.requests), 3)
+        self.assertEqual(self.hub.connection_count, 3)
+
+
+class DirectTrustedProxySiteTests(TrustedProxySiteTests):
+    """
+    L{TrustedProxySiteTests} with plain upgrades served straight to
+    Autobahn.
+    """
+
+    def make_site(self, root: Resource, **kwargs: Any) -> Site:
+        return GuardedSite(root, direct_upgrade=self.v1.upgrade_directly, **kwargs)
+
+
+class DirectGuardedSiteTests(GuardedSiteTests):
+    """
+    L{GuardedSiteTests} with plain upgrades served straight to Autobahn, as
+    L{meteredrt.tap} composes the site.
+    """
+
+    def make_site(self, root: Resource) -> GuardedSite:
+        return GuardedSite(root, request_timeout=5.0, reactor=self.clock, direct_upgrade=self.v1.upgrade_directly)
+
+    def test_partial_head_meets_deadline(self) -> None:
+        """
+        A connection whose first bytes are part of a head is left to the
+        request deadline: 408 once it runs out.
+        """
+        client = RawClient(b"GET /v1?token=x HTTP/1.1\r\nHost: localhost\r\n")
+        _, _, pump = connect_to_site(self.cap, client, self.clock)  # type: ignore[arg-type]
+        self.advance(4, pump)
+        self.assertEqual(client.data, b"")
+        self.advance(1, pump)
+        self.assertEqual(client.response()[0], 408)
 
 
 class _BodyProbe(Resource):

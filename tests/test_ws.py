@@ -441,6 +441,38 @@ class HandshakeTests(WebSocketTestCase):
         client, server, pump = self.open("key=pk_live_test", origin="null")
         self.assertEqual(client.received[0]["type"], "welcome")
 
+    def test_options_on_class(self) -> None:
+        """
+        A connection reads the factory's protocol options from its class,
+        none from its own attributes, and logs as L{RealtimeServerProtocol}.
+        """
+        client, server, pump = self.open_token("alice")
+        self.assertEqual(client.received[0]["type"], "welcome")
+        self.assertIsInstance(server, RealtimeServerProtocol)
+        self.assertEqual(server._log.namespace, "meteredrt.ws.RealtimeServerProtocol")
+        self.assertEqual([name for name in server.CONFIG_ATTRS if name in vars(server)], [])
+        for name in server.CONFIG_ATTRS:
+            self.assertEqual(getattr(server, name), getattr(self.factory, name), name)
+        self.assertEqual((server.autoPingInterval, server.openHandshakeTimeout), (30, 10))
+
+    def test_compression_offer_declined(self) -> None:
+        """
+        A client's offer of compression is declined: the option, a function,
+        is called as one.
+        """
+        from autobahn.websocket.compress import PerMessageDeflateOffer
+
+        client_factory = WebSocketClientFactory("ws://localhost/v1?token=" + self.token("alice"))
+        client_factory.protocol = RecordingClient
+        client_factory.setProtocolOptions(perMessageCompressionOffers=[PerMessageDeflateOffer()])
+        client, server, pump = connectedServerAndClient(
+            lambda: self.factory.buildProtocol(CLIENT_ADDRESS),
+            lambda: client_factory.buildProtocol(CLIENT_ADDRESS),
+            clock=self.clock,
+        )
+        self.assertEqual(client.received[0]["type"], "welcome")
+        self.assertIsNone(server._perMessageCompress)
+
     def test_auto_ping_options(self) -> None:
         """
         The factory pings every 30 s and allows 10 s for the answer (§16).
