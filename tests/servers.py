@@ -3,8 +3,9 @@ Real servers for tests that claim Redis, and a loopback proxy to cut them off.
 
 L{RedisServer} runs a real C{redis-server} on a free loopback port (never
 6379: the machine may run its own) in a temporary directory, with no
-persistence. It waits, without blocking the reactor, until the server answers
-C{PING}, and fails the test loudly if it cannot: a test that claims Redis and
+persistence (another port if someone binds the one it found free first). It
+waits, without blocking the reactor, until the server answers C{PING}, and
+fails the test loudly if it cannot: a test that claims Redis and
 silently skips proves nothing. The test case's cleanup kills it.
 
 L{LoopbackProxy} forwards a loopback port to another and can be cut (existing
@@ -45,10 +46,20 @@ START_TIMEOUT = 10.0
 #: Seconds one command of L{redis_command} may take.
 COMMAND_TIMEOUT = 5.0
 
+#: Free ports L{RedisServer.start} tries: another process may bind the one
+#: it found free before C{redis-server} does.
+START_ATTEMPTS = 3
+
 
 class RedisUnavailable(RuntimeError):
     """
     C{redis-server} is missing, or did not answer PING in time.
+    """
+
+
+class _PortTaken(RedisUnavailable):
+    """
+    C{redis-server} could not bind its port: someone else has it.
     """
 
 
@@ -209,6 +220,12 @@ class RedisServer:
         os.makedirs(directory)
         server = cls(case, directory, free_port(), reactor)
         case.addCleanup(server._cleanup)
+        for _ in range(START_ATTEMPTS - 1):
+            try:
+                await server._launch()
+                return server
+            except _PortTaken:
+                server.port = free_port()
         await server._launch()
         return server
 
@@ -261,7 +278,8 @@ class RedisServer:
         last: Exception | None = None
         while self._reactor.seconds() < deadline:
             if self._protocol.ended.called:
-                raise RedisUnavailable(f"redis-server on port {self.port} exited at start:\n{self.output}")
+                exited = _PortTaken if "Address already in use" in self.output else RedisUnavailable
+                raise exited(f"redis-server on port {self.port} exited at start:\n{self.output}")
             try:
                 if await redis_command(self.port, "PING", timeout=1.0, reactor=self._reactor) == b"PONG":
                     return

@@ -4,6 +4,8 @@ The test servers of C{tests/servers.py} do what the cluster tests rely on.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import reactor
 from twisted.internet.defer import TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -12,6 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from . import servers
 from .servers import LoopbackProxy, RedisCommandError, RedisServer, free_port, parse_commandstats, redis_command
 
 
@@ -37,6 +40,21 @@ class RedisServerTests(TestCase):
         await server.restart()
         self.assertEqual(server.port, port)
         self.assertIsNone(await server.command("GET", "k"))
+
+    async def test_port_taken_before_the_bind(self) -> None:
+        """
+        A port found free but taken by another process before redis-server
+        binds it costs another port, not the test.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        self.patch(servers, "free_port", lambda: next(ports, None) or free_port())
+        server = await RedisServer.start(self)
+        self.assertNotEqual(server.port, taken.getsockname()[1])
+        self.assertEqual(await server.command("PING"), b"PONG")
 
     async def test_kill_and_stop(self) -> None:
         """

@@ -144,7 +144,9 @@ class ClusterUsageTests(TestCase):
         async def forgotten() -> bool:
             return (await get_usage(self, cluster[0].port))["concurrentNow"] == 2
 
-        await wait_until(forgotten, LEASE_SECONDS + 2, "the killed node's connection no longer counts")
+        # A dead node is reaped within three leases (docs/cluster.md), plus
+        # the scheduling slack of the fault tests for a loaded machine.
+        await wait_until(forgotten, 3 * LEASE_SECONDS + 2, "the killed node's connection no longer counts")
         for node in (cluster[0], cluster[2]):
             await node.terminate()
         stored = self.operator(cluster[0], "usage", "--app", APP_ID)["messagesUsed"]

@@ -32,7 +32,7 @@ from meteredrt.store.webhooks import StoreOutbox
 from meteredrt.webhooks.events import PEER_OFFLINE, PEER_ONLINE, WebhookEvent, new_event
 from tests.postgres_server import fresh_database
 
-from .cluster import LEASE_SECONDS, Cluster, Node, connect_peer, start_cluster
+from .cluster import LEASE_SECONDS, Cluster, Node, connect_peer, start_cluster, wait_until
 from .support import APP_ID
 from .test_webhooks import WEBHOOK_SECRET, config_with_webhooks, per_peer
 from .webhook_receiver import WebhookReceiver, start_receiver
@@ -103,6 +103,9 @@ class ClusterDeliveryTests(TestCase):
         """
         cluster, receiver, writers = await self.start()
         holder = await self.holder(cluster)
+        # The holder logs once Redis has answered its try: the lease may be
+        # seen in Redis before that line has come down the holder's pipe.
+        await wait_until(lambda: TOOK_LEASE in holder.child.text, 10, "the holder logs that it took the lease")
         self.assertEqual([node.child.text.count(TOOK_LEASE) for node in cluster.nodes],
                          [1 if node is holder else 0 for node in cluster.nodes])
 
