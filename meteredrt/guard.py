@@ -47,6 +47,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from meteredrt.clientaddress import TrustedProxies, is_trusted_proxy, rate_limit_key
+from meteredrt.metrics import Metrics
 
 
 class ConnectionCounts:
@@ -136,10 +137,22 @@ class ConnectionCap(WrappingFactory[CountedConnection]):
 
     protocol = CountedConnection
 
-    def __init__(self, wrappedFactory: Any, per_client: int, trusted_proxies: TrustedProxies = ()) -> None:
+    def __init__(
+        self,
+        wrappedFactory: Any,
+        per_client: int,
+        trusted_proxies: TrustedProxies = (),
+        metrics: Metrics | None = None,
+    ) -> None:
+        """
+        :param metrics: where refusals are counted (the C{connection_cap}
+            drop reason); a refusal is not logged, or a flood of connects
+            would flood the log too.
+        """
         super().__init__(wrappedFactory)
         self.counts = ConnectionCounts(per_client)
         self.trusted_proxies = trusted_proxies
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def buildProtocol(self, addr: IAddress | None) -> CountedConnection | None:  # type: ignore[override]
         host = getattr(addr, "host", None)
@@ -147,6 +160,7 @@ class ConnectionCap(WrappingFactory[CountedConnection]):
         # are counted by hold_client.
         key = None if not host or is_trusted_proxy(host, self.trusted_proxies) else rate_limit_key(host)
         if key is not None and not self.counts.acquire(key):
+            self.metrics.drops["connection_cap"] += 1
             # Twisted closes a connection whose factory builds no protocol.
             return None
         protocol: CountedConnection | None = super().buildProtocol(addr)

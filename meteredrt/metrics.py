@@ -45,7 +45,15 @@ HANDSHAKE_OUTCOMES = ("welcomed", "refused", "abandoned", "failed")
 
 #: Why the server dropped a connection or refused a message; see
 #: C{docs/operator-guide.md} for each.
-DROP_REASONS = ("slow_reader", "message_quota", "connection_quota", "message_rate", "upgrade_rate")
+DROP_REASONS = (
+    "slow_reader",
+    "message_quota",
+    "connection_quota",
+    "message_rate",
+    "frame_rate",
+    "upgrade_rate",
+    "connection_cap",
+)
 
 #: The envelopes the hub delivers, by index into L{Metrics.deliveries}.
 DELIVERY_KINDS = ("message", "presence", "direct", "disconnect")

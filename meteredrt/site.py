@@ -176,6 +176,7 @@ class V1Resource(JsonRoot):
         # client the proxy names, from now until it closes.
         peer = getattr(request.getClientAddress(), "host", None)
         if peer is not None and is_trusted_proxy(peer, self._trusted_proxies) and not hold_client(request, client):
+            self._factory.metrics.drops["connection_cap"] += 1
             request.setHeader(b"retry-after", b"10")
             cap = connection_cap(request)
             return json_response(

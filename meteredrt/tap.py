@@ -941,7 +941,7 @@ def makeService(options: Options | dict, reactor: Any = None) -> IService:
     )
     site.displayTracebacks = False
     # Every listener counts connections per client address in one table.
-    capped = ConnectionCap(site, config.max_connections_per_ip, trusted)
+    capped = ConnectionCap(site, config.max_connections_per_ip, trusted, metrics=metrics)
     # Under twistd the process is the server's alone: the collector is tuned
     # for it once the stores have loaded (settle_heap), and a failed start
     # sets its exit status.

@@ -344,6 +344,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self.data = b""
         if not self._closing:
             self._log.info("Closing frame flood from {conn}", conn=self.conn_id)
+            self.factory.metrics.drops["frame_rate"] += 1
             self._cut_off = True
             self._close(CloseCode.OVER_MESSAGE_RATE, "over_frame_rate")
             self._stop_reading()

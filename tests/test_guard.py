@@ -254,6 +254,7 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertIsNotNone(self.accept(cap, "192.0.2.1"))
         self.assertIsNone(self.accept(cap, "192.0.2.1"))
         self.assertIsNotNone(second)
+        self.assertEqual(cap.metrics.drops["connection_cap"], 2)
 
     def test_ipv6_by_64(self) -> None:
         """

@@ -369,6 +369,7 @@ class GuardedSiteTests(WebSocketTestCase):
         self.assertEqual(status, 429)
         self.assertEqual(json.loads(body)["error"], "too_many_connections")
         self.assertIn("2 connections", json.loads(body)["message"])
+        self.assertEqual(self.factory.metrics.drops["connection_cap"], 1)
         self.assertEqual(self.upgrade("10.0.0.5", "198.51.100.2").response()[0], 101)
         first.transport.loseConnection()
         self.pumps[first].flush()

@@ -1094,6 +1094,7 @@ class FrameFloodTests(WebSocketTestCase):
         self.assertEqual(client.closed[2] if client.closed else None, "over_frame_rate")
         self.assertTrue(transport is None or transport.disconnecting)
         self.assertEqual(self.hub.connection_count, 0)
+        self.assertEqual(self.metrics.drops["frame_rate"], 1)
 
     def test_empty_continuation_flood(self) -> None:
         """
