@@ -57,6 +57,7 @@ from meteredrt.protocol import (
 from meteredrt.ratelimit import TokenBucket
 from meteredrt.speedups import debug_skippable
 from meteredrt.turn import credential_lifetime
+from meteredrt.turnwrite import HELD_LIMIT, TurnWriter, idle_tcp, send_held
 
 #: §4.5: JWT connections close this long before C{exp}.
 EXPIRY_LEAD_SECONDS = 0.25
@@ -169,6 +170,10 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._upgraded_at = 0.0
         self._opened_at: float | None = None
         self._received = 0
+        # Frames written this reactor turn, for the socket at its end
+        # (meteredrt.turnwrite), and their size; None when none are held.
+        self._held_out: list[bytes] | None = None
+        self._held_size = 0
 
     # -- handshake -------------------------------------------------------------
 
@@ -356,6 +361,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         """
         transport = self.transport
         if transport is not None:
+            self.flush_held()
             transport.loseConnection()
         if self._farewell is not None and self._farewell.active():
             self._farewell.cancel()
@@ -495,21 +501,66 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         the event; anything else goes to Autobahn's own C{sendData}. Both
         ways, what a paused transport holds is counted (L{_count_held}).
         C{tests/test_speedups.py} compares the two.
+
+        On an open connection whose TCP transport has nothing buffered,
+        that plain write is held for the end of the reactor turn and then
+        given to the socket with the turn's other frames
+        (L{meteredrt.turnwrite}: no write watch, so no C{epoll_ctl} pair
+        per frame). Autobahn's own writes and closing the connection send
+        what is held first; an abort drops it, as it drops Twisted's
+        buffer.
         """
         transport = self.transport
         if sync or chopsize or self.send_queue or transport is None or not debug_skippable(self.log):
+            self.flush_held()
             super().sendData(data, sync, chopsize)
             self._count_held(len(data))
             return
-        transport.write(data)
-        self._count_held(len(data))
         state = self.state
+        held = self._held_out
+        if held is not None:
+            size = self._held_size + len(data)
+            if size <= HELD_LIMIT:
+                held.append(data)
+                self._held_size = size
+            else:
+                self.flush_held()
+                transport.write(data)
+        elif state == _STATE_OPEN and not self._watch.paused and idle_tcp(transport) is not None:
+            self._held_out = [data]
+            self._held_size = len(data)
+            self.factory.turn_writer.hold(self)
+        else:
+            transport.write(data)
+        self._count_held(len(data))
         if state == _STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
         elif state == _STATE_CONNECTING or state == WebSocketProtocol.STATE_PROXY_CONNECTING:
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
         if self.logOctets:
             self.logTxOctets(data, False)
+
+    def flush_held(self) -> None:
+        """
+        Hand the frames held this turn to the socket (L{meteredrt.turnwrite}):
+        at the end of the turn, and before anything else reaches the
+        transport (a write Autobahn makes itself, closing the connection).
+        """
+        held = self._held_out
+        if held is None:
+            return
+        self._held_out = None
+        if self.transport is not None:
+            send_held(self.transport, held[0] if len(held) == 1 else b"".join(held))
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # Twisted closes a transport with an empty buffer at once, and an
+        # abort discards what is buffered.
+        if abort:
+            self._held_out = None
+        else:
+            self.flush_held()
+        super()._closeConnection(abort)
 
     def close(self, code: int, reason: str) -> None:
         self._close(code, reason)
@@ -524,6 +575,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
 
     def _abort(self) -> None:
         self._farewell = None
+        self._held_out = None
         if self.transport is not None:
             # Autobahn types the transport as ITransport; it is TCP or TLS.
             cast(ITCPTransport, self.transport).abortConnection()
@@ -546,6 +598,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._gone = self._closing = True
         self._queue = None
+        self._held_out = None
         if self._expires_at is not None:
             self.factory.expiries.discard(self._expires_at, self)
             self._expires_at = None
@@ -663,6 +716,7 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.outbound_limit = outbound_limit
         self.connections: set[RealtimeServerProtocol] = set()
         self.expiries = ExpiryTimers(clock, EXPIRY_LEAD_SECONDS)
+        self.turn_writer = TurnWriter(clock)
         self.metrics = metrics if metrics is not None else Metrics()
         self.trusted_proxies = trusted_proxies
         self.draining = False
