@@ -79,7 +79,9 @@ _dropped_level: Any = getattr(txaio.tx, "_no_op", object())
 
 #: The Autobahn functions whose behaviour the patch copies or wraps, by
 #: L{code_fingerprint} of their code as read. C{sendData}'s plain path is
-#: copied by L{meteredrt.ws.RealtimeServerProtocol.sendData}; C{hltype}'s
+#: copied by L{meteredrt.ws.RealtimeServerProtocol.sendData} and
+#: C{onMessageEnd} (without the signal to listeners it never has) by its
+#: C{onMessageEnd}; C{hltype}'s
 #: output must depend only on the function it names for memoising to be
 #: right; C{Timings.__str__} is wrapped. Read in Autobahn 24.4.2 and
 #: 26.10.2 (the same code in both). Add a fingerprint only after reading
@@ -87,6 +89,7 @@ _dropped_level: Any = getattr(txaio.tx, "_no_op", object())
 VERIFIED_FINGERPRINTS: dict[str, frozenset[str]] = {
     "autobahn.util.hltype": frozenset({"30a12302e8da2e3d"}),
     "autobahn.websocket.protocol.WebSocketProtocol.sendData": frozenset({"58eca4f77ba8709a"}),
+    "autobahn.websocket.protocol.WebSocketProtocol.onMessageEnd": frozenset({"b2f322ad70766a26"}),
     "autobahn.websocket.protocol.Timings.__str__": frozenset({"9e42a2647514fe13"}),
 }
 
@@ -366,6 +369,9 @@ def autobahn_problems(modules: Mapping[str, ModuleType] | None = None) -> list[s
         "autobahn.websocket.protocol.WebSocketProtocol.sendData": vars(
             getattr(protocol, "WebSocketProtocol", object)
         ).get("sendData"),
+        "autobahn.websocket.protocol.WebSocketProtocol.onMessageEnd": vars(
+            getattr(protocol, "WebSocketProtocol", object)
+        ).get("onMessageEnd"),
         "autobahn.websocket.protocol.Timings.__str__": vars(getattr(protocol, "Timings", object)).get("__str__"),
     }
     for qualified, function in functions.items():
