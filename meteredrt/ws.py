@@ -6,7 +6,7 @@ connections (for draining); L{RealtimeServerProtocol} is one connection. The
 protocol authenticates after the upgrade (so refusals are close codes the
 client can read, §5.3), sends the welcome, then feeds each parsed frame to
 the hub one at a time. It is also the hub's L{IConnectionSink}: frames the
-hub hands it are framed once (L{OutboundFrame.prepared}) and written, and a
+hub hands it are framed once (L{OutboundFrame.wire}) and written, and a
 reader too slow to take them is cut off instead of growing memory.
 
 Frames in and out are counted by type in the node's L{Metrics} (lists
@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
-from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
@@ -90,6 +90,25 @@ _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 #: RFC 6455 §7.4.1: no status code was present in the close frame.
 _NO_STATUS = 1005
+
+
+#: The first two bytes of a final, unmasked text frame (RFC 6455 §5.2) of
+#: each payload length that fits in them.
+_SHORT_TEXT_HEADERS = [bytes((0x81, size)) for size in range(126)]
+
+
+def text_frame(payload: bytes) -> bytes:
+    """
+    C{payload} as one final, unmasked text frame: the bytes Autobahn's
+    C{PreparedMessage} makes for a server (C{payloadHybi}), without an
+    object, a list and a join per frame. C{tests/test_ws.py} compares them.
+    """
+    size = len(payload)
+    if size < 126:
+        return _SHORT_TEXT_HEADERS[size] + payload
+    if size <= 0xFFFF:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 @implementer(IPushProducer)
@@ -473,15 +492,16 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         watch = self._watch
         watch.sent += 1
         watch.sent_by_kind[frame.kind] += 1
-        prepared = frame.prepared
-        if prepared is None:
-            prepared = frame.prepared = self.factory.prepareMessage(frame.payload)
         if self._perMessageCompress is None:
             # What sendPreparedMessage() does when nothing is compressed
-            # (the factory accepts no compression offer), one call shorter.
-            self.sendData(cast(PreparedMessage, prepared).payloadHybi)
+            # (the factory accepts no compression offer), framed once per
+            # frame object however many connections it goes to.
+            wire = frame.wire
+            if wire is None:
+                wire = frame.wire = text_frame(frame.payload)
+            self.sendData(wire)
         else:
-            self.sendPreparedMessage(prepared)
+            self.sendPreparedMessage(self.factory.prepareMessage(frame.payload))
 
     def _count_held(self, size: int) -> None:
         """
