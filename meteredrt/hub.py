@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
-from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
 from attrs import define, field
@@ -345,26 +345,58 @@ class Hub(Service):
         connection's next frame, which keeps each sender's requests in order
         even when the broker has to wait on the network.
         """
+        if isinstance(frame, Send):
+            return self._handle_send(session, frame)
         return _start(self._handle(session, frame))
 
+    def _handle_send(self, session: Session, frame: Send) -> Deferred[None]:
+        """
+        L{handle} for a send, without a coroutine while the seams answer at
+        once (one node: the meter and the broker always do). The first
+        seam that has to wait hands the rest to a coroutine (L{_finish}),
+        which answers failures the same way.
+        """
+        try:
+            rest = self._send_now(session, frame)
+        except Exception as e:
+            self._failed(session, frame, e)
+            return succeed(None)
+        except BaseException:
+            return fail()
+        if rest is None:
+            return succeed(None)
+        return _start(self._finish(session, frame, rest))
+
+    async def _finish(self, session: Session, frame: object, rest: Awaitable[None]) -> None:
+        try:
+            await rest
+        except Exception as e:
+            self._failed(session, frame, e)
+
     async def _handle(self, session: Session, frame: object) -> None:
-        request_id = getattr(frame, "request_id", None)
         try:
             if isinstance(frame, Publish):
                 await self._publish(session, frame)
-            elif isinstance(frame, Send):
-                await self._send(session, frame)
             elif isinstance(frame, Subscribe):
                 await self._subscribe(session, frame)
             elif isinstance(frame, Unsubscribe):
                 await self._unsubscribe(session, frame)
             elif isinstance(frame, Ping):
                 raise AssertionError("pings are answered by the adapter")
-        except FrameError as e:
+        except Exception as e:
+            self._failed(session, frame, e)
+
+    def _failed(self, session: Session, frame: object, error: Exception) -> None:
+        """
+        Answer a request that raised C{error}: a refusal's error frame, or a
+        backend or internal error (logged). Called in the C{except} block.
+        """
+        request_id = getattr(frame, "request_id", None)
+        if isinstance(error, FrameError):
             if not session.closed:
-                self.metrics.errors[e.code] += 1
-                session.sink.send_frame(error_frame(e.code, e.message, e.request_id))
-        except BackendUnavailable as e:
+                self.metrics.errors[error.code] += 1
+                session.sink.send_frame(error_frame(error.code, error.message, error.request_id))
+        elif isinstance(error, BackendUnavailable):
             self.metrics.errors[ErrorCode.BACKEND_ERROR] += 1
             count = self.metrics.errors[ErrorCode.BACKEND_ERROR]
             if count == 1 or count % BACKEND_ERROR_LOG_EVERY == 0:
@@ -372,12 +404,12 @@ class Hub(Service):
                     "{frame!r} from {conn} failed: {why} ({count} backend errors since start)",
                     frame=frame,
                     conn=session.conn_id,
-                    why=str(e),
+                    why=str(error),
                     count=count,
                 )
             if not session.closed:
-                session.sink.send_frame(error_frame(ErrorCode.BACKEND_ERROR, str(e), request_id))
-        except Exception:
+                session.sink.send_frame(error_frame(ErrorCode.BACKEND_ERROR, str(error), request_id))
+        else:
             self.log.failure("Failed to handle {frame!r} from {conn}", frame=frame, conn=session.conn_id)
             if not session.closed:
                 self.metrics.errors[ErrorCode.INTERNAL_ERROR] += 1
@@ -423,7 +455,11 @@ class Hub(Service):
             await routed
         self._ack(session, frame.request_id)
 
-    async def _send(self, session: Session, frame: Send) -> None:
+    def _send_now(self, session: Session, frame: Send) -> Awaitable[None] | None:
+        """
+        Carry out a send as far as the seams have answered: C{None} when it
+        is done, else what finishes it once the waiting seam answers.
+        """
         # Finding the target and routing to it are one broker call (one
         # round trip in a cluster). An authorized send that finds nobody
         # still counts as a message, so the count comes first; an absent
@@ -432,22 +468,43 @@ class Hub(Service):
         self._require(session, "send", frame.request_id)
         app = self._apps(session.app_id)
         if app is None:
-            allowed = False
-        else:
-            counted = self._meter.count_message(app)
-            answer = _fired(counted)
-            allowed = await counted if isinstance(answer, _Pending) else answer
+            return self._send_refused(session, frame)
+        counted = self._meter.count_message(app)
+        allowed = _fired(counted)
+        if isinstance(allowed, _Pending):
+            return self._send_counted(session, frame, counted)
         if not allowed:
-            targets = await self._presence.connections_of(session.app_id, frame.to)
-            if not targets - {session.conn_id}:
-                raise _peer_not_found(frame)
-            raise FrameError(ErrorCode.OVER_MESSAGE_QUOTA, "message quota exhausted", frame.request_id)
+            return self._send_refused(session, frame)
+        return self._route_send(session, frame)
+
+    async def _send_counted(self, session: Session, frame: Send, counted: Deferred[bool]) -> None:
+        if not await counted:
+            await self._send_refused(session, frame)
+        rest = self._route_send(session, frame)
+        if rest is not None:
+            await rest
+
+    async def _send_refused(self, session: Session, frame: Send) -> None:
+        targets = await self._presence.connections_of(session.app_id, frame.to)
+        if not targets - {session.conn_id}:
+            raise _peer_not_found(frame)
+        raise FrameError(ErrorCode.OVER_MESSAGE_QUOTA, "message quota exhausted", frame.request_id)
+
+    def _route_send(self, session: Session, frame: Send) -> Awaitable[None] | None:
         envelope = DirectMessage(
             frame.to, session.peer_id, frame.data, session.grant.peer_metadata, session.conn_id
         )
         routed = self._broker.direct(session.app_id, frame.to, envelope)
-        fired = _fired(routed)
-        delivered = await routed if isinstance(fired, _Pending) else fired
+        delivered = _fired(routed)
+        if isinstance(delivered, _Pending):
+            return self._send_routed(session, frame, routed)
+        self._sent(session, frame, delivered)
+        return None
+
+    async def _send_routed(self, session: Session, frame: Send, routed: Deferred[int]) -> None:
+        self._sent(session, frame, await routed)
+
+    def _sent(self, session: Session, frame: Send, delivered: int) -> None:
         if not delivered:
             raise _peer_not_found(frame)
         self._ack(session, frame.request_id)

@@ -578,6 +578,14 @@ class Meter(service.Service):
         if self._quota is not None and plan is not None and plan.max_messages_per_period is not None:
             verdict = self._quota.messages.take(app.app_id, usage.start, usage.end, plan.max_messages_per_period)
             return verdict.addCallback(self._over_cluster_cap, app, plan, usage)
+        cap = None if plan is None else plan.max_messages_per_period
+        if cap is None or usage.messages_used < cap:
+            # Within plan, as decide_message answers first: nothing to bill,
+            # and the balance and live count need not be read (a send's
+            # every frame comes here).
+            usage.messages_used += 1
+            self._dirty.add(usage.key)
+            return succeed(True)
         decision = decide_message(
             plan,
             Counters(self._live.get(app.app_id, 0), usage.messages_used, self.balance(app)),

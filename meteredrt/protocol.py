@@ -19,15 +19,12 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import orjson
 from attrs import frozen
 
 from meteredrt.globs import is_wildcard, pattern_error
-
-if TYPE_CHECKING:
-    from autobahn.websocket.protocol import PreparedMessage
 
 #: Advertised in the welcome; the SDK refuses to send larger C{data}.
 MAX_MESSAGE_SIZE = 65536
@@ -416,19 +413,19 @@ class OutboundFrame:
     One server frame, serialized once.
 
     The same instance is handed to every connection that receives it; the
-    WebSocket adapter caches its framed form in L{prepared} on first use,
+    WebSocket adapter caches its framed form in L{wire} on first use,
     so a fan-out to a thousand subscribers frames the payload once.
 
     @ivar kind: the frame's type as an index into L{OUTBOUND_TYPES}, for
         counting frames sent by type.
     """
 
-    __slots__ = ("kind", "payload", "prepared")
+    __slots__ = ("kind", "payload", "wire")
 
     def __init__(self, payload: bytes, kind: int) -> None:
         self.payload = payload
         self.kind = kind
-        self.prepared: PreparedMessage | None = None
+        self.wire: bytes | None = None
 
     def __repr__(self) -> str:
         return f"OutboundFrame({self.payload!r})"

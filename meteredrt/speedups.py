@@ -22,10 +22,12 @@ C{hlval} is left alone: without C{click} installed it is just C{f"{val}"}
 (about 70 ns), and a cheaper replacement would change the type or the
 colours of what is logged.
 
-The one per-frame debug call that remains, in C{sendData}, is skipped
-rather than patched: L{meteredrt.ws.RealtimeServerProtocol.sendData} does
-Autobahn's plain write without it when L{debug_skippable} says the logger
-would drop it (speedups installed, Autobahn's logger not at C{debug}).
+The per-frame debug calls that remain, in C{sendData} and the Twisted
+adapter's C{dataReceived}, are skipped rather than patched:
+L{meteredrt.ws.RealtimeServerProtocol.sendData} does Autobahn's plain write
+and its C{dataReceived} hands the bytes on without them when
+L{debug_skippable} says the logger would drop them (speedups installed,
+Autobahn's logger not at C{debug}).
 
 It also gives small masked frames (every client frame is masked) a cheaper
 unmasker: Autobahn's C{create_xor_masker} builds a native (CFFI) masker per
@@ -79,7 +81,10 @@ _dropped_level: Any = getattr(txaio.tx, "_no_op", object())
 
 #: The Autobahn functions whose behaviour the patch copies or wraps, by
 #: L{code_fingerprint} of their code as read. C{sendData}'s plain path is
-#: copied by L{meteredrt.ws.RealtimeServerProtocol.sendData}; C{hltype}'s
+#: copied by L{meteredrt.ws.RealtimeServerProtocol.sendData} and
+#: C{onMessageEnd} (without the signal to listeners it never has) by its
+#: C{onMessageEnd}, the Twisted adapter's C{dataReceived} (without its debug
+#: event) by its C{dataReceived}; C{hltype}'s
 #: output must depend only on the function it names for memoising to be
 #: right; C{Timings.__str__} is wrapped. Read in Autobahn 24.4.2 and
 #: 26.10.2 (the same code in both). Add a fingerprint only after reading
@@ -87,6 +92,8 @@ _dropped_level: Any = getattr(txaio.tx, "_no_op", object())
 VERIFIED_FINGERPRINTS: dict[str, frozenset[str]] = {
     "autobahn.util.hltype": frozenset({"30a12302e8da2e3d"}),
     "autobahn.websocket.protocol.WebSocketProtocol.sendData": frozenset({"58eca4f77ba8709a"}),
+    "autobahn.websocket.protocol.WebSocketProtocol.onMessageEnd": frozenset({"b2f322ad70766a26"}),
+    "autobahn.twisted.websocket.WebSocketAdapterProtocol.dataReceived": frozenset({"05cb61cdb51d62c1"}),
     "autobahn.websocket.protocol.Timings.__str__": frozenset({"9e42a2647514fe13"}),
 }
 
@@ -366,7 +373,13 @@ def autobahn_problems(modules: Mapping[str, ModuleType] | None = None) -> list[s
         "autobahn.websocket.protocol.WebSocketProtocol.sendData": vars(
             getattr(protocol, "WebSocketProtocol", object)
         ).get("sendData"),
+        "autobahn.websocket.protocol.WebSocketProtocol.onMessageEnd": vars(
+            getattr(protocol, "WebSocketProtocol", object)
+        ).get("onMessageEnd"),
         "autobahn.websocket.protocol.Timings.__str__": vars(getattr(protocol, "Timings", object)).get("__str__"),
+        "autobahn.twisted.websocket.WebSocketAdapterProtocol.dataReceived": vars(
+            getattr(modules["autobahn.twisted.websocket"], "WebSocketAdapterProtocol", object)
+        ).get("dataReceived"),
     }
     for qualified, function in functions.items():
         if function is None:

@@ -6,7 +6,7 @@ connections (for draining); L{RealtimeServerProtocol} is one connection. The
 protocol authenticates after the upgrade (so refusals are close codes the
 client can read, §5.3), sends the welcome, then feeds each parsed frame to
 the hub one at a time. It is also the hub's L{IConnectionSink}: frames the
-hub hands it are framed once (L{OutboundFrame.prepared}) and written, and a
+hub hands it are framed once (L{OutboundFrame.wire}) and written, and a
 reader too slow to take them is cut off instead of growing memory.
 
 Frames in and out are counted by type in the node's L{Metrics} (lists
@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
-from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
@@ -55,8 +55,9 @@ from meteredrt.protocol import (
     welcome_frame,
 )
 from meteredrt.ratelimit import TokenBucket
-from meteredrt.speedups import debug_skippable
+from meteredrt.speedups import debug_skippable, speedups_installed
 from meteredrt.turn import credential_lifetime
+from meteredrt.turnwrite import HELD_LIMIT, TurnWriter, idle_tcp, send_held
 
 #: §4.5: JWT connections close this long before C{exp}.
 EXPIRY_LEAD_SECONDS = 0.25
@@ -89,6 +90,25 @@ _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 #: RFC 6455 §7.4.1: no status code was present in the close frame.
 _NO_STATUS = 1005
+
+
+#: The first two bytes of a final, unmasked text frame (RFC 6455 §5.2) of
+#: each payload length that fits in them.
+_SHORT_TEXT_HEADERS = [bytes((0x81, size)) for size in range(126)]
+
+
+def text_frame(payload: bytes) -> bytes:
+    """
+    C{payload} as one final, unmasked text frame: the bytes Autobahn's
+    C{PreparedMessage} makes for a server (C{payloadHybi}), without an
+    object, a list and a join per frame. C{tests/test_ws.py} compares them.
+    """
+    size = len(payload)
+    if size < 126:
+        return _SHORT_TEXT_HEADERS[size] + payload
+    if size <= 0xFFFF:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 @implementer(IPushProducer)
@@ -169,6 +189,10 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         self._upgraded_at = 0.0
         self._opened_at: float | None = None
         self._received = 0
+        # Frames written this reactor turn, for the socket at its end
+        # (meteredrt.turnwrite), and their size; None when none are held.
+        self._held_out: list[bytes] | None = None
+        self._held_size = 0
 
     # -- handshake -------------------------------------------------------------
 
@@ -357,10 +381,43 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         """
         transport = self.transport
         if transport is not None:
+            self.flush_held()
             transport.loseConnection()
         if self._farewell is not None and self._farewell.active():
             self._farewell.cancel()
         self._farewell = self.factory.clock.callLater(1.0, self._abort)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Autobahn's Twisted C{dataReceived}, minus the debug event (built on
+        every read: C{hltype} and two C{hlval}s, ~0.6 us) when its logger
+        would drop it (L{debug_skippable}: the speedups, which check that
+        method's code, are installed).
+        """
+        if debug_skippable(self.log):
+            self._dataReceived(data)
+        else:
+            super().dataReceived(data)
+
+    def onMessageEnd(self) -> None:
+        """
+        Autobahn's C{onMessageEnd}, minus the C{message} signal to the
+        protocol's listeners when it has none (nothing in meteredrt listens).
+
+        The signal, with no listener, is a fired Deferred and an errback
+        closure per message (~5% of a request's CPU) that nothing reads.
+        Only with the speedups installed, which checks that Autobahn's
+        C{onMessageEnd} is the code this copies; otherwise, or with a
+        listener, Autobahn's own runs.
+        """
+        if self._listeners is not None or not speedups_installed():
+            super().onMessageEnd()
+            return
+        if not self.failedByMe:
+            if self.trackedTimings:
+                self.trackedTimings.track("onMessage")
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._closing:
@@ -448,15 +505,16 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         watch = self._watch
         watch.sent += 1
         watch.sent_by_kind[frame.kind] += 1
-        prepared = frame.prepared
-        if prepared is None:
-            prepared = frame.prepared = self.factory.prepareMessage(frame.payload)
         if self._perMessageCompress is None:
             # What sendPreparedMessage() does when nothing is compressed
-            # (the factory accepts no compression offer), one call shorter.
-            self.sendData(cast(PreparedMessage, prepared).payloadHybi)
+            # (the factory accepts no compression offer), framed once per
+            # frame object however many connections it goes to.
+            wire = frame.wire
+            if wire is None:
+                wire = frame.wire = text_frame(frame.payload)
+            self.sendData(wire)
         else:
-            self.sendPreparedMessage(prepared)
+            self.sendPreparedMessage(self.factory.prepareMessage(frame.payload))
 
     def _count_held(self, size: int) -> None:
         """
@@ -496,21 +554,66 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
         the event; anything else goes to Autobahn's own C{sendData}. Both
         ways, what a paused transport holds is counted (L{_count_held}).
         C{tests/test_speedups.py} compares the two.
+
+        On an open connection whose TCP transport has nothing buffered,
+        that plain write is held for the end of the reactor turn and then
+        given to the socket with the turn's other frames
+        (L{meteredrt.turnwrite}: no write watch, so no C{epoll_ctl} pair
+        per frame). Autobahn's own writes and closing the connection send
+        what is held first; an abort drops it, as it drops Twisted's
+        buffer.
         """
         transport = self.transport
         if sync or chopsize or self.send_queue or transport is None or not debug_skippable(self.log):
+            self.flush_held()
             super().sendData(data, sync, chopsize)
             self._count_held(len(data))
             return
-        transport.write(data)
-        self._count_held(len(data))
         state = self.state
+        held = self._held_out
+        if held is not None:
+            size = self._held_size + len(data)
+            if size <= HELD_LIMIT:
+                held.append(data)
+                self._held_size = size
+            else:
+                self.flush_held()
+                transport.write(data)
+        elif state == _STATE_OPEN and not self._watch.paused and idle_tcp(transport) is not None:
+            self._held_out = [data]
+            self._held_size = len(data)
+            self.factory.turn_writer.hold(self)
+        else:
+            transport.write(data)
+        self._count_held(len(data))
         if state == _STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
         elif state == _STATE_CONNECTING or state == WebSocketProtocol.STATE_PROXY_CONNECTING:
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
         if self.logOctets:
             self.logTxOctets(data, False)
+
+    def flush_held(self) -> None:
+        """
+        Hand the frames held this turn to the socket (L{meteredrt.turnwrite}):
+        at the end of the turn, and before anything else reaches the
+        transport (a write Autobahn makes itself, closing the connection).
+        """
+        held = self._held_out
+        if held is None:
+            return
+        self._held_out = None
+        if self.transport is not None:
+            send_held(self.transport, held[0] if len(held) == 1 else b"".join(held))
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # Twisted closes a transport with an empty buffer at once, and an
+        # abort discards what is buffered.
+        if abort:
+            self._held_out = None
+        else:
+            self.flush_held()
+        super()._closeConnection(abort)
 
     def close(self, code: int, reason: str) -> None:
         self._close(code, reason)
@@ -525,6 +628,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
 
     def _abort(self) -> None:
         self._farewell = None
+        self._held_out = None
         if self.transport is not None:
             # Autobahn types the transport as ITransport; it is TCP or TLS.
             cast(ITCPTransport, self.transport).abortConnection()
@@ -547,6 +651,7 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._gone = self._closing = True
         self._queue = None
+        self._held_out = None
         if self._expires_at is not None:
             self.factory.expiries.discard(self._expires_at, self)
             self._expires_at = None
@@ -688,6 +793,7 @@ class RealtimeServerFactory(WebSocketServerFactory):
         self.outbound_limit = outbound_limit
         self.connections: set[RealtimeServerProtocol] = set()
         self.expiries = ExpiryTimers(clock, EXPIRY_LEAD_SECONDS)
+        self.turn_writer = TurnWriter(clock)
         self.metrics = metrics if metrics is not None else Metrics()
         self.trusted_proxies = trusted_proxies
         self.draining = False

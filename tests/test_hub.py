@@ -1412,6 +1412,179 @@ class BackendUnavailableTests(HubTestCase):
         self.assertEqual([e["count"] for e in warnings], [1, BACKEND_ERROR_LOG_EVERY, BACKEND_ERROR_LOG_EVERY * 2])
 
 
+class SendStepsTests(HeldHubTestCase):
+    """
+    A send runs without a coroutine while the meter and the broker answer
+    at once, and carries on from whichever seam has to wait; each way it
+    delivers, acks and refuses alike.
+    """
+
+    def test_at_once(self) -> None:
+        """
+        With every seam answering at once the send is done when
+        L{Hub.handle} returns: delivered, acked, counted.
+        """
+        session, sink = self.connect("a")
+        _, heard = self.connect("b")
+        heard.clear()
+        done = self.start(session, type="send", to="b", data=1, requestId="r1")
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(heard.decoded, [{"type": "direct", "from": "a", "data": 1}])
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r1"}])
+        self.assertEqual(self.hub.metrics.deliveries[2], 1)
+
+    def test_count_waits(self) -> None:
+        """
+        When the meter's answer waits, nothing is routed until it comes;
+        then the send goes on to the broker, and the ack follows its answer.
+        """
+        session, sink = self.connect("a")
+        _, heard = self.connect("b")
+        heard.clear()
+        self.answers.holding = True
+        done = self.start(session, type="send", to="b", data=1, requestId="r1")
+        self.assertEqual(self.answers.pending, ["count_message"])
+        self.assertNoResult(done)
+        self.assertEqual(heard.decoded, [])
+        self.answers.release("count_message")
+        self.assertEqual(self.answers.pending, ["direct"])
+        self.assertEqual(heard.decoded, [{"type": "direct", "from": "a", "data": 1}])
+        self.assertEqual(sink.decoded, [])
+        self.answers.release("direct")
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(sink.decoded, [{"type": "ack", "requestId": "r1"}])
+
+    def test_count_waits_then_refuses(self) -> None:
+        """
+        A refusal that comes late is answered as one that comes at once:
+        C{over_message_quota} for a present peer, nothing delivered.
+        """
+        self.apps["app_1"] = App("app_1", Plan(max_messages_per_period=0))
+        session, sink = self.connect("a")
+        _, heard = self.connect("b")
+        heard.clear()
+        self.answers.holding = True
+        done = self.start(session, type="send", to="b", data=1, requestId="r1")
+        self.answers.release("count_message")
+        self.answers.release("connections_of")
+        self.assertIsNone(self.successResultOf(done))
+        self.assertError(sink, "over_message_quota")
+        self.assertEqual(heard.decoded, [])
+
+    def test_refused_at_once(self) -> None:
+        """
+        Over quota with every seam answering at once, the refusal still
+        looks the peer up: C{over_message_quota} for a present peer,
+        C{peer_not_found} for an absent one.
+        """
+        self.apps["app_1"] = App("app_1", Plan(max_messages_per_period=0))
+        session, sink = self.connect("a")
+        self.connect("b")
+        self.successResultOf(self.start(session, type="send", to="b", data=1, requestId="r1"))
+        self.assertError(sink, "over_message_quota")
+        sink.clear()
+        self.successResultOf(self.start(session, type="send", to="c", data=1, requestId="r1"))
+        self.assertError(sink, "peer_not_found")
+
+    def test_unknown_app(self) -> None:
+        """
+        A send from an app that is gone is refused like one over quota.
+        """
+        session, sink = self.connect("a")
+        self.connect("b")
+        del self.apps["app_1"]
+        self.successResultOf(self.start(session, type="send", to="b", data=1, requestId="r1"))
+        self.assertError(sink, "over_message_quota")
+
+    def test_route_waits_then_finds_nobody(self) -> None:
+        """
+        A broker that answers later that it reached nobody gets the sender
+        C{peer_not_found}, as an immediate answer does.
+        """
+        session, sink = self.connect("a")
+        self.answers.holding = True
+        done = self.start(session, type="send", to="nobody", data=1, requestId="r1")
+        self.answers.release("count_message")
+        self.assertNoResult(done)
+        self.answers.release("direct")
+        self.assertIsNone(self.successResultOf(done))
+        self.assertError(sink, "peer_not_found")
+
+    def test_nobody_at_once(self) -> None:
+        """
+        An immediate answer that nobody was reached is C{peer_not_found}.
+        """
+        session, sink = self.connect("a")
+        self.successResultOf(self.start(session, type="send", to="nobody", data=1, requestId="r1"))
+        self.assertError(sink, "peer_not_found")
+
+    def test_not_permitted(self) -> None:
+        """
+        A connection without the C{send} action is refused before anything
+        is counted.
+        """
+        session, sink = self.connect("a", actions=frozenset({"subscribe"}))
+        self.connect("b")
+        self.successResultOf(self.start(session, type="send", to="b", data=1, requestId="r1"))
+        self.assertError(sink, "action_not_permitted")
+        self.assertEqual(self.hub.metrics.deliveries[2], 0)
+
+    def test_bug_at_once(self) -> None:
+        """
+        A seam that raises at once is logged and answered C{internal_error}.
+        """
+
+        def broken(*args: Any) -> Deferred[int]:
+            raise ValueError("a bug")
+
+        self.held_broker.direct = broken  # type: ignore[method-assign]
+        session, sink = self.connect("a")
+        self.successResultOf(self.start(session, type="send", to="b", data=1, requestId="r1"))
+        self.assertError(sink, "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_bug_later(self) -> None:
+        """
+        A seam that fails after waiting is logged and answered
+        C{internal_error} too.
+        """
+        waiting: Deferred[int] = Deferred()
+        self.held_broker.direct = lambda *args: waiting  # type: ignore[method-assign]
+        session, sink = self.connect("a")
+        done = self.start(session, type="send", to="b", data=1, requestId="r1")
+        self.assertNoResult(done)
+        waiting.errback(ValueError("a bug"))
+        self.assertIsNone(self.successResultOf(done))
+        self.assertError(sink, "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_backend_later(self) -> None:
+        """
+        A broker that fails unreachable after waiting is C{backend_error}.
+        """
+        waiting: Deferred[int] = Deferred()
+        self.held_broker.direct = lambda *args: waiting  # type: ignore[method-assign]
+        session, sink = self.connect("a")
+        done = self.start(session, type="send", to="b", data=1, requestId="r1")
+        waiting.errback(BackendUnavailable("Redis is unreachable"))
+        self.assertIsNone(self.successResultOf(done))
+        self.assertError(sink, "backend_error")
+
+    def test_not_an_exception(self) -> None:
+        """
+        What is not an C{Exception} (a cancellation, an exit) is not
+        answered but handed back, as from any request.
+        """
+
+        def leaving(*args: Any) -> Deferred[int]:
+            raise KeyboardInterrupt()
+
+        self.held_broker.direct = leaving  # type: ignore[method-assign]
+        session, sink = self.connect("a")
+        self.failureResultOf(self.start(session, type="send", to="b", data=1), KeyboardInterrupt)
+        self.assertEqual(sink.decoded, [])
+
+
 class WatchInFlightTests(HeldHubTestCase):
     """
     A subscribe that joins a channel or pattern whose watch by the broker

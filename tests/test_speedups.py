@@ -216,6 +216,31 @@ class VerifiedAutobahnTests(SynchronousTestCase):
         self.patch(ws_protocol.WebSocketProtocol, "sendData", changed_send_data)
         self.assert_fell_back("WebSocketProtocol.sendData changed")
 
+    def test_changed_message_end(self) -> None:
+        """
+        When C{onMessageEnd}, which meteredrt copies without the listeners'
+        signal, is not the code that was read, nothing is patched.
+        """
+
+        def changed_message_end(self: Any) -> None:
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+
+        self.patch(ws_protocol.WebSocketProtocol, "onMessageEnd", changed_message_end)
+        self.assert_fell_back("WebSocketProtocol.onMessageEnd changed")
+
+    def test_changed_adapter_data_received(self) -> None:
+        """
+        When the Twisted adapter's C{dataReceived}, which meteredrt copies
+        without its debug event, is not the code that was read, nothing is
+        patched.
+        """
+
+        def changed_data_received(self: Any, data: bytes) -> None:
+            self._dataReceived(data[1:])
+
+        self.patch(twisted_websocket.WebSocketAdapterProtocol, "dataReceived", changed_data_received)
+        self.assert_fell_back("WebSocketAdapterProtocol.dataReceived changed")
+
     def test_moved_function(self) -> None:
         """
         When C{Timings.__str__} is no longer defined where it was, nothing
@@ -448,6 +473,7 @@ class RoundTripTests(WebSocketTestCase):
         self.assertEqual(fast_log, plain_log)
         # The patched helpers did contribute to what was compared.
         self.assertTrue(any("WebSocketProtocol.sendData> sent" in t for t in fast_log))
+        self.assertTrue(any("WebSocketAdapterProtocol.dataReceived> received" in t for t in fast_log))
         self.assertTrue(any("('logOctets', False," in t for t in fast_log))
 
 
@@ -534,3 +560,124 @@ class DirectSendTests(WebSocketTestCase):
         txaio.set_global_log_level("info")
         uninstall_speedups()
         self.assertFalse(speedups.debug_skippable(protocol.log))
+
+
+class MessageEndTests(WebSocketTestCase):
+    """
+    L{meteredrt.ws.RealtimeServerProtocol.onMessageEnd} leaves out
+    Autobahn's C{message} signal only when nobody listens to it.
+    """
+
+    def open_counting_fires(self) -> tuple[Any, Any, Any, list[str]]:
+        """
+        Open a connection whose server side records the events it fires.
+        """
+        client, server, pump = self.open_token("alice")
+        pump.flush()
+        fired: list[str] = []
+        fire = server.fire
+
+        def counting(event: str, *args: Any, **kwargs: Any) -> Any:
+            fired.append(event)
+            return fire(event, *args, **kwargs)
+
+        server.fire = counting
+        return client, server, pump, fired
+
+    def test_no_listener(self) -> None:
+        """
+        With the speedups installed and no listener, messages are handled
+        without firing the signal.
+        """
+        restore_speedups(self)
+        installed = install_for_comparison(self)
+        client, server, pump, fired = self.open_counting_fires()
+        client.send_json({"type": "subscribe", "channel": "room", "requestId": "s1"})
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.assertEqual([f["type"] for f in client.received], ["welcome", "ack", "presence", "pong"])
+        self.assertIsNone(server.message_data)
+        self.assertEqual(fired, [] if installed else ["message", "message"])
+
+    def test_listener(self) -> None:
+        """
+        A listener of the signal still gets every message.
+        """
+        restore_speedups(self)
+        install_for_comparison(self)
+        client, server, pump, fired = self.open_counting_fires()
+        heard: list[bytes] = []
+        server.on("message", lambda payload, is_binary: heard.append(payload))
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.assertEqual(heard, [b'{"type": "ping"}'])
+        self.assertEqual(fired, ["message"])
+        self.assertEqual(client.received[-1]["type"], "pong")
+
+    def test_without_speedups(self) -> None:
+        """
+        Without the speedups Autobahn's own C{onMessageEnd} runs and fires.
+        """
+        restore_speedups(self)
+        uninstall_speedups()
+        client, server, pump, fired = self.open_counting_fires()
+        client.send_json({"type": "ping"})
+        pump.flush()
+        self.assertEqual(fired, ["message"])
+        self.assertEqual(client.received[-1]["type"], "pong")
+
+
+class DataReceivedTests(WebSocketTestCase):
+    """
+    L{meteredrt.ws.RealtimeServerProtocol.dataReceived} leaves out only the
+    debug event a dropping logger would discard.
+    """
+
+    def server_reads(self) -> tuple[list[dict[str, Any]], int]:
+        """
+        Connect and ping; return the frames the client got and how many
+        reads of the server went through Autobahn's adapter C{dataReceived}.
+        """
+        adapter = twisted_websocket.WebSocketAdapterProtocol
+        original = adapter.dataReceived
+        calls: list[str] = []
+
+        def spy(protocol: Any, data: bytes) -> None:
+            calls.append(type(protocol).__name__)
+            original(protocol, data)
+
+        self.patch(adapter, "dataReceived", spy)
+        client, _, pump = self.open_token("alice")
+        pump.flush()
+        client.send_json({"type": "ping"})
+        pump.flush()
+        return client.received, calls.count("RealtimeServerProtocol")
+
+    def test_skipped(self) -> None:
+        """
+        With the speedups installed and Autobahn's logger dropping debug
+        events, the server's reads skip Autobahn's adapter method and are
+        handled alike.
+        """
+        restore_speedups(self)
+        installed = install_for_comparison(self)
+        frames, reads = self.server_reads()
+        self.assertEqual([f["type"] for f in frames], ["welcome", "pong"])
+        if installed:
+            self.assertEqual(reads, 0)
+        else:
+            self.assertGreater(reads, 0)
+
+    def test_debug_logging(self) -> None:
+        """
+        With Autobahn's logger keeping debug events every read goes through
+        Autobahn's method.
+        """
+        restore_speedups(self)
+        install_for_comparison(self)
+        level = txaio.get_global_log_level()
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, level)
+        frames, reads = self.server_reads()
+        self.assertEqual([f["type"] for f in frames], ["welcome", "pong"])
+        self.assertGreater(reads, 0)

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import jwt
 import txaio
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -39,7 +39,7 @@ from meteredrt.presence.memory import MemoryPresence
 from meteredrt.protocol import INBOUND_FRAME_LIMIT, MAX_MESSAGE_SIZE
 from meteredrt.testing import MemoryKeyStore
 from meteredrt.usagestore import UsageStore
-from meteredrt.ws import RealtimeServerFactory, RealtimeServerProtocol
+from meteredrt.ws import RealtimeServerFactory, RealtimeServerProtocol, text_frame
 
 txaio.use_twisted()
 
@@ -1395,3 +1395,21 @@ class SessionLogTests(WebSocketTestCase):
         client, _, pump = self.open("key=pk_live_test", origin="http://example.com:notaport")
         self.assertFalse(client.opened)
         self.assertEqual(self.session_ends(), [])
+
+
+class TextFrameTests(SynchronousTestCase):
+    """
+    L{text_frame} makes the bytes Autobahn's C{PreparedMessage} makes for a
+    server's text frame.
+    """
+
+    def test_as_autobahn(self) -> None:
+        """
+        Every length class of the header: 7 bits, 16 bits and 64 bits, at
+        and around their bounds.
+        """
+        factory = WebSocketServerFactory()
+        sizes = [*range(0, 130), 0xFFFE, 0xFFFF, 0x10000, 0x10001, 200_000]
+        for size in sizes:
+            payload = bytes(i % 251 for i in range(size))
+            self.assertEqual(text_frame(payload), factory.prepareMessage(payload).payloadHybi, size)
