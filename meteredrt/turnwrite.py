@@ -53,16 +53,22 @@ def idle_tcp(transport: Any) -> Connection | None:
     C{transport} when it is a plain TCP connection, open, neither closing
     nor aborted, with nothing in Twisted's write buffer: then bytes given straight to its
     socket come after everything written before them.
+
+    The buffer and the closing flags are private attributes of Twisted's
+    transport (the same from Twisted 16 to 26): read with defaults that
+    mean "not idle", so that a Twisted that renamed one writes every frame
+    through C{transport.write} (slower, still right) instead of failing;
+    C{tests/test_turnwrite.py} fails on such a Twisted.
     """
     if (
         isinstance(transport, Connection)
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting
-        and not transport._aborting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
+        and not getattr(transport, "_aborting", True)
+        and not getattr(transport, "_writeDisconnected", True)
+        and not getattr(transport, "dataBuffer", True)
+        and not getattr(transport, "_tempDataBuffer", True)
     ):
         return transport
     return None

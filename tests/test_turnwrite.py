@@ -144,6 +144,17 @@ class IdleTcpTests(SynchronousTestCase):
     def test_not_tcp(self) -> None:
         self.assertIsNone(idle_tcp(StringTransport()))
 
+    def test_unknown_transport_internals(self) -> None:
+        """
+        A Twisted whose transport lacks one of the private attributes read
+        is taken as never idle: frames go through C{transport.write}.
+        """
+        for name in ("_aborting", "_writeDisconnected", "dataBuffer", "_tempDataBuffer"):
+            transport, _, _ = tcp_pair(self)
+            hidden = type("Renamed", (tcp.Server,), {"__getattribute__": _hiding(name)})
+            transport.__class__ = hidden
+            self.assertIsNone(idle_tcp(transport), name)
+
 
 class SendHeldTests(SynchronousTestCase):
     """
@@ -394,3 +405,16 @@ class HeldFramesTests(WebSocketTestCase):
         self.server.onClose(False, 1006, None)
         self.clock.advance(0)
         self.assertEqual(received(self.peer), b"")
+
+
+def _hiding(name: str) -> Any:
+    """
+    A C{__getattribute__} that behaves as if C{name} did not exist.
+    """
+
+    def get(self: object, attribute: str) -> Any:
+        if attribute == name:
+            raise AttributeError(attribute)
+        return object.__getattribute__(self, attribute)
+
+    return get
