@@ -524,6 +524,33 @@ class VerifyTokenTests(_AuthAssertions):
         for channels in ["room-1", ["room-1", 5], [None], [["a"]], [""], {"a": 1}, ["a\\x"], ["a/*\\"]]:
             self.assertRefused(_token(_claims(channels=channels)), 4001)
 
+    def test_channels_verdict_remembered(self) -> None:
+        """
+        A channel claim's verdict is remembered per string, and a remembered verdict is the one
+        first given: a bad claim seen before still closes with 4001, a good one still passes.
+        """
+        auth._valid_claim_pattern.cache_clear()
+        bad, good = _token(_claims(channels=["a/*\\"])), _token(_claims(channels=["room-*", "lobby"]))
+        for _ in range(2):
+            self.assertRefused(bad, 4001)
+            self.assertEqual(self.verify(good).claim_patterns, ("room-*", "lobby"))
+        info = auth._valid_claim_pattern.cache_info()
+        self.assertEqual((info.misses, info.hits, info.currsize), (3, 3, 3))
+        auth._valid_claim_pattern.cache_clear()
+        # Misses only: the verdicts are the same without the cache.
+        self.assertRefused(bad, 4001)
+        self.assertEqual(self.verify(good).claim_patterns, ("room-*", "lobby"))
+
+    def test_channels_verdicts_bounded(self) -> None:
+        """
+        However many distinct channel claims arrive, at most CLAIM_PATTERN_CACHE_SIZE verdicts
+        are kept.
+        """
+        auth._valid_claim_pattern.cache_clear()
+        for i in range(auth.CLAIM_PATTERN_CACHE_SIZE // 100 + 2):
+            self.verify(_token(_claims(channels=[f"r{i}-{j}" for j in range(100)])))
+        self.assertEqual(auth._valid_claim_pattern.cache_info().currsize, auth.CLAIM_PATTERN_CACHE_SIZE)
+
     def test_empty_channels_claim(self) -> None:
         """
         An empty channels claim is kept and allows no channel at all.
