@@ -66,11 +66,16 @@ class ConnectionCounts:
         """
         Count one more connection for C{key}, unless it is at the cap.
         """
-        count = self._open.get(key, 0)
-        if count >= self.per_client:
+        if not self.has_room(key):
             return False
-        self._open[key] = count + 1
+        self._open[key] = self._open.get(key, 0) + 1
         return True
+
+    def has_room(self, key: str) -> bool:
+        """
+        Whether C{key} may hold one more connection.
+        """
+        return self._open.get(key, 0) < self.per_client
 
     def release(self, key: str) -> None:
         """
@@ -192,8 +197,7 @@ def can_hold(connection: CountedConnection | None, client: str) -> bool:
     if connection is None:
         return True
     key = rate_limit_key(client)
-    counts = connection.factory.counts
-    return key in connection.held or counts.count(key) < counts.per_client
+    return key in connection.held or connection.factory.counts.has_room(key)
 
 
 def hold_on(connection: CountedConnection | None, client: str) -> bool:
