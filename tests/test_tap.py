@@ -496,31 +496,21 @@ class StartupGateTests(SynchronousTestCase):
         options.parseOptions(["--data-dir", self.mktemp()])
         self.assertEqual(makeService(options, MemoryReactorClock()).getServiceNamed("listeners")._also, [])
 
-    def test_settles_heap_under_twistd(self) -> None:
+    def test_process_owned_under_twistd(self) -> None:
         """
         L{makeService} run by twistd (options with a parent) settles the
-        heap when the gate settles; run in process it does not.
+        heap when the gate settles, and a failed start ends the process
+        with status 1 (L{fail_the_process}); run in process it does
+        neither: the heap and the interpreter's exit are not its own.
         """
         options = Options()
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp()])
         gate = makeService(options).getServiceNamed("listeners")
         self.assertIsNot(gate._settled, settle_heap)
-        options.parent = {}  # type: ignore[attr-defined]
-        gate = makeService(options).getServiceNamed("listeners")
-        self.assertIs(gate._settled, settle_heap)
-
-    def test_failure_sets_exit_status_under_twistd(self) -> None:
-        """
-        Only under twistd does a failed start end the process with status
-        1 (L{fail_the_process}); in process it must not touch the
-        interpreter's exit.
-        """
-        options = Options()
-        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp()])
-        gate = makeService(options).getServiceNamed("listeners")
         self.assertIsNot(gate._report_failure, fail_the_process)
         options.parent = {}  # type: ignore[attr-defined]
         gate = makeService(options).getServiceNamed("listeners")
+        self.assertIs(gate._settled, settle_heap)
         self.assertIs(gate._report_failure, fail_the_process)
 
     def test_failure_reported_in_one_line(self) -> None:
