@@ -796,9 +796,13 @@ class Hub(Service):
         sender_conn = envelope.sender_conn
         local = self._channels.get((app_id, channel), {})
         index = self._patterns.get(app_id)
+        # Wildcard subscribers reached, with their matching patterns: a
+        # publish that none of the app's patterns match (the common case,
+        # however many there are) takes the concrete-only paths below.
+        by_pattern = index.subscribers_matching(channel) if index is not None else None
         # receiver -> whether it wants fromMetadata
         wants: Iterable[tuple[Session, bool]]
-        if index is None:
+        if not by_pattern:
             if not envelope.sender_metadata:
                 # The common case: concrete subscribers are distinct
                 # connections and all get the same frame.
@@ -817,7 +821,7 @@ class Hub(Service):
                 for conn_id, session in local.items()
                 if conn_id != sender_conn
             }
-            for session, patterns in index.subscribers_matching(channel).items():
+            for session, patterns in by_pattern.items():
                 if session.conn_id != sender_conn:
                     flag = any(session.subscriptions[p].include_sender_metadata for p in patterns)
                     merged[session] = merged.get(session, False) or flag

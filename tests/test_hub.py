@@ -850,6 +850,54 @@ class DeliveryTests(HubTestCase):
         self.assertEqual(twin_sink.decoded, expected)
         self.assertEqual(other_sink.decoded, expected)
 
+    def assert_publisher_excluded(self, wildcard: str | None, sender_metadata: dict | None) -> None:
+        """
+        With the app holding C{wildcard} (if any) on another connection,
+        a publish by a connection of a peer with C{sender_metadata} does
+        not reach that connection; it reaches its twin (the same peer,
+        subscribed too) without C{fromMetadata}, and a subscriber that
+        asked for it with the metadata the sender has.
+        """
+        if wildcard is not None:
+            holder, _ = self.connect("holder")
+            self.subscribe(holder, wildcard)
+        publisher, own = self.connect("alice", peer_metadata=sender_metadata)
+        twin, twin_sink = self.connect("alice", peer_metadata=sender_metadata)
+        rich, rich_sink = self.connect("bob")
+        for session in (publisher, twin):
+            self.subscribe(session, "room")
+        self.subscribe(rich, "room", includeSenderMetadata=True)
+        for sink in (own, twin_sink, rich_sink):
+            sink.clear()
+        self.publish(publisher, "room", None)
+        self.assertEqual(own.decoded, [])
+        plain = {"type": "message", "channel": "room", "from": "alice", "data": None}
+        self.assertEqual(twin_sink.decoded, [plain])
+        rich_frame = plain if sender_metadata is None else {**plain, "fromMetadata": sender_metadata}
+        self.assertEqual(rich_sink.decoded, [rich_frame])
+
+    # Delivery takes one of three paths by the app's wildcard subscriptions
+    # (none, none matching, some matching), each split by whether the sender
+    # carries metadata: every one of the six excludes the publisher.
+
+    def test_excluded_without_wildcards(self) -> None:
+        self.assert_publisher_excluded(None, None)
+
+    def test_excluded_without_wildcards_with_metadata(self) -> None:
+        self.assert_publisher_excluded(None, {"n": 1})
+
+    def test_excluded_with_wildcards_not_matching(self) -> None:
+        self.assert_publisher_excluded("lobby/*", None)
+
+    def test_excluded_with_wildcards_not_matching_with_metadata(self) -> None:
+        self.assert_publisher_excluded("lobby/*", {"n": 1})
+
+    def test_excluded_with_a_wildcard_matching(self) -> None:
+        self.assert_publisher_excluded("ro*", None)
+
+    def test_excluded_with_a_wildcard_matching_with_metadata(self) -> None:
+        self.assert_publisher_excluded("ro*", {"n": 1})
+
     def test_unsubscribed_hears_nothing(self) -> None:
         """
         After unsubscribing, a connection receives nothing from the channel.
