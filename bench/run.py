@@ -864,23 +864,39 @@ def median_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def ratios(scenario: str, medians: dict[str, dict[str, Any]]) -> None:
+def ratios(scenario: str, medians: dict[str, dict[str, Any]], runs: dict[str, list[dict[str, Any]]]) -> None:
     """
     Add to each median record its ratios to the references that ran (the
     primary figure, the work per server CPU second, the server CPU per unit
     of work and, for idle, RSS per connection): C{ref}, C{floor} and
-    C{standalone} when present, else C{baseline}. The wildcard scenario's
-    cells are compared with the same variant holding no noise instead.
+    C{standalone} when present, else C{baseline}.
+
+    The wildcard scenario's cells are compared with the same variant
+    holding no noise instead, twice: the ratio of the medians, and the
+    median of the ratios of the runs made in the same round
+    (C{…_vs_none_paired}, with each round's ratio in
+    C{…_vs_none_rounds}). A round runs every cell within a minute or two,
+    so pairing by round cancels the machine's slower drifts, which on
+    shared cores move either median by more than the noise costs.
     """
     key = PRIMARY[scenario]
     if scenario == "wildcard":
         for label, record in medians.items():
             variant, _, shape = label.partition(":")
             base = medians.get(f"{variant}:none")
-            if base is not None and shape != "none":
-                for name in (key, "server_cpu_us_per_publish"):
-                    if record.get(name) and base.get(name):
-                        record[f"{name}_vs_none"] = round(record[name] / base[name], 3)
+            if base is None or shape == "none":
+                continue
+            for name in (key, "server_cpu_us_per_publish"):
+                if record.get(name) and base.get(name):
+                    record[f"{name}_vs_none"] = round(record[name] / base[name], 3)
+                rounds = [
+                    round(mine[name] / theirs[name], 3)
+                    for mine, theirs in zip(runs[label], runs[f"{variant}:none"], strict=True)
+                    if mine.get(name) and theirs.get(name)
+                ]
+                if rounds:
+                    record[f"{name}_vs_none_paired"] = statistics.median(rounds)
+                    record[f"{name}_vs_none_rounds"] = rounds
         return
     references = [r for r in ("ref", "floor", "standalone") if r in medians] or [r for r in ("baseline",) if r in medians]
     for label, record in medians.items():
@@ -1004,7 +1020,7 @@ def main() -> None:
                         with open(args.raw, "a") as f:
                             f.write(json.dumps(record) + "\n")
             medians = {label: median_record(rs) for label, rs in runs.items()}
-            ratios(scenario, medians)
+            ratios(scenario, medians, runs)
             for label, record in medians.items():
                 record["git_commit"] = commit
                 if label == "ref":
