@@ -59,7 +59,10 @@ summed over the nodes; Redis's is reported apart. ``--scenario roundtrips``
 counts the Redis round trips per connect, subscribe, publish, send and
 close on two nodes, from ``MONITOR`` (commands run inside Lua scripts are
 counted apart). ``--ref-repo`` and ``--reference`` add their variants
-to the ``--nodes`` ones, as to the others.
+to the ``--nodes`` ones, as to the others; ``--ref-repo`` also adds
+``ref-cluster-N``, the same clusters of the other checkout, and each
+``cluster-N`` is compared with it (``…_vs_ref_cluster``): whether a change
+kept its gain, or its correctness, once the seams answer through Redis.
 
 ``--py-spy PATH`` records a py-spy profile of the server during each
 measured phase (raw collapsed stacks, one file per run, in
@@ -143,7 +146,7 @@ KEY = Key(KEY_ID, APP_ID, KeyType.SECRET, ("**",), ACTIONS, secret=SECRET, auto_
 CLIENT_SHARE = 0.95
 
 VARIANTS = ("baseline", "speedups", "ref", "floor")
-CLUSTER_VARIANTS = ("standalone", "cluster-1", "cluster-2", "cluster-3")
+CLUSTER_VARIANTS = ("standalone", *(f"{tree}cluster-{n}" for tree in ("", "ref-") for n in (1, 2, 3)))
 #: The scenarios of ``--scenario all`` (roundtrips is run on its own).
 SCENARIOS = ("fanout", "pingpong", "idle", "joinstorm", "wildcard")
 PRIMARY = {
@@ -606,6 +609,8 @@ def variant_repo(variant: str, args: argparse.Namespace) -> str:
     The code a variant runs: the --ref-repo checkout, the --reference
     script, or this checkout.
     """
+    if variant.startswith("ref-cluster-"):
+        return args.ref_repo
     return {"ref": args.ref_repo, "floor": args.reference}.get(variant) or REPO
 
 
@@ -646,16 +651,19 @@ def start_profiler(pid: int, scenario: str, variant: str, args: argparse.Namespa
 def start_topology(workdir: str, variant: str, args: argparse.Namespace) -> tuple[list[Server], RedisServer | None]:
     """
     The servers of a variant: one, or N cluster nodes on a fresh Redis for
-    C{cluster-N}. On failure everything started is stopped.
+    C{cluster-N} (this checkout) and C{ref-cluster-N} (the C{--ref-repo}
+    one). On failure everything started is stopped.
     """
-    if not variant.startswith("cluster-"):
+    tree, cluster, size = variant.rpartition("cluster-")
+    if not cluster:
         return [start_server(workdir, "speedups" if variant == "standalone" else variant, args)], None
     redis = RedisServer(workdir)
     servers: list[Server] = []
     try:
-        for i in range(int(variant.split("-", 1)[1])):
+        for i in range(int(size)):
             node = os.path.join(workdir, f"node-{i + 1}")
-            servers.append(start_server(node, "speedups", args, redis=redis.url, node_name=f"bench-{i + 1}"))
+            node_variant = "ref" if tree == "ref-" else "speedups"
+            servers.append(start_server(node, node_variant, args, redis=redis.url, node_name=f"bench-{i + 1}"))
     except BaseException:
         for server in servers:
             server.stop()
@@ -900,17 +908,22 @@ def ratios(scenario: str, medians: dict[str, dict[str, Any]], runs: dict[str, li
         return
     references = [r for r in ("ref", "floor", "standalone") if r in medians] or [r for r in ("baseline",) if r in medians]
     for label, record in medians.items():
-        for reference in references:
+        # A cluster of this checkout is compared with the same cluster of the
+        # --ref-repo checkout too (as ..._vs_ref_cluster).
+        same_size = f"ref-{label}" if label.startswith("cluster-") and f"ref-{label}" in medians else None
+        # The figures themselves, not the ratios added to the record below.
+        compared = [key, *(k for k in record if k.endswith("_per_server_cpu_s") or k.startswith("server_cpu_us_per_"))]
+        for reference in [*references, *([same_size] if same_size else [])]:
             if label == reference:
                 continue
             base = medians[reference]
-            compared = [key, *(k for k in record if k.endswith("_per_server_cpu_s") or k.startswith("server_cpu_us_per_"))]
+            suffix = "ref_cluster" if reference == same_size else reference
             for name in compared:
                 if record.get(name) and base.get(name):
-                    record[f"{name}_vs_{reference}"] = round(record[name] / base[name], 3)
+                    record[f"{name}_vs_{suffix}"] = round(record[name] / base[name], 3)
             if scenario == "idle" and base.get("server_rss_kib_per_conn"):
                 rss = record["server_rss_kib_per_conn"] / base["server_rss_kib_per_conn"]
-                record[f"rss_per_conn_vs_{reference}"] = round(rss, 3)
+                record[f"rss_per_conn_vs_{suffix}"] = round(rss, 3)
 
 
 def main() -> None:
@@ -962,7 +975,10 @@ def main() -> None:
             parser.error(f"unknown variants {sorted(unknown)}")
     else:
         if args.nodes:
-            variants = ["standalone", *(f"cluster-{n}" for n in args.nodes.split(","))]
+            sizes = args.nodes.split(",")
+            variants = ["standalone", *(f"cluster-{n}" for n in sizes)]
+            if args.ref_repo:
+                variants += [f"ref-cluster-{n}" for n in sizes]
             unknown = set(variants) - set(CLUSTER_VARIANTS)
             if unknown:
                 parser.error(f"--nodes takes sizes from 1 to 3, not {sorted(unknown)}")
