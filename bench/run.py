@@ -46,8 +46,11 @@ with ``METEREDRT_NO_SPEEDUPS=1``); with ``--ref-repo PATH`` also ``ref``,
 the server as shipped from another checkout (e.g. a ``git worktree`` of an
 earlier commit); with ``--reference PATH`` also ``floor``, a minimal
 Twisted + Autobahn server speaking the hot subset of the protocol (kept
-outside this repository), run with its Autobahn log fix. Ratios are printed
-against ``ref``, ``floor`` and ``standalone`` when they run, else against
+outside this repository), run with its Autobahn log fix; with
+``--websockets`` also ``websockets``, the same subset on Python
+``websockets`` and asyncio (``bench/websockets_server.py``; the wildcard
+scenario runs neither). Ratios are printed against ``ref``, ``floor``,
+``websockets`` and ``standalone`` when they run, else against
 ``baseline``. Runs of the variants are interleaved.
 
 Cluster (issue 9): ``--nodes 1,2,3`` compares ``standalone`` (one server
@@ -100,6 +103,7 @@ import hiredis
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
+WEBSOCKETS_SERVER = os.path.join(BENCH, "websockets_server.py")
 sys.path.insert(0, REPO)
 
 from meteredrt.apps import ACTIONS, Key, KeyType  # noqa: E402
@@ -145,7 +149,7 @@ KEY = Key(KEY_ID, APP_ID, KeyType.SECRET, ("**",), ACTIONS, secret=SECRET, auto_
 #: allows itself.
 CLIENT_SHARE = 0.95
 
-VARIANTS = ("baseline", "speedups", "ref", "floor")
+VARIANTS = ("baseline", "speedups", "ref", "floor", "websockets")
 CLUSTER_VARIANTS = ("standalone", *(f"{tree}cluster-{n}" for tree in ("", "ref-") for n in (1, 2, 3)))
 #: The scenarios of ``--scenario all`` (roundtrips is run on its own).
 SCENARIOS = ("fanout", "pingpong", "idle", "joinstorm", "wildcard")
@@ -482,6 +486,30 @@ class FloorServer(Server):
         return True
 
 
+class WebsocketsServer(FloorServer):
+    """
+    The same subset on Python ``websockets`` (``--websockets``):
+    C{bench/websockets_server.py}, on a free loopback port.
+    """
+
+    def __init__(self, workdir: str) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.port = free_port()
+        self.log_path = os.path.join(workdir, "websockets.log")
+        self.process = subprocess.Popen(
+            [sys.executable, WEBSOCKETS_SERVER, "--port", str(self.port),
+             "--jwt-kid", KEY_ID, "--jwt-secret", SECRET],
+            cwd=workdir, stdin=subprocess.DEVNULL,
+            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.url = f"ws://127.0.0.1:{self.port}"
+        try:
+            self._wait_ready(time.monotonic() + 30)
+        except RuntimeError:
+            self.stop()
+            raise
+
+
 class LoadGen:
     """
     The Node load generator, spoken to in lines of JSON.
@@ -607,11 +635,11 @@ def scenario_settings(scenario: str, args: argparse.Namespace) -> dict[str, Any]
 def variant_repo(variant: str, args: argparse.Namespace) -> str:
     """
     The code a variant runs: the --ref-repo checkout, the --reference
-    script, or this checkout.
+    script, the websockets server, or this checkout.
     """
     if variant.startswith("ref-cluster-"):
         return args.ref_repo
-    return {"ref": args.ref_repo, "floor": args.reference}.get(variant) or REPO
+    return {"ref": args.ref_repo, "floor": args.reference, "websockets": WEBSOCKETS_SERVER}.get(variant) or REPO
 
 
 def start_server(workdir: str, variant: str, args: argparse.Namespace, attempts: int = 3, **cluster: str) -> Server:
@@ -624,6 +652,8 @@ def start_server(workdir: str, variant: str, args: argparse.Namespace, attempts:
         try:
             if variant == "floor":
                 return FloorServer(workdir, args.reference)
+            if variant == "websockets":
+                return WebsocketsServer(workdir)
             return Server(workdir, variant, variant_repo(variant, args), args.message_rate, **cluster)
         except RuntimeError as e:
             print(json.dumps({"server_start_failed": str(e), "attempt": attempt + 1}), file=sys.stderr, flush=True)
@@ -906,7 +936,7 @@ def ratios(scenario: str, medians: dict[str, dict[str, Any]], runs: dict[str, li
                     record[f"{name}_vs_none_paired"] = statistics.median(rounds)
                     record[f"{name}_vs_none_rounds"] = rounds
         return
-    references = [r for r in ("ref", "floor", "standalone") if r in medians] or [r for r in ("baseline",) if r in medians]
+    references = [r for r in ("ref", "floor", "websockets", "standalone") if r in medians] or [r for r in ("baseline",) if r in medians]
     for label, record in medians.items():
         # A cluster of this checkout is compared with the same cluster of the
         # --ref-repo checkout too (as ..._vs_ref_cluster).
@@ -958,6 +988,7 @@ def main() -> None:
     parser.add_argument("--raw", default=None, help="also append every run's JSON line to this file")
     parser.add_argument("--ref-repo", default=None, help="also run the server as shipped from this checkout (variant ref)")
     parser.add_argument("--reference", default=None, help="also run the reference server script at this path (variant floor)")
+    parser.add_argument("--websockets", action="store_true", help="also run bench/websockets_server.py (variant websockets)")
     parser.add_argument("--py-spy", default=None, help="py-spy executable: profile the server during each measured phase")
     parser.add_argument("--profile-dir", default="bench/profiles", help="where --py-spy writes its raw profiles")
     args = parser.parse_args()
@@ -988,6 +1019,8 @@ def main() -> None:
             variants.insert(0, "ref")
         if args.reference:
             variants.append("floor")
+        if args.websockets:
+            variants.append("websockets")
     if "ref" in variants:
         if not args.ref_repo:
             parser.error("the ref variant needs --ref-repo")
@@ -1023,7 +1056,7 @@ def main() -> None:
                 with open(path, "w") as f:
                     json.dump(base if noise is None else {**base, "noisePatterns": noise}, f)
                 for variant in variants:
-                    if noise is None or variant != "floor":
+                    if noise is None or variant not in ("floor", "websockets"):
                         cells.append((f"{variant}:{shape}" if shape else variant, variant, path))
             runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in cells}
             for _ in range(args.runs):
