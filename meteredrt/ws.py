@@ -557,7 +557,8 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
 
         On an open connection whose TCP transport has nothing buffered,
         that plain write is held for the end of the reactor turn and then
-        given to the socket with the turn's other frames
+        given to the socket with the turn's other frames (on an opening
+        one too: the upgrade's answer then leaves with the welcome)
         (L{meteredrt.turnwrite}: no write watch, so no C{epoll_ctl} pair
         per frame). Autobahn's own writes and closing the connection send
         what is held first; an abort drops it, as it drops Twisted's
@@ -579,7 +580,11 @@ class RealtimeServerProtocol(WebSocketServerProtocol):
             else:
                 self.flush_held()
                 transport.write(data)
-        elif state == _STATE_OPEN and not self._watch.paused and idle_tcp(transport) is not None:
+        elif (
+            (state == _STATE_OPEN or state == _STATE_CONNECTING)
+            and not self._watch.paused
+            and idle_tcp(transport) is not None
+        ):
             self._held_out = [data]
             self._held_size = len(data)
             self.factory.turn_writer.hold(self)
@@ -804,7 +809,13 @@ class RealtimeServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=INBOUND_FRAME_LIMIT,
             autoPingInterval=auto_ping_interval,
             autoPingTimeout=auto_ping_timeout,
-            openHandshakeTimeout=10,
+            # No timer of Autobahn's for the opening handshake: it only ever
+            # sees a complete request head (the direct upgrade takes only a
+            # complete one, twisted.web hands over a parsed request), whose
+            # handshake ends within that read. A slow head meets the HTTP
+            # channel's deadline instead (meteredrt.guard). The timer cost
+            # ~4% of a connect's CPU to arm and cancel.
+            openHandshakeTimeout=0,
             closeHandshakeTimeout=2,
             # Close frames carry the codes clients branch on (1009 included).
             failByDrop=False,

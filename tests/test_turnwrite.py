@@ -9,6 +9,7 @@ asked to watch: no network, no polling.
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -22,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meteredrt.protocol import direct_frame
 from meteredrt.speedups import install_speedups, speedups_installed
 from meteredrt.turnwrite import HELD_LIMIT, TurnWriter, idle_tcp, send_held
-from tests.test_ws import WebSocketTestCase
+from tests.test_ws import CLIENT_ADDRESS, WebSocketTestCase
 
 
 class WatchRecorder:
@@ -405,6 +406,62 @@ class HeldFramesTests(WebSocketTestCase):
         self.server.onClose(False, 1006, None)
         self.clock.advance(0)
         self.assertEqual(received(self.peer), b"")
+
+
+class HeldHandshakeTests(WebSocketTestCase):
+    """
+    The upgrade's answer is held like a frame: on an idle TCP transport the
+    101 and the welcome reach the socket together at the end of the turn.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        was_installed = speedups_installed()
+        self.addCleanup(install_speedups, enabled=was_installed)
+        install_speedups(enabled=True)
+        if not speedups_installed():
+            self.skipTest("the installed Autobahn runs without the speedups")
+        self.server = self.factory.buildProtocol(CLIENT_ADDRESS)
+        self.tcp, self.peer, self.reactor = tcp_pair(self, self.server)
+        self.server.makeConnection(self.tcp)
+        # The socketpair is a Unix socket: Twisted logs that it refused
+        # Autobahn's TCP_NODELAY.
+        self.flushLoggedErrors(OSError)
+
+    def upgrade(self, version: int = 13) -> None:
+        self.server.dataReceived(
+            b"GET /v1?token=" + self.token("alice").encode() + b" HTTP/1.1\r\n"
+            b"Host: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: " + str(version).encode() + b"\r\n\r\n"
+        )
+
+    def test_answer_and_welcome_together(self) -> None:
+        """
+        Nothing reaches the socket during the turn; at its end the 101 and
+        the welcome frame do, in one piece, and the reactor never watched
+        the socket for writing. Autobahn arms no timer of its own for the
+        opening handshake, which ends within the read.
+        """
+        self.assertIsNone(self.server.openHandshakeTimeoutCall)
+        self.upgrade()
+        self.assertEqual(received(self.peer), b"")
+        self.clock.advance(0)
+        head, _, frames = received(self.peer).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertEqual(frames[:1], b"\x81")
+        self.assertEqual(json.loads(frames[2 : 2 + frames[1]])["type"], "welcome")
+        self.assertEqual(len(frames), 2 + frames[1])
+        self.assertEqual(self.reactor.added_writers, 0)
+
+    def test_refusal_sent_before_close(self) -> None:
+        """
+        An upgrade Autobahn refuses is answered before the connection
+        closes, though the answer was held.
+        """
+        self.upgrade(version=12)
+        self.assertTrue(received(self.peer).startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(self.tcp.disconnecting)
 
 
 def _hiding(name: str) -> Any:

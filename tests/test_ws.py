@@ -453,7 +453,7 @@ class HandshakeTests(WebSocketTestCase):
         self.assertEqual([name for name in server.CONFIG_ATTRS if name in vars(server)], [])
         for name in server.CONFIG_ATTRS:
             self.assertEqual(getattr(server, name), getattr(self.factory, name), name)
-        self.assertEqual((server.autoPingInterval, server.openHandshakeTimeout), (30, 10))
+        self.assertEqual((server.autoPingInterval, server.openHandshakeTimeout), (30, 0))
 
     def test_compression_offer_declined(self) -> None:
         """
