@@ -244,6 +244,18 @@ class TurnWriterTests(SynchronousTestCase):
         self.assertEqual((first.flushes, second.flushes), (2, 1))
 
 
+def use_speedups(case: SynchronousTestCase) -> None:
+    """
+    Install the speedups for C{case} (frames are held only with them), and
+    put back what was installed before.
+    """
+    was_installed = speedups_installed()
+    case.addCleanup(install_speedups, enabled=was_installed)
+    install_speedups(enabled=True)
+    if not speedups_installed():
+        case.skipTest("the installed Autobahn runs without the speedups")
+
+
 class HeldFramesTests(WebSocketTestCase):
     """
     A connection on an idle TCP transport holds its frames until the end of
@@ -253,11 +265,7 @@ class HeldFramesTests(WebSocketTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        was_installed = speedups_installed()
-        self.addCleanup(install_speedups, enabled=was_installed)
-        install_speedups(enabled=True)
-        if not speedups_installed():
-            self.skipTest("the installed Autobahn runs without the speedups")
+        use_speedups(self)
         self.client, self.server, pump = self.open_token("alice")
         pump.flush()
         self.assertEqual([f["type"] for f in self.client.received], ["welcome"])
@@ -416,11 +424,7 @@ class HeldHandshakeTests(WebSocketTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        was_installed = speedups_installed()
-        self.addCleanup(install_speedups, enabled=was_installed)
-        install_speedups(enabled=True)
-        if not speedups_installed():
-            self.skipTest("the installed Autobahn runs without the speedups")
+        use_speedups(self)
         self.server = self.factory.buildProtocol(CLIENT_ADDRESS)
         self.tcp, self.peer, self.reactor = tcp_pair(self, self.server)
         self.server.makeConnection(self.tcp)
