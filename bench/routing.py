@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from run import WILDCARD_CHANNEL, WILDCARD_SHAPES  # noqa: E402  (the bench/run.py beside this script)
 from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock  # noqa: E402
 
@@ -55,13 +56,6 @@ from meteredrt.protocol import OutboundFrame, parse_frame  # noqa: E402
 from meteredrt.usagestore import UsageStore  # noqa: E402
 from meteredrt.ws import text_frame  # noqa: E402
 
-#: The end-to-end scenario's noise and channel (bench/run.py).
-SHAPES = {
-    "none": [],
-    "flat": [f"bench.x-{n}-*" for n in range(1000)],
-    "slashed": [f"bench/x-{n}/*" for n in range(1000)],
-}
-CHANNEL = "bench.y-1"
 #: Patterns per noise connection, as the load generator spreads them.
 PER_CONNECTION = 90
 
@@ -115,7 +109,7 @@ def answered(deferred: Any) -> Any:
 
 def build(patterns: list[str], subscribers: int, data_dir: str) -> tuple[Hub, Session]:
     """
-    A hub with C{subscribers} on L{CHANNEL} and C{patterns} held by other
+    A hub with C{subscribers} on L{WILDCARD_CHANNEL} and C{patterns} held by other
     connections; return it with the publishing session.
     """
     apps = {"app_bench": App("app_bench")}
@@ -129,7 +123,7 @@ def build(patterns: list[str], subscribers: int, data_dir: str) -> tuple[Hub, Se
         answered(hub.handle(session, parse_frame(json.dumps({"type": "subscribe", "channel": channel}))))
 
     for n in range(subscribers):
-        subscribe(connect(f"sub-{n}"), CHANNEL)
+        subscribe(connect(f"sub-{n}"), WILDCARD_CHANNEL)
     for start in range(0, len(patterns), PER_CONNECTION):
         holder = connect(f"noise-{start}")
         for pattern in patterns[start : start + PER_CONNECTION]:
@@ -142,7 +136,7 @@ def cpu_per_publish(hub: Hub, publisher: Session, publishes: int) -> float:
     CPU seconds per publish of C{publishes} publishes of a 100-byte
     string, parsing included.
     """
-    text = json.dumps({"type": "publish", "channel": CHANNEL, "data": "x" * 100})
+    text = json.dumps({"type": "publish", "channel": WILDCARD_CHANNEL, "data": "x" * 100})
     start = time.process_time()
     for _ in range(publishes):
         hub.handle(publisher, parse_frame(text))
@@ -154,7 +148,7 @@ def measure_here(args: argparse.Namespace) -> dict[str, float]:
     Best CPU seconds per publish of each shape, in this process.
     """
     with tempfile.TemporaryDirectory(prefix="meteredrt-routing-") as data_dir:
-        hubs = {shape: build(patterns, args.subscribers, data_dir) for shape, patterns in SHAPES.items()}
+        hubs = {shape: build(patterns, args.subscribers, data_dir) for shape, patterns in WILDCARD_SHAPES.items()}
         best = {shape: float("inf") for shape in hubs}
         for _ in range(args.repeat):
             for shape, (hub, publisher) in hubs.items():
@@ -180,7 +174,7 @@ def main() -> None:
         ).stdout)
         for _ in range(args.processes)
     ]  # fmt: skip
-    for shape in SHAPES:
+    for shape in WILDCARD_SHAPES:
         record: dict[str, Any] = {
             "shape": shape,
             "cpu_us_per_publish": round(statistics.median(run[shape] for run in runs) * 1e6, 2),

@@ -454,19 +454,18 @@ class Server:
                 self.process.wait(timeout=10)
 
 
-class FloorServer(Server):
+class ScriptServer(Server):
     """
-    The reference server (``--reference``), on a free loopback port, with
-    Autobahn's debug-argument formatting neutralised (its ``--quiet-autobahn``)
-    as meteredrt's speedups do.
+    A server script of the bench's own choosing on a free loopback port,
+    given the port, the key id and the secret, and ready once it accepts.
     """
 
-    def __init__(self, workdir: str, script: str) -> None:
+    def __init__(self, workdir: str, script: str, log_name: str, *options: str) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.port = free_port()
-        self.log_path = os.path.join(workdir, "floor.log")
+        self.log_path = os.path.join(workdir, log_name)
         self.process = subprocess.Popen(
-            [sys.executable, script, "--port", str(self.port), "--quiet-autobahn",
+            [sys.executable, script, "--port", str(self.port), *options,
              "--jwt-kid", KEY_ID, "--jwt-secret", SECRET],
             cwd=workdir, stdin=subprocess.DEVNULL,
             stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
@@ -486,28 +485,21 @@ class FloorServer(Server):
         return True
 
 
-class WebsocketsServer(FloorServer):
+def floor_server(workdir: str, script: str) -> ScriptServer:
+    """
+    The reference server (``--reference``), with Autobahn's debug-argument
+    formatting neutralised (its ``--quiet-autobahn``) as meteredrt's
+    speedups do.
+    """
+    return ScriptServer(workdir, script, "floor.log", "--quiet-autobahn")
+
+
+def websockets_server(workdir: str) -> ScriptServer:
     """
     The same subset on Python ``websockets`` (``--websockets``):
-    C{bench/websockets_server.py}, on a free loopback port.
+    C{bench/websockets_server.py}.
     """
-
-    def __init__(self, workdir: str) -> None:
-        os.makedirs(workdir, exist_ok=True)
-        self.port = free_port()
-        self.log_path = os.path.join(workdir, "websockets.log")
-        self.process = subprocess.Popen(
-            [sys.executable, WEBSOCKETS_SERVER, "--port", str(self.port),
-             "--jwt-kid", KEY_ID, "--jwt-secret", SECRET],
-            cwd=workdir, stdin=subprocess.DEVNULL,
-            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.url = f"ws://127.0.0.1:{self.port}"
-        try:
-            self._wait_ready(time.monotonic() + 30)
-        except RuntimeError:
-            self.stop()
-            raise
+    return ScriptServer(workdir, WEBSOCKETS_SERVER, "websockets.log")
 
 
 class LoadGen:
@@ -651,9 +643,9 @@ def start_server(workdir: str, variant: str, args: argparse.Namespace, attempts:
     for attempt in range(attempts):
         try:
             if variant == "floor":
-                return FloorServer(workdir, args.reference)
+                return floor_server(workdir, args.reference)
             if variant == "websockets":
-                return WebsocketsServer(workdir)
+                return websockets_server(workdir)
             return Server(workdir, variant, variant_repo(variant, args), args.message_rate, **cluster)
         except RuntimeError as e:
             print(json.dumps({"server_start_failed": str(e), "attempt": attempt + 1}), file=sys.stderr, flush=True)
