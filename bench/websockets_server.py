@@ -73,11 +73,12 @@ class Hub:
         patterns = tuple(claims.get("channels") or ())
         permissions = set(claims.get("permissions") or ())
         subscriptions: set[str] = set()
+        loop = asyncio.get_running_loop()
         previous = self.peers.get(peer_id)
         if previous is not None:
-            await previous.close(4409, "replaced by a newer connection")
+            # As the reference server does: start the close, do not wait for it.
+            loop.create_task(previous.close(4409, "replaced by a newer connection"))
         self.peers[peer_id] = connection
-        loop = asyncio.get_running_loop()
         expiry = loop.call_later(
             max(0.0, expires - time.time()), lambda: loop.create_task(connection.close(4401, "token expired"))
         )
