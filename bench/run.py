@@ -41,8 +41,9 @@ per unit of work (``server_cpu_us_per_publish``, ``…_round_trip``,
 server side: on shared cores rates move with other processes' load, these
 move less.
 
-Variants: ``speedups`` (the server as shipped) and ``baseline`` (the same
-with ``METEREDRT_NO_SPEEDUPS=1``); with ``--ref-repo PATH`` also ``ref``,
+Variants: ``speedups`` (the server as shipped), ``baseline`` (the same
+with ``METEREDRT_NO_SPEEDUPS=1``) and ``asyncio`` (the same under
+``twistd --reactor=asyncio``); with ``--ref-repo PATH`` also ``ref``,
 the server as shipped from another checkout (e.g. a ``git worktree`` of an
 earlier commit); with ``--reference PATH`` also ``floor``, a minimal
 Twisted + Autobahn server speaking the hot subset of the protocol (kept
@@ -149,7 +150,7 @@ KEY = Key(KEY_ID, APP_ID, KeyType.SECRET, ("**",), ACTIONS, secret=SECRET, auto_
 #: allows itself.
 CLIENT_SHARE = 0.95
 
-VARIANTS = ("baseline", "speedups", "ref", "floor", "websockets")
+VARIANTS = ("baseline", "speedups", "asyncio", "ref", "floor", "websockets")
 CLUSTER_VARIANTS = ("standalone", *(f"{tree}cluster-{n}" for tree in ("", "ref-") for n in (1, 2, 3)))
 #: The scenarios of ``--scenario all`` (roundtrips is run on its own).
 SCENARIOS = ("fanout", "pingpong", "idle", "joinstorm", "wildcard")
@@ -399,8 +400,10 @@ class Server:
         if variant == "baseline":
             env["METEREDRT_NO_SPEEDUPS"] = "1"
         launcher = [LAUNCHER] if supports_plan_rates(repo) else [LEGACY_LAUNCHER, str(message_rate)]
+        # The asyncio variant: the same server on Twisted's asyncio reactor.
+        reactor = ["--reactor=asyncio"] if variant == "asyncio" else []
         self.process = subprocess.Popen(
-            [sys.executable, "-c", *launcher, "-n", "--pidfile=", "--logfile", self.log_path,
+            [sys.executable, "-c", *launcher, "-n", *reactor, "--pidfile=", "--logfile", self.log_path,
              "meteredrt", "--config", config, "--data-dir", os.path.join(workdir, "data"),
              "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
             env=env, cwd=workdir, stdin=subprocess.DEVNULL,
