@@ -901,8 +901,8 @@ def ratios(scenario: str, medians: dict[str, dict[str, Any]], runs: dict[str, li
     """
     Add to each median record its ratios to the references that ran (the
     primary figure, the work per server CPU second, the server CPU per unit
-    of work and, for idle, RSS per connection): C{ref}, C{floor} and
-    C{standalone} when present, else C{baseline}.
+    of work and, for idle, RSS per connection): C{ref}, C{floor},
+    C{websockets} and C{standalone} when present, else C{baseline}.
 
     The wildcard scenario's cells are compared with the same variant
     holding no noise instead, twice: the ratio of the medians, and the
