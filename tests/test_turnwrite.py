@@ -21,8 +21,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from meteredrt.protocol import direct_frame
-from meteredrt.speedups import install_speedups, speedups_installed
+from meteredrt.speedups import install_speedups
 from meteredrt.turnwrite import HELD_LIMIT, TurnWriter, idle_tcp, send_held
+from tests.test_speedups import restore_speedups
 from tests.test_ws import CLIENT_ADDRESS, WebSocketTestCase
 
 
@@ -249,10 +250,8 @@ def use_speedups(case: SynchronousTestCase) -> None:
     Install the speedups for C{case} (frames are held only with them), and
     put back what was installed before.
     """
-    was_installed = speedups_installed()
-    case.addCleanup(install_speedups, enabled=was_installed)
-    install_speedups(enabled=True)
-    if not speedups_installed():
+    restore_speedups(case)
+    if not install_speedups(enabled=True):
         case.skipTest("the installed Autobahn runs without the speedups")
 
 
